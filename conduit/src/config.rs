@@ -1,0 +1,430 @@
+//! The sites file (`fluidcloud.toml`): which sites exist and what they are.
+//!
+//! ```toml
+//! [sites.dc-paris]
+//! kind = "local"                       # driver, see `fluidcloud sites kinds`
+//! path = "sites/dc-paris"              # relative to this file
+//! jurisdiction = "EU/FR"
+//! image_formats = ["qcow2", "raw"]
+//! internal_domains = ["shop.paris.internal"]
+//! object_endpoint = "https://s3.dc-paris.example.net"
+//! location = { region = "fr-idf", latitude = 48.86, longitude = 2.35 }
+//! cost = { vcpu_hour = 0.031, storage_gib_month = 0.02, egress_gib = 0.01 }
+//! capacity = { vcpus = 64, memory_mib = 262144, storage_gib = 4000 }
+//! credentials = { access_key_id_env = "PARIS_KEY", secret_access_key_env = "PARIS_SECRET" }
+//! ```
+//!
+//! Which file is read: `--config PATH`, else `$FLUIDCLOUD_CONFIG`, else
+//! `./fluidcloud.toml`. Unknown keys are rejected; every error names the
+//! file, the line and the key. Secrets are never written in the file, only
+//! the names of the environment variables that hold them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fluidcloud_plugins::{Capacity, Cost, Diagnostic, ImageFormat, Location};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tomlfile;
+
+/// Environment variable naming the sites file.
+pub const CONFIG_ENV: &str = "FLUIDCLOUD_CONFIG";
+/// File name looked for in the current directory.
+pub const DEFAULT_FILE: &str = "fluidcloud.toml";
+
+/// Credentials by reference: names of environment variables, never values.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Variable holding the access key id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_env: Option<String>,
+    /// Variable holding the secret key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_env: Option<String>,
+    /// Variable holding a session or bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl Credentials {
+    /// (field, variable name) pairs that are set.
+    pub fn references(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("access_key_id_env", &self.access_key_id_env),
+            ("secret_access_key_env", &self.secret_access_key_env),
+            ("token_env", &self.token_env),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
+
+    /// Reads the referenced variables.
+    ///
+    /// # Errors
+    /// `MissingCredential` naming the site, the key and the variable when one
+    /// is not set.
+    pub fn resolve(&self, site: &str) -> Result<BTreeMap<&'static str, String>> {
+        self.references()
+            .into_iter()
+            .map(|(key, var)| match std::env::var(var) {
+                Ok(v) => Ok((key, v)),
+                Err(_) => Err(Error::MissingCredential {
+                    site: site.to_owned(),
+                    key: format!("sites.{site}.credentials.{key}"),
+                    variable: var.to_owned(),
+                }),
+            })
+            .collect()
+    }
+}
+
+/// One site of the sites file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Driver kind.
+    pub kind: String,
+    /// Free text shown by `sites show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Directory of a `local` site (relative paths are relative to the sites file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// API endpoint of a remote site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Where the site is.
+    pub location: Location,
+    /// Legal jurisdiction, `/`-separated from broad to narrow (`EU/FR`).
+    pub jurisdiction: String,
+    /// Prices.
+    #[serde(default)]
+    pub cost: Cost,
+    /// Capacity available for relocated services.
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Image formats instances of this site can boot from.
+    #[serde(default)]
+    pub image_formats: Vec<ImageFormat>,
+    /// DNS suffixes private to the site: a config reference under one of
+    /// them must resolve to something of the service.
+    #[serde(default)]
+    pub internal_domains: Vec<String>,
+    /// URL through which instances reach the site's object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_endpoint: Option<String>,
+    /// Credentials by environment-variable reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    sites: BTreeMap<String, SiteConfig>,
+}
+
+/// A parsed and validated sites file.
+#[derive(Debug, Clone)]
+pub struct SitesFile {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Sites by name, in name order.
+    pub sites: BTreeMap<String, SiteConfig>,
+}
+
+impl SitesFile {
+    /// Reads the file chosen by `explicit`, `$FLUIDCLOUD_CONFIG` or the
+    /// default name, and validates it against the known driver `kinds`.
+    ///
+    /// # Errors
+    /// `NoConfig` when no file is found; `Config` with diagnostics for a
+    /// malformed or invalid file.
+    pub fn discover(explicit: Option<&Path>, kinds: &[&str]) -> Result<Self> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => match std::env::var_os(CONFIG_ENV) {
+                Some(p) if !p.is_empty() => PathBuf::from(p),
+                _ => {
+                    let p = PathBuf::from(DEFAULT_FILE);
+                    if !p.exists() {
+                        return Err(Error::NoConfig);
+                    }
+                    p
+                }
+            },
+        };
+        Self::load(&path, kinds)
+    }
+
+    /// Reads and validates one sites file.
+    ///
+    /// # Errors
+    /// `Config` naming the file (and line and key) when it cannot be read,
+    /// does not parse, or fails validation.
+    pub fn load(path: &Path, kinds: &[&str]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            diagnostics: vec![
+                Diagnostic::error(format!("cannot read sites file: {e}")).in_file(path),
+            ],
+        })?;
+        Self::parse(path, &text, kinds)
+    }
+
+    /// Parses and validates sites-file `text` said to come from `path`.
+    ///
+    /// # Errors
+    /// As [`SitesFile::load`].
+    pub fn parse(path: &Path, text: &str, kinds: &[&str]) -> Result<Self> {
+        let raw: RawFile = tomlfile::parse(path, text).map_err(|d| Error::Config {
+            diagnostics: vec![d],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut diags = Vec::new();
+        let mut sites = BTreeMap::new();
+        for (name, mut site) in raw.sites {
+            validate_site(&name, &site, kinds, &mut diags);
+            if let Some(p) = &site.path {
+                if p.is_relative() {
+                    site.path = Some(base.join(p));
+                }
+            }
+            sites.insert(name, site);
+        }
+        if sites.is_empty() {
+            diags.push(
+                Diagnostic::error("no sites defined (add a [sites.NAME] table)").at_key("sites"),
+            );
+        }
+        if diags.is_empty() {
+            Ok(Self {
+                path: path.to_path_buf(),
+                sites,
+            })
+        } else {
+            for d in &mut diags {
+                d.file = Some(path.to_path_buf());
+                if d.line.is_none() {
+                    if let Some(line) = d.key.as_deref().and_then(|k| tomlfile::key_line(text, k)) {
+                        d.line = Some(line);
+                    }
+                }
+            }
+            Err(Error::Config { diagnostics: diags })
+        }
+    }
+
+    /// The site called `name`.
+    ///
+    /// # Errors
+    /// `UnknownSite` listing the sites that exist.
+    pub fn site(&self, name: &str) -> Result<&SiteConfig> {
+        self.sites.get(name).ok_or_else(|| Error::UnknownSite {
+            name: name.to_owned(),
+            known: self.sites.keys().cloned().collect::<Vec<_>>().join(", "),
+            file: self.path.clone(),
+        })
+    }
+}
+
+fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<Diagnostic>) {
+    let key = |k: &str| format!("sites.{name}.{k}");
+    let valid_name = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if !valid_name {
+        diags.push(
+            Diagnostic::error(format!(
+                "site name `{name}` must be 1-63 lowercase letters, digits or dashes, not starting with a dash"
+            ))
+            .at_key(format!("sites.{name}")),
+        );
+    }
+    if !kinds.contains(&site.kind.as_str()) {
+        diags.push(
+            Diagnostic::error(format!("unknown site kind `{}`", site.kind))
+                .at_key(key("kind"))
+                .with_detail(format!("known kinds: {}", kinds.join(", "))),
+        );
+    }
+    let loc = &site.location;
+    if !(-90.0..=90.0).contains(&loc.latitude) {
+        diags.push(
+            Diagnostic::error(format!("latitude {} is outside -90..90", loc.latitude))
+                .at_key(key("location.latitude")),
+        );
+    }
+    if !(-180.0..=180.0).contains(&loc.longitude) {
+        diags.push(
+            Diagnostic::error(format!("longitude {} is outside -180..180", loc.longitude))
+                .at_key(key("location.longitude")),
+        );
+    }
+    if site.jurisdiction.trim().is_empty() || site.jurisdiction.split('/').any(str::is_empty) {
+        diags.push(
+            Diagnostic::error(format!(
+                "jurisdiction `{}` must be non-empty parts separated by `/`, e.g. EU/FR",
+                site.jurisdiction
+            ))
+            .at_key(key("jurisdiction")),
+        );
+    }
+    let c = &site.cost;
+    for (field, v) in [
+        ("vcpu_hour", c.vcpu_hour),
+        ("memory_gib_hour", c.memory_gib_hour),
+        ("storage_gib_month", c.storage_gib_month),
+        ("egress_gib", c.egress_gib),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            diags.push(
+                Diagnostic::error(format!("cost must be a non-negative number, got {v}"))
+                    .at_key(key(&format!("cost.{field}"))),
+            );
+        }
+    }
+    if let Some(ep) = &site.object_endpoint {
+        if url::Url::parse(ep)
+            .map(|u| u.host_str().is_none())
+            .unwrap_or(true)
+        {
+            diags.push(
+                Diagnostic::error(format!("`{ep}` is not a URL with a host"))
+                    .at_key(key("object_endpoint")),
+            );
+        }
+    }
+    if let Some(creds) = &site.credentials {
+        for (field, var) in creds.references() {
+            let ok = !var.is_empty()
+                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !var.as_bytes()[0].is_ascii_digit();
+            if !ok {
+                diags.push(
+                    Diagnostic::error(format!(
+                        "`{var}` is not an environment variable name (credentials are given by variable name, never inline)"
+                    ))
+                    .at_key(key(&format!("credentials.{field}"))),
+                );
+            }
+        }
+    }
+    if site.kind == "local" && site.path.is_none() {
+        diags.push(
+            Diagnostic::error("a local site needs `path`, the site's directory")
+                .at_key(format!("sites.{name}")),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const KINDS: &[&str] = &["local"];
+
+    fn good() -> String {
+        r#"
+[sites.dc-paris]
+kind = "local"
+path = "sites/paris"
+jurisdiction = "EU/FR"
+image_formats = ["qcow2", "raw"]
+location = { region = "fr-idf", latitude = 48.86, longitude = 2.35 }
+cost = { vcpu_hour = 0.03, egress_gib = 0.01 }
+credentials = { access_key_id_env = "PARIS_KEY" }
+"#
+        .to_owned()
+    }
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let f = SitesFile::parse(Path::new("/etc/fc/fluidcloud.toml"), &good(), KINDS).unwrap();
+        let s = f.site("dc-paris").unwrap();
+        assert_eq!(s.path.as_deref(), Some(Path::new("/etc/fc/sites/paris")));
+        assert_eq!(s.image_formats, vec![ImageFormat::Qcow2, ImageFormat::Raw]);
+        assert_eq!(s.cost.currency, "EUR");
+        let err = f.site("nope").unwrap_err().to_string();
+        assert!(err.contains("nope") && err.contains("dc-paris"), "{err}");
+    }
+
+    #[test]
+    fn inline_secret_is_rejected_with_its_key() {
+        let text = good().replace(
+            "credentials = { access_key_id_env = \"PARIS_KEY\" }",
+            "credentials = { secret_access_key = \"hunter2\" }",
+        );
+        let Err(Error::Config { diagnostics }) =
+            SitesFile::parse(Path::new("f.toml"), &text, KINDS)
+        else {
+            panic!("accepted an inline secret")
+        };
+        assert_eq!(
+            diagnostics[0].key.as_deref(),
+            Some("sites.dc-paris.credentials.secret_access_key")
+        );
+        assert_eq!(diagnostics[0].line, Some(9));
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported_with_lines() {
+        let text = good()
+            .replace("kind = \"local\"", "kind = \"floppy\"")
+            .replace("latitude = 48.86", "latitude = 148.86")
+            .replace("\"EU/FR\"", "\"EU//FR\"")
+            .replace("PARIS_KEY", "my secret");
+        let Err(Error::Config { diagnostics }) =
+            SitesFile::parse(Path::new("f.toml"), &text, KINDS)
+        else {
+            panic!("accepted invalid sites")
+        };
+        let keys: Vec<_> = diagnostics.iter().map(|d| d.key.clone().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "sites.dc-paris.kind",
+                "sites.dc-paris.location.latitude",
+                "sites.dc-paris.jurisdiction",
+                "sites.dc-paris.credentials.access_key_id_env",
+            ]
+        );
+        assert_eq!(diagnostics[0].line, Some(3));
+        assert!(diagnostics[0].detail.as_deref().unwrap().contains("local"));
+        assert!(
+            diagnostics
+                .iter()
+                .all(|d| d.file.as_deref() == Some(Path::new("f.toml")))
+        );
+    }
+
+    #[test]
+    fn local_site_without_path_and_empty_file_are_errors() {
+        let text = good().replace("path = \"sites/paris\"\n", "");
+        let e = SitesFile::parse(Path::new("f.toml"), &text, KINDS).unwrap_err();
+        assert!(e.to_string().contains("needs `path`"), "{e}");
+        let e = SitesFile::parse(Path::new("f.toml"), "", KINDS).unwrap_err();
+        assert!(e.to_string().contains("no sites"), "{e}");
+    }
+
+    #[test]
+    fn missing_credential_variable_names_site_key_and_variable() {
+        let c = Credentials {
+            access_key_id_env: Some("FC_TEST_SURELY_UNSET_VAR".into()),
+            ..Credentials::default()
+        };
+        let e = c.resolve("dc-paris").unwrap_err().to_string();
+        assert!(e.contains("FC_TEST_SURELY_UNSET_VAR"), "{e}");
+        assert!(
+            e.contains("sites.dc-paris.credentials.access_key_id_env"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! Site drivers: a small required trait and optional capability traits.
+//!
+//! A driver implements [`SiteDriver`] (name, kind, a health check) and hands
+//! out the capabilities it has through accessor methods returning
+//! `Option<&dyn Capability>`. The capability set of a site is *detected* from
+//! which accessors return `Some` ([`SiteDriver::capabilities`]); callers that
+//! need a capability use the `require_*` helpers, which turn a missing one
+//! into `NotSupported { operation, site }` rather than any fallback. This is
+//! rclone's `Features` pattern: no default method pretends to work.
+//!
+//! Data moves through these traits in bulk: images and volumes are read at
+//! offsets with allocation maps (so copies skip holes), buckets are
+//! `object_store::ObjectStore`s (so any backend works the same way).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fluidcloud_plugins::{Capability, Error, ImageFormat, Result};
+use object_store::ObjectStore;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
+
+/// Whether an instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Started.
+    Running,
+    /// Defined but not running.
+    Stopped,
+}
+
+impl InstanceState {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// An instance as a site describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRecord {
+    /// Name, unique on the site.
+    pub name: String,
+    /// Service it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Whether it runs.
+    pub state: InstanceState,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Host name the service uses for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Its addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Image it boots from (a name in the site's image store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_image: Option<String>,
+    /// Attached volumes (names in the block store).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    /// Config files it reads (paths relative to the site's config root).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_files: Vec<String>,
+}
+
+/// A disk image in an image store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Name in the store.
+    pub name: String,
+    /// Format detected from the content.
+    pub format: ImageFormat,
+    /// Size the guest sees.
+    pub virtual_size: u64,
+    /// Bytes allocated in the store.
+    pub allocated: u64,
+    /// Backing image, if any.
+    pub backing: Option<String>,
+    /// Where it is (a path for file-based stores).
+    pub locator: String,
+}
+
+/// Whether a byte range of a volume holds data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExtentKind {
+    /// Allocated; must be read and copied.
+    Data,
+    /// Not allocated; reads as zeros and need not be copied.
+    Hole,
+}
+
+/// A byte range with its allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// Start offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Data or hole.
+    pub kind: ExtentKind,
+}
+
+/// A config file's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFileRecord {
+    /// Path relative to the site's config root.
+    pub path: String,
+    /// Raw bytes.
+    pub content: Vec<u8>,
+    /// Where it is on the site, for messages.
+    pub locator: String,
+}
+
+/// Lists what runs on a site.
+#[async_trait]
+pub trait Inventory: Send + Sync {
+    /// Every instance on the site, sorted by name.
+    async fn instances(&self) -> Result<Vec<InstanceRecord>>;
+    /// Reads a config file by its path relative to the config root.
+    async fn config_file(&self, path: &str) -> Result<ConfigFileRecord>;
+    /// Paths of every config file on the site, sorted.
+    async fn config_files(&self) -> Result<Vec<String>>;
+    /// The service manifest stored on the site for `service`, if any:
+    /// (where it is, its TOML text).
+    async fn service_manifest(&self, service: &str) -> Result<Option<(PathBuf, String)>>;
+}
+
+/// Stores disk images.
+#[async_trait]
+pub trait ImageStore: Send + Sync {
+    /// Image names, sorted.
+    async fn list_images(&self) -> Result<Vec<String>>;
+    /// Facts about one image.
+    async fn image_info(&self, name: &str) -> Result<ImageRecord>;
+    /// Stores an image from a stream, atomically: either the whole image
+    /// appears under `name` or nothing does. Fails if `name` exists.
+    async fn put_image(&self, name: &str, data: &mut (dyn AsyncRead + Send + Unpin))
+    -> Result<u64>;
+    /// Streams an image's bytes (its container format, unchanged).
+    async fn open_image(&self, name: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>>;
+    /// Removes an image.
+    async fn delete_image(&self, name: &str) -> Result<()>;
+}
+
+/// Block volumes with allocation status.
+#[async_trait]
+pub trait BlockStore: Send + Sync {
+    /// Volume names, sorted.
+    async fn list_volumes(&self) -> Result<Vec<String>>;
+    /// Facts about one volume (format, sizes, locator).
+    async fn volume_info(&self, name: &str) -> Result<ImageRecord>;
+    /// Creates an empty (all-hole) raw volume. Fails if it exists.
+    async fn create_volume(&self, name: &str, size: u64) -> Result<()>;
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read
+    /// (less only at the end of the volume).
+    async fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    /// Writes `data` at `offset`; writing past the size is an error.
+    async fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<()>;
+    /// Allocation map covering the whole volume, in order, without gaps.
+    async fn allocation(&self, name: &str) -> Result<Vec<Extent>>;
+    /// Makes written data durable.
+    async fn flush(&self, name: &str) -> Result<()>;
+    /// Removes a volume.
+    async fn delete_volume(&self, name: &str) -> Result<()>;
+}
+
+/// Buckets as `object_store` stores.
+#[async_trait]
+pub trait ObjectStorage: Send + Sync {
+    /// Bucket names, sorted.
+    async fn list_buckets(&self) -> Result<Vec<String>>;
+    /// Creates an empty bucket; fails if it exists.
+    async fn create_bucket(&self, name: &str) -> Result<()>;
+    /// A store rooted at the bucket. `NotFound` if it does not exist.
+    async fn bucket(&self, name: &str) -> Result<Arc<dyn ObjectStore>>;
+    /// Removes a bucket and everything in it.
+    async fn delete_bucket(&self, name: &str) -> Result<()>;
+}
+
+/// Runs instances.
+#[async_trait]
+pub trait Compute: Send + Sync {
+    /// Defines a new instance (stopped, whatever `record.state` says).
+    /// Fails if one with the same name exists.
+    async fn define(&self, record: &InstanceRecord) -> Result<()>;
+    /// Starts a defined instance; starting a running one is a no-op.
+    async fn start(&self, name: &str) -> Result<()>;
+    /// Stops an instance; stopping a stopped one is a no-op.
+    async fn stop(&self, name: &str) -> Result<()>;
+    /// Current state.
+    async fn state(&self, name: &str) -> Result<InstanceState>;
+    /// Removes a stopped instance's definition (not its disks).
+    async fn undefine(&self, name: &str) -> Result<()>;
+}
+
+/// The required core of every site driver.
+#[async_trait]
+pub trait SiteDriver: Send + Sync {
+    /// The site's name.
+    fn name(&self) -> &str;
+    /// The driver kind.
+    fn kind(&self) -> &'static str;
+    /// Checks the site is reachable and well-formed.
+    async fn check(&self) -> Result<()>;
+    /// The inventory capability, if the site has it.
+    fn inventory(&self) -> Option<&dyn Inventory>;
+    /// The image store capability, if any.
+    fn image_store(&self) -> Option<&dyn ImageStore>;
+    /// The block store capability, if any.
+    fn block_store(&self) -> Option<&dyn BlockStore>;
+    /// The object storage capability, if any.
+    fn object_storage(&self) -> Option<&dyn ObjectStorage>;
+    /// The compute capability, if any.
+    fn compute(&self) -> Option<&dyn Compute>;
+
+    /// Capabilities detected from the accessors above.
+    fn capabilities(&self) -> BTreeSet<Capability> {
+        let mut set = BTreeSet::new();
+        let has = [
+            (Capability::Inventory, self.inventory().is_some()),
+            (Capability::ImageStore, self.image_store().is_some()),
+            (Capability::BlockStore, self.block_store().is_some()),
+            (Capability::ObjectStorage, self.object_storage().is_some()),
+            (Capability::Compute, self.compute().is_some()),
+        ];
+        for (cap, present) in has {
+            if present {
+                set.insert(cap);
+            }
+        }
+        set
+    }
+}
+
+fn not_supported(site: &dyn SiteDriver, cap: Capability) -> Error {
+    Error::NotSupported {
+        operation: cap.as_str().to_owned(),
+        site: Some(site.name().to_owned()),
+    }
+}
+
+/// The site's inventory, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "inventory", site }`.
+pub fn require_inventory(site: &dyn SiteDriver) -> Result<&dyn Inventory> {
+    site.inventory()
+        .ok_or_else(|| not_supported(site, Capability::Inventory))
+}
+
+/// The site's image store, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "image-store", site }`.
+pub fn require_image_store(site: &dyn SiteDriver) -> Result<&dyn ImageStore> {
+    site.image_store()
+        .ok_or_else(|| not_supported(site, Capability::ImageStore))
+}
+
+/// The site's block store, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "block-store", site }`.
+pub fn require_block_store(site: &dyn SiteDriver) -> Result<&dyn BlockStore> {
+    site.block_store()
+        .ok_or_else(|| not_supported(site, Capability::BlockStore))
+}
+
+/// The site's object storage, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "object-storage", site }`.
+pub fn require_object_storage(site: &dyn SiteDriver) -> Result<&dyn ObjectStorage> {
+    site.object_storage()
+        .ok_or_else(|| not_supported(site, Capability::ObjectStorage))
+}
+
+/// The site's compute, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "compute", site }`.
+pub fn require_compute(site: &dyn SiteDriver) -> Result<&dyn Compute> {
+    site.compute()
+        .ok_or_else(|| not_supported(site, Capability::Compute))
+}
