@@ -1,1 +1,167 @@
-fn main() {}
+//! The `fluidcloud` command line.
+//!
+//! Every command prints for people by default and JSON with `--json`.
+//! Errors are one line naming what is wrong and where, followed by the
+//! chain of causes, and map to documented exit codes (see [`exit_code`] and
+//! `docs/cli.md`). `anyhow` lives only here, at the edge.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Relocate a running cloud service between IaaS and edge sites.
+#[derive(Debug, Parser)]
+#[command(name = "fluidcloud", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Sites file (default: $FLUIDCLOUD_CONFIG, then ./fluidcloud.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List and inspect the sites of the sites file.
+    #[command(subcommand)]
+    Sites(commands::sites::SitesCommand),
+    /// Discover a service's topology on a live site.
+    Introspect(commands::introspect::IntrospectArgs),
+    /// Create the demo environment (local sites, no cloud account).
+    #[command(subcommand)]
+    Demo(commands::demo::DemoCommand),
+}
+
+/// Global options every command sees.
+pub(crate) struct Globals {
+    pub(crate) config: Option<PathBuf>,
+    pub(crate) json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let globals = Globals {
+        config: cli.config,
+        json: cli.json,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Sites(c) => commands::sites::run(&globals, c).await,
+            Command::Introspect(a) => commands::introspect::run(&globals, a).await,
+            Command::Demo(c) => commands::demo::run(&globals, c).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code(&e);
+            report(&e, code, globals.json);
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Exit codes, documented in `docs/cli.md`:
+///
+/// | code | meaning |
+/// |------|---------|
+/// | 0 | success |
+/// | 1 | failure not covered below (I/O, a site error) |
+/// | 2 | bad command line (from clap) |
+/// | 3 | invalid sites file, manifest, or config file syntax |
+/// | 4 | unknown site, service or resource |
+/// | 5 | a config file references an internal endpoint that resolves to nothing |
+/// | 6 | the site does not support the operation |
+/// | 7 | a precondition does not hold (target exists, instance running, ...) |
+/// | 8 | corrupt data (disk image, journal) |
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use fluidcloud_conduit::Error as C;
+    use fluidcloud_plugins::Error as S;
+    let sdk = |s: &S| match s {
+        S::NotFound { .. } => 4,
+        S::NotSupported { .. } => 6,
+        S::Precondition(_) => 7,
+        S::Corrupt { .. } => 8,
+        S::Invalid(_) => 3,
+        _ => 1,
+    };
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<C>() {
+            return match c {
+                C::NoConfig | C::Config { .. } | C::MissingCredential { .. } => 3,
+                C::UnknownSite { .. } => 4,
+                C::UnresolvedReference { .. } => 5,
+                C::Site { source, .. } => sdk(source),
+                _ => 1,
+            };
+        }
+        if let Some(s) = cause.downcast_ref::<S>() {
+            return sdk(s);
+        }
+    }
+    1
+}
+
+fn report(e: &anyhow::Error, code: u8, json: bool) {
+    let diagnostics = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<fluidcloud_conduit::Error>())
+        .map(fluidcloud_conduit::Error::diagnostics)
+        .unwrap_or_default();
+    let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
+    if json {
+        let doc = serde_json::json!({
+            "error": {
+                "message": e.to_string(),
+                "exit_code": code,
+                "causes": causes,
+                "diagnostics": diagnostics,
+            }
+        });
+        eprintln!("{doc}");
+        return;
+    }
+    eprintln!("error: {e}");
+    for c in &causes {
+        // thiserror messages often repeat their source; skip exact repeats.
+        if !e.to_string().ends_with(c.as_str()) {
+            eprintln!("  caused by: {c}");
+        }
+    }
+    for d in diagnostics.iter().skip(1) {
+        eprintln!("error: {d}");
+    }
+}

@@ -231,6 +231,27 @@ impl SitesFile {
     }
 }
 
+impl SiteConfig {
+    /// The site's facts in the shared vocabulary, with the capabilities a
+    /// driver detected.
+    pub fn info(
+        &self,
+        name: &str,
+        capabilities: std::collections::BTreeSet<fluidcloud_plugins::Capability>,
+    ) -> fluidcloud_plugins::SiteInfo {
+        fluidcloud_plugins::SiteInfo {
+            name: name.to_owned(),
+            kind: self.kind.clone(),
+            location: self.location.clone(),
+            jurisdiction: self.jurisdiction.clone(),
+            cost: self.cost.clone(),
+            capacity: self.capacity.clone(),
+            image_formats: self.image_formats.iter().copied().collect(),
+            capabilities,
+        }
+    }
+}
+
 fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<Diagnostic>) {
     let key = |k: &str| format!("sites.{name}.{k}");
     let valid_name = !name.is_empty()

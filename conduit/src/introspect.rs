@@ -486,6 +486,14 @@ impl Builder<'_> {
             return Target::Ignore;
         };
         let host_l = host.to_ascii_lowercase();
+        // Wildcard and loopback addresses mean "this machine" wherever it runs.
+        let self_address = match host_l.parse::<IpAddr>() {
+            Ok(ip) => ip.is_unspecified() || ip.is_loopback(),
+            Err(_) => host_l == "localhost" || host_l.ends_with(".localhost"),
+        };
+        if self_address {
+            return Target::Ignore;
+        }
         if r.endpoint == EndpointKind::Url {
             if let Ok(u) = url::Url::parse(&r.value) {
                 if u.scheme() == "s3" {

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod conformance;
+pub mod demo;
 pub mod driver;
 pub mod drivers;
 pub mod error;

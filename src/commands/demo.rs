@@ -1,0 +1,89 @@
+//! `fluidcloud demo init DIR`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+use fluidcloud_conduit::demo;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::print_json;
+use crate::Globals;
+use crate::output::bytes;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DemoCommand {
+    /// Create the demo environment in DIR: a Paris site running the "shop"
+    /// service and four empty target sites.
+    Init {
+        /// Directory to create it in (created if missing).
+        dir: PathBuf,
+        /// Replace an existing demo environment in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub(crate) async fn run(g: &Globals, cmd: DemoCommand) -> Result<()> {
+    let DemoCommand::Init { dir, force } = cmd;
+    let bar = if g.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let progress = |done: u64, total: u64, what: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        if bar.message() != what {
+            bar.set_message(what.to_owned());
+        }
+    };
+    let summary = demo::init(&dir, force, &progress).await;
+    bar.finish_and_clear();
+    let summary = summary?;
+    if g.json {
+        return print_json(&summary);
+    }
+    println!("demo environment ready in {}", dir.display());
+    println!("  sites: {}", summary.sites.join(", "));
+    println!("  source {} runs the shop service:", demo::SOURCE_SITE);
+    for (name, size, data) in &summary.images {
+        println!(
+            "    image  {name:<22} {} virtual, {} of data",
+            bytes(*size),
+            bytes(*data)
+        );
+    }
+    for (name, size, data) in &summary.volumes {
+        println!(
+            "    volume {name:<22} {} virtual, {} of data",
+            bytes(*size),
+            bytes(*data)
+        );
+    }
+    println!(
+        "    bucket {:<22} {} objects, {}",
+        demo::MEDIA_BUCKET,
+        summary.media_objects,
+        bytes(summary.media_bytes)
+    );
+    println!("\nnext:");
+    println!(
+        "  fluidcloud --config {} sites list",
+        summary.config.display()
+    );
+    println!(
+        "  fluidcloud --config {} introspect {} --service {}",
+        summary.config.display(),
+        demo::SOURCE_SITE,
+        demo::SERVICE
+    );
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! `fluidcloud sites list|show`.
+
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+use fluidcloud_conduit::driver::SiteDriver;
+use fluidcloud_conduit::{SiteConfig, drivers};
+use fluidcloud_plugins::{Capability, SiteInfo};
+use serde::Serialize;
+
+use super::{print_json, sites_file};
+use crate::Globals;
+use crate::output::{bytes, table};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SitesCommand {
+    /// One line per site: kind, jurisdiction, formats, capabilities, health.
+    List,
+    /// Everything known about one site, with its detected capabilities.
+    Show {
+        /// The site's name in the sites file.
+        name: String,
+    },
+}
+
+#[derive(Serialize)]
+struct SiteStatus {
+    #[serde(flatten)]
+    info: SiteInfo,
+    description: Option<String>,
+    /// `ok`, or the health check's error.
+    status: String,
+}
+
+async fn status_of(name: &str, cfg: &SiteConfig) -> Result<(Box<dyn SiteDriver>, SiteStatus)> {
+    let driver = drivers::open(name, cfg)?;
+    let status = match driver.check().await {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let info = cfg.info(name, driver.capabilities());
+    let s = SiteStatus {
+        info,
+        description: cfg.description.clone(),
+        status,
+    };
+    Ok((driver, s))
+}
+
+fn formats(info: &SiteInfo) -> String {
+    let v: Vec<&str> = info.image_formats.iter().map(|f| f.as_str()).collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
+    let file = sites_file(g)?;
+    match cmd {
+        SitesCommand::List => {
+            let mut all = Vec::new();
+            for (name, cfg) in &file.sites {
+                all.push(status_of(name, cfg).await?.1);
+            }
+            if g.json {
+                return print_json(&all);
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|s| {
+                    let caps: Vec<&str> = s.info.capabilities.iter().map(|c| c.as_str()).collect();
+                    vec![
+                        s.info.name.clone(),
+                        s.info.kind.clone(),
+                        s.info.jurisdiction.clone(),
+                        s.info.location.region.clone(),
+                        formats(&s.info),
+                        caps.join(","),
+                        s.status.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "SITE",
+                        "KIND",
+                        "JURISDICTION",
+                        "REGION",
+                        "IMAGES",
+                        "CAPABILITIES",
+                        "STATUS"
+                    ],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        SitesCommand::Show { name } => show(g, &file, &name).await,
+    }
+}
+
+#[derive(Serialize)]
+struct Contents {
+    instances: Vec<String>,
+    images: Vec<String>,
+    volumes: Vec<String>,
+    buckets: Vec<String>,
+    config_files: usize,
+}
+
+#[derive(Serialize)]
+struct Credential {
+    key: String,
+    variable: String,
+    set: bool,
+}
+
+#[derive(Serialize)]
+struct ShowDoc {
+    #[serde(flatten)]
+    status: SiteStatus,
+    path: Option<String>,
+    endpoint: Option<String>,
+    object_endpoint: Option<String>,
+    internal_domains: Vec<String>,
+    credentials: Vec<Credential>,
+    contents: Option<Contents>,
+}
+
+async fn contents(d: &dyn SiteDriver) -> Result<Contents> {
+    let mut c = Contents {
+        instances: vec![],
+        images: vec![],
+        volumes: vec![],
+        buckets: vec![],
+        config_files: 0,
+    };
+    if let Some(inv) = d.inventory() {
+        c.instances = inv.instances().await?.into_iter().map(|i| i.name).collect();
+        c.config_files = inv.config_files().await?.len();
+    }
+    if let Some(s) = d.image_store() {
+        c.images = s.list_images().await?;
+    }
+    if let Some(s) = d.block_store() {
+        c.volumes = s.list_volumes().await?;
+    }
+    if let Some(s) = d.object_storage() {
+        c.buckets = s.list_buckets().await?;
+    }
+    Ok(c)
+}
+
+async fn show(g: &Globals, file: &fluidcloud_conduit::SitesFile, name: &str) -> Result<()> {
+    let cfg = file.site(name)?;
+    let (driver, status) = status_of(name, cfg).await?;
+    let contents = if status.status == "ok" {
+        Some(
+            contents(driver.as_ref())
+                .await
+                .with_context(|| format!("listing the contents of site {name}"))?,
+        )
+    } else {
+        None
+    };
+    let credentials = cfg
+        .credentials
+        .iter()
+        .flat_map(|c| c.references())
+        .map(|(key, var)| Credential {
+            key: key.to_owned(),
+            variable: var.to_owned(),
+            set: std::env::var_os(var).is_some(),
+        })
+        .collect();
+    let doc = ShowDoc {
+        status,
+        path: cfg.path.as_ref().map(|p| p.display().to_string()),
+        endpoint: cfg.endpoint.clone(),
+        object_endpoint: cfg.object_endpoint.clone(),
+        internal_domains: cfg.internal_domains.clone(),
+        credentials,
+        contents,
+    };
+    if g.json {
+        return print_json(&doc);
+    }
+    let i = &doc.status.info;
+    println!("site {} ({})", i.name, i.kind);
+    if let Some(d) = &doc.status.description {
+        println!("  {d}");
+    }
+    println!("  status:        {}", doc.status.status);
+    if let Some(p) = &doc.path {
+        println!("  path:          {p}");
+    }
+    if let Some(e) = &doc.endpoint {
+        println!("  endpoint:      {e}");
+    }
+    println!(
+        "  location:      {} ({:.4}, {:.4})",
+        i.location.region, i.location.latitude, i.location.longitude
+    );
+    println!("  jurisdiction:  {}", i.jurisdiction);
+    println!("  image formats: {}", formats(i));
+    if let Some(o) = &doc.object_endpoint {
+        println!("  object store:  {o}");
+    }
+    if !doc.internal_domains.is_empty() {
+        println!("  internal DNS:  {}", doc.internal_domains.join(", "));
+    }
+    let c = &i.cost;
+    println!(
+        "  cost:          {:.3} {cur}/vCPU-h, {:.4} {cur}/GiB-h memory, {:.3} {cur}/GiB-month storage, {:.3} {cur}/GiB egress",
+        c.vcpu_hour,
+        c.memory_gib_hour,
+        c.storage_gib_month,
+        c.egress_gib,
+        cur = c.currency
+    );
+    if let Some(g) = c.carbon_g_per_kwh {
+        println!("  carbon:        {g:.0} gCO2e/kWh");
+    }
+    let cap = &i.capacity;
+    println!(
+        "  capacity:      {} vCPUs, {} memory, {} storage",
+        cap.vcpus.map_or("?".into(), |v| v.to_string()),
+        cap.memory_mib.map_or("?".into(), |m| bytes(m << 20)),
+        cap.storage_gib.map_or("?".into(), |s| bytes(s << 30)),
+    );
+    for cred in &doc.credentials {
+        println!(
+            "  credential:    {} from ${} ({})",
+            cred.key,
+            cred.variable,
+            if cred.set { "set" } else { "NOT SET" }
+        );
+    }
+    println!("  capabilities:");
+    for capability in Capability::ALL {
+        let yes = i.capabilities.contains(&capability);
+        println!(
+            "    {:<15} {}",
+            capability.as_str(),
+            if yes { "yes" } else { "no" }
+        );
+    }
+    if let Some(c) = &doc.contents {
+        println!("  contents:");
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!("    instances     {}", list(&c.instances));
+        println!("    images        {}", list(&c.images));
+        println!("    volumes       {}", list(&c.volumes));
+        println!("    buckets       {}", list(&c.buckets));
+        println!("    config files  {}", c.config_files);
+    }
+    Ok(())
+}

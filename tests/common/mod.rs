@@ -1,0 +1,111 @@
+//! Helpers for tests that run the real `fluidcloud` binary.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Runs the binary with `args`; no sites file from the environment leaks in.
+pub fn run(args: &[&str]) -> Output {
+    run_in(Path::new(env!("CARGO_TARGET_TMPDIR")), args)
+}
+
+/// Runs the binary in directory `cwd`.
+pub fn run_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("FLUIDCLOUD_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Asserts failure with `code` and returns stderr.
+pub fn fails(o: &Output, code: i32) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+    stderr(o)
+}
+
+/// One demo environment per test binary, created by the real CLI.
+pub fn demo() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ok(&run(&["demo", "init", dir.to_str().unwrap()]));
+        dir
+    })
+}
+
+pub fn demo_config() -> String {
+    demo().join("fluidcloud.toml").to_str().unwrap().to_owned()
+}
+
+/// The path of `qemu-img`; tests that need it fail (never skip) without it.
+pub fn qemu_img() -> &'static str {
+    let found = Command::new("qemu-img").arg("--version").output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "qemu-img is required (install Debian's qemu-utils: .ci/setup does)"
+    );
+    "qemu-img"
+}
+
+/// A digest of every file under `dir` (path, size, mode, mtime, content),
+/// to prove a failing command changed nothing.
+pub fn tree_digest(dir: &Path) -> Vec<(PathBuf, u64, u32, i64, u64)> {
+    use std::hash::{DefaultHasher, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                stack.push(p.clone());
+            }
+            let mut h = DefaultHasher::new();
+            if m.is_file() {
+                h.write(&std::fs::read(&p).unwrap());
+            }
+            out.push((
+                p,
+                m.len(),
+                m.mode(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                h.finish(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}

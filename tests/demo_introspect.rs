@@ -1,0 +1,518 @@
+//! The demo environment, introspected through the real binary.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::Value;
+
+fn topology() -> Value {
+    let cfg = demo_config();
+    let out = ok(&run(&[
+        "--config",
+        &cfg,
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--format",
+        "json",
+    ]));
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn introspection_finds_every_resource_of_the_shop() {
+    let t = topology();
+    assert_eq!(t["service"], "shop");
+    assert_eq!(t["site"], "dc-paris");
+    let ids: BTreeSet<String> = t["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = [
+        "instance:web",
+        "instance:app",
+        "instance:db",
+        "image:shop-web.qcow2",
+        "image:shop-app.qcow2",
+        "image:shop-db.qcow2",
+        "volume:db-data.raw",
+        "bucket:shop-media",
+        "config:shop/web/nginx.conf",
+        "config:shop/web/site.env",
+        "config:shop/app/app.yaml",
+        "config:shop/app/.env",
+        "config:shop/app/features.json",
+        "config:shop/db/postgresql.conf",
+        "config:shop/db/backup.toml",
+        "endpoint:bucket:shop-media",
+        "endpoint:host:db.shop.paris.internal",
+        "endpoint:host:shop.example.com",
+        "endpoint:host:www.shop.example.com",
+        "endpoint:ip:10.10.0.11:80",
+        "endpoint:ip:10.10.0.12",
+        "endpoint:ip:10.10.0.13",
+        "endpoint:url:http://app.shop.paris.internal:8080",
+        "endpoint:url:https://cdn.shop.example.com/",
+        "endpoint:url:https://pay.example.org/v2",
+        "endpoint:url:https://s3.dc-paris.example.net",
+        "endpoint:url:https://s3.dc-paris.example.net/shop-media/",
+        "endpoint:url:https://s3.dc-paris.example.net/shop-media/db-archive/",
+        "endpoint:url:https://shop.example.com",
+        "endpoint:url:https://shop.example.com/pay/callback",
+        "endpoint:url:postgres://shop@db.shop.paris.internal:5432/shop",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(
+        ids, expected,
+        "the other service (intranet) and its bucket must be left out"
+    );
+    assert!(t["notes"].as_array().unwrap().is_empty(), "{}", t["notes"]);
+
+    let get = |id: &str| {
+        t["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let web = get("image:shop-web.qcow2");
+    assert_eq!(web["spec"]["format"], "qcow2");
+    assert_eq!(web["spec"]["virtual_size"], 1u64 << 30);
+    let allocated = web["spec"]["allocated"].as_u64().unwrap();
+    assert!(
+        (200 << 20..260 << 20).contains(&allocated),
+        "web image allocates {allocated}"
+    );
+    let vol = get("volume:db-data.raw");
+    assert_eq!(vol["spec"]["format"], "raw");
+    assert_eq!(vol["spec"]["virtual_size"], 2u64 << 30);
+    let va = vol["spec"]["allocated"].as_u64().unwrap();
+    assert!(
+        (192 << 20..256 << 20).contains(&va),
+        "volume must stay sparse: {va}"
+    );
+    let media = get("bucket:shop-media");
+    assert_eq!(media["spec"]["objects"], 521);
+    assert_eq!(
+        media["origin"], "both",
+        "declared in services/shop.toml and discovered"
+    );
+    let db = get("instance:db");
+    assert_eq!(db["spec"]["hostname"], "db.shop.paris.internal");
+    assert_eq!(db["spec"]["state"], "running");
+    for ext in [
+        "endpoint:url:https://pay.example.org/v2",
+        "endpoint:host:shop.example.com",
+    ] {
+        assert_eq!(get(ext)["spec"]["external"], true, "{ext}");
+    }
+    assert_eq!(
+        get("endpoint:host:db.shop.paris.internal")["spec"]["external"],
+        false
+    );
+}
+
+#[test]
+fn introspection_finds_every_dependency_edge() {
+    let t = topology();
+    let edges: BTreeSet<(String, String, String, String)> = t["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap().to_owned(),
+                e["relation"].as_str().unwrap().to_owned(),
+                e["to"].as_str().unwrap().to_owned(),
+                e["key"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let e = |from: &str, rel: &str, to: &str, key: &str| {
+        (
+            from.to_owned(),
+            rel.to_owned(),
+            to.to_owned(),
+            key.to_owned(),
+        )
+    };
+    let r = |cfg: &str, key: &str, ep: &str| {
+        e(
+            &format!("config:{cfg}"),
+            "references-endpoint",
+            &format!("endpoint:{ep}"),
+            key,
+        )
+    };
+    let res = |ep: &str, to: &str| e(&format!("endpoint:{ep}"), "resolves-to", to, "");
+    let expected: BTreeSet<_> = [
+        // Disks.
+        e("instance:web", "boots-from", "image:shop-web.qcow2", ""),
+        e("instance:app", "boots-from", "image:shop-app.qcow2", ""),
+        e("instance:db", "boots-from", "image:shop-db.qcow2", ""),
+        e("instance:db", "attaches", "volume:db-data.raw", ""),
+        // Config files read by each instance.
+        e("instance:web", "reads", "config:shop/web/nginx.conf", ""),
+        e("instance:web", "reads", "config:shop/web/site.env", ""),
+        e("instance:app", "reads", "config:shop/app/app.yaml", ""),
+        e("instance:app", "reads", "config:shop/app/.env", ""),
+        e("instance:app", "reads", "config:shop/app/features.json", ""),
+        e("instance:db", "reads", "config:shop/db/postgresql.conf", ""),
+        e("instance:db", "reads", "config:shop/db/backup.toml", ""),
+        // The bucket, read by every instance whose config points at it.
+        e("instance:web", "reads", "bucket:shop-media", ""),
+        e("instance:app", "reads", "bucket:shop-media", ""),
+        e("instance:db", "reads", "bucket:shop-media", ""),
+        // Config -> endpoint, with the key (or line) where each is written.
+        r("shop/web/nginx.conf", "line 3", "ip:10.10.0.11:80"),
+        r("shop/web/nginx.conf", "line 4", "host:shop.example.com"),
+        r("shop/web/nginx.conf", "line 4", "host:www.shop.example.com"),
+        r(
+            "shop/web/nginx.conf",
+            "line 7",
+            "url:http://app.shop.paris.internal:8080",
+        ),
+        r(
+            "shop/web/nginx.conf",
+            "line 10",
+            "url:https://s3.dc-paris.example.net/shop-media/",
+        ),
+        r(
+            "shop/web/site.env",
+            "PUBLIC_URL",
+            "url:https://shop.example.com",
+        ),
+        r(
+            "shop/web/site.env",
+            "API_UPSTREAM",
+            "url:http://app.shop.paris.internal:8080",
+        ),
+        r(
+            "shop/app/app.yaml",
+            "public_url",
+            "url:https://shop.example.com",
+        ),
+        r(
+            "shop/app/app.yaml",
+            "database.host",
+            "host:db.shop.paris.internal",
+        ),
+        r(
+            "shop/app/app.yaml",
+            "media.endpoint",
+            "url:https://s3.dc-paris.example.net",
+        ),
+        r("shop/app/app.yaml", "media.bucket", "bucket:shop-media"),
+        r(
+            "shop/app/app.yaml",
+            "cdn.url",
+            "url:https://cdn.shop.example.com/",
+        ),
+        r(
+            "shop/app/.env",
+            "DATABASE_URL",
+            "url:postgres://shop@db.shop.paris.internal:5432/shop",
+        ),
+        r(
+            "shop/app/.env",
+            "S3_ENDPOINT",
+            "url:https://s3.dc-paris.example.net",
+        ),
+        r("shop/app/.env", "S3_BUCKET", "bucket:shop-media"),
+        r(
+            "shop/app/features.json",
+            "payments.provider_url",
+            "url:https://pay.example.org/v2",
+        ),
+        r(
+            "shop/app/features.json",
+            "payments.callback",
+            "url:https://shop.example.com/pay/callback",
+        ),
+        r("shop/app/features.json", "search.host", "ip:10.10.0.12"),
+        r(
+            "shop/db/postgresql.conf",
+            "listen_addresses",
+            "ip:10.10.0.13",
+        ),
+        r(
+            "shop/db/backup.toml",
+            "backup.archive_url",
+            "url:https://s3.dc-paris.example.net/shop-media/db-archive/",
+        ),
+        r(
+            "shop/db/backup.toml",
+            "source.host",
+            "host:db.shop.paris.internal",
+        ),
+        // Endpoint -> what it designates (external endpoints designate nothing here).
+        res("ip:10.10.0.11:80", "instance:web"),
+        res("ip:10.10.0.12", "instance:app"),
+        res("ip:10.10.0.13", "instance:db"),
+        res("host:db.shop.paris.internal", "instance:db"),
+        res(
+            "url:postgres://shop@db.shop.paris.internal:5432/shop",
+            "instance:db",
+        ),
+        res("url:http://app.shop.paris.internal:8080", "instance:app"),
+        res("url:https://s3.dc-paris.example.net", "bucket:shop-media"),
+        res(
+            "url:https://s3.dc-paris.example.net/shop-media/",
+            "bucket:shop-media",
+        ),
+        res(
+            "url:https://s3.dc-paris.example.net/shop-media/db-archive/",
+            "bucket:shop-media",
+        ),
+        res("bucket:shop-media", "bucket:shop-media"),
+    ]
+    .into_iter()
+    .collect();
+    let missing: Vec<_> = expected.difference(&edges).collect();
+    let extra: Vec<_> = edges.difference(&expected).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing: {missing:#?}\nextra: {extra:#?}"
+    );
+}
+
+#[test]
+fn dot_and_text_show_the_same_graph() {
+    let cfg = demo_config();
+    let t = topology();
+    let dot = ok(&run(&[
+        "--config",
+        &cfg,
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--format",
+        "dot",
+    ]));
+    assert!(dot.starts_with("digraph \"shop\""), "{dot}");
+    let arrows = dot.lines().filter(|l| l.contains(" -> ")).count();
+    assert_eq!(arrows, t["edges"].as_array().unwrap().len());
+    assert!(
+        dot.contains("\"instance:db\" -> \"volume:db-data.raw\" [label=\"attaches\"]"),
+        "{dot}"
+    );
+
+    let text = ok(&run(&[
+        "--config",
+        &cfg,
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+    ]));
+    assert!(
+        text.starts_with("service shop on site dc-paris\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("3 instances, 3 images, 1 volume, 1 bucket, 7 config files, 16 endpoints"),
+        "{text}"
+    );
+    assert!(
+        text.contains("attaches    volume db-data.raw  (raw, 2.00 GiB virtual"),
+        "{text}"
+    );
+    assert!(text.contains("database.host"), "{text}");
+    assert!(
+        text.contains("db.shop.paris.internal  -> instance db"),
+        "{text}"
+    );
+    assert!(
+        text.contains("https://pay.example.org/v2  -> external"),
+        "{text}"
+    );
+    // --json is the same as --format json.
+    let json = ok(&run(&[
+        "--config",
+        &cfg,
+        "--json",
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+    ]));
+    assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), t);
+}
+
+#[test]
+fn without_a_service_every_instance_of_the_site_is_listed() {
+    let cfg = demo_config();
+    let out = ok(&run(&[
+        "--config",
+        &cfg,
+        "--json",
+        "introspect",
+        "dc-paris",
+    ]));
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["service"], "*");
+    let ids: Vec<&str> = t["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"instance:wiki") && ids.contains(&"bucket:paris-backups"),
+        "{ids:?}"
+    );
+    assert!(ids.contains(&"instance:web"));
+}
+
+#[test]
+fn demo_images_pass_qemu_img_check_and_match_the_topology() {
+    let qemu = qemu_img();
+    let t = topology();
+    for r in t["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["spec"]["kind"] == "image")
+    {
+        let path = r["spec"]["locator"].as_str().unwrap();
+        let check = std::process::Command::new(qemu)
+            .args(["check", path])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success() && out.contains("No errors were found"),
+            "{path}: {out}"
+        );
+        let info = std::process::Command::new(qemu)
+            .args(["info", "--output=json", path])
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info["virtual-size"], r["spec"]["virtual_size"], "{path}");
+        assert_eq!(info["format-specific"]["data"]["compat"], "1.1", "qcow2 v3");
+    }
+}
+
+#[test]
+fn sites_list_and_show_report_detected_capabilities() {
+    let cfg = demo_config();
+    let list: Value =
+        serde_json::from_str(&ok(&run(&["--config", &cfg, "--json", "sites", "list"]))).unwrap();
+    let list = list.as_array().unwrap();
+    let names: Vec<&str> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "cloud-frankfurt",
+            "cloud-virginia",
+            "dc-paris",
+            "edge-nantes",
+            "edge-rennes"
+        ]
+    );
+    for s in list {
+        assert_eq!(s["status"], "ok", "{s}");
+        assert_eq!(s["capabilities"].as_array().unwrap().len(), 5, "{s}");
+    }
+    let formats: BTreeSet<String> = list
+        .iter()
+        .map(|s| s["image_formats"].to_string())
+        .collect();
+    assert!(
+        formats.len() >= 4,
+        "targets differ in accepted formats: {formats:?}"
+    );
+
+    let text = ok(&run(&["--config", &cfg, "sites", "list"]));
+    assert!(text.starts_with("SITE "), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("edge-rennes") && l.contains(" raw ") && l.ends_with("ok")),
+        "{text}"
+    );
+
+    let show: Value = serde_json::from_str(&ok(&run(&[
+        "--config", &cfg, "--json", "sites", "show", "dc-paris",
+    ])))
+    .unwrap();
+    assert_eq!(
+        show["contents"]["instances"],
+        serde_json::json!(["app", "db", "web", "wiki"])
+    );
+    assert_eq!(
+        show["contents"]["buckets"],
+        serde_json::json!(["paris-backups", "shop-media"])
+    );
+    assert_eq!(
+        show["contents"]["volumes"],
+        serde_json::json!(["db-data.raw"])
+    );
+    assert_eq!(show["contents"]["config_files"], 8);
+    let fra: Value = serde_json::from_str(&ok(&run(&[
+        "--config",
+        &cfg,
+        "--json",
+        "sites",
+        "show",
+        "cloud-frankfurt",
+    ])))
+    .unwrap();
+    assert_eq!(fra["jurisdiction"], "EU/DE");
+    assert_eq!(fra["credentials"][0]["variable"], "FRANKFURT_ACCESS_KEY_ID");
+    let text = ok(&run(&[
+        "--config",
+        &cfg,
+        "sites",
+        "show",
+        "cloud-frankfurt",
+    ]));
+    assert!(
+        text.contains("credential:    access_key_id_env from $FRANKFURT_ACCESS_KEY_ID"),
+        "{text}"
+    );
+    assert!(text.contains("compute         yes"), "{text}");
+}
+
+#[test]
+fn the_config_file_can_come_from_the_environment_or_the_working_directory() {
+    let cfg = demo_config();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(["--json", "sites", "list"])
+        .env("FLUIDCLOUD_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = run_in(demo(), &["--json", "sites", "list"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&ok(&out))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+#[test]
+fn demo_init_refuses_to_overwrite_and_changes_nothing() {
+    let dir = demo();
+    let before = tree_digest(dir);
+    let err = fails(&run(&["demo", "init", dir.to_str().unwrap()]), 7);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    assert_eq!(tree_digest(dir), before);
+}
