@@ -37,9 +37,9 @@ enum Command {
     Sites(commands::sites::SitesCommand),
     /// Discover a service's topology on a live site.
     Introspect(commands::introspect::IntrospectArgs),
-    /// Create the demo environment (local sites, no cloud account).
-    #[command(subcommand)]
-    Demo(commands::demo::DemoCommand),
+    /// The demo: local sites, no cloud account. Without a subcommand,
+    /// creates the demo environment if needed and shows the shop service.
+    Demo(commands::demo::DemoArgs),
 }
 
 /// Global options every command sees.

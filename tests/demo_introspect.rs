@@ -516,3 +516,34 @@ fn demo_init_refuses_to_overwrite_and_changes_nothing() {
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
     assert_eq!(tree_digest(dir), before);
 }
+
+#[test]
+fn bare_demo_command_creates_once_then_shows_the_shop() {
+    let dir = demo();
+    let out = ok(&run(&["demo", "--dir", dir.to_str().unwrap()]));
+    assert!(
+        out.starts_with(&format!(
+            "using the demo environment in {}\n\nservice shop on site dc-paris\n",
+            dir.display()
+        )),
+        "{out}"
+    );
+    let json = ok(&run(&["--json", "demo", "--dir", dir.to_str().unwrap()]));
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v, topology());
+
+    let fresh = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(["--json", "demo"])
+        .env("XDG_DATA_HOME", fresh.path())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(v["service"], "shop", "a single JSON document, the topology");
+    assert!(
+        fresh
+            .path()
+            .join("fluidcloud/demo/fluidcloud.toml")
+            .is_file()
+    );
+}

@@ -1,4 +1,4 @@
-//! `fluidcloud demo init DIR`.
+//! `fluidcloud demo` and `fluidcloud demo init DIR`.
 
 use std::path::PathBuf;
 
@@ -10,6 +10,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::print_json;
 use crate::Globals;
 use crate::output::bytes;
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct DemoArgs {
+    #[command(subcommand)]
+    command: Option<DemoCommand>,
+    /// Where the demo environment lives
+    /// (default: $XDG_DATA_HOME/fluidcloud/demo, or ~/.local/share/fluidcloud/demo).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DemoCommand {
@@ -24,8 +35,55 @@ pub(crate) enum DemoCommand {
     },
 }
 
-pub(crate) async fn run(g: &Globals, cmd: DemoCommand) -> Result<()> {
-    let DemoCommand::Init { dir, force } = cmd;
+fn default_dir() -> PathBuf {
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    data.join("fluidcloud").join("demo")
+}
+
+pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
+    match args.command {
+        Some(DemoCommand::Init { dir, force }) => init(g, dir, force, true).await,
+        None => {
+            // The embedded default: create the demo once, then show what
+            // fluidcloud sees of the shop service on its Paris site.
+            let dir = args.dir.unwrap_or_else(default_dir);
+            let config = dir.join("fluidcloud.toml");
+            if !config.exists() {
+                // In JSON mode the one document printed is the topology.
+                init(
+                    &Globals {
+                        config: None,
+                        json: g.json,
+                    },
+                    dir.clone(),
+                    false,
+                    !g.json,
+                )
+                .await?;
+                if !g.json {
+                    println!();
+                }
+            } else if !g.json {
+                println!("using the demo environment in {}\n", dir.display());
+            }
+            let inner = Globals {
+                config: Some(config),
+                json: g.json,
+            };
+            super::introspect::run(
+                &inner,
+                super::introspect::IntrospectArgs::service(demo::SOURCE_SITE, demo::SERVICE),
+            )
+            .await
+        }
+    }
+}
+
+async fn init(g: &Globals, dir: PathBuf, force: bool, print: bool) -> Result<()> {
     let bar = if g.json {
         ProgressBar::hidden()
     } else {
@@ -48,6 +106,9 @@ pub(crate) async fn run(g: &Globals, cmd: DemoCommand) -> Result<()> {
     let summary = demo::init(&dir, force, &progress).await;
     bar.finish_and_clear();
     let summary = summary?;
+    if !print {
+        return Ok(());
+    }
     if g.json {
         return print_json(&summary);
     }
