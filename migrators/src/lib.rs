@@ -1,1 +1,50 @@
-//! placeholder
+//! # fluidcloud migrators and their disk-image tooling
+//!
+//! Moving a service between sites means moving its disks, and sites disagree
+//! on disk formats. This crate holds the image tooling the migrators share:
+//!
+//! - [`image::probe`] tells what an image file is (qcow2, VMDK, VHD, VHDX or
+//!   raw) from its content, never its name, and reads the header: virtual
+//!   size, backing file, cluster size. It only reads headers, so it is cheap,
+//!   and it bounds-checks every field, so a hostile file gives a typed
+//!   [`Error`] rather than a panic.
+//! - [`image::qcow2::Qcow2Writer`] writes a qcow2 v3 image in one sequential
+//!   pass from guest data that arrives in offset order (what a converter
+//!   reading a source disk front to back produces).
+//! - [`error`] is the crate's error type; it maps into the SDK's
+//!   [`fluidcloud_plugins::Error`] and says whether a retry may help.
+//!
+//! ## Why the qcow2 writer computes refcounts at the end
+//!
+//! qcow2 keeps a reference count for every cluster of the file, including
+//! the clusters holding the refcounts themselves. Updating them as data
+//! arrives (as QEMU does) means rewriting refcount blocks in place and
+//! growing the refcount table when it fills, which costs random writes. The
+//! writer instead appends every cluster exactly once — data clusters in guest
+//! order, each L2 table after the data it maps, then the L1 table — so that
+//! when the data ends, every cluster of the file has refcount 1 and the
+//! refcount structures depend only on how many clusters there are. `finish`
+//! finds the smallest refcount table and block count that also covers
+//! themselves (a fixed point reached in a few rounds), appends them, and
+//! only then writes the header, so an interrupted write never leaves a file
+//! that looks like a valid image.
+//!
+//! All-zero clusters are never stored: they stay unallocated and read as
+//! zeros, so sparse disks stay small.
+//!
+//! ## Memory
+//!
+//! The writer holds one L2 table, one partial cluster (each at most 2 MiB
+//! with the largest cluster size), an output buffer of about 8 MiB, and
+//! 16 bytes per L2 table already written. Memory therefore does not grow
+//! with the virtual size beyond those 16 bytes per `cluster_size² / 8` bytes
+//! of guest data (per 512 MiB with the default 64 KiB clusters); virtual
+//! sizes are bounded only by QEMU's own limits (32 MiB L1 table, 8 MiB
+//! refcount table), which `create` checks.
+
+pub mod error;
+pub mod image;
+
+pub use error::{Error, Result};
+pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
+pub use image::{ImageInfo, probe};

@@ -1,0 +1,155 @@
+//! The error type of this crate and its mapping into the SDK's error.
+//!
+//! Every variant names the file or field it concerns, so the message alone
+//! tells a person where to look. Retry classification follows the variant:
+//! only I/O errors of a passing kind are worth another attempt.
+
+use fluidcloud_plugins::{Retry, Retryable};
+
+/// Errors of the image tooling and migrators.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An image's on-disk data is malformed at a known place.
+    #[error("corrupt {what} at offset {offset}")]
+    Corrupt {
+        /// What is corrupt, naming the file, e.g. `qcow2 header of web.qcow2`.
+        what: String,
+        /// Byte offset of the offending field (or the file length when the
+        /// data ends too early).
+        offset: u64,
+    },
+    /// The image uses a feature this crate does not handle (an encrypted
+    /// qcow2, unknown incompatible feature bits, ...).
+    #[error("{what} is not supported")]
+    Unsupported {
+        /// The feature, e.g. `encrypted qcow2 (crypt_method 2) in web.qcow2`.
+        what: String,
+    },
+    /// An I/O error on a named path.
+    #[error("{context}")]
+    Io {
+        /// What was being done, naming the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller passed a value the operation cannot accept (a cluster size
+    /// that is not a power of two, a write out of order or past the end...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// An I/O error with a context naming what was being done to which path.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl Retryable for Error {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Io { source, .. } => fluidcloud_plugins::error::io_retry(source.kind()),
+            Self::Corrupt { .. } | Self::Unsupported { .. } | Self::InvalidArgument(_) => {
+                Retry::Never
+            }
+        }
+    }
+}
+
+impl From<Error> for fluidcloud_plugins::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Corrupt { what, offset } => Self::Corrupt { what, offset },
+            Error::Io { context, source } => Self::Io { context, source },
+            Error::Unsupported { what } => Self::NotSupported {
+                operation: what,
+                site: None,
+            },
+            Error::InvalidArgument(msg) => Self::Precondition(msg),
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::error::Error as _;
+    use std::io::ErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn messages_name_the_place() {
+        let e = Error::Corrupt {
+            what: "qcow2 header of a.qcow2".into(),
+            offset: 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "corrupt qcow2 header of a.qcow2 at offset 20"
+        );
+        let e = Error::Unsupported {
+            what: "encrypted qcow2".into(),
+        };
+        assert_eq!(e.to_string(), "encrypted qcow2 is not supported");
+        let e = Error::InvalidArgument("cluster size 1000 is not a power of two".into());
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: cluster size 1000 is not a power of two"
+        );
+        let e = Error::io("reading /x.img", ErrorKind::NotFound.into());
+        assert_eq!(e.to_string(), "reading /x.img");
+        assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn only_passing_io_errors_are_retried() {
+        let reset = Error::io("read", ErrorKind::ConnectionReset.into());
+        assert_eq!(reset.retry(), Retry::Transient);
+        let missing = Error::io("read", ErrorKind::NotFound.into());
+        assert_eq!(missing.retry(), Retry::Never);
+        let corrupt = Error::Corrupt {
+            what: "x".into(),
+            offset: 0,
+        };
+        assert_eq!(corrupt.retry(), Retry::Never);
+        assert_eq!(
+            Error::Unsupported { what: "x".into() }.retry(),
+            Retry::Never
+        );
+        assert_eq!(Error::InvalidArgument("x".into()).retry(), Retry::Never);
+    }
+
+    #[test]
+    fn converts_into_the_sdk_error() {
+        use fluidcloud_plugins::Error as Sdk;
+        let e: Sdk = Error::Corrupt {
+            what: "w".into(),
+            offset: 7,
+        }
+        .into();
+        assert!(matches!(e, Sdk::Corrupt { ref what, offset: 7 } if what == "w"));
+        let e: Sdk = Error::io("ctx", ErrorKind::TimedOut.into()).into();
+        assert!(matches!(e, Sdk::Io { ref context, .. } if context == "ctx"));
+        assert_eq!(e.retry(), Retry::Transient);
+        let e: Sdk = Error::Unsupported {
+            what: "encrypted qcow2".into(),
+        }
+        .into();
+        assert!(matches!(
+            e,
+            Sdk::NotSupported { ref operation, site: None } if operation == "encrypted qcow2"
+        ));
+        let e: Sdk = Error::InvalidArgument("bad".into()).into();
+        assert!(matches!(e, Sdk::Precondition(ref m) if m == "bad"));
+    }
+}

@@ -1,0 +1,31 @@
+//! Disk images: format detection ([`probe`]) and writers ([`qcow2`]).
+
+use fluidcloud_plugins::ImageFormat;
+use serde::Serialize;
+
+mod probe;
+pub mod qcow2;
+
+pub use probe::probe;
+
+/// What [`probe`] learnt about an image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageInfo {
+    /// Container format, detected from the content.
+    pub format: ImageFormat,
+    /// Size of the disk the guest sees, in bytes.
+    pub virtual_size: u64,
+    /// Length of the file (`st_size`).
+    pub file_size: u64,
+    /// Disk space the file really uses (`st_blocks * 512`), smaller than
+    /// `file_size` for sparse files.
+    pub allocated_bytes: u64,
+    /// Backing (parent) image named in the header, as written there: qcow2
+    /// backing file, VMDK `parentFileNameHint`, VHD parent name. Not read
+    /// for VHDX yet (its parent locator is left to the VHDX reader).
+    pub backing_file: Option<String>,
+    /// Cluster size in bytes (qcow2 only).
+    pub cluster_size: Option<u32>,
+    /// qcow2 version, 2 or 3 (qcow2 only).
+    pub qcow2_version: Option<u32>,
+}
