@@ -188,10 +188,10 @@ impl SitesFile {
         let mut sites = BTreeMap::new();
         for (name, mut site) in raw.sites {
             validate_site(&name, &site, kinds, &mut diags);
-            if let Some(p) = &site.path {
-                if p.is_relative() {
-                    site.path = Some(base.join(p));
-                }
+            if let Some(p) = &site.path
+                && p.is_relative()
+            {
+                site.path = Some(base.join(p));
             }
             sites.insert(name, site);
         }
@@ -208,10 +208,10 @@ impl SitesFile {
         } else {
             for d in &mut diags {
                 d.file = Some(path.to_path_buf());
-                if d.line.is_none() {
-                    if let Some(line) = d.key.as_deref().and_then(|k| tomlfile::key_line(text, k)) {
-                        d.line = Some(line);
-                    }
+                if d.line.is_none()
+                    && let Some(line) = d.key.as_deref().and_then(|k| tomlfile::key_line(text, k))
+                {
+                    d.line = Some(line);
                 }
             }
             Err(Error::Config { diagnostics: diags })
@@ -311,16 +311,15 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             );
         }
     }
-    if let Some(ep) = &site.object_endpoint {
-        if url::Url::parse(ep)
+    if let Some(ep) = &site.object_endpoint
+        && url::Url::parse(ep)
             .map(|u| u.host_str().is_none())
             .unwrap_or(true)
-        {
-            diags.push(
-                Diagnostic::error(format!("`{ep}` is not a URL with a host"))
-                    .at_key(key("object_endpoint")),
-            );
-        }
+    {
+        diags.push(
+            Diagnostic::error(format!("`{ep}` is not a URL with a host"))
+                .at_key(key("object_endpoint")),
+        );
     }
     if let Some(creds) = &site.credentials {
         for (field, var) in creds.references() {

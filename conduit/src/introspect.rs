@@ -150,17 +150,17 @@ pub async fn introspect(
         Some((path, text)) => Some((ServiceManifest::parse(&path, &text)?, path, text)),
         None => None,
     };
-    if let (Some((m, path, text)), Some(s)) = (&manifest, service) {
-        if m.name != s {
-            return Err(Error::Config {
-                diagnostics: vec![
-                    Diagnostic::error(format!("manifest is for service `{}`, not `{s}`", m.name))
-                        .in_file(path)
-                        .at_key("name")
-                        .at_line(tomlfile::key_line(text, "name").unwrap_or(1)),
-                ],
-            });
-        }
+    if let (Some((m, path, text)), Some(s)) = (&manifest, service)
+        && m.name != s
+    {
+        return Err(Error::Config {
+            diagnostics: vec![
+                Diagnostic::error(format!("manifest is for service `{}`, not `{s}`", m.name))
+                    .in_file(path)
+                    .at_key("name")
+                    .at_line(tomlfile::key_line(text, "name").unwrap_or(1)),
+            ],
+        });
     }
 
     let services: BTreeSet<&str> = all.iter().filter_map(|i| i.service.as_deref()).collect();
@@ -494,33 +494,33 @@ impl Builder<'_> {
         if self_address {
             return Target::Ignore;
         }
-        if r.endpoint == EndpointKind::Url {
-            if let Ok(u) = url::Url::parse(&r.value) {
-                if u.scheme() == "s3" {
-                    return if self.bucket_names.contains(host) {
-                        Target::Bucket(host.to_owned())
+        if r.endpoint == EndpointKind::Url
+            && let Ok(u) = url::Url::parse(&r.value)
+        {
+            if u.scheme() == "s3" {
+                return if self.bucket_names.contains(host) {
+                    Target::Bucket(host.to_owned())
+                } else {
+                    Target::Unresolved
+                };
+            }
+            if let Some(ep) = self.object_endpoint_host() {
+                if host_l == ep {
+                    let first = u.path_segments().and_then(|mut s| s.next()).unwrap_or("");
+                    return if first.is_empty() {
+                        Target::ObjectEndpoint
+                    } else if self.bucket_names.contains(first) {
+                        Target::Bucket(first.to_owned())
                     } else {
                         Target::Unresolved
                     };
                 }
-                if let Some(ep) = self.object_endpoint_host() {
-                    if host_l == ep {
-                        let first = u.path_segments().and_then(|mut s| s.next()).unwrap_or("");
-                        return if first.is_empty() {
-                            Target::ObjectEndpoint
-                        } else if self.bucket_names.contains(first) {
-                            Target::Bucket(first.to_owned())
-                        } else {
-                            Target::Unresolved
-                        };
-                    }
-                    if let Some(b) = host_l.strip_suffix(&format!(".{ep}")) {
-                        return if self.bucket_names.contains(b) {
-                            Target::Bucket(b.to_owned())
-                        } else {
-                            Target::Unresolved
-                        };
-                    }
+                if let Some(b) = host_l.strip_suffix(&format!(".{ep}")) {
+                    return if self.bucket_names.contains(b) {
+                        Target::Bucket(b.to_owned())
+                    } else {
+                        Target::Unresolved
+                    };
                 }
             }
         }

@@ -335,11 +335,11 @@ fn classify(key: &str, value: &str) -> Vec<Reference> {
         return Vec::new();
     }
     if v.contains("://") {
-        if let Ok(u) = url::Url::parse(v) {
-            if let Some(h) = u.host_str() {
-                let h = h.trim_start_matches('[').trim_end_matches(']');
-                return vec![make(EndpointKind::Url, Some(h), Strength::Strong)];
-            }
+        if let Ok(u) = url::Url::parse(v)
+            && let Some(h) = u.host_str()
+        {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            return vec![make(EndpointKind::Url, Some(h), Strength::Strong)];
         }
         return Vec::new();
     }

@@ -184,10 +184,10 @@ impl LocalSite {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| self.io(&p, "list", e))?;
-            if let Some(n) = entry.file_name().to_str() {
-                if !n.starts_with('.') {
-                    names.push(n.to_owned());
-                }
+            if let Some(n) = entry.file_name().to_str()
+                && !n.starts_with('.')
+            {
+                names.push(n.to_owned());
             }
         }
         names.sort();
@@ -307,14 +307,10 @@ fn publish(tmp: &Path, path: &Path, replace: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> impl Future<Output = Result<T>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| Error::Transient(format!("worker thread failed: {e}")))?
-    }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Transient(format!("worker thread failed: {e}")))?
 }
 
 #[async_trait]
@@ -412,10 +408,10 @@ impl Inventory for LocalSite {
                 let ft = entry.file_type().map_err(|e| self.io(&p, "stat", e))?;
                 if ft.is_dir() {
                     stack.push(p);
-                } else if let Ok(rel) = p.strip_prefix(&root) {
-                    if let Some(s) = rel.to_str() {
-                        out.push(s.to_owned());
-                    }
+                } else if let Ok(rel) = p.strip_prefix(&root)
+                    && let Some(s) = rel.to_str()
+                {
+                    out.push(s.to_owned());
                 }
             }
         }
