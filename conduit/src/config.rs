@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [sites.dc-paris]
-//! kind = "local"                       # driver, see `fluidcloud sites kinds`
+//! kind = "local"                       # driver; `fluidcloud sites kinds` lists them
 //! path = "sites/dc-paris"              # relative to this file
 //! jurisdiction = "EU/FR"
 //! image_formats = ["qcow2", "raw"]

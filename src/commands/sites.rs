@@ -20,6 +20,46 @@ pub(crate) enum SitesCommand {
         /// The site's name in the sites file.
         name: String,
     },
+    /// The site kinds (drivers) this build knows, with their options.
+    Kinds,
+}
+
+#[derive(Serialize)]
+struct KindDoc {
+    kind: &'static str,
+    help: &'static str,
+    options: Vec<OptionDoc>,
+}
+
+#[derive(Serialize)]
+struct OptionDoc {
+    key: &'static str,
+    help: &'static str,
+}
+
+fn kinds(g: &Globals) -> Result<()> {
+    let docs: Vec<KindDoc> = drivers::DRIVERS
+        .iter()
+        .map(|d| KindDoc {
+            kind: d.kind,
+            help: d.help,
+            options: d
+                .options
+                .iter()
+                .map(|&(key, help)| OptionDoc { key, help })
+                .collect(),
+        })
+        .collect();
+    if g.json {
+        return print_json(&docs);
+    }
+    for d in &docs {
+        println!("{}: {}", d.kind, d.help);
+        for o in &d.options {
+            println!("  {:<10} {}", o.key, o.help);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -56,6 +96,9 @@ fn formats(info: &SiteInfo) -> String {
 }
 
 pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
+    if let SitesCommand::Kinds = cmd {
+        return kinds(g);
+    }
     let file = sites_file(g)?;
     match cmd {
         SitesCommand::List => {
@@ -99,6 +142,7 @@ pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
             Ok(())
         }
         SitesCommand::Show { name } => show(g, &file, &name).await,
+        SitesCommand::Kinds => kinds(g),
     }
 }
 
