@@ -37,6 +37,8 @@ enum Command {
     Sites(commands::sites::SitesCommand),
     /// Discover a service's topology on a live site.
     Introspect(commands::introspect::IntrospectArgs),
+    /// Choose target sites for a service, with the reasons.
+    Match(commands::matching::MatchArgs),
     /// The demo: local sites, no cloud account. Without a subcommand,
     /// creates the demo environment if needed and shows the shop service.
     Demo(commands::demo::DemoArgs),
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Sites(c) => commands::sites::run(&globals, c).await,
             Command::Introspect(a) => commands::introspect::run(&globals, a).await,
+            Command::Match(a) => commands::matching::run(&globals, a).await,
             Command::Demo(c) => commands::demo::run(&globals, c).await,
         }
     });
@@ -107,6 +110,7 @@ fn init_logging(verbose: u8) {
 /// | 6 | the site does not support the operation |
 /// | 7 | a precondition does not hold (target exists, instance running, ...) |
 /// | 8 | corrupt data (disk image, journal) |
+/// | 9 | no placement satisfies the constraints (the message names a minimal conflicting set) |
 fn exit_code(e: &anyhow::Error) -> u8 {
     use fluidcloud_conduit::Error as C;
     use fluidcloud_plugins::Error as S;
@@ -130,6 +134,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if let Some(s) = cause.downcast_ref::<S>() {
             return sdk(s);
+        }
+        if let Some(b) = cause.downcast_ref::<fluidcloud_broker::Error>() {
+            return match b {
+                fluidcloud_broker::Error::Invalid(_) => 3,
+                fluidcloud_broker::Error::Infeasible { .. } => 9,
+                _ => 1,
+            };
         }
     }
     1

@@ -1,12 +1,30 @@
 //! # fluidcloud broker: choosing where a service goes
 //!
-//! The broker keeps a catalog of sites and migrators, finds migrator chains
-//! from what a source has to what a target accepts, and solves placement
-//! under constraints (ban, fence, spread, gather, latency, jurisdiction,
-//! capacity) with explained results. Its REST service runs relocations
-//! through an injected runner so it never depends on the conduit.
+//! No other migration tool chooses the target for the user; the broker does,
+//! and says why. Given a service's [`Topology`](fluidcloud_plugins::Topology),
+//! the sites it could go to ([`SiteInfo`](fluidcloud_plugins::SiteInfo):
+//! location, jurisdiction, cost, capacity, accepted image formats, detected
+//! capabilities) and the migrators available
+//! ([`MigratorDescriptor`](fluidcloud_plugins::MigratorDescriptor)), it:
 //!
-//! This crate holds its place in the dependency chain; matching and the
-//! REST service are built by the broker issue and are not here yet.
+//! - finds, per resource, the cheapest [`chain`] of migrators from what the
+//!   source has to what a target accepts;
+//! - applies [`constraint`]s in the vocabulary of the btrPlace/Plasma
+//!   placement work (ban, fence, spread, gather, latency, jurisdiction, and
+//!   the implicit capacity and formats);
+//! - solves the [`placement`] exactly (branch and bound) for the sizes
+//!   services have, with a documented heuristic beyond, and explains every
+//!   choice and every rejected site — or returns a minimal set of
+//!   conflicting constraints when nothing fits.
+//!
+//! The broker never touches a site: the conduit hands it facts, and its
+//! REST service (to come) runs relocations through an injected runner.
 
-pub use fluidcloud_viaduct as viaduct;
+pub mod chain;
+pub mod constraint;
+pub mod error;
+pub mod placement;
+
+pub use constraint::Constraint;
+pub use error::{Error, Result};
+pub use placement::{Placement, Request, Unit, solve, units};

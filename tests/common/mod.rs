@@ -57,8 +57,12 @@ pub fn fails(o: &Output, code: i32) -> String {
 pub fn demo() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{}", std::process::id()));
+        // One directory per test binary, replaced on every run, so repeated
+        // runs do not pile up demo environments.
+        let exe = std::env::current_exe().unwrap();
+        let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
+        let name = stem.split('-').next().unwrap_or("tests").to_owned();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         ok(&run(&["demo", "init", dir.to_str().unwrap()]));
         dir

@@ -1,0 +1,41 @@
+//! The broker's error type.
+
+use fluidcloud_plugins::{Diagnostic, Retry, Retryable};
+
+use crate::constraint::Constraint;
+
+/// Errors of matching and placement.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A constraint or request is malformed; the diagnostics say where.
+    #[error("{}", .0.first().map_or_else(|| "invalid request".to_owned(), ToString::to_string))]
+    Invalid(Vec<Diagnostic>),
+    /// No placement satisfies every constraint. `conflict` is a smallest set
+    /// found of constraints that cannot hold together (removing any one of
+    /// them makes the rest satisfiable).
+    #[error(
+        "no placement satisfies the constraints; these conflict: {}",
+        list(conflict)
+    )]
+    Infeasible {
+        /// The conflicting constraints.
+        conflict: Vec<Constraint>,
+    },
+}
+
+fn list(c: &[Constraint]) -> String {
+    c.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Retryable for Error {
+    fn retry(&self) -> Retry {
+        Retry::Never
+    }
+}
+
+/// Result alias of the broker.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

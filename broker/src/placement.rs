@@ -1,0 +1,1600 @@
+//! Placement: which site each part of a service goes to, and why.
+//!
+//! ## Units
+//! A service is placed as *units*: each instance together with its boot
+//! image and attached volumes (they cannot live apart), and each bucket.
+//! Config files and endpoints follow their instances.
+//!
+//! ## Scores
+//! Every (unit, site) pair gets a score, the weighted sum of:
+//!
+//! | component | unit of one point | estimate |
+//! |---|---|---|
+//! | latency | 1 ms | weighted mean RTT from the service's users to the site: `1 ms + distance × 2 × 1.5 / (200 km/ms)` (light in fibre, 1.5× route stretch) |
+//! | cost | 1 currency unit | a month of compute and storage at the site, plus the one-time egress of the bytes to move |
+//! | time | 1 minute | bytes to move over the link bandwidth, plus each conversion step at the conversion speed |
+//! | carbon | 1 kg CO₂e | a month of the unit's vCPUs at 10 W each, at the site's declared intensity (0 when undeclared; weight 0 by default so undeclared sites are not favoured) |
+//!
+//! ## Solver
+//! Constraints on one unit (ban, fence, jurisdiction, formats, a unit larger
+//! than a site) prune each unit's domain first. Then a depth-first branch
+//! and bound assigns units in most-constrained-first order, trying sites in
+//! increasing score, with the bound "score so far + best remaining score of
+//! every unassigned unit"; capacity, spread, gather and latency are checked
+//! as units are assigned. The scores are separable, so this bound is exact
+//! and the search finds the optimum. Ties break by site name: results are
+//! deterministic.
+//!
+//! Beyond [`EXACT_LIMIT`] explored nodes the search stops and a documented
+//! heuristic takes over: greedy assignment in the same order (each unit to
+//! its best site compatible with those already placed), then repeated
+//! single-unit moves that lower the total while keeping every constraint,
+//! until none does. The result says whether it is proven optimal.
+//!
+//! ## Explanations and conflicts
+//! Every assignment lists every other site with the reason it lost: the
+//! constraint that forbids it (alone, or given where the other units went),
+//! or the score difference and the component that dominates it. An
+//! infeasible problem returns a minimal conflicting set of constraints
+//! (deletion filter: drop each constraint in turn, keep it only if the rest
+//! becomes satisfiable without it), so every constraint named is needed for
+//! the conflict.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fluidcloud_plugins::{
+    ArtifactKind, Capability, ImageFormat, Location, MigratorDescriptor, Relation, ResourceId,
+    ResourceSpec, SiteInfo, Topology,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::chain::{ChainFinder, ChainStep};
+use crate::constraint::{AllMarker, Constraint, Selector};
+use crate::error::{Error, Result};
+
+/// Nodes the exact search may explore before the heuristic takes over.
+pub const EXACT_LIMIT: u64 = 200_000;
+
+const HOURS_PER_MONTH: f64 = 730.0;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// What is placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitKind {
+    /// An instance with its image and volumes.
+    Instance,
+    /// A bucket.
+    Bucket,
+}
+
+/// One placement unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unit {
+    /// Instance or bucket name.
+    pub name: String,
+    /// Kind.
+    pub kind: UnitKind,
+    /// vCPUs needed.
+    pub vcpus: u32,
+    /// Memory needed, MiB.
+    pub memory_mib: u64,
+    /// Storage provisioned at the target, bytes.
+    pub storage_bytes: u64,
+    /// Bytes that have to move.
+    pub move_bytes: u64,
+    /// Format of the boot image, for instances that have one.
+    pub image_format: Option<ImageFormat>,
+    /// Resources travelling together.
+    pub members: Vec<ResourceId>,
+    /// Other units this one talks to (reads a bucket of, or references an
+    /// endpoint of): their round trip counts in the objective.
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+/// Placement units of a topology, sorted by kind then name.
+pub fn units(t: &Topology) -> Vec<Unit> {
+    let mut out = Vec::new();
+    let edges = t.edges();
+    for r in t.resources() {
+        match &r.spec {
+            ResourceSpec::Instance {
+                vcpus, memory_mib, ..
+            } => {
+                let mut u = Unit {
+                    name: r.name.clone(),
+                    kind: UnitKind::Instance,
+                    vcpus: *vcpus,
+                    memory_mib: *memory_mib,
+                    storage_bytes: 0,
+                    move_bytes: 0,
+                    image_format: None,
+                    members: vec![r.id.clone()],
+                    peers: Vec::new(),
+                };
+                for e in edges.iter().filter(|e| e.from == r.id) {
+                    let Some(dep) = t.get(&e.to) else { continue };
+                    match (&dep.spec, e.relation) {
+                        (
+                            ResourceSpec::Image {
+                                format,
+                                virtual_size,
+                                allocated,
+                                ..
+                            },
+                            Relation::BootsFrom,
+                        ) => {
+                            u.image_format = Some(*format);
+                            u.storage_bytes += virtual_size;
+                            u.move_bytes += allocated;
+                            u.members.push(dep.id.clone());
+                        }
+                        (
+                            ResourceSpec::Volume {
+                                virtual_size,
+                                allocated,
+                                ..
+                            },
+                            Relation::Attaches,
+                        ) => {
+                            u.storage_bytes += virtual_size;
+                            u.move_bytes += allocated;
+                            u.members.push(dep.id.clone());
+                        }
+                        _ => {}
+                    }
+                }
+                out.push(u);
+            }
+            ResourceSpec::Bucket { bytes, .. } => out.push(Unit {
+                name: r.name.clone(),
+                kind: UnitKind::Bucket,
+                vcpus: 0,
+                memory_mib: 0,
+                storage_bytes: *bytes,
+                move_bytes: *bytes,
+                image_format: None,
+                members: vec![r.id.clone()],
+                peers: Vec::new(),
+            }),
+            _ => {}
+        }
+    }
+    out.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    // Who talks to whom: an instance reads a bucket, or reads a config file
+    // referencing an endpoint that resolves to another unit.
+    let owner = unit_of(&out);
+    let mut pairs: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut add = |a: &ResourceId, b: &ResourceId| {
+        if let (Some(x), Some(y)) = (owner.get(a), owner.get(b)) {
+            if x != y {
+                pairs.insert((x.clone(), y.clone()));
+                pairs.insert((y.clone(), x.clone()));
+            }
+        }
+    };
+    for e in &edges {
+        match e.relation {
+            Relation::Reads => add(&e.from, &e.to),
+            Relation::ReferencesEndpoint => {
+                for reader in edges
+                    .iter()
+                    .filter(|r| r.relation == Relation::Reads && r.to == e.from)
+                {
+                    for target in edges
+                        .iter()
+                        .filter(|r| r.relation == Relation::ResolvesTo && r.from == e.to)
+                    {
+                        add(&reader.from, &target.to);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for u in &mut out {
+        u.peers = pairs
+            .iter()
+            .filter(|(a, _)| *a == u.name)
+            .map(|(_, b)| b.clone())
+            .collect();
+    }
+    out
+}
+
+/// Where users of the service are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserLocation {
+    /// Latitude in degrees.
+    pub latitude: f64,
+    /// Longitude in degrees.
+    pub longitude: f64,
+    /// Relative weight (share of traffic).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Weights of the objectives.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Weights {
+    /// Per ms of user RTT.
+    pub latency: f64,
+    /// Per currency unit.
+    pub cost: f64,
+    /// Per minute of transfer.
+    pub time: f64,
+    /// Per kg CO₂e per month.
+    pub carbon: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            latency: 1.0,
+            cost: 1.0,
+            time: 1.0,
+            carbon: 0.0,
+        }
+    }
+}
+
+/// A matching request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The site the service runs on now.
+    pub source: String,
+    /// User locations; none means "where the service runs now".
+    #[serde(default)]
+    pub users: Vec<UserLocation>,
+    /// Constraints given by the user.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    /// Objective weights.
+    #[serde(default)]
+    pub weights: Weights,
+    /// Link bandwidth between sites, Mbit/s.
+    #[serde(default = "default_bandwidth")]
+    pub bandwidth_mbps: f64,
+    /// Image conversion speed, MB/s.
+    #[serde(default = "default_convert")]
+    pub convert_mb_s: f64,
+    /// Whether staying on the source site is an option.
+    #[serde(default)]
+    pub include_source: bool,
+}
+
+fn default_bandwidth() -> f64 {
+    1000.0
+}
+
+fn default_convert() -> f64 {
+    400.0
+}
+
+impl Request {
+    /// A request with defaults for everything but the source.
+    pub fn new(source: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            users: Vec::new(),
+            constraints: Vec::new(),
+            weights: Weights::default(),
+            bandwidth_mbps: default_bandwidth(),
+            convert_mb_s: default_convert(),
+            include_source: false,
+        }
+    }
+}
+
+/// Estimated round-trip time between two places, milliseconds.
+pub fn rtt_ms(a: &Location, b: &Location) -> f64 {
+    1.0 + a.distance_km(b) * 2.0 * 1.5 / 200.0
+}
+
+/// Score components of one unit on one site.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Score {
+    /// Weighted mean RTT from users, ms.
+    pub latency_ms: f64,
+    /// Monthly compute and storage cost.
+    pub cost_month: f64,
+    /// One-time egress cost of moving the bytes.
+    pub egress: f64,
+    /// Transfer and conversion time, s.
+    pub time_s: f64,
+    /// kg CO₂e per month.
+    pub carbon_kg_month: f64,
+    /// Sum of round trips to the unit's peers where they are placed, ms
+    /// (filled in explanations; the solver adds it per link).
+    pub peers_ms: f64,
+    /// The weighted total (lower is better).
+    pub total: f64,
+}
+
+impl Score {
+    fn parts(&self, w: &Weights) -> [(&'static str, f64); 5] {
+        [
+            ("latency", w.latency * self.latency_ms),
+            ("latency to peers", w.latency * self.peers_ms),
+            ("cost", w.cost * (self.cost_month + self.egress)),
+            ("time", w.time * self.time_s / 60.0),
+            ("carbon", w.carbon * self.carbon_kg_month),
+        ]
+    }
+}
+
+/// Why a site lost for a unit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "kebab-case")]
+pub enum Alternative {
+    /// A constraint forbids it.
+    Rejected {
+        /// The site.
+        site: String,
+        /// The constraint, as written.
+        constraint: String,
+        /// In words.
+        reason: String,
+    },
+    /// Allowed, but scores worse.
+    Worse {
+        /// The site.
+        site: String,
+        /// Its score.
+        score: Score,
+        /// How much worse than the chosen site.
+        delta: f64,
+        /// The component that differs most.
+        mainly: String,
+    },
+}
+
+/// Where one unit goes and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Assignment {
+    /// The unit.
+    pub unit: Unit,
+    /// The chosen site.
+    pub site: String,
+    /// Its score there.
+    pub score: Score,
+    /// Conversion steps to make the unit's image acceptable there.
+    pub chain: Vec<ChainStep>,
+    /// Every other candidate site, with why it lost.
+    pub alternatives: Vec<Alternative>,
+}
+
+/// The answer to a matching request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Placement {
+    /// One per unit, in unit order.
+    pub assignments: Vec<Assignment>,
+    /// Sum of the assignments' totals.
+    pub total: f64,
+    /// Whether the search proved this placement optimal.
+    pub optimal: bool,
+    /// Search nodes explored.
+    pub explored: u64,
+}
+
+/// Everything the solver needs, precomputed.
+struct Model<'a> {
+    units: &'a [Unit],
+    sites: Vec<&'a SiteInfo>,
+    constraints: Vec<Constraint>,
+    /// Per unit, per site: score or the unary constraint forbidding it.
+    table: Vec<Vec<std::result::Result<(Score, Vec<ChainStep>), (usize, String)>>>,
+    rtt: Vec<Vec<f64>>,
+    weights: Weights,
+    /// Per unit, the indices of its peers.
+    links: Vec<Vec<usize>>,
+}
+
+/// The built-in implicit constraints plus the user's.
+fn all_constraints(user: &[Constraint]) -> Vec<Constraint> {
+    let mut v = user.to_vec();
+    v.push(Constraint::Formats {
+        resources: Selector::All(AllMarker),
+    });
+    v.push(Constraint::Capacity);
+    v
+}
+
+fn unit_score(u: &Unit, s: &SiteInfo, req: &Request, source: &SiteInfo, steps: usize) -> Score {
+    let users: Vec<(Location, f64)> = if req.users.is_empty() {
+        vec![(source.location.clone(), 1.0)]
+    } else {
+        req.users
+            .iter()
+            .map(|p| {
+                (
+                    Location {
+                        region: String::new(),
+                        latitude: p.latitude,
+                        longitude: p.longitude,
+                    },
+                    p.weight,
+                )
+            })
+            .collect()
+    };
+    let wsum: f64 = users
+        .iter()
+        .map(|u| u.1)
+        .sum::<f64>()
+        .max(f64::MIN_POSITIVE);
+    let latency_ms = users
+        .iter()
+        .map(|(l, w)| rtt_ms(l, &s.location) * w)
+        .sum::<f64>()
+        / wsum;
+    let c = &s.cost;
+    let mem_gib = u.memory_mib as f64 / 1024.0;
+    let cost_month = f64::from(u.vcpus) * c.vcpu_hour * HOURS_PER_MONTH
+        + mem_gib * c.memory_gib_hour * HOURS_PER_MONTH
+        + u.storage_bytes as f64 / GIB * c.storage_gib_month;
+    let moves = s.name != source.name;
+    let egress = if moves {
+        u.move_bytes as f64 / GIB * source.cost.egress_gib
+    } else {
+        0.0
+    };
+    let time_s = if moves {
+        u.move_bytes as f64 * 8.0 / (req.bandwidth_mbps * 1e6)
+            + steps as f64 * u.move_bytes as f64 / (req.convert_mb_s * 1e6)
+    } else {
+        0.0
+    };
+    let carbon_kg_month =
+        s.cost.carbon_g_per_kwh.unwrap_or(0.0) * f64::from(u.vcpus) * 10.0 * HOURS_PER_MONTH / 1e6;
+    let mut score = Score {
+        latency_ms,
+        cost_month,
+        egress,
+        time_s,
+        carbon_kg_month,
+        peers_ms: 0.0,
+        total: 0.0,
+    };
+    score.total = score.parts(&req.weights).iter().map(|p| p.1).sum();
+    score
+}
+
+fn fits_alone(u: &Unit, s: &SiteInfo) -> bool {
+    let cap = &s.capacity;
+    cap.vcpus.is_none_or(|v| u.vcpus <= v)
+        && cap.memory_mib.is_none_or(|m| u.memory_mib <= m)
+        && cap
+            .storage_gib
+            .is_none_or(|g| u.storage_bytes <= g.saturating_mul(1 << 30))
+}
+
+impl<'a> Model<'a> {
+    fn new(
+        units: &'a [Unit],
+        sites: &'a [SiteInfo],
+        req: &Request,
+        constraints: Vec<Constraint>,
+        chains: &ChainFinder,
+    ) -> Result<Self> {
+        let source = sites.iter().find(|s| s.name == req.source).ok_or_else(|| {
+            invalid(format!(
+                "source site `{}` is not in the catalog",
+                req.source
+            ))
+        })?;
+        let sites: Vec<&SiteInfo> = sites
+            .iter()
+            .filter(|s| req.include_source || s.name != req.source)
+            .collect();
+        let mut table = Vec::with_capacity(units.len());
+        for u in units {
+            let mut row = Vec::with_capacity(sites.len());
+            for s in &sites {
+                row.push(
+                    unary(u, s, &constraints, chains)
+                        .map(|chain| (unit_score(u, s, req, source, chain.len()), chain)),
+                );
+            }
+            table.push(row);
+        }
+        let rtt = sites
+            .iter()
+            .map(|a| {
+                sites
+                    .iter()
+                    .map(|b| rtt_ms(&a.location, &b.location))
+                    .collect()
+            })
+            .collect();
+        Ok(Self {
+            units,
+            sites,
+            constraints,
+            table,
+            rtt,
+            weights: req.weights,
+            links: units
+                .iter()
+                .map(|u| {
+                    units
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, v)| u.peers.contains(&v.name))
+                        .map(|(i, _)| i)
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+
+    /// Weighted round trips from `u` on `s` to its already-placed peers.
+    fn pair_cost(&self, a: &[Option<usize>], u: usize, s: usize) -> f64 {
+        self.weights.latency * self.peers_ms(a, u, s)
+    }
+
+    fn peers_ms(&self, a: &[Option<usize>], u: usize, s: usize) -> f64 {
+        self.links[u]
+            .iter()
+            .filter_map(|&v| a[v].map(|t| self.rtt[s][t]))
+            .sum()
+    }
+
+    /// The objective of a complete assignment: unary scores plus each link once.
+    fn objective(&self, sol: &[usize]) -> f64 {
+        let unary: f64 = sol
+            .iter()
+            .enumerate()
+            .map(|(u, &s)| score_of(self, u, s))
+            .sum();
+        let pairs: f64 = (0..sol.len())
+            .flat_map(|u| {
+                self.links[u]
+                    .iter()
+                    .filter(move |&&v| v > u)
+                    .map(move |&v| (u, v))
+            })
+            .map(|(u, v)| self.weights.latency * self.rtt[sol[u]][sol[v]])
+            .sum();
+        unary + pairs
+    }
+
+    /// Checks unit `u` on site `s` against the non-unary constraints, given
+    /// the partial assignment `a` (other units' sites) and site `load`s.
+    /// Returns the index of the first violated constraint.
+    fn violates(
+        &self,
+        a: &[Option<usize>],
+        load: &[(u64, u64, u64)],
+        u: usize,
+        s: usize,
+    ) -> Option<usize> {
+        let unit = &self.units[u];
+        let name = unit.name.as_str();
+        for (ci, c) in self.constraints.iter().enumerate() {
+            let ok = match c {
+                Constraint::Capacity => {
+                    let cap = &self.sites[s].capacity;
+                    let (v, m, st) = load[s];
+                    cap.vcpus
+                        .is_none_or(|x| v + u64::from(unit.vcpus) <= u64::from(x))
+                        && cap.memory_mib.is_none_or(|x| m + unit.memory_mib <= x)
+                        && cap
+                            .storage_gib
+                            .is_none_or(|x| st + unit.storage_bytes <= x.saturating_mul(1 << 30))
+                }
+                Constraint::Spread { resources } if resources.contains(name) => self
+                    .units
+                    .iter()
+                    .enumerate()
+                    .all(|(o, ou)| o == u || !resources.contains(&ou.name) || a[o] != Some(s)),
+                Constraint::Gather { resources } if resources.contains(name) => {
+                    self.units.iter().enumerate().all(|(o, ou)| {
+                        o == u || !resources.contains(&ou.name) || a[o].is_none_or(|x| x == s)
+                    })
+                }
+                Constraint::Latency { resources, max_ms } if resources.contains(name) => {
+                    self.units.iter().enumerate().all(|(o, ou)| {
+                        o == u
+                            || !resources.contains(&ou.name)
+                            || a[o].is_none_or(|x| self.rtt[s][x] <= *max_ms)
+                    })
+                }
+                _ => true,
+            };
+            if !ok {
+                return Some(ci);
+            }
+        }
+        None
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::Invalid(vec![fluidcloud_plugins::Diagnostic::error(msg)])
+}
+
+/// Unary checks: the index of the constraint forbidding `u` on `s`, or the
+/// conversion chain needed there.
+fn unary(
+    u: &Unit,
+    s: &SiteInfo,
+    constraints: &[Constraint],
+    chains: &ChainFinder,
+) -> std::result::Result<Vec<ChainStep>, (usize, String)> {
+    let mut chain = Vec::new();
+    for (ci, c) in constraints.iter().enumerate() {
+        let fail = |why: String| Err((ci, why));
+        match c {
+            Constraint::Ban { resources, sites }
+                if resources.contains(&u.name) && sites.contains(&s.name) =>
+            {
+                return fail(format!("{} is banned from {}", u.name, s.name));
+            }
+            Constraint::Fence { resources, sites }
+                if resources.contains(&u.name) && !sites.contains(&s.name) =>
+            {
+                return fail(format!("{} is fenced to {}", u.name, sites.join(", ")));
+            }
+            Constraint::Jurisdiction { resources, regions }
+                if resources.contains(&u.name) && !regions.iter().any(|r| s.in_jurisdiction(r)) =>
+            {
+                return fail(format!(
+                    "{} is outside {}",
+                    s.jurisdiction,
+                    regions.join(", ")
+                ));
+            }
+            Constraint::Formats { resources }
+                if resources.contains(&u.name) && u.kind == UnitKind::Instance =>
+            {
+                if !s.capabilities.is_empty() && !s.capabilities.contains(&Capability::Compute) {
+                    return fail(format!(
+                        "{} cannot run instances (no compute capability)",
+                        s.name
+                    ));
+                }
+                if let Some(f) = u.image_format {
+                    let accepted: BTreeSet<ArtifactKind> = s
+                        .image_formats
+                        .iter()
+                        .map(|&format| ArtifactKind::DiskImage { format })
+                        .collect();
+                    match chains.find(ArtifactKind::DiskImage { format: f }, &accepted) {
+                        Some(c) => chain = c,
+                        None => {
+                            let acc: Vec<&str> =
+                                s.image_formats.iter().map(|f| f.as_str()).collect();
+                            return fail(format!(
+                                "no migrator chain turns {f} into a format {} accepts ({})",
+                                s.name,
+                                if acc.is_empty() {
+                                    "none declared".to_owned()
+                                } else {
+                                    acc.join(", ")
+                                }
+                            ));
+                        }
+                    }
+                }
+            }
+            Constraint::Capacity if !fits_alone(u, s) => {
+                return fail(format!(
+                    "{} alone exceeds the capacity of {}",
+                    u.name, s.name
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(chain)
+}
+
+struct Search<'m, 'a> {
+    m: &'m Model<'a>,
+    order: Vec<usize>,
+    /// Per unit, feasible sites sorted by score then name.
+    domains: Vec<Vec<usize>>,
+    /// Per position in `order`: sum of the best scores of the units after it.
+    rest_bound: Vec<f64>,
+    assign: Vec<Option<usize>>,
+    load: Vec<(u64, u64, u64)>,
+    best: Option<(f64, Vec<usize>)>,
+    explored: u64,
+    limit: u64,
+}
+
+impl Search<'_, '_> {
+    fn score(&self, u: usize, s: usize) -> f64 {
+        match &self.m.table[u][s] {
+            Ok((sc, _)) => sc.total,
+            Err(_) => f64::INFINITY,
+        }
+    }
+
+    fn place(&mut self, u: usize, s: usize, sign: i64) {
+        let unit = &self.m.units[u];
+        let l = &mut self.load[s];
+        if sign > 0 {
+            l.0 += u64::from(unit.vcpus);
+            l.1 += unit.memory_mib;
+            l.2 += unit.storage_bytes;
+            self.assign[u] = Some(s);
+        } else {
+            l.0 -= u64::from(unit.vcpus);
+            l.1 -= unit.memory_mib;
+            l.2 -= unit.storage_bytes;
+            self.assign[u] = None;
+        }
+    }
+
+    /// Depth-first branch and bound. Returns false when the node limit hit.
+    fn dfs(&mut self, depth: usize, so_far: f64) -> bool {
+        self.explored += 1;
+        if self.explored > self.limit {
+            return false;
+        }
+        if depth == self.order.len() {
+            let better = self.best.as_ref().is_none_or(|(b, _)| so_far < *b - 1e-9);
+            if better {
+                let sol = self
+                    .assign
+                    .iter()
+                    .map(|a| a.unwrap_or(usize::MAX))
+                    .collect();
+                self.best = Some((so_far, sol));
+            }
+            return true;
+        }
+        let u = self.order[depth];
+        for i in 0..self.domains[u].len() {
+            let s = self.domains[u][i];
+            let unary = so_far + self.score(u, s);
+            if let Some((b, _)) = &self.best {
+                if unary + self.rest_bound[depth] >= *b - 1e-9 {
+                    // Domains are sorted by unary score and link costs are
+                    // never negative: no later site can do better.
+                    break;
+                }
+            }
+            let total = unary + self.m.pair_cost(&self.assign, u, s);
+            if let Some((b, _)) = &self.best {
+                if total + self.rest_bound[depth] >= *b - 1e-9 {
+                    continue;
+                }
+            }
+            if self.m.violates(&self.assign, &self.load, u, s).is_some() {
+                continue;
+            }
+            self.place(u, s, 1);
+            let complete = self.dfs(depth + 1, total);
+            self.place(u, s, -1);
+            if !complete {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Greedy then single-unit moves; None when greedy dead-ends.
+    fn heuristic(&mut self) -> Option<(f64, Vec<usize>)> {
+        self.assign.iter_mut().for_each(|a| *a = None);
+        self.load.iter_mut().for_each(|l| *l = (0, 0, 0));
+        let cost =
+            |me: &Self, u: usize, s: usize| me.score(u, s) + me.m.pair_cost(&me.assign, u, s);
+        for &u in &self.order.clone() {
+            let s = self.domains[u]
+                .iter()
+                .copied()
+                .filter(|&s| self.m.violates(&self.assign, &self.load, u, s).is_none())
+                .min_by(|&a, &b| cost(self, u, a).total_cmp(&cost(self, u, b)))?;
+            self.place(u, s, 1);
+        }
+        loop {
+            let mut improved = false;
+            for &u in &self.order.clone() {
+                let Some(cur) = self.assign[u] else { continue };
+                self.place(u, cur, -1);
+                let cur_cost = cost(self, u, cur);
+                let better = self.domains[u]
+                    .iter()
+                    .copied()
+                    .filter(|&s| cost(self, u, s) < cur_cost - 1e-9)
+                    .filter(|&s| self.m.violates(&self.assign, &self.load, u, s).is_none())
+                    .min_by(|&a, &b| cost(self, u, a).total_cmp(&cost(self, u, b)));
+                let s = better.unwrap_or(cur);
+                self.place(u, s, 1);
+                improved |= s != cur;
+            }
+            if !improved {
+                break;
+            }
+        }
+        let sol: Vec<usize> = self
+            .assign
+            .iter()
+            .map(|a| a.unwrap_or(usize::MAX))
+            .collect();
+        Some((self.m.objective(&sol), sol))
+    }
+}
+
+/// Solves the model; `Ok(None)` when infeasible.
+fn solve_model(m: &Model<'_>, limit: u64) -> (Option<(f64, Vec<usize>)>, bool, u64) {
+    let n = m.units.len();
+    let mut domains: Vec<Vec<usize>> = (0..n)
+        .map(|u| {
+            let mut d: Vec<usize> = (0..m.sites.len())
+                .filter(|&s| m.table[u][s].is_ok())
+                .collect();
+            d.sort_by(|&a, &b| {
+                let (sa, sb) = (score_of(m, u, a), score_of(m, u, b));
+                sa.total_cmp(&sb)
+                    .then_with(|| m.sites[a].name.cmp(&m.sites[b].name))
+            });
+            d
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        domains[a]
+            .len()
+            .cmp(&domains[b].len())
+            .then(m.units[a].name.cmp(&m.units[b].name))
+    });
+    if order.iter().any(|&u| domains[u].is_empty()) {
+        return (None, true, 0);
+    }
+    let best_of =
+        |u: usize, d: &Vec<Vec<usize>>| d[u].first().map_or(f64::INFINITY, |&s| score_of(m, u, s));
+    let mut rest_bound = vec![0.0; n + 1];
+    for i in (0..n).rev() {
+        rest_bound[i] = rest_bound[i + 1] + best_of(order[i], &domains);
+    }
+    // rest_bound[d] must exclude the unit at depth d itself.
+    let rest_bound: Vec<f64> = (0..n).map(|i| rest_bound[i + 1]).collect();
+    let mut s = Search {
+        m,
+        order,
+        domains: std::mem::take(&mut domains),
+        rest_bound,
+        assign: vec![None; n],
+        load: vec![(0, 0, 0); m.sites.len()],
+        best: None,
+        explored: 0,
+        limit,
+    };
+    if s.dfs(0, 0.0) {
+        return (s.best.take(), true, s.explored);
+    }
+    let explored = s.explored;
+    let h = s.heuristic();
+    (h, false, explored)
+}
+
+fn score_of(m: &Model<'_>, u: usize, s: usize) -> f64 {
+    m.table[u][s]
+        .as_ref()
+        .map_or(f64::INFINITY, |(sc, _)| sc.total)
+}
+
+/// Finds the best placement of `units` on `sites` for `req`.
+///
+/// # Errors
+/// `Invalid` when the request names an unknown site or resource;
+/// `Infeasible` with a minimal conflicting constraint set when no placement
+/// satisfies every constraint.
+pub fn solve(
+    units: &[Unit],
+    sites: &[SiteInfo],
+    req: &Request,
+    migrators: &[MigratorDescriptor],
+) -> Result<Placement> {
+    check_names(units, sites, req)?;
+    let chains = ChainFinder::new(migrators);
+    let constraints = all_constraints(&req.constraints);
+    let model = Model::new(units, sites, req, constraints.clone(), &chains)?;
+    let (best, optimal, explored) = solve_model(&model, EXACT_LIMIT);
+    let Some((total, sol)) = best else {
+        return Err(Error::Infeasible {
+            conflict: minimal_conflict(units, sites, req, &chains, &constraints)?,
+        });
+    };
+    Ok(explain(&model, &sol, total, optimal, explored))
+}
+
+fn check_names(units: &[Unit], sites: &[SiteInfo], req: &Request) -> Result<()> {
+    let mut diags = Vec::new();
+    let unit_names: BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    let site_names: BTreeSet<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+    for (i, c) in req.constraints.iter().enumerate() {
+        if let Some(sel) = c.selector() {
+            for n in sel.names() {
+                if !unit_names.contains(n.as_str()) {
+                    diags.push(
+                        fluidcloud_plugins::Diagnostic::error(format!(
+                            "constraint `{c}` names `{n}`, which is not an instance or bucket of the service (known: {})",
+                            unit_names.iter().copied().collect::<Vec<_>>().join(", ")
+                        ))
+                        .at_key(format!("constraints[{i}]")),
+                    );
+                }
+            }
+        }
+        if let Constraint::Ban { sites: s, .. } | Constraint::Fence { sites: s, .. } = c {
+            for n in s {
+                if !site_names.contains(n.as_str()) {
+                    diags.push(
+                        fluidcloud_plugins::Diagnostic::error(format!(
+                            "constraint `{c}` names unknown site `{n}`"
+                        ))
+                        .at_key(format!("constraints[{i}]")),
+                    );
+                }
+            }
+        }
+    }
+    if diags.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(diags))
+    }
+}
+
+/// Deletion filter over the constraints (user and implicit).
+fn minimal_conflict(
+    units: &[Unit],
+    sites: &[SiteInfo],
+    req: &Request,
+    chains: &ChainFinder,
+    all: &[Constraint],
+) -> Result<Vec<Constraint>> {
+    let feasible = |set: &[Constraint]| -> Result<bool> {
+        let m = Model::new(units, sites, req, set.to_vec(), chains)?;
+        Ok(solve_model(&m, EXACT_LIMIT).0.is_some())
+    };
+    let mut kept: Vec<Constraint> = all.to_vec();
+    let mut i = 0;
+    while i < kept.len() {
+        let mut without = kept.clone();
+        without.remove(i);
+        if feasible(&without)? {
+            i += 1; // needed for the conflict
+        } else {
+            kept = without;
+        }
+    }
+    Ok(kept)
+}
+
+fn explain(m: &Model<'_>, sol: &[usize], total: f64, optimal: bool, explored: u64) -> Placement {
+    let mut load = vec![(0u64, 0u64, 0u64); m.sites.len()];
+    for (u, &s) in sol.iter().enumerate() {
+        let unit = &m.units[u];
+        load[s].0 += u64::from(unit.vcpus);
+        load[s].1 += unit.memory_mib;
+        load[s].2 += unit.storage_bytes;
+    }
+    let assign: Vec<Option<usize>> = sol.iter().map(|&s| Some(s)).collect();
+    // A unit's score includes the round trips to its peers where they are.
+    let with_peers = |u: usize, s: usize, sc: &Score| {
+        let mut sc = *sc;
+        sc.peers_ms = m.peers_ms(&assign, u, s);
+        sc.total += m.weights.latency * sc.peers_ms;
+        sc
+    };
+    let mut assignments = Vec::new();
+    for (u, &s) in sol.iter().enumerate() {
+        let unit = &m.units[u];
+        let (score, chain) = match &m.table[u][s] {
+            Ok((sc, ch)) => (with_peers(u, s, sc), ch.clone()),
+            Err(_) => (Score::default(), Vec::new()),
+        };
+        let mut alternatives = Vec::new();
+        for (o, site) in m.sites.iter().enumerate() {
+            if o == s {
+                continue;
+            }
+            match &m.table[u][o] {
+                Err((ci, why)) => alternatives.push(Alternative::Rejected {
+                    site: site.name.clone(),
+                    constraint: m.constraints[*ci].to_string(),
+                    reason: why.clone(),
+                }),
+                Ok((alt, _)) => {
+                    // Would moving just this unit there break a constraint?
+                    let mut others = assign.clone();
+                    others[u] = None;
+                    let mut l = load.clone();
+                    l[s].0 -= u64::from(unit.vcpus);
+                    l[s].1 -= unit.memory_mib;
+                    l[s].2 -= unit.storage_bytes;
+                    if let Some(ci) = m.violates(&others, &l, u, o) {
+                        alternatives.push(Alternative::Rejected {
+                            site: site.name.clone(),
+                            constraint: m.constraints[ci].to_string(),
+                            reason: format!(
+                                "given where the other units go, {} on {} breaks it",
+                                unit.name, site.name
+                            ),
+                        });
+                    } else {
+                        let alt = with_peers(u, o, alt);
+                        let w = m.weights;
+                        let (chosen, other) = (score.parts(&w), alt.parts(&w));
+                        let mainly = chosen
+                            .iter()
+                            .zip(other.iter())
+                            .max_by(|a, b| (a.1.1 - a.0.1).total_cmp(&(b.1.1 - b.0.1)))
+                            .map(|(c, _)| c.0)
+                            .unwrap_or("total");
+                        alternatives.push(Alternative::Worse {
+                            site: site.name.clone(),
+                            score: alt,
+                            delta: alt.total - score.total,
+                            mainly: mainly.to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+        alternatives.sort_by(|a, b| match (a, b) {
+            (
+                Alternative::Worse {
+                    delta: x, site: sa, ..
+                },
+                Alternative::Worse {
+                    delta: y, site: sb, ..
+                },
+            ) => x.total_cmp(y).then(sa.cmp(sb)),
+            (Alternative::Worse { .. }, _) => std::cmp::Ordering::Less,
+            (_, Alternative::Worse { .. }) => std::cmp::Ordering::Greater,
+            (Alternative::Rejected { site: sa, .. }, Alternative::Rejected { site: sb, .. }) => {
+                sa.cmp(sb)
+            }
+        });
+        assignments.push(Assignment {
+            unit: unit.clone(),
+            site: m.sites[s].name.clone(),
+            score,
+            chain,
+            alternatives,
+        });
+    }
+    Placement {
+        assignments,
+        total,
+        optimal,
+        explored,
+    }
+}
+
+/// The units of `t` that [`solve`] places, by resource id.
+pub fn unit_of(units: &[Unit]) -> BTreeMap<ResourceId, String> {
+    units
+        .iter()
+        .flat_map(|u| u.members.iter().map(move |m| (m.clone(), u.name.clone())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fluidcloud_plugins::{Capacity, Cost};
+    use proptest::prelude::*;
+
+    fn site(
+        name: &str,
+        lat: f64,
+        lon: f64,
+        jur: &str,
+        vcpu_hour: f64,
+        formats: &[ImageFormat],
+        vcpus: Option<u32>,
+    ) -> SiteInfo {
+        SiteInfo {
+            name: name.into(),
+            kind: "local".into(),
+            location: Location {
+                region: name.into(),
+                latitude: lat,
+                longitude: lon,
+            },
+            jurisdiction: jur.into(),
+            cost: Cost {
+                vcpu_hour,
+                egress_gib: 0.01,
+                ..Cost::default()
+            },
+            capacity: Capacity {
+                vcpus,
+                memory_mib: None,
+                storage_gib: None,
+            },
+            image_formats: formats.iter().copied().collect(),
+            capabilities: Capability::ALL.into_iter().collect(),
+        }
+    }
+
+    fn unit(name: &str, vcpus: u32, format: Option<ImageFormat>) -> Unit {
+        Unit {
+            name: name.into(),
+            kind: if format.is_some() {
+                UnitKind::Instance
+            } else {
+                UnitKind::Bucket
+            },
+            vcpus,
+            memory_mib: 1024,
+            storage_bytes: 1 << 30,
+            move_bytes: 1 << 28,
+            image_format: format,
+            members: vec![],
+            peers: vec![],
+        }
+    }
+
+    use ImageFormat::{Qcow2, Raw};
+
+    fn world() -> Vec<SiteInfo> {
+        vec![
+            site("src", 48.85, 2.35, "EU/FR", 0.03, &[Qcow2, Raw], None),
+            site("near", 48.11, -1.68, "EU/FR", 0.05, &[Raw], Some(4)),
+            site("cheap", 38.9, -77.3, "US/VA", 0.01, &[Raw, Qcow2], None),
+            site("mid", 50.1, 8.7, "EU/DE", 0.02, &[Qcow2], Some(8)),
+        ]
+    }
+
+    fn convert() -> Vec<MigratorDescriptor> {
+        vec![MigratorDescriptor {
+            name: "image-convert".into(),
+            version: "0.1.0".into(),
+            summary: String::new(),
+            consumes: vec![ArtifactKind::DiskImage { format: Qcow2 }],
+            produces: vec![ArtifactKind::DiskImage { format: Raw }],
+        }]
+    }
+
+    fn req(constraints: &[&str]) -> Request {
+        let mut r = Request::new("src");
+        r.constraints = constraints.iter().map(|c| c.parse().unwrap()).collect();
+        r
+    }
+
+    fn site_of<'p>(p: &'p Placement, unit: &str) -> &'p str {
+        &p.assignments
+            .iter()
+            .find(|a| a.unit.name == unit)
+            .unwrap()
+            .site
+    }
+
+    #[test]
+    fn picks_the_best_score_and_explains_every_other_site() {
+        let units = [unit("web", 2, Some(Qcow2))];
+        let p = solve(&units, &world(), &req(&[]), &convert()).unwrap();
+        assert!(p.optimal);
+        let a = &p.assignments[0];
+        assert_eq!(a.site, "mid", "{p:#?}");
+        assert_eq!(
+            a.alternatives.len(),
+            2,
+            "source excluded, the two others explained"
+        );
+        for alt in &a.alternatives {
+            if let Alternative::Worse { delta, .. } = alt {
+                assert!(*delta > 0.0);
+            }
+        }
+        let near = a
+            .alternatives
+            .iter()
+            .find(|x| matches!(x, Alternative::Worse { site, .. } if site == "near"));
+        assert!(
+            near.is_some(),
+            "near is allowed through the qcow2->raw chain: {a:#?}"
+        );
+    }
+
+    #[test]
+    fn unary_constraints_reject_with_their_names() {
+        let units = [unit("web", 2, Some(Qcow2))];
+        let p = solve(
+            &units,
+            &world(),
+            &req(&["ban(web; mid)", "jurisdiction(*; EU)"]),
+            &convert(),
+        )
+        .unwrap();
+        let a = &p.assignments[0];
+        assert_eq!(a.site, "near");
+        assert_eq!(a.chain.len(), 1, "qcow2 must be converted to raw for near");
+        let rej: BTreeMap<&str, &str> = a
+            .alternatives
+            .iter()
+            .filter_map(|x| match x {
+                Alternative::Rejected {
+                    site, constraint, ..
+                } => Some((site.as_str(), constraint.as_str())),
+                Alternative::Worse { .. } => None,
+            })
+            .collect();
+        assert_eq!(rej.get("mid"), Some(&"ban(web; mid)"));
+        assert_eq!(rej.get("cheap"), Some(&"jurisdiction(*; EU)"));
+        // Without the converter, near cannot take a qcow2 image.
+        let p = solve(&units, &world(), &req(&["ban(web; mid)"]), &[]).unwrap();
+        let a = &p.assignments[0];
+        assert_eq!(a.site, "cheap");
+        assert!(a.alternatives.iter().any(|x| matches!(x, Alternative::Rejected { site, constraint, .. } if site == "near" && constraint == "formats(*)")));
+    }
+
+    #[test]
+    fn spread_gather_latency_and_capacity_shape_the_placement() {
+        let units = [unit("a", 2, Some(Raw)), unit("b", 2, Some(Raw))];
+        let p = solve(&units, &world(), &req(&["spread(a,b)"]), &[]).unwrap();
+        assert_ne!(site_of(&p, "a"), site_of(&p, "b"));
+        let p = solve(&units, &world(), &req(&["gather(a,b)"]), &[]).unwrap();
+        assert_eq!(site_of(&p, "a"), site_of(&p, "b"));
+        // Raw images fit only near and cheap, an ocean apart: no spread within 20 ms.
+        let err = solve(
+            &units,
+            &world(),
+            &req(&["spread(a,b)", "latency(a,b; 20)"]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spread(a,b), latency(a,b; 20), formats(*)"),
+            "{err}"
+        );
+        // qcow2 images fit mid, and near through the converter: Rennes-Frankfurt is ~13 ms.
+        let units = [unit("a", 2, Some(Qcow2)), unit("b", 2, Some(Qcow2))];
+        let p = solve(
+            &units,
+            &world(),
+            &req(&["spread(a,b)", "latency(a,b; 20)"]),
+            &convert(),
+        )
+        .unwrap();
+        let (sa, sb) = (site_of(&p, "a"), site_of(&p, "b"));
+        assert!(
+            sa != "cheap" && sb != "cheap",
+            "transatlantic RTT exceeds 20 ms: {sa} {sb}"
+        );
+        let explained = &p.assignments[0].alternatives;
+        assert!(explained.iter().any(|x| matches!(x, Alternative::Rejected { constraint, .. } if constraint.starts_with("spread") || constraint.starts_with("latency"))), "{explained:#?}");
+    }
+
+    #[test]
+    fn infeasible_problems_name_a_minimal_conflict() {
+        let units = [unit("web", 2, Some(Qcow2)), unit("db", 2, Some(Qcow2))];
+        let err = solve(
+            &units,
+            &world(),
+            &req(&["fence(web; near)", "ban(web; near)", "spread(web,db)"]),
+            &convert(),
+        )
+        .unwrap_err();
+        let Error::Infeasible { conflict } = err else {
+            panic!("{err}")
+        };
+        let names: Vec<String> = conflict.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["fence(web; near)", "ban(web; near)"]);
+
+        // Two small units fenced to one site cannot be spread.
+        let units = [unit("a", 1, Some(Raw)), unit("b", 1, Some(Raw))];
+        let err = solve(
+            &units,
+            &world(),
+            &req(&["fence(a,b; near)", "spread(*)"]),
+            &[],
+        )
+        .unwrap_err();
+        let Error::Infeasible { conflict } = err else {
+            panic!("{err}")
+        };
+        let names: Vec<String> = conflict.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["fence(a,b; near)", "spread(*)"]);
+        // Capacity: near holds 4 vCPUs; two 3-vCPU units fenced there do not fit.
+        let units = [unit("a", 3, Some(Raw)), unit("b", 3, Some(Raw))];
+        let err = solve(
+            &units,
+            &world(),
+            &req(&["fence(a,b; near)", "spread(*)"]),
+            &[],
+        )
+        .unwrap_err();
+        let Error::Infeasible { conflict } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(
+            conflict.len(),
+            2,
+            "either minimal set is right: {conflict:?}"
+        );
+        let err = solve(&units, &world(), &req(&["fence(a,b; near)"]), &[]).unwrap_err();
+        let Error::Infeasible { conflict } = err else {
+            panic!("{err}")
+        };
+        let names: Vec<String> = conflict.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["fence(a,b; near)", "capacity"]);
+        assert!(
+            Error::Infeasible { conflict }
+                .to_string()
+                .contains("these conflict: fence(a,b; near), capacity")
+        );
+    }
+
+    #[test]
+    fn unknown_names_in_constraints_are_invalid() {
+        let units = [unit("web", 2, Some(Raw))];
+        let err = solve(&units, &world(), &req(&["ban(wbe; near)"]), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("`wbe`") && err.to_string().contains("known: web"),
+            "{err}"
+        );
+        let err = solve(&units, &world(), &req(&["fence(web; narnia)"]), &[]).unwrap_err();
+        assert!(err.to_string().contains("unknown site `narnia`"), "{err}");
+        let err = solve(&units, &world(), &Request::new("nowhere"), &[]).unwrap_err();
+        assert!(err.to_string().contains("nowhere"), "{err}");
+    }
+
+    /// An independent statement of every constraint, for the property tests.
+    fn satisfied(
+        units: &[Unit],
+        sites: &[SiteInfo],
+        cons: &[Constraint],
+        sol: &[usize],
+        chains: &ChainFinder,
+    ) -> bool {
+        let rtt = |a: usize, b: usize| rtt_ms(&sites[a].location, &sites[b].location);
+        let members = |sel: &Selector| -> Vec<usize> {
+            (0..units.len())
+                .filter(|&u| sel.contains(&units[u].name))
+                .collect()
+        };
+        for c in all_constraints(cons) {
+            let ok = match &c {
+                Constraint::Ban {
+                    resources,
+                    sites: s,
+                } => members(resources)
+                    .iter()
+                    .all(|&u| !s.contains(&sites[sol[u]].name)),
+                Constraint::Fence {
+                    resources,
+                    sites: s,
+                } => members(resources)
+                    .iter()
+                    .all(|&u| s.contains(&sites[sol[u]].name)),
+                Constraint::Jurisdiction { resources, regions } => members(resources)
+                    .iter()
+                    .all(|&u| regions.iter().any(|r| sites[sol[u]].in_jurisdiction(r))),
+                Constraint::Spread { resources } => {
+                    let m = members(resources);
+                    m.iter()
+                        .all(|&a| m.iter().all(|&b| a == b || sol[a] != sol[b]))
+                }
+                Constraint::Gather { resources } => {
+                    let m = members(resources);
+                    m.iter().all(|&a| sol[a] == sol[m[0]])
+                }
+                Constraint::Latency { resources, max_ms } => {
+                    let m = members(resources);
+                    m.iter()
+                        .all(|&a| m.iter().all(|&b| rtt(sol[a], sol[b]) <= *max_ms))
+                }
+                Constraint::Capacity => (0..sites.len()).all(|s| {
+                    let v: u64 = (0..units.len())
+                        .filter(|&u| sol[u] == s)
+                        .map(|u| u64::from(units[u].vcpus))
+                        .sum();
+                    sites[s].capacity.vcpus.is_none_or(|c| v <= u64::from(c))
+                }),
+                Constraint::Formats { .. } => {
+                    (0..units.len()).all(|u| match units[u].image_format {
+                        None => true,
+                        Some(f) => {
+                            let acc = sites[sol[u]]
+                                .image_formats
+                                .iter()
+                                .map(|&format| ArtifactKind::DiskImage { format })
+                                .collect();
+                            chains
+                                .find(ArtifactKind::DiskImage { format: f }, &acc)
+                                .is_some()
+                        }
+                    })
+                }
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn arb_problem() -> impl Strategy<Value = (Vec<Unit>, Vec<SiteInfo>, Vec<String>)> {
+        let units = prop::collection::vec((1u32..5, prop::bool::ANY, prop::bool::ANY), 1..5)
+            .prop_map(|v| {
+                let n = v.len();
+                let mut units: Vec<Unit> = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (vcpus, qcow, _))| {
+                        unit(
+                            &format!("u{i}"),
+                            *vcpus,
+                            Some(if *qcow { Qcow2 } else { Raw }),
+                        )
+                    })
+                    .collect();
+                // Link each unit to the next one when its flag says so.
+                for (i, (_, _, linked)) in v.iter().enumerate() {
+                    if *linked && i + 1 < n {
+                        units[i].peers.push(format!("u{}", i + 1));
+                        units[i + 1].peers.push(format!("u{i}"));
+                    }
+                }
+                units
+            });
+        let sites = prop::collection::vec(
+            (
+                -60.0f64..60.0,
+                -120.0f64..120.0,
+                0.005f64..0.06,
+                prop::option::of(2u32..10),
+                prop::bool::ANY,
+                0usize..3,
+            ),
+            2..5,
+        )
+        .prop_map(|v| {
+            let mut s: Vec<SiteInfo> = v
+                .into_iter()
+                .enumerate()
+                .map(|(i, (lat, lon, price, cap, qcow, j))| {
+                    let formats: &[ImageFormat] = if qcow { &[Qcow2, Raw] } else { &[Raw] };
+                    site(
+                        &format!("s{i}"),
+                        lat,
+                        lon,
+                        ["EU/FR", "EU/DE", "US/VA"][j],
+                        price,
+                        formats,
+                        cap,
+                    )
+                })
+                .collect();
+            s.insert(
+                0,
+                site("src", 48.85, 2.35, "EU/FR", 0.03, &[Qcow2, Raw], None),
+            );
+            s
+        });
+        let cons = prop::collection::vec(
+            prop::sample::select(vec![
+                "ban(u0; s0)",
+                "fence(u1; s1,s2)",
+                "spread(u0,u1)",
+                "gather(u1,u2)",
+                "latency(u0,u2; 40)",
+                "jurisdiction(*; EU)",
+                "spread(*)",
+                "ban(u2,u3; s1)",
+            ]),
+            0..4,
+        );
+        (units, sites, cons).prop_map(|(u, s, c)| {
+            let n = u.len();
+            // Keep only constraints whose resources exist.
+            let c = c
+                .into_iter()
+                .filter(|c| {
+                    (0..6)
+                        .filter(|i| c.contains(&format!("u{i}")))
+                        .all(|i| i < n)
+                })
+                .filter(|c| {
+                    (0..6)
+                        .filter(|i| c.contains(&format!("s{i}")))
+                        .all(|i| i + 1 < s.len())
+                })
+                .map(str::to_owned)
+                .collect();
+            (u, s, c)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn solver_matches_brute_force_and_respects_every_constraint((units, sites, cons) in arb_problem()) {
+            let mut r = Request::new("src");
+            r.constraints = cons.iter().map(|c| c.parse().unwrap()).collect();
+            let migrators = convert();
+            let chains = ChainFinder::new(&migrators);
+            let candidates: Vec<usize> = (1..sites.len()).collect();
+            let model = Model::new(&units, &sites, &r, all_constraints(&r.constraints), &chains).unwrap();
+            // Brute force over every assignment.
+            let mut best: Option<f64> = None;
+            let n = units.len();
+            let mut idx = vec![0usize; n];
+            loop {
+                let sol: Vec<usize> = idx.iter().map(|&i| candidates[i]).collect();
+                if satisfied(&units, &sites, &r.constraints, &sol, &chains) {
+                    let idx0: Vec<usize> = sol.iter().map(|&s| s - 1).collect();
+                    let unary: f64 = (0..n).map(|u| score_of(&model, u, idx0[u])).sum();
+                    let mut pairs = 0.0;
+                    for a in 0..n {
+                        for b in a + 1..n {
+                            if units[a].peers.contains(&units[b].name) {
+                                pairs += rtt_ms(&sites[sol[a]].location, &sites[sol[b]].location);
+                            }
+                        }
+                    }
+                    let total = unary + pairs;
+                    best = Some(best.map_or(total, |b: f64| b.min(total)));
+                }
+                let mut k = 0;
+                while k < n { idx[k] += 1; if idx[k] < candidates.len() { break; } idx[k] = 0; k += 1; }
+                if k == n { break; }
+            }
+            match (solve(&units, &sites, &r, &migrators), best) {
+                (Ok(p), Some(b)) => {
+                    prop_assert!(p.optimal);
+                    prop_assert!((p.total - b).abs() < 1e-6, "solver {} vs brute force {}", p.total, b);
+                    let sol: Vec<usize> = p.assignments.iter().map(|a| sites.iter().position(|s| s.name == a.site).unwrap()).collect();
+                    prop_assert!(satisfied(&units, &sites, &r.constraints, &sol, &chains));
+                    for a in &p.assignments {
+                        prop_assert_eq!(a.alternatives.len(), sites.len() - 2);
+                        for alt in &a.alternatives {
+                            if let Alternative::Worse { delta, .. } = alt {
+                                prop_assert!(*delta >= -1e-9, "an optimal placement has no better single move");
+                            }
+                        }
+                    }
+                }
+                (Err(Error::Infeasible { conflict }), None) => {
+                    // The conflict alone is infeasible, and removing any one of its
+                    // constraints makes it feasible.
+                    let m = Model::new(&units, &sites, &r, conflict.clone(), &chains).unwrap();
+                    prop_assert!(solve_model(&m, EXACT_LIMIT).0.is_none());
+                    for i in 0..conflict.len() {
+                        let mut less = conflict.clone();
+                        less.remove(i);
+                        let m = Model::new(&units, &sites, &r, less, &chains).unwrap();
+                        prop_assert!(solve_model(&m, EXACT_LIMIT).0.is_some(), "not minimal: {:?}", conflict);
+                    }
+                }
+                (got, want) => prop_assert!(false, "solver {:?} but brute force {:?}", got.map(|p| p.total), want),
+            }
+        }
+
+        #[test]
+        fn the_heuristic_respects_constraints_when_it_finds_a_placement((units, sites, cons) in arb_problem()) {
+            let mut r = Request::new("src");
+            r.constraints = cons.iter().map(|c| c.parse().unwrap()).collect();
+            let migrators = convert();
+            let chains = ChainFinder::new(&migrators);
+            let model = Model::new(&units, &sites, &r, all_constraints(&r.constraints), &chains).unwrap();
+            // A node limit of 1 forces the heuristic.
+            let (found, optimal, _) = solve_model(&model, 1);
+            if let Some((_, sol)) = found {
+                prop_assert!(!optimal);
+                let sol: Vec<usize> = sol.iter().map(|&s| s + 1).collect();
+                prop_assert!(satisfied(&units, &sites, &r.constraints, &sol, &chains));
+            }
+        }
+    }
+}

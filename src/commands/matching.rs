@@ -1,0 +1,225 @@
+//! `fluidcloud match`: where should a service go, and why.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use fluidcloud_broker::placement::{Alternative, UserLocation, Weights};
+use fluidcloud_broker::{Constraint, Request};
+use fluidcloud_conduit::{ServiceManifest, drivers, introspect};
+use fluidcloud_plugins::{ArtifactKind, ImageFormat, MigratorDescriptor, SiteInfo};
+
+use super::{print_json, sites_file};
+use crate::Globals;
+use crate::output::bytes;
+
+#[derive(Debug, Args)]
+pub(crate) struct MatchArgs {
+    /// The site the service runs on now.
+    #[arg(long = "from", value_name = "SITE")]
+    from: String,
+    /// The service to place.
+    #[arg(long)]
+    service: String,
+    /// A placement constraint, e.g. `ban(db; cloud-virginia)`,
+    /// `jurisdiction(*; EU)`, `latency(web,db; 10)`. Repeatable.
+    #[arg(long = "constraint", short = 'c', value_name = "CONSTRAINT")]
+    constraints: Vec<String>,
+    /// Where users are: `LAT,LON` or `LAT,LON,WEIGHT`. Repeatable.
+    /// Default: where the service runs now.
+    #[arg(long = "user", value_name = "LAT,LON[,W]")]
+    users: Vec<String>,
+    /// Objective weights, e.g. `latency=2,cost=1,time=0.5,carbon=1`.
+    #[arg(long, value_name = "NAME=W,...")]
+    weights: Option<String>,
+    /// Link bandwidth between sites in Mbit/s (for relocation time).
+    #[arg(long, default_value_t = 1000.0)]
+    bandwidth_mbps: f64,
+    /// Let resources stay on the source site.
+    #[arg(long)]
+    include_source: bool,
+    /// Declared service manifest to merge (default: the site's services/NAME.toml).
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+}
+
+fn parse_user(s: &str) -> Result<UserLocation> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let num = |i: usize, what: &str| -> Result<f64> {
+        parts[i]
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .with_context(|| format!("--user `{s}`: {what} `{}` is not a number", parts[i]))
+    };
+    if !(2..=3).contains(&parts.len()) {
+        bail!("--user `{s}`: expected LAT,LON or LAT,LON,WEIGHT");
+    }
+    let (latitude, longitude) = (num(0, "latitude")?, num(1, "longitude")?);
+    if !(-90.0..=90.0).contains(&latitude) || !(-180.0..=180.0).contains(&longitude) {
+        bail!("--user `{s}`: latitude must be within -90..90 and longitude within -180..180");
+    }
+    let weight = if parts.len() == 3 {
+        num(2, "weight")?
+    } else {
+        1.0
+    };
+    if weight <= 0.0 {
+        bail!("--user `{s}`: the weight must be positive");
+    }
+    Ok(UserLocation {
+        latitude,
+        longitude,
+        weight,
+    })
+}
+
+fn parse_weights(s: &str) -> Result<Weights> {
+    let mut w = Weights::default();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--weights: `{pair}` is not NAME=WEIGHT"))?;
+        let v: f64 = v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+            .with_context(|| format!("--weights: `{pair}` needs a non-negative number"))?;
+        match k.trim() {
+            "latency" => w.latency = v,
+            "cost" => w.cost = v,
+            "time" => w.time = v,
+            "carbon" => w.carbon = v,
+            other => bail!("--weights: unknown objective `{other}` (latency, cost, time, carbon)"),
+        }
+    }
+    Ok(w)
+}
+
+/// Migrators the broker may chain for disk images.
+pub(crate) fn migrators() -> Vec<MigratorDescriptor> {
+    let img = |format| ArtifactKind::DiskImage { format };
+    vec![MigratorDescriptor {
+        name: "image-convert".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        summary: "converts disk images between container formats".into(),
+        consumes: vec![img(ImageFormat::Qcow2), img(ImageFormat::Raw)],
+        produces: vec![img(ImageFormat::Qcow2), img(ImageFormat::Raw)],
+    }]
+}
+
+pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let source_cfg = file.site(&a.from)?;
+    let mut request = Request::new(&a.from);
+    for c in &a.constraints {
+        let c: Constraint = c
+            .parse()
+            .map_err(|d| fluidcloud_broker::Error::Invalid(vec![d]))?;
+        request.constraints.push(c);
+    }
+    request.users = a
+        .users
+        .iter()
+        .map(|u| parse_user(u))
+        .collect::<Result<_>>()?;
+    if let Some(w) = &a.weights {
+        request.weights = parse_weights(w)?;
+    }
+    if !(a.bandwidth_mbps.is_finite() && a.bandwidth_mbps > 0.0) {
+        bail!("--bandwidth-mbps must be positive");
+    }
+    request.bandwidth_mbps = a.bandwidth_mbps;
+    request.include_source = a.include_source;
+
+    let driver = drivers::open(&a.from, source_cfg)?;
+    let manifest = match &a.manifest {
+        Some(p) => Some((p.clone(), ServiceManifest::load(p)?.1)),
+        None => None,
+    };
+    let found = introspect(driver.as_ref(), source_cfg, Some(&a.service), manifest).await?;
+    let mut sites: Vec<SiteInfo> = Vec::new();
+    for (name, cfg) in &file.sites {
+        let d = drivers::open(name, cfg)?;
+        // A site that does not answer cannot take the service.
+        let caps = match d.check().await {
+            Ok(()) => d.capabilities(),
+            Err(_) => Default::default(),
+        };
+        sites.push(cfg.info(name, caps));
+    }
+    let units = fluidcloud_broker::units(&found.topology);
+    let placement = fluidcloud_broker::solve(&units, &sites, &request, &migrators())?;
+    if g.json {
+        return print_json(&placement);
+    }
+    let currency = source_cfg.cost.currency.clone();
+    println!(
+        "placement of {} from {} ({}, {} search nodes)\n",
+        a.service,
+        a.from,
+        if placement.optimal {
+            "optimal"
+        } else {
+            "heuristic"
+        },
+        placement.explored
+    );
+    for asg in &placement.assignments {
+        let s = &asg.score;
+        let kind = match asg.unit.kind {
+            fluidcloud_broker::placement::UnitKind::Instance => "instance",
+            fluidcloud_broker::placement::UnitKind::Bucket => "bucket",
+        };
+        println!(
+            "{kind} {} -> {}   score {:.1}",
+            asg.unit.name, asg.site, s.total
+        );
+        println!(
+            "  {:.1} ms to users, {:.1} ms to its peers ({}), {:.2} {currency}/month, egress {:.2} {currency}, {} to move ({:.0} s)",
+            s.latency_ms,
+            s.peers_ms,
+            if asg.unit.peers.is_empty() {
+                "none".to_owned()
+            } else {
+                asg.unit.peers.join(", ")
+            },
+            s.cost_month,
+            s.egress,
+            bytes(asg.unit.move_bytes),
+            s.time_s
+        );
+        for step in &asg.chain {
+            println!(
+                "  convert {} -> {} with {}",
+                step.from, step.to, step.migrator
+            );
+        }
+        for alt in &asg.alternatives {
+            match alt {
+                Alternative::Worse {
+                    site,
+                    delta,
+                    mainly,
+                    ..
+                } => {
+                    println!("    {site:<16} +{delta:.1}, mainly {mainly}");
+                }
+                Alternative::Rejected {
+                    site,
+                    constraint,
+                    reason,
+                } => {
+                    println!("    {site:<16} rejected by {constraint}: {reason}");
+                }
+            }
+        }
+        println!();
+    }
+    println!(
+        "total score {:.1} (lower is better; see docs/broker.md)",
+        placement.total
+    );
+    Ok(())
+}

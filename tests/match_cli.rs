@@ -1,0 +1,229 @@
+//! `fluidcloud match` on the demo environment, through the real binary.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn matched(extra: &[&str]) -> Value {
+    let cfg = demo_config();
+    let mut args = vec![
+        "--config",
+        cfg.as_str(),
+        "--json",
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ok(&run(&args))).unwrap()
+}
+
+fn site_of<'a>(p: &'a Value, unit: &str) -> &'a str {
+    p["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["unit"]["name"] == unit)
+        .unwrap()["site"]
+        .as_str()
+        .unwrap()
+}
+
+fn alternative<'a>(p: &'a Value, unit: &str, site: &str) -> &'a Value {
+    let a = p["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["unit"]["name"] == unit)
+        .unwrap();
+    a["alternatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["site"] == site)
+        .unwrap()
+}
+
+#[test]
+fn every_unit_is_placed_with_every_other_site_explained() {
+    let p = matched(&[]);
+    assert_eq!(p["optimal"], true);
+    let names: Vec<&str> = p["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["unit"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["app", "db", "web", "shop-media"]);
+    for a in p["assignments"].as_array().unwrap() {
+        // Five sites: the source is not a candidate, the chosen one is not an alternative.
+        assert_eq!(a["alternatives"].as_array().unwrap().len(), 3, "{a}");
+        assert_ne!(a["site"], "dc-paris");
+    }
+    // The cheap, close EU region wins, and the bucket follows its readers.
+    for u in ["app", "db", "web", "shop-media"] {
+        assert_eq!(site_of(&p, u), "cloud-frankfurt", "{u}");
+    }
+    let db = p["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["unit"]["name"] == "db")
+        .unwrap();
+    assert_eq!(
+        db["unit"]["peers"],
+        serde_json::json!(["app", "shop-media"])
+    );
+    assert_eq!(
+        db["chain"][0]["migrator"], "image-convert",
+        "frankfurt takes vmdk or raw, not qcow2"
+    );
+    assert_eq!(db["chain"][0]["to"]["format"], "raw");
+}
+
+#[test]
+fn constraints_move_units_and_are_named_in_the_explanations() {
+    let p = matched(&["-c", "ban(*; cloud-frankfurt)", "-c", "jurisdiction(*; EU)"]);
+    for u in ["app", "db", "web", "shop-media"] {
+        assert!(
+            site_of(&p, u).starts_with("edge-"),
+            "{u} -> {}",
+            site_of(&p, u)
+        );
+    }
+    let fra = alternative(&p, "db", "cloud-frankfurt");
+    assert_eq!(fra["verdict"], "rejected");
+    assert_eq!(fra["constraint"], "ban(*; cloud-frankfurt)");
+    let us = alternative(&p, "db", "cloud-virginia");
+    assert_eq!(us["constraint"], "jurisdiction(*; EU)");
+    assert!(
+        us["reason"]
+            .as_str()
+            .unwrap()
+            .contains("US/VA is outside EU"),
+        "{us}"
+    );
+
+    let p = matched(&[
+        "-c",
+        "spread(web,db)",
+        "-c",
+        "fence(web,db; edge-rennes,edge-nantes)",
+    ]);
+    assert_ne!(site_of(&p, "web"), site_of(&p, "db"));
+
+    // Users in Brittany and a high latency weight pull the service to the edge.
+    let p = matched(&["--user", "48.11,-1.68", "--weights", "latency=20"]);
+    assert_eq!(site_of(&p, "web"), "edge-rennes");
+}
+
+#[test]
+fn text_output_reads_as_an_explanation() {
+    let cfg = demo_config();
+    let out = ok(&run(&[
+        "--config",
+        &cfg,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+        "-c",
+        "jurisdiction(*; EU)",
+    ]));
+    assert!(
+        out.starts_with("placement of shop from dc-paris (optimal, "),
+        "{out}"
+    );
+    assert!(
+        out.contains("instance db -> cloud-frankfurt   score "),
+        "{out}"
+    );
+    assert!(
+        out.contains("convert disk-image(qcow2) -> disk-image(raw) with image-convert"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cloud-virginia   rejected by jurisdiction(*; EU): US/VA is outside EU"),
+        "{out}"
+    );
+    assert!(out.contains(", mainly cost"), "{out}");
+}
+
+#[test]
+fn unsatisfiable_constraints_name_the_conflict() {
+    let cfg = demo_config();
+    let out = run(&[
+        "--config",
+        &cfg,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+        "-c",
+        "fence(db; edge-rennes)",
+        "-c",
+        "jurisdiction(*; EU/DE)",
+        "-c",
+        "ban(web; cloud-virginia)",
+    ]);
+    let err = fails(&out, 9);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("these conflict: fence(db; edge-rennes), jurisdiction(*; EU/DE)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("ban(web"),
+        "the ban is satisfiable and not part of the conflict: {err}"
+    );
+}
+
+#[test]
+fn bad_constraints_and_options_are_reported_clearly() {
+    let cfg = demo_config();
+    let base = [
+        "--config",
+        cfg.as_str(),
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let err = fails(&with(&["-c", "ban(db)"]), 3);
+    assert!(err.contains("constraint `ban(db)`: ban takes 2"), "{err}");
+    let err = fails(&with(&["-c", "ban(dbb; edge-rennes)"]), 3);
+    assert!(
+        err.contains("`dbb`") && err.contains("known: app, db, shop-media, web"),
+        "{err}"
+    );
+    let err = fails(&with(&["-c", "fence(db; atlantis)"]), 3);
+    assert!(err.contains("unknown site `atlantis`"), "{err}");
+    let err = fails(&with(&["--user", "95,2"]), 1);
+    assert!(err.contains("latitude must be within"), "{err}");
+    let err = fails(&with(&["--weights", "speed=2"]), 1);
+    assert!(err.contains("unknown objective `speed`"), "{err}");
+    let err = fails(
+        &run(&[
+            "--config",
+            &cfg,
+            "match",
+            "--from",
+            "nowhere",
+            "--service",
+            "shop",
+        ]),
+        4,
+    );
+    assert!(err.contains("unknown site `nowhere`"), "{err}");
+}
