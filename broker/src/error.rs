@@ -22,6 +22,18 @@ pub enum Error {
         /// The conflicting constraints.
         conflict: Vec<Constraint>,
     },
+    /// The heuristic search (used beyond the exact search's size) found no
+    /// placement; that does not prove there is none.
+    #[error(
+        "no placement found for {units} units by the heuristic search ({explored} exact search \
+         nodes explored first); the constraints may be too tight: relax some and retry"
+    )]
+    NotFound {
+        /// Units to place.
+        units: usize,
+        /// Exact-search nodes explored before the heuristic.
+        explored: u64,
+    },
 }
 
 fn list(c: &[Constraint]) -> String {

@@ -17,28 +17,34 @@
 //!
 //! ## Solver
 //! Constraints on one unit (ban, fence, jurisdiction, formats, a unit larger
-//! than a site) prune each unit's domain first. Then a depth-first branch
-//! and bound assigns units in most-constrained-first order, trying sites in
-//! increasing score, with the bound "score so far + best remaining score of
-//! every unassigned unit"; capacity, spread, gather and latency are checked
-//! as units are assigned. The scores are separable, so this bound is exact
-//! and the search finds the optimum. Ties break by site name: results are
-//! deterministic.
+//! than a site) prune each unit's domain first. Units coupled by spread,
+//! gather or latency form components; each is checked for feasibility on
+//! its own first (capacity relaxed), so a contradiction such as
+//! `gather(a,b)` with `spread(a,b)` is proven in milliseconds whatever the
+//! problem's size.
 //!
-//! Beyond [`EXACT_LIMIT`] explored nodes the search stops and a documented
-//! heuristic takes over: greedy assignment in the same order (each unit to
-//! its best site compatible with those already placed), then repeated
-//! single-unit moves that lower the total while keeping every constraint,
-//! until none does. The result says whether it is proven optimal.
+//! Up to [`EXACT_MAX_UNITS`] units, a depth-first branch and bound assigns
+//! units (fewest sites per coupling first, gather groups together), trying
+//! sites in increasing score, with the bound "score so far + best unary
+//! score of every unassigned unit" (valid because link costs are never
+//! negative) and forward checking of coupled units. It proves the optimum,
+//! or infeasibility. Ties break by site name: results are deterministic.
+//!
+//! Beyond that size, or past [`EXACT_LIMIT`] nodes, a heuristic takes over:
+//! greedy placement of gather groups, most constrained first, each on the
+//! site that adds least to the objective without breaking a constraint;
+//! then moves of single units and whole groups while they lower the total
+//! (at most 50 passes). The result says `optimal: false`; a heuristic that
+//! finds nothing says so (`NotFound`) rather than claim infeasibility.
 //!
 //! ## Explanations and conflicts
 //! Every assignment lists every other site with the reason it lost: the
 //! constraint that forbids it (alone, or given where the other units went),
-//! or the score difference and the component that dominates it. An
-//! infeasible problem returns a minimal conflicting set of constraints
-//! (deletion filter: drop each constraint in turn, keep it only if the rest
-//! becomes satisfiable without it), so every constraint named is needed for
-//! the conflict.
+//! or the score difference and the component that dominates it. A problem
+//! proven infeasible returns a minimal conflicting set of constraints
+//! (deletion filter over the units the proof involved: drop each constraint
+//! in turn, keep it only if the rest is no longer provably infeasible
+//! without it), so every constraint named is needed for the conflict.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -390,91 +396,76 @@ struct Model<'a> {
     units: &'a [Unit],
     sites: Vec<&'a SiteInfo>,
     constraints: Vec<Constraint>,
-    /// Per unit, per site: score or the unary constraint forbidding it.
-    table: Vec<Vec<std::result::Result<(Score, Vec<ChainStep>), (usize, String)>>>,
+    /// Per constraint, per unit: whether the unit is selected.
+    member: Vec<Vec<bool>>,
+    /// Per unit: the non-unary constraints selecting it.
+    unit_cons: Vec<Vec<usize>>,
+    /// Per unit, per site: unary score and chain index, or the index of the
+    /// unary constraint forbidding it.
+    table: Vec<Vec<std::result::Result<(Score, usize), usize>>>,
+    /// Distinct conversion chains, referenced from `table`.
+    chains: Vec<Vec<ChainStep>>,
     rtt: Vec<Vec<f64>>,
     weights: Weights,
     /// Per unit, the indices of its peers.
     links: Vec<Vec<usize>>,
+    /// Per unit: units sharing a spread, gather or latency constraint with it.
+    partners: Vec<Vec<usize>>,
 }
 
-/// The built-in implicit constraints plus the user's.
-fn all_constraints(user: &[Constraint]) -> Vec<Constraint> {
-    let mut v = user.to_vec();
-    v.push(Constraint::Formats {
-        resources: Selector::All(AllMarker),
-    });
-    v.push(Constraint::Capacity);
-    v
+/// A partial or complete placement, with what the constraints need to be
+/// checked in constant time per constraint.
+#[derive(Clone)]
+struct Placed {
+    assign: Vec<Option<usize>>,
+    /// Per site: vCPUs, memory MiB, storage bytes in use.
+    load: Vec<(u64, u64, u64)>,
+    /// Per constraint: how many of its units sit on each site.
+    used: Vec<BTreeMap<usize, u32>>,
+    /// Ignore capacity (a relaxation used to prove infeasibility).
+    relax_capacity: bool,
 }
 
-fn unit_score(u: &Unit, s: &SiteInfo, req: &Request, source: &SiteInfo, steps: usize) -> Score {
-    let users: Vec<(Location, f64)> = if req.users.is_empty() {
-        vec![(source.location.clone(), 1.0)]
-    } else {
-        req.users
-            .iter()
-            .map(|p| {
-                (
-                    Location {
-                        region: String::new(),
-                        latitude: p.latitude,
-                        longitude: p.longitude,
-                    },
-                    p.weight,
-                )
-            })
-            .collect()
-    };
-    let wsum: f64 = users
-        .iter()
-        .map(|u| u.1)
-        .sum::<f64>()
-        .max(f64::MIN_POSITIVE);
-    let latency_ms = users
-        .iter()
-        .map(|(l, w)| rtt_ms(l, &s.location) * w)
-        .sum::<f64>()
-        / wsum;
-    let c = &s.cost;
-    let mem_gib = u.memory_mib as f64 / 1024.0;
-    let cost_month = f64::from(u.vcpus) * c.vcpu_hour * HOURS_PER_MONTH
-        + mem_gib * c.memory_gib_hour * HOURS_PER_MONTH
-        + u.storage_bytes as f64 / GIB * c.storage_gib_month;
-    let moves = s.name != source.name;
-    let egress = if moves {
-        u.move_bytes as f64 / GIB * source.cost.egress_gib
-    } else {
-        0.0
-    };
-    let time_s = if moves {
-        u.move_bytes as f64 * 8.0 / (req.bandwidth_mbps * 1e6)
-            + steps as f64 * u.move_bytes as f64 / (req.convert_mb_s * 1e6)
-    } else {
-        0.0
-    };
-    let carbon_kg_month =
-        s.cost.carbon_g_per_kwh.unwrap_or(0.0) * f64::from(u.vcpus) * 10.0 * HOURS_PER_MONTH / 1e6;
-    let mut score = Score {
-        latency_ms,
-        cost_month,
-        egress,
-        time_s,
-        carbon_kg_month,
-        peers_ms: 0.0,
-        total: 0.0,
-    };
-    score.total = score.parts(&req.weights).iter().map(|p| p.1).sum();
-    score
-}
+impl Placed {
+    fn new(m: &Model<'_>) -> Self {
+        Self {
+            assign: vec![None; m.units.len()],
+            load: vec![(0, 0, 0); m.sites.len()],
+            used: vec![BTreeMap::new(); m.constraints.len()],
+            relax_capacity: false,
+        }
+    }
 
-fn fits_alone(u: &Unit, s: &SiteInfo) -> bool {
-    let cap = &s.capacity;
-    cap.vcpus.is_none_or(|v| u.vcpus <= v)
-        && cap.memory_mib.is_none_or(|m| u.memory_mib <= m)
-        && cap
-            .storage_gib
-            .is_none_or(|g| u.storage_bytes <= g.saturating_mul(1 << 30))
+    fn place(&mut self, m: &Model<'_>, u: usize, s: usize) {
+        let unit = &m.units[u];
+        let l = &mut self.load[s];
+        l.0 += u64::from(unit.vcpus);
+        l.1 += unit.memory_mib;
+        l.2 += unit.storage_bytes;
+        for &c in &m.unit_cons[u] {
+            *self.used[c].entry(s).or_insert(0) += 1;
+        }
+        self.assign[u] = Some(s);
+    }
+
+    fn unplace(&mut self, m: &Model<'_>, u: usize) {
+        let Some(s) = self.assign[u].take() else {
+            return;
+        };
+        let unit = &m.units[u];
+        let l = &mut self.load[s];
+        l.0 -= u64::from(unit.vcpus);
+        l.1 -= unit.memory_mib;
+        l.2 -= unit.storage_bytes;
+        for &c in &m.unit_cons[u] {
+            if let Some(n) = self.used[c].get_mut(&s) {
+                *n -= 1;
+                if *n == 0 {
+                    self.used[c].remove(&s);
+                }
+            }
+        }
+    }
 }
 
 impl<'a> Model<'a> {
@@ -483,7 +474,7 @@ impl<'a> Model<'a> {
         sites: &'a [SiteInfo],
         req: &Request,
         constraints: Vec<Constraint>,
-        chains: &ChainFinder,
+        finder: &'a ChainFinder,
     ) -> Result<Self> {
         let source = sites.iter().find(|s| s.name == req.source).ok_or_else(|| {
             invalid(format!(
@@ -495,32 +486,29 @@ impl<'a> Model<'a> {
             .iter()
             .filter(|s| req.include_source || s.name != req.source)
             .collect();
-        let mut table = Vec::with_capacity(units.len());
-        for u in units {
-            let mut row = Vec::with_capacity(sites.len());
-            for s in &sites {
-                row.push(
-                    unary(u, s, &constraints, chains)
-                        .map(|chain| (unit_score(u, s, req, source, chain.len()), chain)),
-                );
-            }
-            table.push(row);
-        }
-        let rtt = sites
+        let member: Vec<Vec<bool>> = constraints
             .iter()
-            .map(|a| {
-                sites
-                    .iter()
-                    .map(|b| rtt_ms(&a.location, &b.location))
+            .map(|c| match c.selector() {
+                Some(sel) => units.iter().map(|u| sel.contains(&u.name)).collect(),
+                None => vec![true; units.len()],
+            })
+            .collect();
+        let unit_cons = (0..units.len())
+            .map(|u| {
+                (0..constraints.len())
+                    .filter(|&c| member[c][u] && !constraints[c].is_unary())
                     .collect()
             })
             .collect();
-        Ok(Self {
+        let mut m = Self {
             units,
             sites,
             constraints,
-            table,
-            rtt,
+            member,
+            unit_cons,
+            table: Vec::new(),
+            chains: Vec::new(),
+            rtt: Vec::new(),
             weights: req.weights,
             links: units
                 .iter()
@@ -533,28 +521,191 @@ impl<'a> Model<'a> {
                         .collect()
                 })
                 .collect(),
-        })
+            partners: Vec::new(),
+        };
+        m.partners = (0..units.len())
+            .map(|u| {
+                let mut v: BTreeSet<usize> = BTreeSet::new();
+                for (ci, c) in m.constraints.iter().enumerate() {
+                    let coupling = matches!(
+                        c,
+                        Constraint::Spread { .. }
+                            | Constraint::Gather { .. }
+                            | Constraint::Latency { .. }
+                    );
+                    if coupling && m.member[ci][u] {
+                        v.extend((0..units.len()).filter(|&o| o != u && m.member[ci][o]));
+                    }
+                }
+                v.into_iter().collect()
+            })
+            .collect();
+        // Per site: user latency, and the chain for each image format
+        // (chains depend only on the format and the accepted formats).
+        let latency: Vec<f64> = m
+            .sites
+            .iter()
+            .map(|s| user_latency(s, req, source))
+            .collect();
+        let mut chain_memo: BTreeMap<(ImageFormat, Vec<ImageFormat>), Option<usize>> =
+            BTreeMap::new();
+        let mut chains: Vec<Vec<ChainStep>> = Vec::new();
+        let site_chain: Vec<Vec<Option<usize>>> = m
+            .sites
+            .iter()
+            .map(|s| {
+                ImageFormat::ALL
+                    .iter()
+                    .map(|&f| {
+                        let key = (f, s.image_formats.iter().copied().collect::<Vec<_>>());
+                        *chain_memo.entry(key).or_insert_with(|| {
+                            chain_for(finder, f, s).map(|c| {
+                                chains.push(c);
+                                chains.len() - 1
+                            })
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut table = Vec::with_capacity(units.len());
+        for (ui, u) in units.iter().enumerate() {
+            let mut row = Vec::with_capacity(m.sites.len());
+            for (si, s) in m.sites.iter().enumerate() {
+                let cell = match m.unary_check(ui, s) {
+                    Err(ci) => Err(ci),
+                    Ok(()) => {
+                        let chain = match u.image_format {
+                            Some(f) if u.kind == UnitKind::Instance && m.formats_apply(ui) => {
+                                let fi = ImageFormat::ALL.iter().position(|&x| x == f).unwrap_or(0);
+                                match site_chain[si][fi] {
+                                    Some(i) => Ok(i),
+                                    None => Err(m.formats_index()),
+                                }
+                            }
+                            _ => Ok(usize::MAX),
+                        };
+                        chain.map(|ci| {
+                            let steps = chains.get(ci).map_or(0, Vec::len);
+                            (unit_score(u, s, req, source, steps, latency[si]), ci)
+                        })
+                    }
+                };
+                row.push(cell);
+            }
+            table.push(row);
+        }
+        m.table = table;
+        m.chains = chains;
+        m.rtt = m
+            .sites
+            .iter()
+            .map(|a| {
+                m.sites
+                    .iter()
+                    .map(|b| rtt_ms(&a.location, &b.location))
+                    .collect()
+            })
+            .collect();
+        Ok(m)
+    }
+
+    fn formats_index(&self) -> usize {
+        self.constraints
+            .iter()
+            .position(|c| matches!(c, Constraint::Formats { .. }))
+            .unwrap_or(usize::MAX)
+    }
+
+    fn formats_apply(&self, u: usize) -> bool {
+        let f = self.formats_index();
+        f != usize::MAX && self.member[f][u]
+    }
+
+    /// Unary constraints other than the image chain: the index of the first
+    /// one forbidding unit `u` on site `s`.
+    fn unary_check(&self, u: usize, s: &SiteInfo) -> std::result::Result<(), usize> {
+        let unit = &self.units[u];
+        for (ci, c) in self.constraints.iter().enumerate() {
+            if !self.member[ci][u] {
+                continue;
+            }
+            let forbidden = match c {
+                Constraint::Ban { sites, .. } => sites.contains(&s.name),
+                Constraint::Fence { sites, .. } => !sites.contains(&s.name),
+                Constraint::Jurisdiction { regions, .. } => {
+                    !regions.iter().any(|r| s.in_jurisdiction(r))
+                }
+                Constraint::Formats { .. } => {
+                    unit.kind == UnitKind::Instance
+                        && !s.capabilities.is_empty()
+                        && !s.capabilities.contains(&Capability::Compute)
+                }
+                Constraint::Capacity => !fits_alone(unit, s),
+                _ => false,
+            };
+            if forbidden {
+                return Err(ci);
+            }
+        }
+        Ok(())
+    }
+
+    /// Why constraint `ci` forbids unit `u` on site `s`, in words.
+    fn reason(&self, ci: usize, u: usize, s: &SiteInfo) -> String {
+        let unit = &self.units[u];
+        match &self.constraints[ci] {
+            Constraint::Ban { .. } => format!("{} is banned from {}", unit.name, s.name),
+            Constraint::Fence { sites, .. } => {
+                format!("{} is fenced to {}", unit.name, sites.join(", "))
+            }
+            Constraint::Jurisdiction { regions, .. } => {
+                format!("{} is outside {}", s.jurisdiction, regions.join(", "))
+            }
+            Constraint::Formats { .. } => {
+                if !s.capabilities.is_empty() && !s.capabilities.contains(&Capability::Compute) {
+                    return format!("{} cannot run instances (no compute capability)", s.name);
+                }
+                let acc: Vec<&str> = s.image_formats.iter().map(|f| f.as_str()).collect();
+                format!(
+                    "no migrator chain turns {} into a format {} accepts ({})",
+                    unit.image_format.map_or("?", ImageFormat::as_str),
+                    s.name,
+                    if acc.is_empty() {
+                        "none declared".to_owned()
+                    } else {
+                        acc.join(", ")
+                    }
+                )
+            }
+            Constraint::Capacity => {
+                format!("{} alone exceeds the capacity of {}", unit.name, s.name)
+            }
+            other => format!("{} on {} breaks {other}", unit.name, s.name),
+        }
+    }
+
+    fn score(&self, u: usize, s: usize) -> f64 {
+        self.table[u][s]
+            .as_ref()
+            .map_or(f64::INFINITY, |(sc, _)| sc.total)
     }
 
     /// Weighted round trips from `u` on `s` to its already-placed peers.
-    fn pair_cost(&self, a: &[Option<usize>], u: usize, s: usize) -> f64 {
-        self.weights.latency * self.peers_ms(a, u, s)
+    fn pair_cost(&self, p: &Placed, u: usize, s: usize) -> f64 {
+        self.weights.latency * self.peers_ms(p, u, s)
     }
 
-    fn peers_ms(&self, a: &[Option<usize>], u: usize, s: usize) -> f64 {
+    fn peers_ms(&self, p: &Placed, u: usize, s: usize) -> f64 {
         self.links[u]
             .iter()
-            .filter_map(|&v| a[v].map(|t| self.rtt[s][t]))
+            .filter_map(|&v| p.assign[v].map(|t| self.rtt[s][t]))
             .sum()
     }
 
     /// The objective of a complete assignment: unary scores plus each link once.
     fn objective(&self, sol: &[usize]) -> f64 {
-        let unary: f64 = sol
-            .iter()
-            .enumerate()
-            .map(|(u, &s)| score_of(self, u, s))
-            .sum();
+        let unary: f64 = sol.iter().enumerate().map(|(u, &s)| self.score(u, s)).sum();
         let pairs: f64 = (0..sol.len())
             .flat_map(|u| {
                 self.links[u]
@@ -567,23 +718,17 @@ impl<'a> Model<'a> {
         unary + pairs
     }
 
-    /// Checks unit `u` on site `s` against the non-unary constraints, given
-    /// the partial assignment `a` (other units' sites) and site `load`s.
-    /// Returns the index of the first violated constraint.
-    fn violates(
-        &self,
-        a: &[Option<usize>],
-        load: &[(u64, u64, u64)],
-        u: usize,
-        s: usize,
-    ) -> Option<usize> {
+    /// The first non-unary constraint that unit `u` (not placed) on site `s`
+    /// would break, given the placement `p`.
+    fn violates(&self, p: &Placed, u: usize, s: usize) -> Option<usize> {
         let unit = &self.units[u];
-        let name = unit.name.as_str();
-        for (ci, c) in self.constraints.iter().enumerate() {
-            let ok = match c {
+        for &ci in &self.unit_cons[u] {
+            let used = &p.used[ci];
+            let ok = match &self.constraints[ci] {
+                Constraint::Capacity if p.relax_capacity => true,
                 Constraint::Capacity => {
                     let cap = &self.sites[s].capacity;
-                    let (v, m, st) = load[s];
+                    let (v, m, st) = p.load[s];
                     cap.vcpus
                         .is_none_or(|x| v + u64::from(unit.vcpus) <= u64::from(x))
                         && cap.memory_mib.is_none_or(|x| m + unit.memory_mib <= x)
@@ -591,22 +736,10 @@ impl<'a> Model<'a> {
                             .storage_gib
                             .is_none_or(|x| st + unit.storage_bytes <= x.saturating_mul(1 << 30))
                 }
-                Constraint::Spread { resources } if resources.contains(name) => self
-                    .units
-                    .iter()
-                    .enumerate()
-                    .all(|(o, ou)| o == u || !resources.contains(&ou.name) || a[o] != Some(s)),
-                Constraint::Gather { resources } if resources.contains(name) => {
-                    self.units.iter().enumerate().all(|(o, ou)| {
-                        o == u || !resources.contains(&ou.name) || a[o].is_none_or(|x| x == s)
-                    })
-                }
-                Constraint::Latency { resources, max_ms } if resources.contains(name) => {
-                    self.units.iter().enumerate().all(|(o, ou)| {
-                        o == u
-                            || !resources.contains(&ou.name)
-                            || a[o].is_none_or(|x| self.rtt[s][x] <= *max_ms)
-                    })
+                Constraint::Spread { .. } => !used.contains_key(&s),
+                Constraint::Gather { .. } => used.keys().all(|&t| t == s),
+                Constraint::Latency { max_ms, .. } => {
+                    used.keys().all(|&t| self.rtt[s][t] <= *max_ms)
                 }
                 _ => true,
             };
@@ -618,84 +751,17 @@ impl<'a> Model<'a> {
     }
 }
 
-fn invalid(msg: String) -> Error {
-    Error::Invalid(vec![fluidcloud_plugins::Diagnostic::error(msg)])
+fn chain_for(finder: &ChainFinder, f: ImageFormat, s: &SiteInfo) -> Option<Vec<ChainStep>> {
+    let accepted: BTreeSet<ArtifactKind> = s
+        .image_formats
+        .iter()
+        .map(|&format| ArtifactKind::DiskImage { format })
+        .collect();
+    finder.find(ArtifactKind::DiskImage { format: f }, &accepted)
 }
 
-/// Unary checks: the index of the constraint forbidding `u` on `s`, or the
-/// conversion chain needed there.
-fn unary(
-    u: &Unit,
-    s: &SiteInfo,
-    constraints: &[Constraint],
-    chains: &ChainFinder,
-) -> std::result::Result<Vec<ChainStep>, (usize, String)> {
-    let mut chain = Vec::new();
-    for (ci, c) in constraints.iter().enumerate() {
-        let fail = |why: String| Err((ci, why));
-        match c {
-            Constraint::Ban { resources, sites }
-                if resources.contains(&u.name) && sites.contains(&s.name) =>
-            {
-                return fail(format!("{} is banned from {}", u.name, s.name));
-            }
-            Constraint::Fence { resources, sites }
-                if resources.contains(&u.name) && !sites.contains(&s.name) =>
-            {
-                return fail(format!("{} is fenced to {}", u.name, sites.join(", ")));
-            }
-            Constraint::Jurisdiction { resources, regions }
-                if resources.contains(&u.name) && !regions.iter().any(|r| s.in_jurisdiction(r)) =>
-            {
-                return fail(format!(
-                    "{} is outside {}",
-                    s.jurisdiction,
-                    regions.join(", ")
-                ));
-            }
-            Constraint::Formats { resources }
-                if resources.contains(&u.name) && u.kind == UnitKind::Instance =>
-            {
-                if !s.capabilities.is_empty() && !s.capabilities.contains(&Capability::Compute) {
-                    return fail(format!(
-                        "{} cannot run instances (no compute capability)",
-                        s.name
-                    ));
-                }
-                if let Some(f) = u.image_format {
-                    let accepted: BTreeSet<ArtifactKind> = s
-                        .image_formats
-                        .iter()
-                        .map(|&format| ArtifactKind::DiskImage { format })
-                        .collect();
-                    match chains.find(ArtifactKind::DiskImage { format: f }, &accepted) {
-                        Some(c) => chain = c,
-                        None => {
-                            let acc: Vec<&str> =
-                                s.image_formats.iter().map(|f| f.as_str()).collect();
-                            return fail(format!(
-                                "no migrator chain turns {f} into a format {} accepts ({})",
-                                s.name,
-                                if acc.is_empty() {
-                                    "none declared".to_owned()
-                                } else {
-                                    acc.join(", ")
-                                }
-                            ));
-                        }
-                    }
-                }
-            }
-            Constraint::Capacity if !fits_alone(u, s) => {
-                return fail(format!(
-                    "{} alone exceeds the capacity of {}",
-                    u.name, s.name
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(chain)
+fn invalid(msg: String) -> Error {
+    Error::Invalid(vec![fluidcloud_plugins::Diagnostic::error(msg)])
 }
 
 struct Search<'m, 'a> {
@@ -705,35 +771,52 @@ struct Search<'m, 'a> {
     domains: Vec<Vec<usize>>,
     /// Per position in `order`: sum of the best scores of the units after it.
     rest_bound: Vec<f64>,
-    assign: Vec<Option<usize>>,
-    load: Vec<(u64, u64, u64)>,
+    placed: Placed,
     best: Option<(f64, Vec<usize>)>,
     explored: u64,
     limit: u64,
 }
 
 impl Search<'_, '_> {
-    fn score(&self, u: usize, s: usize) -> f64 {
-        match &self.m.table[u][s] {
-            Ok((sc, _)) => sc.total,
-            Err(_) => f64::INFINITY,
-        }
+    /// Forward check after placing `u`: every unplaced partner of `u` still
+    /// has a site that breaks nothing.
+    fn partners_ok(&self, u: usize) -> bool {
+        self.m.partners[u].iter().all(|&v| {
+            self.placed.assign[v].is_some()
+                || self.domains[v]
+                    .iter()
+                    .any(|&t| self.m.violates(&self.placed, v, t).is_none())
+        })
     }
 
-    fn place(&mut self, u: usize, s: usize, sign: i64) {
-        let unit = &self.m.units[u];
-        let l = &mut self.load[s];
-        if sign > 0 {
-            l.0 += u64::from(unit.vcpus);
-            l.1 += unit.memory_mib;
-            l.2 += unit.storage_bytes;
-            self.assign[u] = Some(s);
-        } else {
-            l.0 -= u64::from(unit.vcpus);
-            l.1 -= unit.memory_mib;
-            l.2 -= unit.storage_bytes;
-            self.assign[u] = None;
+    /// Feasibility only (no costs): can the units of `order[depth..]` be
+    /// placed? None when the node limit is hit.
+    fn feasible(&mut self, depth: usize) -> Option<bool> {
+        self.explored += 1;
+        if self.explored > self.limit {
+            return None;
         }
+        let Some(&u) = self.order.get(depth) else {
+            return Some(true);
+        };
+        for i in 0..self.domains[u].len() {
+            let s = self.domains[u][i];
+            if self.m.violates(&self.placed, u, s).is_some() {
+                continue;
+            }
+            self.placed.place(self.m, u, s);
+            let r = if self.partners_ok(u) {
+                self.feasible(depth + 1)
+            } else {
+                Some(false)
+            };
+            self.placed.unplace(self.m, u);
+            match r {
+                Some(false) => {}
+                other => return other,
+            }
+        }
+        Some(false)
     }
 
     /// Depth-first branch and bound. Returns false when the node limit hit.
@@ -743,9 +826,9 @@ impl Search<'_, '_> {
             return false;
         }
         if depth == self.order.len() {
-            let better = self.best.as_ref().is_none_or(|(b, _)| so_far < *b - 1e-9);
-            if better {
+            if self.best.as_ref().is_none_or(|(b, _)| so_far < *b - 1e-9) {
                 let sol = self
+                    .placed
                     .assign
                     .iter()
                     .map(|a| a.unwrap_or(usize::MAX))
@@ -757,7 +840,7 @@ impl Search<'_, '_> {
         let u = self.order[depth];
         for i in 0..self.domains[u].len() {
             let s = self.domains[u][i];
-            let unary = so_far + self.score(u, s);
+            let unary = so_far + self.m.score(u, s);
             if let Some((b, _)) = &self.best {
                 if unary + self.rest_bound[depth] >= *b - 1e-9 {
                     // Domains are sorted by unary score and link costs are
@@ -765,18 +848,18 @@ impl Search<'_, '_> {
                     break;
                 }
             }
-            let total = unary + self.m.pair_cost(&self.assign, u, s);
+            let total = unary + self.m.pair_cost(&self.placed, u, s);
             if let Some((b, _)) = &self.best {
                 if total + self.rest_bound[depth] >= *b - 1e-9 {
                     continue;
                 }
             }
-            if self.m.violates(&self.assign, &self.load, u, s).is_some() {
+            if self.m.violates(&self.placed, u, s).is_some() {
                 continue;
             }
-            self.place(u, s, 1);
-            let complete = self.dfs(depth + 1, total);
-            self.place(u, s, -1);
+            self.placed.place(self.m, u, s);
+            let complete = !self.partners_ok(u) || self.dfs(depth + 1, total);
+            self.placed.unplace(self.m, u);
             if !complete {
                 return false;
             }
@@ -784,106 +867,299 @@ impl Search<'_, '_> {
         true
     }
 
-    /// Greedy then single-unit moves; None when greedy dead-ends.
-    fn heuristic(&mut self) -> Option<(f64, Vec<usize>)> {
-        self.assign.iter_mut().for_each(|a| *a = None);
-        self.load.iter_mut().for_each(|l| *l = (0, 0, 0));
-        let cost =
-            |me: &Self, u: usize, s: usize| me.score(u, s) + me.m.pair_cost(&me.assign, u, s);
-        for &u in &self.order.clone() {
-            let s = self.domains[u]
+    /// The cheapest site for a set of units that must share one (a single
+    /// unit, or a gather group), given what is already placed; the units
+    /// must not be placed. Returns (cost, site).
+    fn best_site_for(&mut self, g: &[usize]) -> Option<(f64, usize)> {
+        let m = self.m;
+        let anchor = *g.iter().min_by_key(|&&v| self.domains[v].len())?;
+        let mut best: Option<(f64, usize)> = None;
+        if let [u] = g {
+            // One unit: rank by cost, take the first that breaks nothing.
+            let u = *u;
+            let mut cands: Vec<(f64, usize)> = self.domains[u]
                 .iter()
-                .copied()
-                .filter(|&s| self.m.violates(&self.assign, &self.load, u, s).is_none())
-                .min_by(|&a, &b| cost(self, u, a).total_cmp(&cost(self, u, b)))?;
-            self.place(u, s, 1);
+                .map(|&s| (m.score(u, s) + m.pair_cost(&self.placed, u, s), s))
+                .collect();
+            cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            return cands
+                .into_iter()
+                .find(|&(_, s)| m.violates(&self.placed, u, s).is_none());
         }
-        loop {
+        for i in 0..self.domains[anchor].len() {
+            let s = self.domains[anchor][i];
+            if !g.iter().all(|&v| m.table[v][s].is_ok()) {
+                continue;
+            }
+            let mut cost = 0.0;
+            let mut done = Vec::with_capacity(g.len());
+            for &v in g {
+                if m.violates(&self.placed, v, s).is_some() {
+                    break;
+                }
+                cost += m.score(v, s) + m.pair_cost(&self.placed, v, s);
+                self.placed.place(m, v, s);
+                done.push(v);
+            }
+            let ok = done.len() == g.len();
+            for v in done {
+                self.placed.unplace(m, v);
+            }
+            if ok && best.is_none_or(|(c, _)| cost < c - 1e-9) {
+                best = Some((cost, s));
+            }
+        }
+        best
+    }
+
+    /// Greedy placement of gather groups (most constrained first), then
+    /// moves of single units and whole groups while they lower the total.
+    /// None when the greedy pass dead-ends.
+    fn heuristic(&mut self) -> Option<(f64, Vec<usize>)> {
+        let m = self.m;
+        self.placed = Placed::new(m);
+        let mut groups = gather_groups(m);
+        groups.sort_by_key(|g| {
+            let smallest = g.iter().map(|&v| self.domains[v].len()).min().unwrap_or(0);
+            (smallest, g.first().map(|&v| m.units[v].name.clone()))
+        });
+        for g in &groups {
+            let (_, s) = self.best_site_for(g)?;
+            for &v in g {
+                self.placed.place(m, v, s);
+            }
+        }
+        for _pass in 0..50 {
             let mut improved = false;
-            for &u in &self.order.clone() {
-                let Some(cur) = self.assign[u] else { continue };
-                self.place(u, cur, -1);
-                let cur_cost = cost(self, u, cur);
-                let better = self.domains[u]
-                    .iter()
-                    .copied()
-                    .filter(|&s| cost(self, u, s) < cur_cost - 1e-9)
-                    .filter(|&s| self.m.violates(&self.assign, &self.load, u, s).is_none())
-                    .min_by(|&a, &b| cost(self, u, a).total_cmp(&cost(self, u, b)));
-                let s = better.unwrap_or(cur);
-                self.place(u, s, 1);
-                improved |= s != cur;
+            for g in &groups {
+                let Some(cur) = g.first().and_then(|&v| self.placed.assign[v]) else {
+                    continue;
+                };
+                for &v in g {
+                    self.placed.unplace(m, v);
+                }
+                let mut cur_cost = 0.0;
+                for &v in g {
+                    cur_cost += m.score(v, cur) + m.pair_cost(&self.placed, v, cur);
+                    self.placed.place(m, v, cur);
+                }
+                for &v in g {
+                    self.placed.unplace(m, v);
+                }
+                let target = match self.best_site_for(g) {
+                    Some((c, s)) if c < cur_cost - 1e-9 => s,
+                    _ => cur,
+                };
+                for &v in g {
+                    self.placed.place(m, v, target);
+                }
+                improved |= target != cur;
             }
             if !improved {
                 break;
             }
         }
         let sol: Vec<usize> = self
+            .placed
             .assign
             .iter()
             .map(|a| a.unwrap_or(usize::MAX))
             .collect();
-        Some((self.m.objective(&sol), sol))
+        Some((m.objective(&sol), sol))
     }
 }
 
-/// Solves the model; `Ok(None)` when infeasible.
-fn solve_model(m: &Model<'_>, limit: u64) -> (Option<(f64, Vec<usize>)>, bool, u64) {
+/// Units that `gather` constraints tie together, as groups (union-find);
+/// every other unit is a group of its own. Groups and members are sorted.
+fn gather_groups(m: &Model<'_>) -> Vec<Vec<usize>> {
     let n = m.units.len();
-    let mut domains: Vec<Vec<usize>> = (0..n)
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn find(p: &mut [usize], x: usize) -> usize {
+        let mut r = x;
+        while p[r] != r {
+            r = p[r];
+        }
+        let mut y = x;
+        while p[y] != r {
+            let next = p[y];
+            p[y] = r;
+            y = next;
+        }
+        r
+    }
+    for (ci, c) in m.constraints.iter().enumerate() {
+        if let Constraint::Gather { .. } = c {
+            let mut members = (0..n).filter(|&u| m.member[ci][u]);
+            if let Some(first) = members.next() {
+                for other in members {
+                    let (a, b) = (find(&mut parent, first), find(&mut parent, other));
+                    parent[b] = a;
+                }
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for u in 0..n {
+        let r = find(&mut parent, u);
+        groups.entry(r).or_default().push(u);
+    }
+    groups.into_values().collect()
+}
+
+/// Units up to which the exact search runs; beyond, the heuristic does.
+pub const EXACT_MAX_UNITS: usize = 32;
+
+/// What a search concluded.
+enum Outcome {
+    /// A placement: its objective, the site of each unit, whether optimal.
+    Found(f64, Vec<usize>, bool),
+    /// Proven: nothing satisfies the constraints; the units whose
+    /// constraints conflict, when the proof involved only some of them.
+    Infeasible(Option<Vec<usize>>),
+    /// The heuristic found nothing, which proves nothing.
+    Unknown,
+}
+
+/// Solves the model, and counts the search nodes explored.
+fn solve_model(m: &Model<'_>, limit: u64) -> (Outcome, u64) {
+    let n = m.units.len();
+    let domains: Vec<Vec<usize>> = (0..n)
         .map(|u| {
             let mut d: Vec<usize> = (0..m.sites.len())
                 .filter(|&s| m.table[u][s].is_ok())
                 .collect();
             d.sort_by(|&a, &b| {
-                let (sa, sb) = (score_of(m, u, a), score_of(m, u, b));
-                sa.total_cmp(&sb)
+                m.score(u, a)
+                    .total_cmp(&m.score(u, b))
                     .then_with(|| m.sites[a].name.cmp(&m.sites[b].name))
             });
             d
         })
         .collect();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| {
-        domains[a]
-            .len()
-            .cmp(&domains[b].len())
-            .then(m.units[a].name.cmp(&m.units[b].name))
+    let mut domains = domains;
+    if let Some(u) = domains.iter().position(Vec::is_empty) {
+        return (Outcome::Infeasible(Some(vec![u])), 0);
+    }
+    // Small problems: drop sites where a unit, placed alone, already leaves
+    // one of its partners nowhere to go (placing more units only removes
+    // options, so such a site can never work).
+    if n <= EXACT_MAX_UNITS {
+        let mut placed = Placed::new(m);
+        placed.relax_capacity = true;
+        for u in 0..n {
+            let keep: Vec<usize> = domains[u]
+                .iter()
+                .copied()
+                .filter(|&s| {
+                    placed.place(m, u, s);
+                    let ok = m.partners[u].iter().all(|&v| {
+                        domains[v]
+                            .iter()
+                            .any(|&t| m.violates(&placed, v, t).is_none())
+                    });
+                    placed.unplace(m, u);
+                    ok
+                })
+                .collect();
+            if keep.is_empty() {
+                let mut involved = vec![u];
+                involved.extend(&m.partners[u]);
+                return (Outcome::Infeasible(Some(involved)), 0);
+            }
+            domains[u] = keep;
+        }
+    }
+    // Most constrained first; the members of a gather group one after the
+    // other, so a group that cannot share a site fails at once.
+    // Fewest sites per coupling first (dom/deg): the units most likely to
+    // fail are tried first, so failures surface near the root.
+    let key = |v: usize| domains[v].len() as f64 / (1.0 + m.partners[v].len() as f64);
+    let mut groups = gather_groups(m);
+    for g in &mut groups {
+        g.sort_by(|&a, &b| {
+            key(a)
+                .total_cmp(&key(b))
+                .then(m.units[a].name.cmp(&m.units[b].name))
+        });
+    }
+    groups.sort_by(|a, b| {
+        let (ka, kb) = (
+            a.first().map_or(0.0, |&v| key(v)),
+            b.first().map_or(0.0, |&v| key(v)),
+        );
+        ka.total_cmp(&kb).then_with(|| {
+            a.first()
+                .map(|&v| &m.units[v].name)
+                .cmp(&b.first().map(|&v| &m.units[v].name))
+        })
     });
-    if order.iter().any(|&u| domains[u].is_empty()) {
-        return (None, true, 0);
-    }
-    let best_of =
-        |u: usize, d: &Vec<Vec<usize>>| d[u].first().map_or(f64::INFINITY, |&s| score_of(m, u, s));
-    let mut rest_bound = vec![0.0; n + 1];
+    let order: Vec<usize> = groups.into_iter().flatten().collect();
+    // rest_bound[d]: best unary scores of the units after depth d.
+    let mut rest_bound = vec![0.0; n];
+    let mut acc = 0.0;
     for i in (0..n).rev() {
-        rest_bound[i] = rest_bound[i + 1] + best_of(order[i], &domains);
+        rest_bound[i] = acc;
+        acc += domains[order[i]]
+            .first()
+            .map_or(f64::INFINITY, |&s| m.score(order[i], s));
     }
-    // rest_bound[d] must exclude the unit at depth d itself.
-    let rest_bound: Vec<f64> = (0..n).map(|i| rest_bound[i + 1]).collect();
     let mut s = Search {
         m,
         order,
-        domains: std::mem::take(&mut domains),
+        domains,
         rest_bound,
-        assign: vec![None; n],
-        load: vec![(0, 0, 0); m.sites.len()],
+        placed: Placed::new(m),
         best: None,
         explored: 0,
         limit,
     };
-    if s.dfs(0, 0.0) {
-        return (s.best.take(), true, s.explored);
+    // Units coupled by spread, gather or latency form components; one that
+    // cannot be placed on its own (capacity ignored, a relaxation) proves
+    // the whole problem infeasible, and is quick to find.
+    let full_order = std::mem::take(&mut s.order);
+    s.placed.relax_capacity = true;
+    let mut seen = vec![false; n];
+    for &start in &full_order {
+        if seen[start] || m.partners[start].is_empty() {
+            continue;
+        }
+        let mut comp = vec![start];
+        seen[start] = true;
+        let mut i = 0;
+        while i < comp.len() {
+            for &v in &m.partners[comp[i]] {
+                if !seen[v] {
+                    seen[v] = true;
+                    comp.push(v);
+                }
+            }
+            i += 1;
+        }
+        s.order = full_order
+            .iter()
+            .copied()
+            .filter(|v| comp.contains(v))
+            .collect();
+        if s.feasible(0) == Some(false) {
+            comp.sort_unstable();
+            return (Outcome::Infeasible(Some(comp)), s.explored);
+        }
+    }
+    s.placed = Placed::new(m);
+    s.order = full_order;
+    s.explored = 0;
+    if n <= EXACT_MAX_UNITS && s.dfs(0, 0.0) {
+        let outcome = match s.best.take() {
+            Some((total, sol)) => Outcome::Found(total, sol, true),
+            None => Outcome::Infeasible(None),
+        };
+        return (outcome, s.explored);
     }
     let explored = s.explored;
-    let h = s.heuristic();
-    (h, false, explored)
-}
-
-fn score_of(m: &Model<'_>, u: usize, s: usize) -> f64 {
-    m.table[u][s]
-        .as_ref()
-        .map_or(f64::INFINITY, |(sc, _)| sc.total)
+    match s.heuristic() {
+        Some((total, sol)) => (Outcome::Found(total, sol, false), explored),
+        None => (Outcome::Unknown, explored),
+    }
 }
 
 /// Finds the best placement of `units` on `sites` for `req`.
@@ -899,16 +1175,44 @@ pub fn solve(
     migrators: &[MigratorDescriptor],
 ) -> Result<Placement> {
     check_names(units, sites, req)?;
-    let chains = ChainFinder::new(migrators);
+    let finder = ChainFinder::new(migrators);
     let constraints = all_constraints(&req.constraints);
-    let model = Model::new(units, sites, req, constraints.clone(), &chains)?;
-    let (best, optimal, explored) = solve_model(&model, EXACT_LIMIT);
-    let Some((total, sol)) = best else {
-        return Err(Error::Infeasible {
-            conflict: minimal_conflict(units, sites, req, &chains, &constraints)?,
-        });
-    };
-    Ok(explain(&model, &sol, total, optimal, explored))
+    let model = Model::new(units, sites, req, constraints.clone(), &finder)?;
+    match solve_model(&model, EXACT_LIMIT) {
+        (Outcome::Found(total, sol, optimal), explored) => {
+            Ok(explain(&model, &sol, total, optimal, explored))
+        }
+        (Outcome::Infeasible(involved), _) => {
+            // Look for the conflict among the units the proof involved, and
+            // the constraints that concern them: much smaller, same answer.
+            let (sub_units, sub_cons): (Vec<Unit>, Vec<Constraint>) = match involved {
+                Some(ix) => {
+                    let sub: Vec<Unit> = ix.iter().map(|&i| units[i].clone()).collect();
+                    let cons = constraints
+                        .iter()
+                        .filter(|c| {
+                            c.selector()
+                                .is_none_or(|sel| sub.iter().any(|u| sel.contains(&u.name)))
+                        })
+                        .cloned()
+                        .collect();
+                    (sub, cons)
+                }
+                None => (units.to_vec(), constraints.clone()),
+            };
+            // The smaller problem's conflict is a conflict of the whole
+            // problem too; filtering it again over all units keeps it minimal
+            // there (other units may make part of it unnecessary).
+            let candidate = minimal_conflict(&sub_units, sites, req, &finder, &sub_cons)?;
+            Err(Error::Infeasible {
+                conflict: minimal_conflict(units, sites, req, &finder, &candidate)?,
+            })
+        }
+        (Outcome::Unknown, explored) => Err(Error::NotFound {
+            units: units.len(),
+            explored,
+        }),
+    }
 }
 
 fn check_names(units: &[Unit], sites: &[SiteInfo], req: &Request) -> Result<()> {
@@ -954,12 +1258,17 @@ fn minimal_conflict(
     units: &[Unit],
     sites: &[SiteInfo],
     req: &Request,
-    chains: &ChainFinder,
+    finder: &ChainFinder,
     all: &[Constraint],
 ) -> Result<Vec<Constraint>> {
+    // Drop a constraint only when the rest is *proven* infeasible, so the
+    // set returned is always a proven conflict.
     let feasible = |set: &[Constraint]| -> Result<bool> {
-        let m = Model::new(units, sites, req, set.to_vec(), chains)?;
-        Ok(solve_model(&m, EXACT_LIMIT).0.is_some())
+        let m = Model::new(units, sites, req, set.to_vec(), finder)?;
+        Ok(!matches!(
+            solve_model(&m, EXACT_LIMIT).0,
+            Outcome::Infeasible(_)
+        ))
     };
     let mut kept: Vec<Constraint> = all.to_vec();
     let mut i = 0;
@@ -976,48 +1285,42 @@ fn minimal_conflict(
 }
 
 fn explain(m: &Model<'_>, sol: &[usize], total: f64, optimal: bool, explored: u64) -> Placement {
-    let mut load = vec![(0u64, 0u64, 0u64); m.sites.len()];
+    let mut placed = Placed::new(m);
     for (u, &s) in sol.iter().enumerate() {
-        let unit = &m.units[u];
-        load[s].0 += u64::from(unit.vcpus);
-        load[s].1 += unit.memory_mib;
-        load[s].2 += unit.storage_bytes;
+        placed.place(m, u, s);
     }
-    let assign: Vec<Option<usize>> = sol.iter().map(|&s| Some(s)).collect();
-    // A unit's score includes the round trips to its peers where they are.
-    let with_peers = |u: usize, s: usize, sc: &Score| {
-        let mut sc = *sc;
-        sc.peers_ms = m.peers_ms(&assign, u, s);
-        sc.total += m.weights.latency * sc.peers_ms;
-        sc
-    };
     let mut assignments = Vec::new();
     for (u, &s) in sol.iter().enumerate() {
         let unit = &m.units[u];
+        // A unit's score includes the round trips to its peers where they are.
+        let with_peers = |placed: &Placed, o: usize, sc: &Score| {
+            let mut sc = *sc;
+            sc.peers_ms = m.peers_ms(placed, u, o);
+            sc.total += m.weights.latency * sc.peers_ms;
+            sc
+        };
         let (score, chain) = match &m.table[u][s] {
-            Ok((sc, ch)) => (with_peers(u, s, sc), ch.clone()),
+            Ok((sc, ci)) => (
+                with_peers(&placed, s, sc),
+                m.chains.get(*ci).cloned().unwrap_or_default(),
+            ),
             Err(_) => (Score::default(), Vec::new()),
         };
+        placed.unplace(m, u);
         let mut alternatives = Vec::new();
         for (o, site) in m.sites.iter().enumerate() {
             if o == s {
                 continue;
             }
             match &m.table[u][o] {
-                Err((ci, why)) => alternatives.push(Alternative::Rejected {
+                Err(ci) => alternatives.push(Alternative::Rejected {
                     site: site.name.clone(),
                     constraint: m.constraints[*ci].to_string(),
-                    reason: why.clone(),
+                    reason: m.reason(*ci, u, site),
                 }),
                 Ok((alt, _)) => {
                     // Would moving just this unit there break a constraint?
-                    let mut others = assign.clone();
-                    others[u] = None;
-                    let mut l = load.clone();
-                    l[s].0 -= u64::from(unit.vcpus);
-                    l[s].1 -= unit.memory_mib;
-                    l[s].2 -= unit.storage_bytes;
-                    if let Some(ci) = m.violates(&others, &l, u, o) {
+                    if let Some(ci) = m.violates(&placed, u, o) {
                         alternatives.push(Alternative::Rejected {
                             site: site.name.clone(),
                             constraint: m.constraints[ci].to_string(),
@@ -1027,7 +1330,7 @@ fn explain(m: &Model<'_>, sol: &[usize], total: f64, optimal: bool, explored: u6
                             ),
                         });
                     } else {
-                        let alt = with_peers(u, o, alt);
+                        let alt = with_peers(&placed, o, alt);
                         let w = m.weights;
                         let (chosen, other) = (score.parts(&w), alt.parts(&w));
                         let mainly = chosen
@@ -1046,6 +1349,7 @@ fn explain(m: &Model<'_>, sol: &[usize], total: f64, optimal: bool, explored: u6
                 }
             }
         }
+        placed.place(m, u, s);
         alternatives.sort_by(|a, b| match (a, b) {
             (
                 Alternative::Worse {
@@ -1075,6 +1379,96 @@ fn explain(m: &Model<'_>, sol: &[usize], total: f64, optimal: bool, explored: u6
         optimal,
         explored,
     }
+}
+
+/// The built-in implicit constraints plus the user's.
+fn all_constraints(user: &[Constraint]) -> Vec<Constraint> {
+    let mut v = user.to_vec();
+    v.push(Constraint::Formats {
+        resources: Selector::All(AllMarker),
+    });
+    v.push(Constraint::Capacity);
+    v
+}
+
+/// Weighted mean RTT from the users (default: the source site) to `s`.
+fn user_latency(s: &SiteInfo, req: &Request, source: &SiteInfo) -> f64 {
+    let users: Vec<(Location, f64)> = if req.users.is_empty() {
+        vec![(source.location.clone(), 1.0)]
+    } else {
+        req.users
+            .iter()
+            .map(|p| {
+                (
+                    Location {
+                        region: String::new(),
+                        latitude: p.latitude,
+                        longitude: p.longitude,
+                    },
+                    p.weight,
+                )
+            })
+            .collect()
+    };
+    let wsum: f64 = users
+        .iter()
+        .map(|u| u.1)
+        .sum::<f64>()
+        .max(f64::MIN_POSITIVE);
+    users
+        .iter()
+        .map(|(l, w)| rtt_ms(l, &s.location) * w)
+        .sum::<f64>()
+        / wsum
+}
+
+fn unit_score(
+    u: &Unit,
+    s: &SiteInfo,
+    req: &Request,
+    source: &SiteInfo,
+    steps: usize,
+    latency_ms: f64,
+) -> Score {
+    let c = &s.cost;
+    let mem_gib = u.memory_mib as f64 / 1024.0;
+    let cost_month = f64::from(u.vcpus) * c.vcpu_hour * HOURS_PER_MONTH
+        + mem_gib * c.memory_gib_hour * HOURS_PER_MONTH
+        + u.storage_bytes as f64 / GIB * c.storage_gib_month;
+    let moves = s.name != source.name;
+    let egress = if moves {
+        u.move_bytes as f64 / GIB * source.cost.egress_gib
+    } else {
+        0.0
+    };
+    let time_s = if moves {
+        u.move_bytes as f64 * 8.0 / (req.bandwidth_mbps * 1e6)
+            + steps as f64 * u.move_bytes as f64 / (req.convert_mb_s * 1e6)
+    } else {
+        0.0
+    };
+    let carbon_kg_month =
+        s.cost.carbon_g_per_kwh.unwrap_or(0.0) * f64::from(u.vcpus) * 10.0 * HOURS_PER_MONTH / 1e6;
+    let mut score = Score {
+        latency_ms,
+        cost_month,
+        egress,
+        time_s,
+        carbon_kg_month,
+        peers_ms: 0.0,
+        total: 0.0,
+    };
+    score.total = score.parts(&req.weights).iter().map(|p| p.1).sum();
+    score
+}
+
+fn fits_alone(u: &Unit, s: &SiteInfo) -> bool {
+    let cap = &s.capacity;
+    cap.vcpus.is_none_or(|v| u.vcpus <= v)
+        && cap.memory_mib.is_none_or(|m| u.memory_mib <= m)
+        && cap
+            .storage_gib
+            .is_none_or(|g| u.storage_bytes <= g.saturating_mul(1 << 30))
 }
 
 /// The units of `t` that [`solve`] places, by resource id.
@@ -1348,6 +1742,92 @@ mod tests {
         assert!(err.to_string().contains("nowhere"), "{err}");
     }
 
+    fn many(n_units: usize, n_sites: usize) -> (Vec<Unit>, Vec<SiteInfo>) {
+        let units = (0..n_units)
+            .map(|i| {
+                let mut u = unit(
+                    &format!("u{i}"),
+                    1 + (i % 3) as u32,
+                    Some(if i % 2 == 0 { Qcow2 } else { Raw }),
+                );
+                if i % 4 != 3 {
+                    u.peers.push(format!("u{}", i + 1));
+                }
+                if i % 4 != 0 {
+                    u.peers.push(format!("u{}", i - 1));
+                }
+                u
+            })
+            .collect();
+        let mut sites = vec![site("src", 48.85, 2.35, "EU/FR", 0.03, &[Qcow2, Raw], None)];
+        for i in 0..n_sites {
+            let f: &[ImageFormat] = if i % 2 == 0 { &[Raw] } else { &[Qcow2, Raw] };
+            let jur = if i % 3 == 0 { "US/VA" } else { "EU/DE" };
+            sites.push(site(
+                &format!("s{i}"),
+                40.0 + (i % 13) as f64,
+                -5.0 + (i % 17) as f64,
+                jur,
+                0.01 + (i % 7) as f64 * 0.005,
+                f,
+                Some(24),
+            ));
+        }
+        (units, sites)
+    }
+
+    #[test]
+    fn regression_gather_and_spread_of_the_same_units_is_proven_infeasible_at_scale() {
+        // Once took minutes: the contradiction sat deep in the search order.
+        let (units, sites) = many(300, 100);
+        let r = req(&[
+            "spread(u10,u20,u30)",
+            "jurisdiction(u1,u2,u3; EU)",
+            "gather(u20,u10)",
+            "ban(u5; s3)",
+        ]);
+        let Err(Error::Infeasible { conflict }) = solve(&units, &sites, &r, &convert()) else {
+            panic!("must be proven infeasible")
+        };
+        let names: Vec<String> = conflict.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["spread(u10,u20,u30)", "gather(u20,u10)"]);
+    }
+
+    #[test]
+    fn large_problems_use_the_heuristic_and_still_respect_every_constraint() {
+        let (units, sites) = many(400, 120);
+        let cons = [
+            "spread(u0,u4,u8,u12)",
+            "gather(u1,u2)",
+            "latency(u5,u6,u7; 15)",
+            "jurisdiction(*; EU)",
+            "ban(u9,u10; s1,s2)",
+            "fence(u11; s4,s5,s7)",
+        ];
+        let r = req(&cons);
+        let p = solve(&units, &sites, &r, &convert()).unwrap();
+        assert!(
+            !p.optimal,
+            "{} units is beyond the exact search",
+            units.len()
+        );
+        let sol: Vec<usize> = p
+            .assignments
+            .iter()
+            .map(|a| sites.iter().position(|s| s.name == a.site).unwrap())
+            .collect();
+        let chains = ChainFinder::new(&convert());
+        assert!(satisfied(&units, &sites, &r.constraints, &sol, &chains));
+        // No single move improves the heuristic's answer.
+        for a in &p.assignments {
+            for alt in &a.alternatives {
+                if let Alternative::Worse { delta, .. } = alt {
+                    assert!(*delta >= -1e-9, "{}: {alt:?}", a.unit.name);
+                }
+            }
+        }
+    }
+
     /// An independent statement of every constraint, for the property tests.
     fn satisfied(
         units: &[Unit],
@@ -1534,7 +2014,7 @@ mod tests {
                 let sol: Vec<usize> = idx.iter().map(|&i| candidates[i]).collect();
                 if satisfied(&units, &sites, &r.constraints, &sol, &chains) {
                     let idx0: Vec<usize> = sol.iter().map(|&s| s - 1).collect();
-                    let unary: f64 = (0..n).map(|u| score_of(&model, u, idx0[u])).sum();
+                    let unary: f64 = (0..n).map(|u| model.score(u, idx0[u])).sum();
                     let mut pairs = 0.0;
                     for a in 0..n {
                         for b in a + 1..n {
@@ -1569,12 +2049,12 @@ mod tests {
                     // The conflict alone is infeasible, and removing any one of its
                     // constraints makes it feasible.
                     let m = Model::new(&units, &sites, &r, conflict.clone(), &chains).unwrap();
-                    prop_assert!(solve_model(&m, EXACT_LIMIT).0.is_none());
+                    prop_assert!(matches!(solve_model(&m, EXACT_LIMIT).0, Outcome::Infeasible(_)));
                     for i in 0..conflict.len() {
                         let mut less = conflict.clone();
                         less.remove(i);
                         let m = Model::new(&units, &sites, &r, less, &chains).unwrap();
-                        prop_assert!(solve_model(&m, EXACT_LIMIT).0.is_some(), "not minimal: {:?}", conflict);
+                        prop_assert!(matches!(solve_model(&m, EXACT_LIMIT).0, Outcome::Found(..)), "not minimal: {:?}", conflict);
                     }
                 }
                 (got, want) => prop_assert!(false, "solver {:?} but brute force {:?}", got.map(|p| p.total), want),
@@ -1589,11 +2069,14 @@ mod tests {
             let chains = ChainFinder::new(&migrators);
             let model = Model::new(&units, &sites, &r, all_constraints(&r.constraints), &chains).unwrap();
             // A node limit of 1 forces the heuristic.
-            let (found, optimal, _) = solve_model(&model, 1);
-            if let Some((_, sol)) = found {
+            if let (Outcome::Found(total, sol, optimal), _) = solve_model(&model, 1) {
                 prop_assert!(!optimal);
+                prop_assert!((model.objective(&sol) - total).abs() < 1e-6);
                 let sol: Vec<usize> = sol.iter().map(|&s| s + 1).collect();
                 prop_assert!(satisfied(&units, &sites, &r.constraints, &sol, &chains));
+                if let (Outcome::Found(exact, ..), _) = solve_model(&model, EXACT_LIMIT) {
+                    prop_assert!(total >= exact - 1e-6, "the heuristic cannot beat the optimum");
+                }
             }
         }
     }
