@@ -39,6 +39,8 @@ enum Command {
     Introspect(commands::introspect::IntrospectArgs),
     /// Choose target sites for a service, with the reasons.
     Match(commands::matching::MatchArgs),
+    /// Run the broker REST service.
+    Serve(commands::serve::ServeArgs),
     /// The demo: local sites, no cloud account. Without a subcommand,
     /// creates the demo environment if needed and shows the shop service.
     Demo(commands::demo::DemoArgs),
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
             Command::Sites(c) => commands::sites::run(&globals, c).await,
             Command::Introspect(a) => commands::introspect::run(&globals, a).await,
             Command::Match(a) => commands::matching::run(&globals, a).await,
+            Command::Serve(a) => commands::serve::run(&globals, a).await,
             Command::Demo(c) => commands::demo::run(&globals, c).await,
         }
     });

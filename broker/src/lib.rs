@@ -24,6 +24,7 @@ pub mod chain;
 pub mod constraint;
 pub mod error;
 pub mod placement;
+pub mod rest;
 
 pub use constraint::Constraint;
 pub use error::{Error, Result};

@@ -1,0 +1,209 @@
+//! The broker REST service over real sockets.
+
+use std::sync::Arc;
+
+use fluidcloud_broker::rest::{Problem, ServiceConfig, StaticCatalog, router, serve};
+use fluidcloud_plugins::{
+    ArtifactKind, Capability, Capacity, Cost, ImageFormat, Location, MigratorDescriptor, Origin,
+    Relation, Resource, ResourceSpec, SiteInfo, Topology,
+};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "s3cret-token-for-tests";
+
+fn site(name: &str, lat: f64, lon: f64, jur: &str, price: f64) -> SiteInfo {
+    SiteInfo {
+        name: name.into(),
+        kind: "local".into(),
+        location: Location {
+            region: name.into(),
+            latitude: lat,
+            longitude: lon,
+        },
+        jurisdiction: jur.into(),
+        cost: Cost {
+            vcpu_hour: price,
+            ..Cost::default()
+        },
+        capacity: Capacity::default(),
+        image_formats: [ImageFormat::Raw, ImageFormat::Qcow2].into_iter().collect(),
+        capabilities: Capability::ALL.into_iter().collect(),
+    }
+}
+
+fn topology() -> Value {
+    let mut t = Topology::new("shop", "paris");
+    let web = Resource::new(
+        "web",
+        ResourceSpec::Instance {
+            vcpus: 2,
+            memory_mib: 2048,
+            state: "running".into(),
+            hostname: None,
+            addresses: vec![],
+        },
+        Origin::Discovered,
+    );
+    let img = Resource::new(
+        "web.qcow2",
+        ResourceSpec::Image {
+            format: ImageFormat::Qcow2,
+            virtual_size: 1 << 30,
+            allocated: 1 << 28,
+            locator: "images/web.qcow2".into(),
+            backing: None,
+        },
+        Origin::Discovered,
+    );
+    let (w, i) = (web.id.clone(), img.id.clone());
+    t.add(web);
+    t.add(img);
+    t.link(&w, &i, Relation::BootsFrom, None).unwrap();
+    serde_json::to_value(t.to_doc()).unwrap()
+}
+
+/// Starts a server on a free loopback port; returns its base URL.
+async fn start() -> String {
+    let catalog = StaticCatalog {
+        sites: vec![
+            site("paris", 48.85, 2.35, "EU/FR", 0.03),
+            site("frankfurt", 50.11, 8.68, "EU/DE", 0.02),
+            site("virginia", 38.9, -77.3, "US/VA", 0.01),
+        ],
+        migrators: vec![MigratorDescriptor {
+            name: "image-convert".into(),
+            version: "0.1.0".into(),
+            summary: "converts".into(),
+            consumes: vec![ArtifactKind::DiskImage { format: ImageFormat::Qcow2 }],
+            produces: vec![ArtifactKind::DiskImage { format: ImageFormat::Raw }],
+        }],
+    };
+    let config = ServiceConfig {
+        token: Some(TOKEN.into()),
+        body_limit: 64 * 1024,
+        ..ServiceConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(Arc::new(catalog), &config);
+    tokio::spawn(serve(listener, app, std::future::pending()));
+    format!("http://{addr}")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn problem(resp: reqwest::Response, status: u16) -> Problem {
+    assert_eq!(resp.status().as_u16(), status);
+    assert_eq!(
+        resp.headers()[reqwest::header::CONTENT_TYPE],
+        "application/problem+json"
+    );
+    let p: Problem = resp.json().await.unwrap();
+    assert_eq!(p.status, status);
+    p
+}
+
+#[tokio::test]
+async fn health_is_open_and_everything_else_needs_the_token() {
+    let base = start().await;
+    let r = client().get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "ok");
+
+    for path in ["/version", "/sites", "/sites/paris", "/migrators"] {
+        let r = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.headers()[reqwest::header::WWW_AUTHENTICATE], "Bearer", "{path}");
+        let p = problem(r, 401).await;
+        assert!(p.detail.contains("Bearer"), "{path}: {p:?}");
+        let r = client().get(format!("{base}{path}")).bearer_auth("wrong").send().await.unwrap();
+        problem(r, 401).await;
+    }
+    let r = client().post(format!("{base}/match")).json(&json!({})).send().await.unwrap();
+    problem(r, 401).await;
+}
+
+#[tokio::test]
+async fn catalog_routes_answer_with_the_catalog() {
+    let base = start().await;
+    let get = |path: &str| client().get(format!("{base}{path}")).bearer_auth(TOKEN).send();
+    let sites: Value = get("/sites").await.unwrap().json().await.unwrap();
+    assert_eq!(sites.as_array().unwrap().len(), 3);
+    let one: Value = get("/sites/frankfurt").await.unwrap().json().await.unwrap();
+    assert_eq!(one["jurisdiction"], "EU/DE");
+    let p = problem(get("/sites/atlantis").await.unwrap(), 404).await;
+    assert!(p.detail.contains("atlantis"));
+    let m: Value = get("/migrators").await.unwrap().json().await.unwrap();
+    assert_eq!(m[0]["name"], "image-convert");
+    let v: Value = get("/version").await.unwrap().json().await.unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    problem(get("/no/such/route").await.unwrap(), 404).await;
+}
+
+#[tokio::test]
+async fn match_places_the_topology_and_explains() {
+    let base = start().await;
+    let body = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
+        { "type": "jurisdiction", "resources": "*", "regions": ["EU"] }
+    ] } });
+    let r = client().post(format!("{base}/match")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["assignments"][0]["site"], "frankfurt");
+    assert_eq!(p["optimal"], true);
+    let alt = &p["assignments"][0]["alternatives"][0];
+    assert_eq!(alt["site"], "virginia");
+    assert_eq!(alt["constraint"], "jurisdiction(*; EU)");
+}
+
+#[tokio::test]
+async fn bad_requests_are_problems_naming_the_field() {
+    let base = start().await;
+    let post = |body: Vec<u8>, ctype: &'static str| {
+        client()
+            .post(format!("{base}/match"))
+            .bearer_auth(TOKEN)
+            .header(reqwest::header::CONTENT_TYPE, ctype)
+            .body(body)
+            .send()
+    };
+    // Malformed JSON.
+    let p = problem(post(b"{\"topology\": ".to_vec(), "application/json").await.unwrap(), 400).await;
+    assert!(p.detail.contains("EOF"), "{p:?}");
+    // A field of the wrong type is named by pointer.
+    let body = json!({ "topology": topology(), "request": { "source": "paris", "weights": { "cost": "cheap" } } });
+    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    assert_eq!(p.errors[0].pointer, "/request/weights/cost", "{p:?}");
+    // Unknown fields are refused.
+    let body = json!({ "topology": topology(), "request": { "source": "paris" }, "colour": 1 });
+    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    assert!(p.detail.contains("colour"), "{p:?}");
+    // A topology whose edge points nowhere.
+    let mut topo = topology();
+    topo["edges"][0]["to"] = json!("image:ghost");
+    let body = json!({ "topology": topo, "request": { "source": "paris" } });
+    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    assert!(p.detail.contains("image:ghost"), "{p:?}");
+    assert_eq!(p.errors[0].pointer, "/topology/edges/0", "{p:?}");
+    // Unknown names in constraints.
+    let body = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
+        { "type": "ban", "resources": ["wbe"], "sites": ["paris"] }] } });
+    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    assert!(p.detail.contains("`wbe`"), "{p:?}");
+    assert_eq!(p.errors[0].pointer, "/request/constraints/0", "{p:?}");
+    // Infeasible: the conflict is listed.
+    let body = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
+        { "type": "fence", "resources": ["web"], "sites": ["virginia"] },
+        { "type": "jurisdiction", "resources": "*", "regions": ["EU"] }] } });
+    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 409).await;
+    let conflict: Vec<&str> = p.errors.iter().map(|e| e.detail.as_str()).collect();
+    assert_eq!(conflict, ["fence(web; virginia)", "jurisdiction(*; EU)"]);
+    // Wrong media type, and a body over the limit.
+    problem(post(b"{}".to_vec(), "text/plain").await.unwrap(), 415).await;
+    let p = problem(post(vec![b' '; 100 * 1024], "application/json").await.unwrap(), 413).await;
+    assert!(p.detail.contains("size limit"), "{p:?}");
+    // The service is still healthy after all that.
+    let r = client().get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
