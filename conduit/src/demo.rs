@@ -175,6 +175,47 @@ impl DiskPlan {
     }
 }
 
+/// The data of a disk plan, generated in chunks of at most 4 MiB, in
+/// offset order, into one reused buffer.
+struct Chunks<'a> {
+    plan: &'a DiskPlan,
+    rng: Rng,
+    buf: Vec<u8>,
+    extent: usize,
+    at: u64,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(plan: &'a DiskPlan) -> Self {
+        Self {
+            plan,
+            rng: Rng(plan.seed),
+            buf: vec![0u8; 4 * MIB as usize],
+            extent: 0,
+            at: 0,
+        }
+    }
+
+    /// The next (offset, data), or None at the end.
+    fn next_chunk(&mut self) -> Option<(u64, &[u8])> {
+        let &(offset, len, text) = self.plan.extents.get(self.extent)?;
+        let n = (len - self.at).min(self.buf.len() as u64) as usize;
+        let chunk = &mut self.buf[..n];
+        if text {
+            fill_text(&mut self.rng, chunk);
+        } else {
+            self.rng.fill(chunk);
+        }
+        let at = offset + self.at;
+        self.at += n as u64;
+        if self.at >= len {
+            self.extent += 1;
+            self.at = 0;
+        }
+        Some((at, &self.buf[..n]))
+    }
+}
+
 fn plans() -> (Vec<DiskPlan>, DiskPlan) {
     let images = vec![
         DiskPlan::scattered("shop-web.qcow2", GIB, 24 * MIB, 34, 8 * MIB, 0x5eb),
@@ -278,23 +319,11 @@ pub async fn init(dir: &Path, force: bool, progress: &dyn DemoProgress) -> Resul
         let path = paris.image_path(plan.name).map_err(fail)?;
         let mut w = Qcow2Writer::create(&path, plan.virtual_size, &Qcow2Options::default())
             .map_err(|e| fail(e.into()))?;
-        let mut rng = Rng(plan.seed);
-        let mut buf = vec![0u8; 4 * MIB as usize];
-        for &(offset, len, text) in &plan.extents {
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(buf.len() as u64) as usize;
-                let chunk = &mut buf[..n];
-                if text {
-                    fill_text(&mut rng, chunk)
-                } else {
-                    rng.fill(chunk)
-                }
-                w.write_at(offset + at, chunk).map_err(|e| fail(e.into()))?;
-                at += n as u64;
-                done += n as u64;
-                progress.update(done, total, plan.name);
-            }
+        let mut chunks = Chunks::new(plan);
+        while let Some((offset, chunk)) = chunks.next_chunk() {
+            w.write_at(offset, chunk).map_err(|e| fail(e.into()))?;
+            done += chunk.len() as u64;
+            progress.update(done, total, plan.name);
         }
         w.finish().map_err(|e| fail(e.into()))?;
         summary
@@ -307,26 +336,14 @@ pub async fn init(dir: &Path, force: bool, progress: &dyn DemoProgress) -> Resul
         .create_volume(volume.name, volume.virtual_size)
         .await
         .map_err(fail)?;
-    let mut rng = Rng(volume.seed);
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    for &(offset, len, text) in &volume.extents {
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(buf.len() as u64) as usize;
-            let chunk = &mut buf[..n];
-            if text {
-                fill_text(&mut rng, chunk)
-            } else {
-                rng.fill(chunk)
-            }
-            paris
-                .write_at(volume.name, offset + at, chunk)
-                .await
-                .map_err(fail)?;
-            at += n as u64;
-            done += n as u64;
-            progress.update(done, total, volume.name);
-        }
+    let mut chunks = Chunks::new(&volume);
+    while let Some((offset, chunk)) = chunks.next_chunk() {
+        paris
+            .write_at(volume.name, offset, chunk)
+            .await
+            .map_err(fail)?;
+        done += chunk.len() as u64;
+        progress.update(done, total, volume.name);
     }
     paris.flush(volume.name).await.map_err(fail)?;
     summary.volumes.push((
