@@ -39,6 +39,9 @@ enum Command {
     Introspect(commands::introspect::IntrospectArgs),
     /// Choose target sites for a service, with the reasons.
     Match(commands::matching::MatchArgs),
+    /// Migrators: list the built-in ones and plugins, show one.
+    #[command(subcommand)]
+    Migrators(commands::migrators::MigratorsCommand),
     /// Run the broker REST service.
     Serve(commands::serve::ServeArgs),
     /// The demo: local sites, no cloud account. Without a subcommand,
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             Command::Sites(c) => commands::sites::run(&globals, c).await,
             Command::Introspect(a) => commands::introspect::run(&globals, a).await,
             Command::Match(a) => commands::matching::run(&globals, a).await,
+            Command::Migrators(c) => commands::migrators::run(&globals, c).await,
             Command::Serve(a) => commands::serve::run(&globals, a).await,
             Command::Demo(c) => commands::demo::run(&globals, c).await,
         }

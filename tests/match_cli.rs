@@ -1,5 +1,7 @@
 //! `fluidcloud match` on the demo environment, through the real binary.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,7 @@
 //! `fluidcloud serve` as a real process on a real socket.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -22,17 +24,25 @@ impl Drop for Server {
 
 fn start(token: Option<&str>, extra: &[&str]) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluidcloud"));
-    cmd.args(["--config", &demo_config(), "serve", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .env_remove("FLUIDCLOUD_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "--config",
+        &demo_config(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args(extra)
+    .env_remove("FLUIDCLOUD_TOKEN")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     if let Some(t) = token {
         cmd.env("FLUIDCLOUD_TOKEN", t);
     }
     let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = line
         .trim()
         .strip_prefix("listening on http://")
@@ -42,14 +52,23 @@ fn start(token: Option<&str>, extra: &[&str]) -> Server {
 }
 
 /// A minimal HTTP/1.1 exchange: (status, headers, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String, String) {
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     if let Some(b) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body.unwrap_or(""));
@@ -68,18 +87,36 @@ fn serve_answers_with_the_sites_of_the_sites_file_behind_a_token() {
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     let (status, head, _) = http(&server.addr, "GET", "/sites", None, None);
     assert_eq!(status, 401);
-    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert!(
+        head.contains("content-type: application/problem+json"),
+        "{head}"
+    );
     let (status, _, body) = http(&server.addr, "GET", "/sites", Some("t0ken"), None);
     assert_eq!(status, 200);
     let sites: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(sites.as_array().unwrap().len(), 5);
-    assert!(sites.as_array().unwrap().iter().all(|s| s["capabilities"].as_array().unwrap().len() == 5));
+    assert!(
+        sites
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["capabilities"].as_array().unwrap().len() == 5)
+    );
 
     // The topology introspect prints can be posted to /match as is.
-    let topo = ok(&run(&["--config", &demo_config(), "--json", "introspect", "dc-paris", "--service", "shop"]));
+    let topo = ok(&run(&[
+        "--config",
+        &demo_config(),
+        "--json",
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+    ]));
     let mut topo: serde_json::Value = serde_json::from_str(&topo).unwrap();
     topo.as_object_mut().unwrap().remove("notes");
-    let body = serde_json::json!({ "topology": topo, "request": { "source": "dc-paris" } }).to_string();
+    let body =
+        serde_json::json!({ "topology": topo, "request": { "source": "dc-paris" } }).to_string();
     let (status, _, resp) = http(&server.addr, "POST", "/match", Some("t0ken"), Some(&body));
     assert_eq!(status, 200, "{resp}");
     let p: serde_json::Value = serde_json::from_str(&resp).unwrap();
@@ -89,10 +126,26 @@ fn serve_answers_with_the_sites_of_the_sites_file_behind_a_token() {
 
 #[test]
 fn serve_refuses_to_start_without_a_token_unless_told() {
-    let out = run(&["--config", &demo_config(), "serve", "--listen", "127.0.0.1:0"]);
+    let out = run(&[
+        "--config",
+        &demo_config(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     let err = fails(&out, 3);
-    assert!(err.contains("$FLUIDCLOUD_TOKEN") && err.contains("--no-auth"), "{err}");
-    let out = run(&["--config", &demo_config(), "serve", "--listen", "0.0.0.0:0", "--no-auth"]);
+    assert!(
+        err.contains("$FLUIDCLOUD_TOKEN") && err.contains("--no-auth"),
+        "{err}"
+    );
+    let out = run(&[
+        "--config",
+        &demo_config(),
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--no-auth",
+    ]);
     let err = fails(&out, 1);
     assert!(err.contains("loopback"), "{err}");
     let server = start(None, &["--no-auth"]);

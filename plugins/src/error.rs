@@ -92,6 +92,19 @@ pub enum Error {
     /// A passing fault; retry may help.
     #[error("transient failure: {0}")]
     Transient(String),
+    /// A plugin migrator failed, misbehaved (crashed, hung, sent a malformed
+    /// or oversized message) or reported an error that has no closer variant.
+    #[error("plugin {plugin}: {message}")]
+    Plugin {
+        /// The plugin's name (its migrator name, or its executable).
+        plugin: String,
+        /// What went wrong, for a person.
+        message: String,
+        /// Whether trying again may help.
+        retry: Retry,
+        /// Structured findings the plugin attached.
+        diagnostics: Vec<Diagnostic>,
+    },
     /// An I/O error on a named path.
     #[error("{context}")]
     Io {
@@ -148,6 +161,7 @@ impl Retryable for Error {
         match self {
             Self::Transient(_) => Retry::Transient,
             Self::Io { source, .. } => io_retry(source.kind()),
+            Self::Plugin { retry, .. } => *retry,
             Self::NotFound { .. }
             | Self::NotSupported { .. }
             | Self::PermissionDenied { .. }

@@ -7,16 +7,29 @@
 //! structured [`Diagnostic`]s that point at what a user must fix, and the
 //! [`Retry`] classification that travels with every error.
 //!
-//! This crate does no I/O of its own beyond what a migrator implementation
-//! chooses to do; it depends only on serde, petgraph and async-trait, so a
-//! plugin author pulls in little.
+//! It is also the **plugin SDK** (see `plugins/README.md` and
+//! `plugins/PROTOCOL.md`): the [`protocol`] (message types only, no I/O),
+//! [`serve()`] to turn a Rust migrator into a plugin executable, the
+//! [`harness`] to test one in-process, and the [`host`] that runs plugin
+//! executables ([`discover`]ed in a plugins directory,
+//! `$FLUIDCLOUD_PLUGIN_PATH` and `$PATH`) as [`Migrator`]s.
+//!
+//! The vocabulary does no I/O of its own; the SDK adds serde_json, tokio
+//! (a single-threaded runtime in `serve`, timers in the host) and tracing,
+//! so a plugin author still pulls in little.
 
 pub mod diagnostic;
+pub mod discover;
 pub mod error;
+pub mod harness;
+pub mod host;
 pub mod migrator;
+pub mod protocol;
 pub mod resource;
+pub mod serve;
 pub mod site;
 pub mod topology;
+mod wire;
 
 pub use diagnostic::{Diagnostic, Severity};
 pub use error::{Error, Result, Retry, Retryable};
@@ -28,5 +41,6 @@ pub use resource::{
     ConfigFormat, EndpointKind, ImageFormat, Origin, Resource, ResourceId, ResourceKind,
     ResourceSpec,
 };
+pub use serve::{Plugin, secret, serve};
 pub use site::{Capability, Capacity, Cost, Location, SiteInfo};
 pub use topology::{Edge, Relation, Topology, TopologyDoc};

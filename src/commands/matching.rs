@@ -97,8 +97,16 @@ fn parse_weights(s: &str) -> Result<Weights> {
     Ok(w)
 }
 
-/// Migrators the broker may chain for disk images.
+/// Migrators the broker may chain: the built-ins and discovered plugins.
 pub(crate) fn migrators() -> Vec<MigratorDescriptor> {
+    let mut all = builtin_migrators();
+    let plugins = super::migrators::plugin_descriptors(&all);
+    all.extend(plugins);
+    all
+}
+
+/// The built-in migrators the broker may chain for disk images.
+pub(crate) fn builtin_migrators() -> Vec<MigratorDescriptor> {
     let img = |format| ArtifactKind::DiskImage { format };
     vec![MigratorDescriptor {
         name: "image-convert".into(),

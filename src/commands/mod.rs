@@ -3,6 +3,7 @@
 pub(crate) mod demo;
 pub(crate) mod introspect;
 pub(crate) mod matching;
+pub(crate) mod migrators;
 pub(crate) mod serve;
 pub(crate) mod sites;
 

@@ -31,7 +31,10 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
     let token = match (std::env::var(&a.token_env), a.no_auth) {
         (Ok(t), _) if !t.trim().is_empty() => Some(t.trim().to_owned()),
         (_, true) if a.listen.ip().is_loopback() => None,
-        (_, true) => bail!("--no-auth is only allowed on a loopback address, not {}", a.listen),
+        (_, true) => bail!(
+            "--no-auth is only allowed on a loopback address, not {}",
+            a.listen
+        ),
         _ => {
             return Err(fluidcloud_conduit::Error::Config {
                 diagnostics: vec![fluidcloud_plugins::Diagnostic::error(format!(
@@ -69,7 +72,10 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr()?;
     if g.json {
-        println!("{}", serde_json::json!({ "listening": format!("http://{addr}") }));
+        println!(
+            "{}",
+            serde_json::json!({ "listening": format!("http://{addr}") })
+        );
     } else {
         println!("listening on http://{addr}");
     }

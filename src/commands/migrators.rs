@@ -1,0 +1,239 @@
+//! `fluidcloud migrators list|show`: the migrators this installation can
+//! use, built in and plugins.
+//!
+//! Plugins are discovered (plugins directory, `$FLUIDCLOUD_PLUGIN_PATH`,
+//! `fluidcloud-migrator-*` on `$PATH`; see `fluidcloud_plugins::discover`),
+//! started, asked `hello` and `describe`, and stopped again. A plugin that
+//! fails its handshake is reported as a warning and left out: one broken
+//! plugin never hides the others. A plugin named like a built-in is left
+//! out too (built-ins win).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Subcommand;
+use fluidcloud_plugins::discover::{self, PluginOrigin};
+use fluidcloud_plugins::host::{HostConfig, PluginCommand, PluginMigrator};
+use fluidcloud_plugins::{ArtifactKind, MigratorDescriptor};
+use serde::Serialize;
+
+use super::print_json;
+use crate::Globals;
+use crate::output::table;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MigratorsCommand {
+    /// Built-in and plugin migrators: origin, version, what each consumes
+    /// and produces.
+    List,
+    /// Everything known about one migrator.
+    Show {
+        /// The migrator's name.
+        name: String,
+    },
+}
+
+/// One migrator as `list` and `show` print it.
+#[derive(Debug, Serialize)]
+struct Entry {
+    name: String,
+    /// `built-in`, or where the plugin was found.
+    origin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<PathBuf>,
+    version: String,
+    summary: String,
+    consumes: Vec<ArtifactKind>,
+    produces: Vec<ArtifactKind>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    secrets: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    features: Vec<String>,
+}
+
+/// A discovered plugin that could not be described.
+#[derive(Debug)]
+struct Broken {
+    path: PathBuf,
+    origin: PluginOrigin,
+    error: String,
+}
+
+fn handshake_config() -> HostConfig {
+    HostConfig {
+        handshake_timeout: Duration::from_secs(5),
+        ..HostConfig::default()
+    }
+}
+
+/// Starts every discovered plugin once and asks what it is.
+fn plugins(builtin: &[MigratorDescriptor]) -> (Vec<Entry>, Vec<Broken>) {
+    let mut ok: Vec<Entry> = Vec::new();
+    let mut broken = Vec::new();
+    for found in discover::discover() {
+        let spawned = PluginMigrator::spawn(PluginCommand::new(&found.path), handshake_config());
+        let m = match spawned {
+            Ok(m) => m,
+            Err(e) => {
+                broken.push(Broken {
+                    path: found.path,
+                    origin: found.origin,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let d = m.plugin_descriptor().clone();
+        let clash = builtin.iter().any(|b| b.name == d.migrator.name)
+            || ok.iter().any(|e| e.name == d.migrator.name);
+        if clash {
+            broken.push(Broken {
+                path: found.path,
+                origin: found.origin,
+                error: format!(
+                    "a migrator named `{}` is already known; this plugin is ignored",
+                    d.migrator.name
+                ),
+            });
+            continue;
+        }
+        let hello = m.hello();
+        ok.push(Entry {
+            name: d.migrator.name,
+            origin: found.origin.to_string(),
+            path: Some(found.path),
+            version: d.migrator.version,
+            summary: d.migrator.summary,
+            consumes: d.migrator.consumes,
+            produces: d.migrator.produces,
+            secrets: d.secrets,
+            protocol: Some(format!("{} {}", hello.protocol, hello.version)),
+            features: hello.features.clone(),
+        });
+    }
+    (ok, broken)
+}
+
+/// The descriptors of the discovered plugins, for broker chains. Broken
+/// plugins are logged and left out.
+pub(crate) fn plugin_descriptors(builtin: &[MigratorDescriptor]) -> Vec<MigratorDescriptor> {
+    let (ok, broken) = plugins(builtin);
+    for b in &broken {
+        tracing::warn!("plugin {}: {}", b.path.display(), b.error);
+    }
+    ok.into_iter()
+        .map(|e| MigratorDescriptor {
+            name: e.name,
+            version: e.version,
+            summary: e.summary,
+            consumes: e.consumes,
+            produces: e.produces,
+        })
+        .collect()
+}
+
+fn catalogue() -> (Vec<Entry>, Vec<Broken>) {
+    let builtin = super::matching::builtin_migrators();
+    let (plugins, broken) = plugins(&builtin);
+    let mut all: Vec<Entry> = builtin
+        .into_iter()
+        .map(|d| Entry {
+            name: d.name,
+            origin: "built-in".into(),
+            path: None,
+            version: d.version,
+            summary: d.summary,
+            consumes: d.consumes,
+            produces: d.produces,
+            secrets: Vec::new(),
+            protocol: None,
+            features: Vec::new(),
+        })
+        .collect();
+    all.extend(plugins);
+    (all, broken)
+}
+
+fn kinds(k: &[ArtifactKind]) -> String {
+    k.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn warn(broken: &[Broken]) {
+    for b in broken {
+        eprintln!(
+            "warning: plugin {} ({}): {}",
+            b.path.display(),
+            b.origin,
+            b.error
+        );
+    }
+}
+
+pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
+    let (all, broken) = catalogue();
+    warn(&broken);
+    match c {
+        MigratorsCommand::List => {
+            if g.json {
+                return print_json(&all);
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.name.clone(),
+                        e.origin.clone(),
+                        e.version.clone(),
+                        kinds(&e.consumes),
+                        kinds(&e.produces),
+                        e.summary.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "NAME", "ORIGIN", "VERSION", "CONSUMES", "PRODUCES", "SUMMARY"
+                    ],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        MigratorsCommand::Show { name } => {
+            let Some(e) = all.into_iter().find(|e| e.name == name) else {
+                return Err(fluidcloud_plugins::Error::NotFound {
+                    what: format!("migrator `{name}`"),
+                    site: None,
+                }
+                .into());
+            };
+            if g.json {
+                return print_json(&e);
+            }
+            println!("name:     {}", e.name);
+            match &e.path {
+                Some(p) => println!("origin:   {} ({})", e.origin, p.display()),
+                None => println!("origin:   {}", e.origin),
+            }
+            println!("version:  {}", e.version);
+            if let Some(p) = &e.protocol {
+                println!("protocol: {p} (features: {})", e.features.join(", "));
+            }
+            println!("summary:  {}", e.summary);
+            println!("consumes: {}", kinds(&e.consumes));
+            println!("produces: {}", kinds(&e.produces));
+            if !e.secrets.is_empty() {
+                println!("secrets:  {}", e.secrets.join(", "));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! `fluidcloud migrators list|show` with the example plugins discovered
+//! through `$FLUIDCLOUD_PLUGIN_PATH`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{fails, ok, stderr, stdout};
+
+/// Builds the Rust example plugin (a binary of another package).
+fn dns_zone_plugin() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "fluidcloud-plugins",
+            "--bin",
+            "fluidcloud-migrator-dns-zone",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "cannot build the dns-zone example"
+        );
+        profile_dir.join("fluidcloud-migrator-dns-zone")
+    })
+}
+
+fn sqlite_plugin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/examples/sqlite-dump/fluidcloud-migrator-sqlite-dump")
+}
+
+/// Runs the CLI with `plugin_path` as `$FLUIDCLOUD_PLUGIN_PATH` and an
+/// empty plugins directory.
+fn run_with(plugin_path: &[&Path], args: &[&str]) -> Output {
+    let empty = tempfile::tempdir().unwrap();
+    let joined = std::env::join_paths(plugin_path).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(args)
+        .env("FLUIDCLOUD_PLUGIN_PATH", joined)
+        .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
+        .env_remove("FLUIDCLOUD_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
+    let o = run_with(
+        &[dns_zone_plugin(), &sqlite_plugin()],
+        &["migrators", "list"],
+    );
+    let out = ok(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("CONSUMES"),
+        "{out}"
+    );
+    let row = |name: &str| {
+        *lines
+            .iter()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{out}"))
+    };
+    assert!(row("image-convert ").contains("built-in"));
+    let dns = row("dns-zone ");
+    assert!(
+        dns.contains("plugin-path") && dns.contains("config-file"),
+        "{dns}"
+    );
+    let sql = row("sqlite-dump ");
+    assert!(
+        sql.contains("plugin-path") && sql.contains("1.0.0") && sql.contains("volume"),
+        "{sql}"
+    );
+    assert_eq!(stderr(&o), "");
+
+    let o = run_with(
+        &[dns_zone_plugin(), &sqlite_plugin()],
+        &["migrators", "list", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["image-convert", "dns-zone", "sqlite-dump"]);
+    assert_eq!(v[2]["consumes"], serde_json::json!([{"type": "volume"}]));
+    assert_eq!(v[2]["protocol"], "fluidcloud-migrator 1.0.0");
+    assert_eq!(v[1]["path"], dns_zone_plugin().display().to_string());
+}
+
+#[test]
+fn show_describes_one_migrator_and_an_unknown_name_exits_4() {
+    let o = run_with(&[&sqlite_plugin()], &["migrators", "show", "sqlite-dump"]);
+    let out = ok(&o);
+    assert!(out.contains("name:     sqlite-dump"), "{out}");
+    assert!(out.contains("origin:   plugin-path ("), "{out}");
+    assert!(
+        out.contains("protocol: fluidcloud-migrator 1.0.0 (features: progress, cancel)"),
+        "{out}"
+    );
+    assert!(out.contains("consumes: volume"), "{out}");
+    let o = run_with(&[], &["migrators", "show", "image-convert", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["origin"], "built-in");
+    let err = fails(&run_with(&[], &["migrators", "show", "nope"]), 4);
+    assert!(err.contains("migrator `nope` not found"), "{err}");
+}
+
+#[test]
+fn a_broken_plugin_is_a_warning_and_never_hides_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("fluidcloud-migrator-broken");
+    std::fs::write(&broken, "#!/bin/sh\necho 'I am not a plugin'\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run_with(&[&broken, &sqlite_plugin()], &["migrators", "list"]);
+    let out = ok(&o);
+    assert!(out.contains("sqlite-dump"), "{out}");
+    assert!(!out.contains("broken"), "{out}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: plugin") && err.contains("fluidcloud-migrator-broken"),
+        "{err}"
+    );
+    assert!(err.contains("I am not a plugin"), "{err}");
+    assert_eq!(stdout(&o).lines().count(), 3);
+}
+
+/// A describe-only plugin converting qcow2 to raw, named to sort before
+/// `image-convert`, so the broker's tie-break picks it.
+const TO_RAW: &str = r#"#!/usr/bin/env python3
+import json, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    m = req["method"]
+    if m == "hello":
+        res = {"protocol": "fluidcloud-migrator", "version": "1.0.0", "features": []}
+    elif m == "describe":
+        res = {"name": "a-to-raw", "version": "0.1.0", "summary": "qcow2 to raw",
+               "consumes": [{"type": "disk-image", "format": "qcow2"}],
+               "produces": [{"type": "disk-image", "format": "raw"}]}
+    else:
+        res = []
+    print(json.dumps({"id": req["id"], "result": res}), flush=True)
+"#;
+
+#[test]
+fn match_chains_plugin_migrators_like_built_ins() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("fluidcloud-migrator-a-to-raw");
+    std::fs::write(&exe, TO_RAW).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = common::demo_config();
+    let args = [
+        "--config",
+        &config,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+    ];
+    let without = ok(&run_with(&[], &args));
+    assert!(without.contains("with image-convert"), "{without}");
+    assert!(!without.contains("a-to-raw"), "{without}");
+    let with = ok(&run_with(&[&exe], &args));
+    assert!(
+        with.contains("convert disk-image(qcow2) -> disk-image(raw) with a-to-raw"),
+        "{with}"
+    );
+}
