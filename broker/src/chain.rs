@@ -15,7 +15,7 @@ use fluidcloud_plugins::{ArtifactKind, MigratorDescriptor};
 use serde::Serialize;
 
 /// One step of a chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct ChainStep {
     /// The migrator.
     pub migrator: String,

@@ -23,7 +23,9 @@ use fluidcloud_plugins::Diagnostic;
 use serde::{Deserialize, Serialize};
 
 /// The resources a constraint applies to.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(untagged)]
 pub enum Selector {
     /// `*`: every placement unit.
@@ -39,6 +41,16 @@ pub struct AllMarker;
 impl Serialize for AllMarker {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("*")
+    }
+}
+
+impl schemars::JsonSchema for AllMarker {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "All".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "const": "*", "description": "every resource" })
     }
 }
 
@@ -83,7 +95,7 @@ impl fmt::Display for Selector {
 }
 
 /// One placement constraint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Constraint {
     /// Resources never go to these sites.

@@ -65,7 +65,9 @@ const HOURS_PER_MONTH: f64 = 730.0;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// What is placed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum UnitKind {
     /// An instance with its image and volumes.
@@ -75,7 +77,7 @@ pub enum UnitKind {
 }
 
 /// One placement unit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Unit {
     /// Instance or bucket name.
     pub name: String,
@@ -210,7 +212,7 @@ pub fn units(t: &Topology) -> Vec<Unit> {
 }
 
 /// Where users of the service are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserLocation {
     /// Latitude in degrees.
@@ -227,7 +229,7 @@ fn one() -> f64 {
 }
 
 /// Weights of the objectives.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Weights {
     /// Per ms of user RTT.
@@ -252,7 +254,7 @@ impl Default for Weights {
 }
 
 /// A matching request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     /// The site the service runs on now.
@@ -306,7 +308,7 @@ pub fn rtt_ms(a: &Location, b: &Location) -> f64 {
 }
 
 /// Score components of one unit on one site.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, schemars::JsonSchema)]
 pub struct Score {
     /// Weighted mean RTT from users, ms.
     pub latency_ms: f64,
@@ -338,7 +340,7 @@ impl Score {
 }
 
 /// Why a site lost for a unit.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 #[serde(tag = "verdict", rename_all = "kebab-case")]
 pub enum Alternative {
     /// A constraint forbids it.
@@ -364,7 +366,7 @@ pub enum Alternative {
 }
 
 /// Where one unit goes and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Assignment {
     /// The unit.
     pub unit: Unit,
@@ -379,7 +381,7 @@ pub struct Assignment {
 }
 
 /// The answer to a matching request.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Placement {
     /// One per unit, in unit order.
     pub assignments: Vec<Assignment>,

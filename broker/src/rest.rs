@@ -2,7 +2,8 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | GET | `/health` | liveness; the only route open without a token |
+//! | GET | `/health` | liveness; open without a token |
+//! | GET | `/openapi.json` | the OpenAPI 3.1 document, built from the types; open |
 //! | GET | `/version` | name and version |
 //! | GET | `/sites` | every site of the catalog |
 //! | GET | `/sites/{name}` | one site |
@@ -93,7 +94,7 @@ struct AppState {
 }
 
 /// One field-level problem in a problem document.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct FieldError {
     /// JSON pointer to the offending field (`/request/weights/cost`).
     pub pointer: String,
@@ -102,7 +103,7 @@ pub struct FieldError {
 }
 
 /// An RFC 9457 problem document.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Problem {
     /// A URI naming the problem type.
     #[serde(rename = "type")]
@@ -178,7 +179,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
-                Problem::new(status, "body-too-large", "the request body exceeds the size limit")
+                Problem::new(
+                    status,
+                    "body-too-large",
+                    "the request body exceeds the size limit",
+                )
             } else {
                 Problem::new(status, "bad-body", e.body_text())
             }
@@ -198,7 +203,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 .with_errors(vec![FieldError { pointer, detail }])
         })?;
         de.end().map_err(|e| {
-            Problem::new(StatusCode::BAD_REQUEST, "malformed-json", format!("trailing data: {e}"))
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                format!("trailing data: {e}"),
+            )
         })?;
         Ok(Self(value))
     }
@@ -225,7 +234,12 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn auth(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = state.token_digest else {
         return next.run(req).await;
     };
@@ -236,8 +250,12 @@ async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, n
         .map(str::trim);
     match given {
         Some(t) if bool::from(digest(t).ct_eq(&expected)) => next.run(req).await,
-        Some(_) => Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not valid")
-            .into_response(),
+        Some(_) => Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not valid",
+        )
+        .into_response(),
         None => Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -248,7 +266,7 @@ async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, n
 }
 
 /// Body of `POST /match`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchBody {
     /// The service's topology, as `fluidcloud introspect --format json` prints it.
@@ -257,12 +275,12 @@ pub struct MatchBody {
     pub request: MatchOptions,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 struct Health {
     status: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 struct Version {
     name: &'static str,
     version: &'static str,
@@ -283,14 +301,23 @@ async fn sites(State(s): State<AppState>) -> axum::Json<Vec<SiteInfo>> {
     axum::Json(s.catalog.sites().await)
 }
 
-async fn site(State(s): State<AppState>, Path(name): Path<String>) -> Result<axum::Json<SiteInfo>, Problem> {
+async fn site(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<SiteInfo>, Problem> {
     s.catalog
         .sites()
         .await
         .into_iter()
         .find(|x| x.name == name)
         .map(axum::Json)
-        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "unknown-site", format!("no site named `{name}`")))
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "unknown-site",
+                format!("no site named `{name}`"),
+            )
+        })
 }
 
 async fn migrators(State(s): State<AppState>) -> axum::Json<Vec<MigratorDescriptor>> {
@@ -308,14 +335,24 @@ async fn match_service(
                 .map(|d| FieldError {
                     pointer: format!(
                         "/topology/{}",
-                        d.key.as_deref().unwrap_or("").replace('[', "/").replace(']', "").replace('.', "/")
+                        d.key
+                            .as_deref()
+                            .unwrap_or("")
+                            .replace('[', "/")
+                            .replace(']', "")
+                            .replace('.', "/")
                     ),
                     detail: d.summary.clone(),
                 })
                 .collect(),
             _ => Vec::new(),
         };
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-topology", e.to_string()).with_errors(errors)
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-topology",
+            e.to_string(),
+        )
+        .with_errors(errors)
     })?;
     let sites = s.catalog.sites().await;
     let migrators = s.catalog.migrators().await;
@@ -326,13 +363,22 @@ async fn match_service(
         placement::solve(&units, &sites, &request, &migrators)
     })
     .await
-    .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("matching failed: {e}")))?;
+    .map_err(|e| {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("matching failed: {e}"),
+        )
+    })?;
     match result {
         Ok(p) => Ok(axum::Json(p)),
         Err(crate::Error::Infeasible { conflict }) => Err(Problem::new(
             StatusCode::CONFLICT,
             "infeasible",
-            crate::Error::Infeasible { conflict: conflict.clone() }.to_string(),
+            crate::Error::Infeasible {
+                conflict: conflict.clone(),
+            }
+            .to_string(),
         )
         .with_errors(
             conflict
@@ -346,21 +392,108 @@ async fn match_service(
         Err(crate::Error::Invalid(d)) => Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-request",
-            d.first().map_or_else(|| "invalid request".to_owned(), ToString::to_string),
+            d.first()
+                .map_or_else(|| "invalid request".to_owned(), ToString::to_string),
         )
         .with_errors(
             d.iter()
                 .map(|d| FieldError {
                     pointer: format!(
                         "/request/{}",
-                        d.key.as_deref().unwrap_or("").replace('[', "/").replace(']', "")
+                        d.key
+                            .as_deref()
+                            .unwrap_or("")
+                            .replace('[', "/")
+                            .replace(']', "")
                     ),
                     detail: d.summary.clone(),
                 })
                 .collect(),
         )),
-        Err(e) => Err(Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "no-placement", e.to_string())),
+        Err(e) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no-placement",
+            e.to_string(),
+        )),
     }
+}
+
+/// The OpenAPI 3.1 document of the service, built from the types the
+/// handlers (de)serialize, so it cannot drift from them.
+pub fn openapi() -> serde_json::Value {
+    use schemars::generate::SchemaSettings;
+    use serde_json::json;
+
+    let mut generator = SchemaSettings::draft2020_12()
+        .with(|s| s.definitions_path = "/components/schemas".into())
+        .into_generator();
+    let schema = |s: schemars::Schema| serde_json::to_value(s).unwrap_or_default();
+    let health = schema(generator.subschema_for::<Health>());
+    let version = schema(generator.subschema_for::<Version>());
+    let sites = schema(generator.subschema_for::<Vec<SiteInfo>>());
+    let site = schema(generator.subschema_for::<SiteInfo>());
+    let migrators = schema(generator.subschema_for::<Vec<MigratorDescriptor>>());
+    let match_body = schema(generator.subschema_for::<MatchBody>());
+    let placement = schema(generator.subschema_for::<placement::Placement>());
+    let problem = schema(generator.subschema_for::<Problem>());
+    let defs = generator.take_definitions(true);
+
+    let json_ok = |s: &serde_json::Value| json!({ "description": "OK", "content": { "application/json": { "schema": s } } });
+    let problem_of = |what: &str| json!({ "description": what, "content": { "application/problem+json": { "schema": problem } } });
+    let errors = |codes: &[(&str, &str)]| {
+        let mut m = serde_json::Map::new();
+        for (code, what) in codes {
+            m.insert((*code).to_owned(), problem_of(what));
+        }
+        m
+    };
+    let with = |ok: serde_json::Value, codes: &[(&str, &str)]| {
+        let mut r = errors(codes);
+        r.insert("200".into(), ok);
+        serde_json::Value::Object(r)
+    };
+    let auth = [("401", "missing or invalid bearer token")];
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fluidcloud broker",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Matches services to sites: catalog, migrators and explained placement."
+        },
+        "security": [{ "bearer": [] }],
+        "paths": {
+            "/health": { "get": { "operationId": "health", "security": [], "responses": with(json_ok(&health), &[]) } },
+            "/openapi.json": { "get": { "operationId": "openapi", "security": [], "responses": { "200": { "description": "this document", "content": { "application/json": {} } } } } },
+            "/version": { "get": { "operationId": "version", "responses": with(json_ok(&version), &auth) } },
+            "/sites": { "get": { "operationId": "listSites", "responses": with(json_ok(&sites), &auth) } },
+            "/sites/{name}": { "get": {
+                "operationId": "getSite",
+                "parameters": [{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": with(json_ok(&site), &[auth[0], ("404", "no such site")])
+            } },
+            "/migrators": { "get": { "operationId": "listMigrators", "responses": with(json_ok(&migrators), &auth) } },
+            "/match": { "post": {
+                "operationId": "match",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": match_body } } },
+                "responses": with(json_ok(&placement), &[
+                    auth[0],
+                    ("400", "malformed JSON"),
+                    ("409", "no placement satisfies the constraints"),
+                    ("413", "body too large"),
+                    ("415", "not JSON"),
+                    ("422", "invalid field, topology or constraint"),
+                ])
+            } }
+        },
+        "components": {
+            "schemas": defs,
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } }
+        }
+    })
+}
+
+async fn openapi_json() -> axum::Json<serde_json::Value> {
+    axum::Json(openapi())
 }
 
 async fn not_found() -> Problem {
@@ -382,6 +515,7 @@ pub fn router(catalog: Arc<dyn Catalog>, config: &ServiceConfig) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi_json))
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.body_limit))
@@ -401,5 +535,7 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

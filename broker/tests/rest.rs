@@ -74,8 +74,12 @@ async fn start() -> String {
             name: "image-convert".into(),
             version: "0.1.0".into(),
             summary: "converts".into(),
-            consumes: vec![ArtifactKind::DiskImage { format: ImageFormat::Qcow2 }],
-            produces: vec![ArtifactKind::DiskImage { format: ImageFormat::Raw }],
+            consumes: vec![ArtifactKind::DiskImage {
+                format: ImageFormat::Qcow2,
+            }],
+            produces: vec![ArtifactKind::DiskImage {
+                format: ImageFormat::Raw,
+            }],
         }],
     };
     let config = ServiceConfig {
@@ -114,20 +118,39 @@ async fn health_is_open_and_everything_else_needs_the_token() {
 
     for path in ["/version", "/sites", "/sites/paris", "/migrators"] {
         let r = client().get(format!("{base}{path}")).send().await.unwrap();
-        assert_eq!(r.headers()[reqwest::header::WWW_AUTHENTICATE], "Bearer", "{path}");
+        assert_eq!(
+            r.headers()[reqwest::header::WWW_AUTHENTICATE],
+            "Bearer",
+            "{path}"
+        );
         let p = problem(r, 401).await;
         assert!(p.detail.contains("Bearer"), "{path}: {p:?}");
-        let r = client().get(format!("{base}{path}")).bearer_auth("wrong").send().await.unwrap();
+        let r = client()
+            .get(format!("{base}{path}"))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
         problem(r, 401).await;
     }
-    let r = client().post(format!("{base}/match")).json(&json!({})).send().await.unwrap();
+    let r = client()
+        .post(format!("{base}/match"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     problem(r, 401).await;
 }
 
 #[tokio::test]
 async fn catalog_routes_answer_with_the_catalog() {
     let base = start().await;
-    let get = |path: &str| client().get(format!("{base}{path}")).bearer_auth(TOKEN).send();
+    let get = |path: &str| {
+        client()
+            .get(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+    };
     let sites: Value = get("/sites").await.unwrap().json().await.unwrap();
     assert_eq!(sites.as_array().unwrap().len(), 3);
     let one: Value = get("/sites/frankfurt").await.unwrap().json().await.unwrap();
@@ -147,7 +170,13 @@ async fn match_places_the_topology_and_explains() {
     let body = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
         { "type": "jurisdiction", "resources": "*", "regions": ["EU"] }
     ] } });
-    let r = client().post(format!("{base}/match")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+    let r = client()
+        .post(format!("{base}/match"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let p: Value = r.json().await.unwrap();
     assert_eq!(p["assignments"][0]["site"], "frankfurt");
@@ -169,41 +198,201 @@ async fn bad_requests_are_problems_naming_the_field() {
             .send()
     };
     // Malformed JSON.
-    let p = problem(post(b"{\"topology\": ".to_vec(), "application/json").await.unwrap(), 400).await;
+    let p = problem(
+        post(b"{\"topology\": ".to_vec(), "application/json")
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
     assert!(p.detail.contains("EOF"), "{p:?}");
     // A field of the wrong type is named by pointer.
     let body = json!({ "topology": topology(), "request": { "source": "paris", "weights": { "cost": "cheap" } } });
-    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    let p = problem(
+        post(serde_json::to_vec(&body).unwrap(), "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
     assert_eq!(p.errors[0].pointer, "/request/weights/cost", "{p:?}");
     // Unknown fields are refused.
     let body = json!({ "topology": topology(), "request": { "source": "paris" }, "colour": 1 });
-    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    let p = problem(
+        post(serde_json::to_vec(&body).unwrap(), "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
     assert!(p.detail.contains("colour"), "{p:?}");
     // A topology whose edge points nowhere.
     let mut topo = topology();
     topo["edges"][0]["to"] = json!("image:ghost");
     let body = json!({ "topology": topo, "request": { "source": "paris" } });
-    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    let p = problem(
+        post(serde_json::to_vec(&body).unwrap(), "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
     assert!(p.detail.contains("image:ghost"), "{p:?}");
     assert_eq!(p.errors[0].pointer, "/topology/edges/0", "{p:?}");
     // Unknown names in constraints.
     let body = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
         { "type": "ban", "resources": ["wbe"], "sites": ["paris"] }] } });
-    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 422).await;
+    let p = problem(
+        post(serde_json::to_vec(&body).unwrap(), "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
     assert!(p.detail.contains("`wbe`"), "{p:?}");
     assert_eq!(p.errors[0].pointer, "/request/constraints/0", "{p:?}");
     // Infeasible: the conflict is listed.
     let body = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
         { "type": "fence", "resources": ["web"], "sites": ["virginia"] },
         { "type": "jurisdiction", "resources": "*", "regions": ["EU"] }] } });
-    let p = problem(post(serde_json::to_vec(&body).unwrap(), "application/json").await.unwrap(), 409).await;
+    let p = problem(
+        post(serde_json::to_vec(&body).unwrap(), "application/json")
+            .await
+            .unwrap(),
+        409,
+    )
+    .await;
     let conflict: Vec<&str> = p.errors.iter().map(|e| e.detail.as_str()).collect();
     assert_eq!(conflict, ["fence(web; virginia)", "jurisdiction(*; EU)"]);
     // Wrong media type, and a body over the limit.
     problem(post(b"{}".to_vec(), "text/plain").await.unwrap(), 415).await;
-    let p = problem(post(vec![b' '; 100 * 1024], "application/json").await.unwrap(), 413).await;
+    let p = problem(
+        post(vec![b' '; 100 * 1024], "application/json")
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
     assert!(p.detail.contains("size limit"), "{p:?}");
     // The service is still healthy after all that.
     let r = client().get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A validator for `schema` that resolves `#/components/...` in `doc`.
+fn validator(doc: &Value, schema: &Value) -> jsonschema::Validator {
+    let mut root = schema.clone();
+    root.as_object_mut()
+        .unwrap()
+        .insert("components".into(), doc["components"].clone());
+    jsonschema::draft202012::new(&root)
+        .unwrap_or_else(|e| panic!("schema does not compile: {e}\n{root}"))
+}
+
+fn response_schema<'a>(doc: &'a Value, path: &str, method: &str, status: &str) -> &'a Value {
+    let r = &doc["paths"][path][method]["responses"][status]["content"];
+    let s = r["application/json"]["schema"]
+        .as_object()
+        .map(|_| &r["application/json"]["schema"]);
+    s.unwrap_or(&r["application/problem+json"]["schema"])
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_what_the_service_really_sends() {
+    let base = start().await;
+    // Open without a token, like /health.
+    let doc: Value = client()
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/health",
+        "/version",
+        "/sites",
+        "/sites/{name}",
+        "/migrators",
+        "/match",
+        "/openapi.json",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is not documented");
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+
+    // Successful answers validate against their documented schemas.
+    let check = |path: &str, method: &str, status: &str, body: &Value| {
+        let v = validator(&doc, response_schema(&doc, path, method, status));
+        let errors: Vec<String> = v
+            .iter_errors(body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {path} {status}: {errors:?}\n{body}"
+        );
+    };
+    for path in ["/version", "/sites", "/migrators"] {
+        let body: Value = client()
+            .get(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        check(path, "get", "200", &body);
+    }
+    let body: Value = client()
+        .get(format!("{base}/sites/paris"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    check("/sites/{name}", "get", "200", &body);
+    let request = json!({ "topology": topology(), "request": { "source": "paris", "users": [{ "latitude": 48.1, "longitude": -1.7 }] } });
+    // The request body itself is valid per the document.
+    let req_schema =
+        &doc["paths"]["/match"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    assert!(validator(&doc, req_schema).is_valid(&request));
+    assert!(
+        !validator(&doc, req_schema).is_valid(&json!({ "topology": topology() })),
+        "request is required"
+    );
+    let placed: Value = client()
+        .post(format!("{base}/match"))
+        .bearer_auth(TOKEN)
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    check("/match", "post", "200", &placed);
+    // Problems, too.
+    let r = client().get(format!("{base}/sites")).send().await.unwrap();
+    check("/sites", "get", "401", &r.json::<Value>().await.unwrap());
+    let bad = json!({ "topology": topology(), "request": { "source": "paris", "constraints": [
+        { "type": "fence", "resources": ["web"], "sites": ["virginia"] },
+        { "type": "jurisdiction", "resources": "*", "regions": ["EU"] }] } });
+    let r = client()
+        .post(format!("{base}/match"))
+        .bearer_auth(TOKEN)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    check("/match", "post", "409", &r.json::<Value>().await.unwrap());
 }

@@ -25,6 +25,7 @@ use crate::resource::ImageFormat;
 
 /// The type of a value flowing between steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ArtifactKind {
     /// A disk image in a given format.
@@ -60,6 +61,7 @@ impl fmt::Display for ArtifactKind {
 /// A concrete value produced or consumed by a step: "qcow2 image at site X,
 /// path P, checksum C".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Artifact {
     /// Its type.
@@ -78,6 +80,7 @@ pub struct Artifact {
 
 /// What a migrator is and what it works on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MigratorDescriptor {
     /// Unique name, e.g. `image-convert`.
     pub name: String,
@@ -93,6 +96,7 @@ pub struct MigratorDescriptor {
 
 /// One invocation of a migrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StepRequest {
     /// Stable id of the step in its workflow; use it as the idempotency key.
     pub step_id: String,
@@ -106,6 +110,7 @@ pub struct StepRequest {
 
 /// A migrator's estimate of a step's cost.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Estimate {
     /// Bytes read at the source.
     pub bytes_read: u64,
@@ -119,6 +124,7 @@ pub struct Estimate {
 
 /// What a finished step produced.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StepOutput {
     /// Named output artifacts.
     pub artifacts: BTreeMap<String, Artifact>,

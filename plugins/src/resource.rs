@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// The kinds of resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum ResourceKind {
     /// A virtual machine (or container-like instance).
@@ -51,6 +52,7 @@ impl fmt::Display for ResourceKind {
 
 /// Stable id of a resource: `kind:name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(transparent)]
 pub struct ResourceId(String);
 
@@ -109,6 +111,7 @@ impl FromStr for ResourceId {
 
 /// Disk image container formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     /// Plain bytes, possibly sparse.
@@ -160,6 +163,7 @@ impl FromStr for ImageFormat {
 
 /// Syntax of a configuration file, which decides how it is read and edited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ConfigFormat {
     /// YAML.
@@ -195,6 +199,7 @@ impl ConfigFormat {
 
 /// What an endpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum EndpointKind {
     /// A DNS host name.
@@ -221,6 +226,7 @@ impl EndpointKind {
 
 /// Kind-specific facts about a resource.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ResourceSpec {
     /// A virtual machine.
@@ -316,6 +322,7 @@ impl ResourceSpec {
 
 /// One resource of a service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Resource {
     /// Stable id, `kind:name`.
     pub id: ResourceId,
@@ -329,6 +336,7 @@ pub struct Resource {
 
 /// How a resource became known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// Seen on the live site.

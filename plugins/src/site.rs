@@ -12,6 +12,7 @@ use crate::resource::ImageFormat;
 /// The broker matches on these; a missing one means the operation fails with
 /// `NotSupported`, never a silent fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Capability {
     /// Lists what runs on the site (instances, volumes, images, buckets, config files).
@@ -56,6 +57,7 @@ impl fmt::Display for Capability {
 
 /// Geographic location of a site.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Location {
     /// Provider or operator region name, e.g. `fr-bretagne`.
@@ -80,6 +82,7 @@ impl Location {
 
 /// Prices a site charges, in the site's currency.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Cost {
     /// ISO 4217 currency code.
@@ -108,6 +111,7 @@ fn default_currency() -> String {
 
 /// Capacity of a site, as far as it is declared or detected.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
     /// Total vCPUs available to relocated instances.
@@ -123,6 +127,7 @@ pub struct Capacity {
 
 /// Everything known about a site: declared facts plus detected capabilities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SiteInfo {
     /// The site's name in the sites file.
     pub name: String,

@@ -31,6 +31,7 @@ use crate::resource::{Origin, Resource, ResourceId};
 
 /// How one resource depends on another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Relation {
     /// Instance boots from an image.
@@ -60,6 +61,7 @@ impl Relation {
 
 /// An edge of the topology.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Edge {
     /// The dependent resource.
     pub from: ResourceId,
@@ -75,6 +77,7 @@ pub struct Edge {
 
 /// Serialized form of a topology: stable, sorted, and readable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TopologyDoc {
     /// The service's name.
