@@ -44,6 +44,9 @@ enum Command {
     Migrators(commands::migrators::MigratorsCommand),
     /// Run the broker REST service.
     Serve(commands::serve::ServeArgs),
+    /// Disk images: info, convert, check, compare (formats detected by content).
+    #[command(subcommand)]
+    Image(commands::image::ImageCommand),
     /// The demo: local sites, no cloud account. Without a subcommand,
     /// creates the demo environment if needed and shows the shop service.
     Demo(commands::demo::DemoArgs),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             Command::Match(a) => commands::matching::run(&globals, a).await,
             Command::Migrators(c) => commands::migrators::run(&globals, c).await,
             Command::Serve(a) => commands::serve::run(&globals, a).await,
+            Command::Image(c) => commands::image::run(&globals, c).await,
             Command::Demo(c) => commands::demo::run(&globals, c).await,
         }
     });

@@ -62,7 +62,15 @@ fn put_be64(b: &mut [u8], at: usize, v: u64) {
 /// A small valid qcow2 image made by our writer.
 fn our_qcow2(dir: &Path) -> PathBuf {
     let path = dir.join("ours.qcow2");
-    let mut w = Qcow2Writer::create(&path, 8 * MIB, &Qcow2Options { cluster_size: 4096 }).unwrap();
+    let mut w = Qcow2Writer::create(
+        &path,
+        8 * MIB,
+        &Qcow2Options {
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     w.write_at(MIB, &[7; 10_000]).unwrap();
     w.finish().unwrap();
     path
@@ -77,7 +85,15 @@ fn our_qcow2_images_probe_with_their_geometry() {
         (2 << 20, 5 * MIB),
     ] {
         let path = dir.path().join(format!("ours-{cs}.qcow2"));
-        let mut w = Qcow2Writer::create(&path, vs, &Qcow2Options { cluster_size: cs }).unwrap();
+        let mut w = Qcow2Writer::create(
+            &path,
+            vs,
+            &Qcow2Options {
+                cluster_size: cs,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         w.write_at(vs - 4096, &[1; 4096]).unwrap();
         let summary = w.finish().unwrap();
         let info = probe_as(&path, ImageFormat::Qcow2, "qcow2");

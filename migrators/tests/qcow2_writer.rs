@@ -22,7 +22,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 fn opts(cluster_size: u32) -> Qcow2Options {
-    Qcow2Options { cluster_size }
+    Qcow2Options {
+        cluster_size,
+        ..Default::default()
+    }
 }
 
 /// A virtual disk's expected content and the writes that produce it.

@@ -7,7 +7,7 @@ use clap::Args;
 use fluidcloud_broker::placement::{Alternative, UserLocation, Weights};
 use fluidcloud_broker::{Constraint, Request};
 use fluidcloud_conduit::{ServiceManifest, drivers, introspect};
-use fluidcloud_plugins::{ArtifactKind, ImageFormat, MigratorDescriptor, SiteInfo};
+use fluidcloud_plugins::{MigratorDescriptor, SiteInfo};
 
 use super::{print_json, sites_file};
 use crate::Globals;
@@ -107,14 +107,8 @@ pub(crate) fn migrators() -> Vec<MigratorDescriptor> {
 
 /// The built-in migrators the broker may chain for disk images.
 pub(crate) fn builtin_migrators() -> Vec<MigratorDescriptor> {
-    let img = |format| ArtifactKind::DiskImage { format };
-    vec![MigratorDescriptor {
-        name: "image-convert".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        summary: "converts disk images between container formats".into(),
-        consumes: vec![img(ImageFormat::Qcow2), img(ImageFormat::Raw)],
-        produces: vec![img(ImageFormat::Qcow2), img(ImageFormat::Raw)],
-    }]
+    use fluidcloud_plugins::Migrator as _;
+    vec![fluidcloud_migrators::ImageConvert.describe()]
 }
 
 pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 pub(crate) mod demo;
+pub(crate) mod image;
 pub(crate) mod introspect;
 pub(crate) mod matching;
 pub(crate) mod migrators;

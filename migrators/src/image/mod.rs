@@ -1,12 +1,24 @@
-//! Disk images: format detection ([`probe`]) and writers ([`qcow2`]).
+//! Disk images: format detection ([`probe`]), readers ([`reader`]) and
+//! writers ([`qcow2`]).
 
 use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
+pub mod convert;
 mod probe;
 pub mod qcow2;
+pub mod reader;
+pub mod verify;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
+pub use convert::{ConvertOptions, ConvertSummary, convert};
 pub use probe::probe;
+pub use reader::{
+    Extent, ExtentKind, Extents, ImageReader, OpenOptions, RawReader, extents, open, open_with,
+};
+pub use verify::{ChainEntry, CheckReport, check, compare};
 
 /// What [`probe`] learnt about an image file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

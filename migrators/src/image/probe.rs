@@ -34,7 +34,7 @@ const VHDX_TABLE_LEN: usize = 64 * 1024;
 const VHDX_MAX_ENTRIES: usize = 2047;
 
 /// On-disk byte order of a GUID: the first three fields little-endian.
-const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
+pub(crate) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     let a = d1.to_le_bytes();
     let b = d2.to_le_bytes();
     let c = d3.to_le_bytes();
@@ -530,7 +530,7 @@ fn vhdx_metadata_region(table: &[u8]) -> Option<(u64, u32)> {
 }
 
 /// CRC-32C (Castagnoli), as VHDX checksums use.
-fn crc32c(data: &[u8]) -> u32 {
+pub(crate) fn crc32c(data: &[u8]) -> u32 {
     static TABLE: [u32; 256] = crc32c_table();
     let mut crc = !0u32;
     for &b in data {

@@ -23,14 +23,25 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+
+mod reader;
+
+pub use reader::{Compression, Qcow2Details, Qcow2Reader, SnapshotInfo};
 
 /// `QFI\xfb`, the first four bytes of every qcow2 file.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Bit 63 of L1 and L2 entries: the referenced cluster has refcount exactly 1.
 pub const OFLAG_COPIED: u64 = 1 << 63;
+/// Bit 62 of L2 entries: a compressed cluster.
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of L2 entries: the cluster reads as zeros.
+const OFLAG_ZERO: u64 = 1;
+/// Header extension: backing file format name.
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 /// Smallest cluster size qcow2 allows (`cluster_bits` 9).
 pub const MIN_CLUSTER_SIZE: u32 = 512;
 /// Largest cluster size QEMU opens (`cluster_bits` 21).
@@ -52,19 +63,32 @@ const MAX_REFTABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// L1/L2 entries keep host offsets in bits 9..=55.
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Pending output is written to the file in chunks of about this size.
-const FLUSH_BYTES: usize = 8 * 1024 * 1024;
+const FLUSH_BYTES: usize = 2 * 1024 * 1024;
 
 /// Options of a new qcow2 image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qcow2Options {
     /// Cluster size in bytes: a power of two from 512 to 2 MiB. Default 64 KiB.
     pub cluster_size: u32,
+    /// Compress data clusters with this algorithm (clusters that do not
+    /// shrink are stored uncompressed, as QEMU does). Default: none.
+    pub compression: Option<Compression>,
+    /// Backing file name to record in the header (relative names are
+    /// relative to the new image's directory). With a backing file, all-zero
+    /// clusters written are stored as zero clusters (they must hide the
+    /// backing data), and ranges never written read from the backing file.
+    pub backing_file: Option<String>,
+    /// Format of the backing file, recorded in a header extension.
+    pub backing_format: Option<ImageFormat>,
 }
 
 impl Default for Qcow2Options {
     fn default() -> Self {
         Self {
             cluster_size: 64 * 1024,
+            compression: None,
+            backing_file: None,
+            backing_format: None,
         }
     }
 }
@@ -132,6 +156,21 @@ pub struct Qcow2Writer {
     data_clusters: u64,
     /// Set by the first I/O error: the file no longer matches our state.
     failed: Option<(std::io::ErrorKind, String)>,
+    /// Compression of `write_at` clusters, if any.
+    compression: Option<Compression>,
+    /// Backing file name and format for the header.
+    backing: Option<(String, Option<ImageFormat>)>,
+    /// Bytes used in the last host cluster when it holds compressed data
+    /// and has room left (0: no such cluster).
+    comp_tail: u64,
+    /// Host cluster being filled with compressed data and how many
+    /// compressed clusters touch it.
+    comp_cluster: Option<(u64, u16)>,
+    /// Host clusters whose refcount is not 1 (shared by several compressed
+    /// clusters), ascending. Only compressed images have any.
+    refcount_exceptions: Vec<(u64, u16)>,
+    /// Bytes appended to the file so far (the output buffer follows them).
+    flushed: u64,
 }
 
 impl fmt::Debug for Qcow2Writer {
@@ -180,6 +219,26 @@ impl Qcow2Writer {
         }
         let cluster_size = u64::from(cs);
         let cluster_bits = cs.trailing_zeros();
+        if let Some(name) = &opts.backing_file {
+            let header = encode_header(
+                &Header {
+                    cluster_bits,
+                    virtual_size,
+                    l1_size: 0,
+                    l1_offset: 0,
+                    refcount_table_offset: 0,
+                    refcount_table_clusters: 0,
+                },
+                opts.compression,
+                Some((name.as_str(), opts.backing_format)),
+            );
+            if name.is_empty() || name.len() > 1023 || header.len() as u64 > cluster_size {
+                return Err(Error::InvalidArgument(format!(
+                    "backing file name `{name}` must be 1 to 1023 bytes and fit in the first \
+                     cluster ({cs} bytes)"
+                )));
+            }
+        }
         let l2_entries = cluster_size / 8;
         let guest_clusters = virtual_size.div_ceil(cluster_size);
         let l1_size = guest_clusters.div_ceil(l2_entries);
@@ -233,6 +292,15 @@ impl Qcow2Writer {
             next_cluster: 1,
             data_clusters: 0,
             failed: None,
+            compression: opts.compression,
+            backing: opts
+                .backing_file
+                .clone()
+                .map(|name| (name, opts.backing_format)),
+            comp_tail: 0,
+            comp_cluster: None,
+            refcount_exceptions: Vec::new(),
+            flushed: 0,
         })
     }
 
@@ -289,7 +357,7 @@ impl Qcow2Writer {
             if take == self.pending.len() && self.pending_index != Some(index) {
                 // A whole cluster: store it straight from the caller's buffer.
                 self.flush_pending()?;
-                self.store_cluster(index, chunk)?;
+                self.store_cluster(index, chunk, self.compression)?;
             } else {
                 if self.pending_index != Some(index) {
                     self.flush_pending()?;
@@ -319,10 +387,22 @@ impl Qcow2Writer {
     /// [`Error::Io`] naming the path if writing or syncing fails, now or in
     /// an earlier call (the file is then not a valid image and should be
     /// removed by the caller).
-    pub fn finish(mut self) -> Result<WriteSummary> {
+    pub fn finish(self) -> Result<WriteSummary> {
+        self.finish_with(true)
+    }
+
+    /// [`finish`](Self::finish), syncing the file to disk only if `sync`
+    /// (without it the data may still be in the page cache when this
+    /// returns, as with `qemu-img convert`'s default `cache=unsafe`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`finish`](Self::finish).
+    pub fn finish_with(mut self, sync: bool) -> Result<WriteSummary> {
         self.check_usable()?;
         self.flush_pending()?;
         self.flush_l2()?;
+        self.close_compressed();
 
         let cs = self.cluster_size;
         let l1_clusters = (self.l1_size * 8).div_ceil(cs);
@@ -360,32 +440,49 @@ impl Qcow2Writer {
         self.pad_to_cluster();
         self.maybe_flush()?;
 
-        // Refcount blocks: 1 for every cluster of the file, 0 past its end.
+        // Refcount blocks: 1 for every cluster of the file (more for
+        // clusters shared by compressed clusters), 0 past its end.
         let per_block = layout.entries_per_block;
+        let exceptions = std::mem::take(&mut self.refcount_exceptions);
+        let mut exceptions = exceptions.iter().copied().peekable();
         for k in 0..layout.block_clusters {
             let used = total.saturating_sub(k * per_block).min(per_block);
-            for _ in 0..used {
-                self.out.extend_from_slice(&1u16.to_be_bytes());
+            for i in 0..used {
+                let cluster = k * per_block + i;
+                let count = match exceptions.peek() {
+                    Some(&(c, n)) if c == cluster => {
+                        exceptions.next();
+                        n
+                    }
+                    _ => 1,
+                };
+                self.out.extend_from_slice(&count.to_be_bytes());
             }
             self.pad_to_cluster();
             self.maybe_flush()?;
         }
         self.flush_out()?;
 
-        let header = encode_header(&Header {
-            cluster_bits: self.cluster_bits,
-            virtual_size: self.virtual_size,
-            l1_size: self.l1_size,
-            l1_offset,
-            refcount_table_offset: base * cs,
-            refcount_table_clusters: layout.table_clusters,
-        });
+        let header = encode_header(
+            &Header {
+                cluster_bits: self.cluster_bits,
+                virtual_size: self.virtual_size,
+                l1_size: self.l1_size,
+                l1_offset,
+                refcount_table_offset: base * cs,
+                refcount_table_clusters: layout.table_clusters,
+            },
+            self.compression,
+            self.backing.as_ref().map(|(n, f)| (n.as_str(), *f)),
+        );
         self.file
             .write_all_at(&header, 0)
             .map_err(|e| self.io_error("writing the header of", e))?;
-        self.file
-            .sync_all()
-            .map_err(|e| self.io_error("syncing", e))?;
+        if sync {
+            self.file
+                .sync_all()
+                .map_err(|e| self.io_error("syncing", e))?;
+        }
 
         Ok(WriteSummary {
             virtual_size: self.virtual_size,
@@ -399,35 +496,260 @@ impl Qcow2Writer {
     fn flush_pending(&mut self) -> Result<()> {
         if let Some(index) = self.pending_index.take() {
             let data = std::mem::take(&mut self.pending);
-            let stored = self.store_cluster(index, &data);
+            let stored = self.store_cluster(index, &data, self.compression);
             self.pending = data;
             stored?;
         }
         Ok(())
     }
 
-    /// Appends one full guest cluster unless it is all zeros.
-    fn store_cluster(&mut self, index: u64, data: &[u8]) -> Result<()> {
+    /// Appends one full guest cluster unless it is all zeros (then, with a
+    /// backing file, records a zero cluster), compressing it if asked and
+    /// if that makes it smaller.
+    fn store_cluster(
+        &mut self,
+        index: u64,
+        data: &[u8],
+        compression: Option<Compression>,
+    ) -> Result<()> {
         if is_zero(data) {
+            if self.backing.is_some() {
+                self.set_l2(index, OFLAG_ZERO)?;
+            }
             return Ok(());
         }
+        if let Some(c) = compression
+            && let Some(packed) = compress_cluster(data, self.pending.len(), c)
+        {
+            return self.store_compressed(index, &packed);
+        }
+        self.set_l2(index, 0)?;
+        let host = self.allocate()?;
+        self.out.extend_from_slice(data);
+        self.set_l2(index, host | OFLAG_COPIED)?;
+        self.data_clusters += 1;
+        self.maybe_flush()
+    }
+
+    /// Sets the L2 entry of guest cluster `index`, switching tables first
+    /// if it belongs to another one.
+    fn set_l2(&mut self, index: u64, entry: u64) -> Result<()> {
         let l1_index = index / self.l2_entries;
         if self.l2_index != Some(l1_index) {
             self.flush_l2()?;
             self.l2.fill(0);
             self.l2_index = Some(l1_index);
         }
-        let host = self.allocate()?;
-        self.out.extend_from_slice(data);
         // `index % l2_entries` is below the table length.
         if let Some(slot) = usize::try_from(index % self.l2_entries)
             .ok()
             .and_then(|i| self.l2.get_mut(i))
         {
-            *slot = host | OFLAG_COPIED;
+            *slot = entry;
         }
+        Ok(())
+    }
+
+    /// Writes one guest cluster given already compressed (by
+    /// [`compress_cluster`] with this image's cluster size), e.g. by worker
+    /// threads of a converter. `offset` must be cluster-aligned and not
+    /// before the end of the previous write.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an unaligned or out-of-order offset or
+    /// data not smaller than a cluster; [`Error::Io`] as for
+    /// [`write_at`](Self::write_at).
+    pub fn write_compressed(&mut self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        self.check_cluster_write(offset)?;
+        if compressed.is_empty() || compressed.len() as u64 >= self.cluster_size {
+            return Err(Error::InvalidArgument(format!(
+                "compressed cluster of {} bytes for {} (cluster size {})",
+                compressed.len(),
+                self.path.display(),
+                self.cluster_size
+            )));
+        }
+        self.flush_pending()?;
+        self.cursor = (offset + self.cluster_size).min(self.virtual_size);
+        self.store_compressed(offset >> self.cluster_bits, compressed)
+    }
+
+    /// Writes one whole guest cluster as it is, never compressed (for
+    /// clusters a converter found incompressible). The last cluster of an
+    /// image whose size is not a multiple of the cluster size may be short.
+    ///
+    /// # Errors
+    ///
+    /// As for [`write_compressed`](Self::write_compressed).
+    pub fn write_uncompressed(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        self.check_cluster_write(offset)?;
+        let expected = (self.virtual_size - offset).min(self.cluster_size);
+        if data.len() as u64 != expected {
+            return Err(Error::InvalidArgument(format!(
+                "cluster write of {} bytes at {offset} of {} (expected {expected})",
+                data.len(),
+                self.path.display()
+            )));
+        }
+        self.flush_pending()?;
+        self.cursor = offset + expected;
+        if expected == self.cluster_size {
+            self.store_cluster(offset >> self.cluster_bits, data, None)
+        } else {
+            let mut full = vec![0u8; self.pending.len()];
+            full[..data.len()].copy_from_slice(data);
+            self.store_cluster(offset >> self.cluster_bits, &full, None)
+        }
+    }
+
+    /// [`write_at`](Self::write_at) without compression, whatever the
+    /// options say (for data a converter already found incompressible).
+    ///
+    /// # Errors
+    ///
+    /// As for [`write_at`](Self::write_at).
+    ///
+    /// Whole clusters at a cluster-aligned offset are written to the file
+    /// straight from `data`, without going through the output buffer.
+    pub fn write_uncompressed_run(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let end = offset.saturating_add(data.len() as u64);
+        let direct = self.backing.is_none()
+            && self.pending_index.is_none()
+            && offset.is_multiple_of(self.cluster_size)
+            && offset >= self.cursor
+            && end <= self.virtual_size;
+        if !direct {
+            let compression = self.compression.take();
+            let r = self.write_at(offset, data);
+            self.compression = compression;
+            return r;
+        }
+        self.check_usable()?;
+        let cs = self.pending.len();
+        let mut i = 0usize;
+        while i < data.len() {
+            let Some(cluster) = data.get(i..i + cs) else {
+                // A partial last cluster: through the buffer.
+                self.cursor = offset + i as u64;
+                let compression = self.compression.take();
+                let r = self.write_at(offset + i as u64, data.get(i..).unwrap_or_default());
+                self.compression = compression;
+                return r;
+            };
+            if is_zero(cluster) {
+                i += cs;
+                continue;
+            }
+            let index = (offset + i as u64) >> self.cluster_bits;
+            // Switch L2 tables first: that allocates, and the data clusters
+            // of the run must be contiguous.
+            self.set_l2(index, 0)?;
+            let table_end = (index / self.l2_entries + 1) * self.l2_entries;
+            let start = i;
+            while let Some(cluster) = data.get(i..i + cs) {
+                let index = (offset + i as u64) >> self.cluster_bits;
+                if index >= table_end || is_zero(cluster) {
+                    break;
+                }
+                let host = self.allocate()?;
+                self.set_l2(index, host | OFLAG_COPIED)?;
+                self.data_clusters += 1;
+                i += cs;
+            }
+            self.flush_out()?;
+            let run = data.get(start..i).unwrap_or_default();
+            if let Err(e) = self.file.write_all(run) {
+                return Err(self.io_error("writing", e));
+            }
+            self.flushed += run.len() as u64;
+        }
+        self.cursor = end;
+        Ok(())
+    }
+
+    fn check_cluster_write(&self, offset: u64) -> Result<()> {
+        if !offset.is_multiple_of(self.cluster_size)
+            || offset < self.cursor
+            || offset >= self.virtual_size
+        {
+            return Err(Error::InvalidArgument(format!(
+                "cluster write at {offset} of {}: must be cluster-aligned, inside the disk and \
+                 not before the end of the previous write ({})",
+                self.path.display(),
+                self.cursor
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends compressed cluster data right after the previous compressed
+    /// data (sharing host clusters, as QEMU does) and maps guest cluster
+    /// `index` to it.
+    fn store_compressed(&mut self, index: u64, packed: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        self.set_l2(index, 0)?;
+        if matches!(self.comp_cluster, Some((_, n)) if n == u16::MAX) {
+            self.close_compressed();
+        }
+        if self.comp_tail == 0 {
+            self.close_compressed();
+            let host = self.allocate()?;
+            self.comp_cluster = Some((host / cs, 0));
+        }
+        let start = (self.next_cluster - 1) * cs + self.comp_tail;
+        if let Some((_, n)) = &mut self.comp_cluster {
+            *n += 1;
+        }
+        let mut remaining = packed.len() as u64;
+        let room = cs - self.comp_tail;
+        if remaining < room {
+            self.comp_tail += remaining;
+        } else {
+            remaining -= room;
+            self.comp_tail = 0;
+            // The data runs into the following host clusters.
+            while remaining > 0 {
+                self.close_compressed();
+                let host = self.allocate()?;
+                self.comp_cluster = Some((host / cs, 1));
+                if remaining < cs {
+                    self.comp_tail = remaining;
+                    remaining = 0;
+                } else {
+                    remaining -= cs;
+                }
+            }
+            if self.comp_tail == 0 {
+                self.close_compressed();
+            }
+        }
+        self.out.extend_from_slice(packed);
+        let csize_bits = self.cluster_bits - 8;
+        let shift = 62 - csize_bits;
+        let end = start + packed.len() as u64 - 1;
+        let sectors = (end >> 9) - (start >> 9);
+        let entry = OFLAG_COMPRESSED | (sectors << shift) | start;
+        self.set_l2(index, entry)?;
         self.data_clusters += 1;
         self.maybe_flush()
+    }
+
+    /// Ends the host cluster holding compressed data, if any: pads it and
+    /// records its refcount.
+    fn close_compressed(&mut self) {
+        if self.comp_tail != 0 {
+            let pad = (self.cluster_size - self.comp_tail) as usize;
+            self.out.resize(self.out.len() + pad, 0);
+            self.comp_tail = 0;
+        }
+        if let Some((cluster, count)) = self.comp_cluster.take()
+            && count != 1
+        {
+            self.refcount_exceptions.push((cluster, count));
+        }
     }
 
     /// Appends the current L2 table, if any, and records it for the L1 table.
@@ -445,6 +767,9 @@ impl Qcow2Writer {
 
     /// Takes the next host cluster and returns its byte offset.
     fn allocate(&mut self) -> Result<u64> {
+        if self.comp_tail != 0 {
+            self.close_compressed();
+        }
         let offset = self.next_cluster * self.cluster_size;
         if offset >= MAX_HOST_OFFSET {
             return Err(Error::InvalidArgument(format!(
@@ -459,7 +784,9 @@ impl Qcow2Writer {
     /// Zero-pads the output to the next cluster boundary.
     fn pad_to_cluster(&mut self) {
         let cs = self.pending.len();
-        let rem = self.out.len() % cs;
+        // The buffer starts at `flushed`, which compressed data can leave
+        // in the middle of a cluster.
+        let rem = (self.flushed as usize + self.out.len()) % cs;
         if rem != 0 {
             self.out.resize(self.out.len() + cs - rem, 0);
         }
@@ -478,6 +805,7 @@ impl Qcow2Writer {
     fn flush_out(&mut self) -> Result<()> {
         if !self.out.is_empty() {
             let res = self.file.write_all(&self.out);
+            self.flushed += self.out.len() as u64;
             self.out.clear();
             res.map_err(|e| self.io_error("writing", e))?;
         }
@@ -556,13 +884,41 @@ struct Header {
     refcount_table_clusters: u64,
 }
 
-/// The 104-byte v3 header followed by the end-of-extensions marker.
-fn encode_header(h: &Header) -> Vec<u8> {
-    let mut b = Vec::with_capacity(HEADER_LENGTH as usize + 8);
+/// The v3 header (104 bytes, 112 with a compression type), the backing
+/// format extension if any, the end-of-extensions marker, then the backing
+/// file name if any.
+fn encode_header(
+    h: &Header,
+    compression: Option<Compression>,
+    backing: Option<(&str, Option<ImageFormat>)>,
+) -> Vec<u8> {
+    let zstd = compression == Some(Compression::Zstd);
+    let header_length = if zstd {
+        HEADER_LENGTH + 8
+    } else {
+        HEADER_LENGTH
+    };
+    let mut ext = Vec::new();
+    if let Some((_, Some(format))) = backing {
+        let name = format.as_str().as_bytes();
+        ext.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        ext.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        ext.extend_from_slice(name);
+        ext.resize(ext.len().div_ceil(8) * 8, 0);
+    }
+    ext.extend_from_slice(&[0; 8]); // end of header extensions
+    let (bf_offset, bf_size) = match backing {
+        Some((name, _)) => (
+            u64::from(header_length) + ext.len() as u64,
+            name.len() as u32,
+        ),
+        None => (0, 0),
+    };
+    let mut b = Vec::with_capacity(header_length as usize + 8);
     b.extend_from_slice(&MAGIC);
     b.extend_from_slice(&3u32.to_be_bytes()); // version
-    b.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset
-    b.extend_from_slice(&0u32.to_be_bytes()); // backing_file_size
+    b.extend_from_slice(&bf_offset.to_be_bytes()); // backing_file_offset
+    b.extend_from_slice(&bf_size.to_be_bytes()); // backing_file_size
     b.extend_from_slice(&h.cluster_bits.to_be_bytes());
     b.extend_from_slice(&h.virtual_size.to_be_bytes());
     b.extend_from_slice(&0u32.to_be_bytes()); // crypt_method
@@ -573,13 +929,71 @@ fn encode_header(h: &Header) -> Vec<u8> {
     b.extend_from_slice(&(h.refcount_table_clusters as u32).to_be_bytes());
     b.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
     b.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
-    b.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
+    let incompatible: u64 = if zstd { 1 << 3 } else { 0 };
+    b.extend_from_slice(&incompatible.to_be_bytes()); // incompatible_features
     b.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
     b.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
     b.extend_from_slice(&REFCOUNT_ORDER.to_be_bytes());
-    b.extend_from_slice(&HEADER_LENGTH.to_be_bytes());
-    b.extend_from_slice(&[0; 8]); // end of header extensions
+    b.extend_from_slice(&header_length.to_be_bytes());
+    if zstd {
+        b.push(1); // compression_type zstd
+        b.extend_from_slice(&[0; 7]);
+    }
+    b.extend_from_slice(&ext);
+    if let Some((name, _)) = backing {
+        b.extend_from_slice(name.as_bytes());
+    }
     b
+}
+
+thread_local! {
+    static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD_C: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses one guest cluster the way QEMU does (raw deflate with a
+/// 4 KiB window at the default level, or zstd at its default level), padding
+/// a short last cluster with zeros to `cluster_size`. `None` if the result
+/// would not be smaller than a cluster: store the cluster uncompressed.
+pub fn compress_cluster(data: &[u8], cluster_size: usize, c: Compression) -> Option<Vec<u8>> {
+    let padded;
+    let data = if data.len() < cluster_size {
+        let mut p = vec![0u8; cluster_size];
+        p.get_mut(..data.len())?.copy_from_slice(data);
+        padded = p;
+        &padded[..]
+    } else {
+        data
+    };
+    let limit = cluster_size.checked_sub(1)?;
+    match c {
+        Compression::Zlib => DEFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let z = slot.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            z.reset();
+            let mut out = Vec::with_capacity(limit);
+            match z.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if out.len() < limit => Some(out),
+                _ => None,
+            }
+        }),
+        Compression::Zstd => ZSTD_C.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = zstd::bulk::Compressor::new(zstd::DEFAULT_COMPRESSION_LEVEL).ok();
+            }
+            let z = slot.as_mut()?;
+            let mut out = Vec::with_capacity(limit);
+            match z.compress_to_buffer(data, &mut out) {
+                Ok(n) if n < limit => Some(out),
+                _ => None,
+            }
+        }),
+    }
 }
 
 /// Whether `buf` holds only zero bytes. Scans in blocks whose OR the
@@ -633,14 +1047,18 @@ mod tests {
 
     #[test]
     fn header_fields_sit_where_the_spec_says() {
-        let h = encode_header(&Header {
-            cluster_bits: 16,
-            virtual_size: 0x1234_5678_9abc,
-            l1_size: 3,
-            l1_offset: 0x30000,
-            refcount_table_offset: 0x40000,
-            refcount_table_clusters: 1,
-        });
+        let h = encode_header(
+            &Header {
+                cluster_bits: 16,
+                virtual_size: 0x1234_5678_9abc,
+                l1_size: 3,
+                l1_offset: 0x30000,
+                refcount_table_offset: 0x40000,
+                refcount_table_clusters: 1,
+            },
+            None,
+            None,
+        );
         assert_eq!(h.len(), 112);
         assert_eq!(&h[0..4], b"QFI\xfb");
         assert_eq!(&h[4..8], &3u32.to_be_bytes());

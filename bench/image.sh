@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Image-conversion benchmark: `fluidcloud image convert` against qemu-img.
+#
+# Builds a 4 GiB test disk (half allocated: random, text and base64 data in
+# 32 MiB runs, with 32 MiB holes between them), makes qcow2, zlib- and
+# zstd-compressed qcow2 copies with qemu-img, then times, in the same run,
+# qemu-img convert with its defaults, qemu-img convert -m 16 -W, and
+# fluidcloud image convert on each conversion of the issue. Every output is
+# checked with `qemu-img compare` before its time counts; ours must also be
+# as sparse as qemu-img's and stay under 256 MiB peak RSS.
+#
+# Targets: 1.2x the faster qemu-img setting on every conversion, 2x on
+# compressed input. Conversions fluidcloud cannot do yet count as missed.
+# The last line is `image-convert: X.XXx vs qemu-img (min over conversions)`;
+# the exit status is non-zero when a target is missed.
+#
+# Usage: bench/image.sh [WORKDIR]   (default: a temporary directory)
+#        SIZE_GIB=1 bench/image.sh  (a smaller disk, for a quick look)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+size_gib=${SIZE_GIB:-4}
+user_work=${1:-}
+work=${user_work:-$(mktemp -d /var/tmp/fluidcloud-bench.XXXXXX)}
+mkdir -p "$work"
+cleanup() {
+    if [[ -z $user_work && -z ${KEEP:-} ]]; then rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+command -v qemu-img >/dev/null || { echo "qemu-img is required (apt-get install qemu-utils)" >&2; exit 2; }
+echo "building fluidcloud (release)..." >&2
+(cd "$root" && cargo build --release -q -p fluidcloud)
+fc="$root/target/release/fluidcloud"
+
+# ---- the test disk ---------------------------------------------------------
+slot=$((64 << 20))   # every 64 MiB slot: 32 MiB of data, then a 32 MiB hole
+run=$((32 << 20))
+src="$work/src.raw"
+echo "making a ${size_gib} GiB test disk in $work..." >&2
+head -c $run /dev/urandom >"$work/random.bin"
+# `head` closes the pipes early: the producers' SIGPIPE is expected.
+set +o pipefail
+seq 1 100000000 | head -c $run >"$work/text.bin"
+head -c $((run * 3 / 4)) /dev/urandom | base64 -w 76 | head -c $run >"$work/b64.bin"
+set -o pipefail
+rm -f "$src"
+truncate -s "${size_gib}G" "$src"
+slots=$((size_gib * 16))
+kinds=(random text b64 text)
+for ((i = 0; i < slots; i++)); do
+    kind=${kinds[$((i % 4))]}
+    dd if="$work/$kind.bin" of="$src" bs=1M seek=$((i * slot / (1 << 20))) conv=notrunc,sparse status=none
+done
+# Data on the very last bytes too.
+printf 'end of disk' | dd of="$src" bs=1 seek=$((size_gib * (1 << 30) - 11)) conv=notrunc status=none
+rm -f "$work"/{random,text,b64}.bin
+
+echo "making the qcow2 inputs with qemu-img..." >&2
+qemu-img convert -f raw -O qcow2 "$src" "$work/src.qcow2"
+qemu-img convert -f raw -O qcow2 -c "$src" "$work/src-zlib.qcow2"
+qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$src" "$work/src-zstd.qcow2"
+
+# ---- timing ------------------------------------------------------------------
+now() { date +%s.%N; }
+# Every timed run starts with no dirty pages left over from the previous one
+# (`sync`), so no tool pays for another's write-back, and with its input in
+# the page cache, so none pays for reading it from disk.
+settle() { sync; cat "$1" >/dev/null; sleep 1; }
+calc() { awk "BEGIN { printf \"%.6f\", $* }"; }
+lt() { awk "BEGIN { exit !($1 < $2) }"; }
+alloc() { echo $(($(stat -c %b "$1") * 512)); }
+
+# conversion NAME INPUT OUT_FORMAT QEMU_OUT_OPTS FC_OUT_ARGS COMPRESSED_INPUT
+# (outputs are compared with their format named: a fixed VHD probes as raw)
+results=()
+worst=""
+failed=0
+conversion() {
+    local name=$1 in=$2 fmt=$3 qopts=$4 fcargs=$5 compressed=$6
+    local target=1.2
+    [[ $compressed == yes ]] && target=2.0
+    local out="$work/out" t0 t1 tq1 tq2 tf
+    rm -f "$out"
+    settle "$in"
+    t0=$(now); qemu-img convert -O "$fmt" $qopts "$in" "$out"; t1=$(now)
+    tq1=$(calc "$t1 - $t0")
+    qemu-img compare -q -F "$fmt" "$in" "$out" || { echo "$name: qemu-img's own output differs?" >&2; exit 3; }
+    local qalloc; qalloc=$(alloc "$out")
+    rm -f "$out"
+    settle "$in"
+    t0=$(now); qemu-img convert -m 16 -W -O "$fmt" $qopts "$in" "$out"; t1=$(now)
+    tq2=$(calc "$t1 - $t0")
+    rm -f "$out"
+    local best=$tq2
+    if lt "$tq1" "$tq2"; then best=$tq1; fi
+    if [[ -z $fcargs ]]; then
+        printf '%-28s qemu-img %6.2fs  -m16 -W %6.2fs  fluidcloud   n/a   (not supported yet)  MISSED\n' \
+            "$name" "$tq1" "$tq2"
+        failed=1
+        worst=0
+        return
+    fi
+    local rss_file="$work/rss"
+    settle "$in"
+    t0=$(now)
+    /usr/bin/time -f %M -o "$rss_file" "$fc" image convert $fcargs "$in" "$out" >/dev/null
+    t1=$(now)
+    tf=$(calc "$t1 - $t0")
+    local rss_kib; rss_kib=$(tail -1 "$rss_file")
+    local verdict=ok
+    if ! qemu-img compare -q -F "$fmt" "$in" "$out"; then
+        verdict="WRONG OUTPUT"; failed=1
+    fi
+    local falloc; falloc=$(alloc "$out")
+    # Sparse where qemu-img's is: no more than 5% (or 1 MiB) above it.
+    if ((falloc > qalloc + qalloc / 20 + (1 << 20))); then
+        verdict="NOT SPARSE ($falloc vs $qalloc bytes)"; failed=1
+    fi
+    if ((rss_kib > 256 * 1024)); then
+        verdict="RSS ${rss_kib} KiB > 256 MiB"; failed=1
+    fi
+    rm -f "$out"
+    local ratio; ratio=$(calc "$best / $tf")
+    if [[ $verdict == ok ]] && lt "$ratio" "$target"; then
+        verdict="MISSED (target ${target}x)"; failed=1
+    fi
+    [[ $verdict == ok || $verdict == MISSED* ]] || ratio=0
+    printf '%-28s qemu-img %6.2fs  -m16 -W %6.2fs  fluidcloud %6.2fs  %5.2fx  rss %4d MiB  %s\n' \
+        "$name" "$tq1" "$tq2" "$tf" "$ratio" $((rss_kib / 1024)) "$verdict"
+    if [[ -z $worst ]] || lt "$ratio" "$worst"; then worst=$ratio; fi
+}
+
+echo "conversion                   times (qemu-img default, qemu-img -m 16 -W, ours), ours vs the faster qemu-img"
+conversion "qcow2 -> raw" "$work/src.qcow2" raw "" "-O raw" no
+conversion "raw -> qcow2" "$src" qcow2 "" "-O qcow2" no
+conversion "zlib qcow2 -> raw" "$work/src-zlib.qcow2" raw "" "-O raw" yes
+conversion "zstd qcow2 -> raw" "$work/src-zstd.qcow2" raw "" "-O raw" yes
+conversion "qcow2 -> streamOptimized vmdk" "$work/src.qcow2" vmdk "-o subformat=streamOptimized" "-O vmdk" no
+conversion "raw -> fixed vhd" "$src" vpc "-o subformat=fixed" "-O vhd" no
+
+printf 'image-convert: %.2fx vs qemu-img (min over conversions)\n' "${worst:-0}"
+exit $failed

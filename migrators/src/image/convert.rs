@@ -1,0 +1,625 @@
+//! Image conversion: any [`ImageReader`] into a raw or qcow2 file.
+//!
+//! # Pipeline
+//!
+//! The calling thread walks the source's extent map and hands out chunks of
+//! at most [`CHUNK`] bytes that hold data; holes and zero extents are never
+//! read. Worker threads (one per core by default) read the chunks, which is
+//! where compressed source clusters are decompressed, find the all-zero
+//! blocks, and, for compressed qcow2 output, compress each target cluster.
+//! The calling thread puts the chunks back in order and writes them: both
+//! writers append sequentially. At most `4 × threads` chunks are in flight,
+//! so memory is bounded (tens of MiB) whatever the image size.
+//!
+//! With a backing file for the output (`qemu-img convert -B`), every chunk
+//! is read from both the source and the backing image and only the target
+//! clusters that differ are written; clusters that became zero are stored
+//! as zero clusters so the backing data does not show through.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use fluidcloud_plugins::ImageFormat;
+use serde::Serialize;
+
+use super::qcow2::{Compression, Qcow2Options, Qcow2Writer, compress_cluster};
+use super::reader::{Extent, ImageReader, extents, open};
+use super::vmdk::{
+    MonolithicSparseWriter, STREAM_GRAIN, StreamOptimizedWriter, VmdkSubformat, compress_grain,
+};
+use crate::error::{Error, Result};
+
+/// Largest piece of work handed to a worker.
+pub const CHUNK: u64 = 1024 * 1024;
+/// Zero detection granularity of raw output (as `qemu-img convert -S 4k`).
+const RAW_BLOCK: u64 = 4096;
+
+/// How to convert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertOptions {
+    /// Output format: raw, qcow2, VHD (fixed) or VMDK (streamOptimized).
+    pub format: ImageFormat,
+    /// VHD output: round the virtual size up to a whole MiB, as Azure
+    /// requires of the fixed VHDs it imports.
+    pub azure: bool,
+    /// VMDK output: streamOptimized (default) or monolithicSparse.
+    pub vmdk_subformat: VmdkSubformat,
+    /// qcow2 output: cluster size, compression, backing file.
+    pub qcow2: Qcow2Options,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Replace the output file if it exists.
+    pub overwrite: bool,
+    /// Sync the output to disk before returning (default). Without it the
+    /// data may still sit in the page cache, as with `qemu-img convert`,
+    /// whose default cache mode for the output is `unsafe`.
+    pub sync: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self {
+            format: ImageFormat::Qcow2,
+            azure: false,
+            vmdk_subformat: VmdkSubformat::StreamOptimized,
+            qcow2: Qcow2Options::default(),
+            threads: 0,
+            overwrite: false,
+            sync: true,
+        }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConvertSummary {
+    /// Output format.
+    pub format: ImageFormat,
+    /// Size of the virtual disk.
+    pub virtual_size: u64,
+    /// Guest bytes read from the source (holes are not read).
+    pub bytes_read: u64,
+    /// Guest bytes written as data (zero blocks are not).
+    pub bytes_written: u64,
+    /// Length of the output file.
+    pub file_size: u64,
+    /// Disk space the output uses (`st_blocks × 512`).
+    pub allocated_bytes: u64,
+}
+
+/// One chunk of work: a data range of the source.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    seq: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// A worker's result for one chunk.
+#[derive(Debug)]
+struct Done {
+    seq: u64,
+    offset: u64,
+    data: Vec<u8>,
+    pieces: Vec<Piece>,
+}
+
+/// What to write of a chunk.
+#[derive(Debug)]
+enum Piece {
+    /// `len` bytes of the chunk's data at chunk offset `at`.
+    Data { at: usize, len: usize },
+    /// A target cluster, compressed.
+    Compressed { at: usize, bytes: Vec<u8> },
+    /// A target cluster that reads as zeros but must be recorded (output
+    /// with a backing file).
+    Zero { at: usize, len: usize },
+}
+
+/// The output being written.
+enum Sink {
+    Raw(RawSink),
+    Qcow2(Box<Qcow2Writer>),
+    Vmdk(Box<StreamOptimizedWriter>),
+    VmdkSparse(Box<MonolithicSparseWriter>),
+}
+
+/// A sparse raw output: only non-zero blocks are written. A fixed VHD is
+/// the same with a footer after the data.
+struct RawSink {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    vhd_footer: bool,
+}
+
+/// Converts `source` into a new image at `output`; `progress(done, total)`
+/// is called as guest bytes are written (`total` is the virtual size).
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for an output format not written yet, options
+/// the writer refuses, or an existing output without `overwrite`;
+/// [`Error::Io`], [`Error::Corrupt`] from reading the source or writing the
+/// output. On error the partial output file is removed.
+pub fn convert(
+    source: &dyn ImageReader,
+    output: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ConvertSummary> {
+    if !matches!(
+        opts.format,
+        ImageFormat::Raw | ImageFormat::Qcow2 | ImageFormat::Vhd | ImageFormat::Vmdk
+    ) {
+        return Err(Error::Unsupported {
+            what: format!("writing {} images", opts.format),
+        });
+    }
+    if output.exists() {
+        if !opts.overwrite {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists; remove it or ask to overwrite it",
+                output.display()
+            )));
+        }
+        std::fs::remove_file(output)
+            .map_err(|e| Error::io(format!("removing {}", output.display()), e))?;
+    }
+    let backing = match (&opts.format, &opts.qcow2.backing_file) {
+        (ImageFormat::Qcow2, Some(name)) => {
+            let path = super::reader::resolve_backing(output, name);
+            Some(open(&path)?)
+        }
+        _ => None,
+    };
+    let result = run(source, backing.as_deref(), output, opts, progress);
+    if result.is_err() {
+        let _ = std::fs::remove_file(output);
+    }
+    result
+}
+
+fn run(
+    source: &dyn ImageReader,
+    backing: Option<&dyn ImageReader>,
+    output: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ConvertSummary> {
+    let size = source.virtual_size();
+    let (mut sink, grain) = match opts.format {
+        ImageFormat::Vmdk if opts.vmdk_subformat == VmdkSubformat::MonolithicSparse => (
+            Sink::VmdkSparse(Box::new(MonolithicSparseWriter::create(output, size)?)),
+            STREAM_GRAIN,
+        ),
+        ImageFormat::Vmdk => (
+            Sink::Vmdk(Box::new(StreamOptimizedWriter::create(output, size)?)),
+            STREAM_GRAIN,
+        ),
+        ImageFormat::Qcow2 => {
+            // qcow2 sizes are whole sectors.
+            let vsize = size.div_ceil(512) * 512;
+            let w = Qcow2Writer::create(output, vsize, &opts.qcow2)?;
+            (Sink::Qcow2(Box::new(w)), u64::from(opts.qcow2.cluster_size))
+        }
+        _ => {
+            let vhd = opts.format == ImageFormat::Vhd;
+            let target = if !vhd {
+                size
+            } else if opts.azure {
+                size.div_ceil(1 << 20) << 20
+            } else {
+                size.div_ceil(512) * 512
+            };
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(output)
+                .map_err(|e| Error::io(format!("creating {}", output.display()), e))?;
+            let len = if vhd {
+                target + super::vhd::FOOTER_LEN
+            } else {
+                target
+            };
+            file.set_len(len)
+                .map_err(|e| Error::io(format!("sizing {}", output.display()), e))?;
+            (
+                Sink::Raw(RawSink {
+                    file,
+                    path: output.to_owned(),
+                    size: target,
+                    vhd_footer: vhd,
+                }),
+                RAW_BLOCK,
+            )
+        }
+    };
+    let compression = match opts.format {
+        ImageFormat::Qcow2 => opts.qcow2.compression,
+        _ => None,
+    };
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+    } else {
+        opts.threads
+    };
+    let chunk = CHUNK.max(grain);
+    let mut jobs = JobGen::new(source, backing.is_some(), grain, chunk);
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let raw_file = match &sink {
+        Sink::Raw(r) => Some((
+            r.file
+                .try_clone()
+                .map_err(|e| Error::io(format!("opening {}", r.path.display()), e))?,
+            r.path.clone(),
+        )),
+        _ => None,
+    };
+    let direct_written = std::sync::atomic::AtomicU64::new(0);
+    let work = Work {
+        raw_out: raw_file.as_ref().map(|(f, p)| (f, p.as_path())),
+        written: &direct_written,
+        source,
+        backing,
+        grain,
+        compression,
+        with_backing: backing.is_some(),
+        vmdk: opts.format == ImageFormat::Vmdk
+            && opts.vmdk_subformat == VmdkSubformat::StreamOptimized,
+        pool: &pool,
+    };
+    let max_in_flight = 4 * threads as u64;
+    let mut bytes_read = 0u64;
+    let mut bytes_written = 0u64;
+
+    let outcome: Result<()> = std::thread::scope(|scope| {
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = mpsc::channel::<Result<Done>>();
+        for _ in 0..threads {
+            let job_rx = Arc::clone(&job_rx);
+            let done_tx = done_tx.clone();
+            let work = &work;
+            scope.spawn(move || {
+                loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    if done_tx.send(work.process(job)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let mut sent = 0u64;
+        let mut next = 0u64;
+        let mut ready: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut exhausted = false;
+        loop {
+            while !exhausted && sent - next < max_in_flight {
+                match jobs.next_job()? {
+                    Some(job) => {
+                        bytes_read += job.len;
+                        if job_tx.send(job).is_err() {
+                            return Err(Error::InvalidArgument(
+                                "conversion workers stopped".into(),
+                            ));
+                        }
+                        sent += 1;
+                    }
+                    None => exhausted = true,
+                }
+            }
+            if next == sent {
+                break;
+            }
+            let done = done_rx
+                .recv()
+                .map_err(|_| Error::InvalidArgument("conversion workers stopped".into()))??;
+            ready.insert(done.seq, done);
+            while let Some(done) = ready.remove(&next) {
+                bytes_written += write_done(&mut sink, &done)?;
+                progress(done.offset + done.data.len() as u64, size);
+                recycle(&pool, done.data);
+                next += 1;
+            }
+        }
+        drop(job_tx);
+        Ok(())
+    });
+    outcome?;
+    bytes_written += direct_written.load(std::sync::atomic::Ordering::Relaxed);
+
+    let file_size = match sink {
+        Sink::Qcow2(w) => w.finish_with(opts.sync)?.file_size,
+        Sink::Vmdk(w) => w.finish(opts.sync)?,
+        Sink::VmdkSparse(w) => w.finish(opts.sync)?,
+        Sink::Raw(r) => {
+            if r.vhd_footer {
+                let footer = super::vhd::fixed_footer(r.size);
+                r.file.write_all_at(&footer, r.size).map_err(|e| {
+                    Error::io(format!("writing the VHD footer of {}", r.path.display()), e)
+                })?;
+            }
+            if opts.sync {
+                r.file
+                    .sync_all()
+                    .map_err(|e| Error::io(format!("syncing {}", r.path.display()), e))?;
+            }
+            if r.vhd_footer {
+                r.size + super::vhd::FOOTER_LEN
+            } else {
+                r.size
+            }
+        }
+    };
+    progress(size, size);
+    let allocated_bytes = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(output)
+            .map_err(|e| Error::io(format!("reading metadata of {}", output.display()), e))?
+            .blocks()
+            .saturating_mul(512)
+    };
+    Ok(ConvertSummary {
+        format: opts.format,
+        virtual_size: size,
+        bytes_read,
+        bytes_written,
+        file_size,
+        allocated_bytes,
+    })
+}
+
+fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
+    if let Ok(mut p) = pool.lock()
+        && p.len() < 64
+    {
+        p.push(buf);
+    }
+}
+
+/// Writes one finished chunk; returns the data bytes written.
+fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
+    let mut written = 0u64;
+    for piece in &done.pieces {
+        match (piece, &mut *sink) {
+            (Piece::Data { at, len }, Sink::Raw(r)) => {
+                let data = done.data.get(*at..at + len).unwrap_or_default();
+                let offset = done.offset + *at as u64;
+                r.file.write_all_at(data, offset).map_err(|e| {
+                    Error::io(format!("writing {} at {offset}", r.path.display()), e)
+                })?;
+                written += *len as u64;
+            }
+            (Piece::Data { at, len }, Sink::Qcow2(w)) => {
+                let data = done.data.get(*at..at + len).unwrap_or_default();
+                w.write_uncompressed_run(done.offset + *at as u64, data)?;
+                written += *len as u64;
+            }
+            (Piece::Compressed { at, bytes }, Sink::Qcow2(w)) => {
+                w.write_compressed(done.offset + *at as u64, bytes)?;
+                written += bytes.len() as u64;
+            }
+            (Piece::Zero { at, len }, Sink::Qcow2(w)) => {
+                w.write_at(done.offset + *at as u64, &vec![0u8; *len])?;
+            }
+            (Piece::Compressed { at, bytes }, Sink::Vmdk(w)) => {
+                w.write_grain(done.offset + *at as u64, bytes)?;
+                written += bytes.len() as u64;
+            }
+            (Piece::Data { at, len }, Sink::VmdkSparse(w)) => {
+                let data = done.data.get(*at..at + len).unwrap_or_default();
+                w.write_grains(done.offset + *at as u64, data)?;
+                written += *len as u64;
+            }
+            (Piece::Compressed { .. } | Piece::Zero { .. }, Sink::Raw(_) | Sink::VmdkSparse(_))
+            | (Piece::Data { .. } | Piece::Zero { .. }, Sink::Vmdk(_)) => {}
+        }
+    }
+    Ok(written)
+}
+
+/// What the workers share.
+struct Work<'a> {
+    /// Raw and fixed-VHD output: position-independent, so the workers
+    /// write their chunks themselves, in parallel and in any order.
+    raw_out: Option<(&'a File, &'a Path)>,
+    /// Data bytes the workers wrote themselves.
+    written: &'a std::sync::atomic::AtomicU64,
+    source: &'a dyn ImageReader,
+    backing: Option<&'a dyn ImageReader>,
+    grain: u64,
+    compression: Option<Compression>,
+    with_backing: bool,
+    vmdk: bool,
+    pool: &'a Mutex<Vec<Vec<u8>>>,
+}
+
+impl Work<'_> {
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut buf = self
+            .pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn process(&self, job: Job) -> Result<Done> {
+        let len = job.len as usize;
+        let mut data = self.buffer(len);
+        self.source.read_at(job.offset, &mut data)?;
+        let grain = self.grain as usize;
+        let mut pieces = Vec::new();
+        let mut base = Vec::new();
+        if let Some(b) = self.backing {
+            base = self.buffer(len);
+            let inside = usize::try_from(b.virtual_size().saturating_sub(job.offset))
+                .unwrap_or(usize::MAX)
+                .min(len);
+            if let Some(head) = base.get_mut(..inside)
+                && !head.is_empty()
+            {
+                b.read_at(job.offset, head)?;
+            }
+            if let Some(tail) = base.get_mut(inside..) {
+                tail.fill(0);
+            }
+        }
+        let mut at = 0usize;
+        while at < len {
+            let n = grain.min(len - at);
+            let block = data.get(at..at + n).unwrap_or_default();
+            if self.with_backing && base.get(at..at + n) == Some(block) {
+                // Same as the backing file: leave unallocated.
+            } else if is_zero(block) {
+                if self.with_backing {
+                    pieces.push(Piece::Zero { at, len: n });
+                }
+            } else if self.vmdk {
+                pieces.push(Piece::Compressed {
+                    at,
+                    bytes: compress_grain(block),
+                });
+            } else if let Some(c) = self.compression {
+                match compress_cluster(block, grain, c) {
+                    Some(bytes) => pieces.push(Piece::Compressed { at, bytes }),
+                    None => push_data(&mut pieces, at, n),
+                }
+            } else {
+                push_data(&mut pieces, at, n);
+            }
+            at += n;
+        }
+        if !base.is_empty() {
+            recycle(self.pool, base);
+        }
+        if let Some((file, path)) = self.raw_out {
+            for piece in pieces.drain(..) {
+                if let Piece::Data { at, len } = piece {
+                    let offset = job.offset + at as u64;
+                    let bytes = data.get(at..at + len).unwrap_or_default();
+                    file.write_all_at(bytes, offset).map_err(|e| {
+                        Error::io(format!("writing {} at {offset}", path.display()), e)
+                    })?;
+                    self.written
+                        .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(Done {
+            seq: job.seq,
+            offset: job.offset,
+            data,
+            pieces,
+        })
+    }
+}
+
+/// Appends a data run, merging it with the previous one when adjacent.
+fn push_data(pieces: &mut Vec<Piece>, at: usize, len: usize) {
+    if let Some(Piece::Data { at: a, len: l }) = pieces.last_mut()
+        && *a + *l == at
+    {
+        *l += len;
+        return;
+    }
+    pieces.push(Piece::Data { at, len });
+}
+
+/// Whether `buf` holds only zeros (blocks whose OR the compiler
+/// vectorises, stopping at the first non-zero block).
+fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Generates the chunks to read, front to back, aligned to the output's
+/// grain so that no target cluster is split between two chunks.
+struct JobGen<'a> {
+    extents: super::reader::Extents<'a>,
+    size: u64,
+    all: bool,
+    grain: u64,
+    chunk: u64,
+    current: Option<Extent>,
+    pos: u64,
+    seq: u64,
+}
+
+impl<'a> JobGen<'a> {
+    fn new(source: &'a dyn ImageReader, all: bool, grain: u64, chunk: u64) -> Self {
+        Self {
+            extents: extents(source),
+            size: source.virtual_size(),
+            all,
+            grain,
+            chunk,
+            current: None,
+            pos: 0,
+            seq: 0,
+        }
+    }
+
+    fn next_job(&mut self) -> Result<Option<Job>> {
+        loop {
+            if self.all {
+                // Every chunk of the disk (output with a backing file).
+                if self.pos >= self.size {
+                    return Ok(None);
+                }
+                let end = ((self.pos / self.chunk + 1) * self.chunk).min(self.size);
+                return Ok(Some(self.job(end)));
+            }
+            let extent = match self.current {
+                Some(e) if e.end() > self.pos => e,
+                _ => match self.extents.next() {
+                    None => return Ok(None),
+                    Some(e) => {
+                        let e = e?;
+                        self.current = Some(e);
+                        continue;
+                    }
+                },
+            };
+            if extent.kind.reads_as_zero() {
+                self.current = None;
+                continue;
+            }
+            // Start at the grain boundary, but never before what the
+            // previous job covered.
+            let start = (extent.offset.max(self.pos) / self.grain * self.grain).max(self.pos);
+            self.pos = start;
+            let end = ((start / self.chunk + 1) * self.chunk)
+                .min(extent.end().div_ceil(self.grain) * self.grain)
+                .min(self.size);
+            if end <= start {
+                self.current = None;
+                continue;
+            }
+            return Ok(Some(self.job(end)));
+        }
+    }
+
+    fn job(&mut self, end: u64) -> Job {
+        let job = Job {
+            seq: self.seq,
+            offset: self.pos,
+            len: end - self.pos,
+        };
+        self.seq += 1;
+        self.pos = end;
+        job
+    }
+}

@@ -1,0 +1,457 @@
+//! Random-access, allocation-aware image readers.
+//!
+//! Every format is read through one trait, [`ImageReader`]: the guest bytes
+//! at any offset ([`ImageReader::read_at`]) and what the image says about
+//! each range ([`ImageReader::extent_at`]: data, explicit zeros, or nothing
+//! allocated anywhere in the backing chain). A converter walks the extent
+//! map to skip holes without reading them, and reads data ranges from
+//! several threads at once: readers take `&self` and are `Send + Sync`, so
+//! decompression of compressed clusters runs on every core.
+//!
+//! [`open`] detects the format from the content (never the file name) and
+//! opens the whole backing chain.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use fluidcloud_plugins::ImageFormat;
+use serde::Serialize;
+
+use super::probe;
+use super::qcow2::Qcow2Reader;
+use crate::error::{Error, Result};
+
+/// Backing chains deeper than this are refused (QEMU's own limit is in the
+/// same range); it also bounds memory and open files.
+pub const MAX_CHAIN_DEPTH: usize = 32;
+
+/// What a range of the virtual disk holds, as far as the image knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExtentKind {
+    /// Allocated somewhere in the chain: must be read (it may still hold
+    /// zeros).
+    Data,
+    /// Explicitly marked as reading zeros (qcow2 zero clusters).
+    Zero,
+    /// Allocated nowhere in the chain: reads as zeros.
+    Unallocated,
+}
+
+impl ExtentKind {
+    /// Whether the range reads as zeros without looking at the data.
+    pub fn reads_as_zero(self) -> bool {
+        !matches!(self, Self::Data)
+    }
+}
+
+/// A range of the virtual disk and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Extent {
+    /// Guest byte offset.
+    pub offset: u64,
+    /// Length in bytes, never 0.
+    pub length: u64,
+    /// What the range holds.
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.length)
+    }
+}
+
+/// A disk image opened for reading. See the module docs.
+///
+/// Implementations bounds-check every table entry they follow: a hostile
+/// image gives [`Error::Corrupt`] naming the file and the offending offset,
+/// never a panic or an allocation sized by the file.
+pub trait ImageReader: Send + Sync + fmt::Debug {
+    /// The container format of the top image.
+    fn format(&self) -> ImageFormat;
+
+    /// Size of the virtual disk in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Fills `buf` with the guest bytes at `offset`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range ends past the virtual size;
+    /// [`Error::Corrupt`] if metadata on the way is malformed;
+    /// [`Error::Io`] if reading a file fails.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// The extent starting at `offset` (which must be below the virtual
+    /// size). It may end before the kind changes (implementations stop at a
+    /// metadata boundary); [`extents`] merges neighbours of the same kind.
+    ///
+    /// # Errors
+    ///
+    /// As for [`read_at`](Self::read_at).
+    fn extent_at(&self, offset: u64) -> Result<Extent>;
+
+    /// The file this reader was opened from.
+    fn path(&self) -> &Path;
+
+    /// The backing image, if any.
+    fn backing(&self) -> Option<&dyn ImageReader> {
+        None
+    }
+
+    /// The qcow2 header details, for qcow2 images.
+    fn qcow2_details(&self) -> Option<&super::qcow2::Qcow2Details> {
+        None
+    }
+}
+
+/// The merged extent map of `reader`, front to back.
+pub fn extents(reader: &dyn ImageReader) -> Extents<'_> {
+    Extents {
+        reader,
+        pos: 0,
+        pending: None,
+        failed: false,
+    }
+}
+
+/// Iterator returned by [`extents`]: maximal runs of one [`ExtentKind`].
+#[derive(Debug)]
+pub struct Extents<'a> {
+    reader: &'a dyn ImageReader,
+    pos: u64,
+    pending: Option<Extent>,
+    failed: bool,
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let size = self.reader.virtual_size();
+        loop {
+            if self.pos >= size {
+                return self.pending.take().map(Ok);
+            }
+            let mut e = match self.reader.extent_at(self.pos) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            };
+            // Guard against a reader that makes no progress.
+            if e.offset != self.pos || e.length == 0 {
+                self.failed = true;
+                return Some(Err(Error::Corrupt {
+                    what: format!(
+                        "extent map of {} (empty extent)",
+                        self.reader.path().display()
+                    ),
+                    offset: self.pos,
+                }));
+            }
+            e.length = e.length.min(size - self.pos);
+            self.pos = e.end();
+            match &mut self.pending {
+                Some(p) if p.kind == e.kind => p.length += e.length,
+                Some(_) => return self.pending.replace(e).map(Ok),
+                None => self.pending = Some(e),
+            }
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Read the top image as this format instead of detecting it.
+    pub format: Option<ImageFormat>,
+    /// Read this internal snapshot (qcow2; matched by id, then by name)
+    /// instead of the current state.
+    pub snapshot: Option<String>,
+}
+
+/// Opens the image at `path`, detecting its format from the content, with
+/// its whole backing chain.
+///
+/// # Errors
+///
+/// [`Error::Io`] if a file of the chain cannot be opened;
+/// [`Error::Corrupt`] for malformed headers or tables, backing chains that
+/// loop or are deeper than [`MAX_CHAIN_DEPTH`];
+/// [`Error::Unsupported`] for formats or features not read yet (see
+/// `docs/images.md`).
+pub fn open(path: &Path) -> Result<Box<dyn ImageReader>> {
+    open_with(path, &OpenOptions::default())
+}
+
+/// [`open`] with options.
+///
+/// # Errors
+///
+/// As for [`open`].
+pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn ImageReader>> {
+    let mut chain = Chain::default();
+    chain.open(path, opts.format, opts.snapshot.as_deref())
+}
+
+/// The files opened so far in one backing chain, for loop detection.
+#[derive(Debug, Default)]
+pub(crate) struct Chain {
+    seen: HashSet<PathBuf>,
+}
+
+impl Chain {
+    /// Opens one image of the chain (and, through the format readers, the
+    /// rest of the chain below it).
+    pub(crate) fn open(
+        &mut self,
+        path: &Path,
+        format: Option<ImageFormat>,
+        snapshot: Option<&str>,
+    ) -> Result<Box<dyn ImageReader>> {
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
+        if self.seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::Corrupt {
+                what: format!(
+                    "backing chain at {} (deeper than {MAX_CHAIN_DEPTH} images)",
+                    path.display()
+                ),
+                offset: 0,
+            });
+        }
+        if !self.seen.insert(canonical) {
+            return Err(Error::Corrupt {
+                what: format!("backing chain (loops back to {})", path.display()),
+                offset: 0,
+            });
+        }
+        let format = match format {
+            Some(f) => f,
+            None => probe(path)?.format,
+        };
+        match format {
+            ImageFormat::Raw => {
+                if snapshot.is_some() {
+                    return Err(Error::Unsupported {
+                        what: format!("snapshots of raw image {}", path.display()),
+                    });
+                }
+                Ok(Box::new(RawReader::open(path)?))
+            }
+            ImageFormat::Qcow2 => Ok(Box::new(Qcow2Reader::open_in_chain(path, snapshot, self)?)),
+            ImageFormat::Vmdk if snapshot.is_none() => {
+                Ok(Box::new(super::vmdk::VmdkReader::open(path)?))
+            }
+            ImageFormat::Vhdx if snapshot.is_none() => {
+                Ok(Box::new(super::vhdx::VhdxReader::open(path)?))
+            }
+            ImageFormat::Vhd if snapshot.is_none() => {
+                Ok(Box::new(super::vhd::VhdReader::open(path)?))
+            }
+            other => Err(Error::Unsupported {
+                what: format!("reading {other} images ({})", path.display()),
+            }),
+        }
+    }
+}
+
+/// Resolves a backing file name the way QEMU does: relative names are
+/// relative to the directory of the image that names them.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        image.parent().unwrap_or_else(|| Path::new(".")).join(p)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `offset` of `file`; bytes past the end
+/// of the file read as zeros (as QEMU's file driver does).
+pub(crate) fn pread_full(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset.saturating_add(done as u64);
+        let rest = buf.get_mut(done..).unwrap_or_default();
+        match file.read_at(rest, at) {
+            Ok(0) => {
+                rest.fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading image {} at offset {at}", path.display()),
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `offset..offset + len` lies within a disk of `size` bytes.
+pub(crate) fn check_range(path: &Path, size: u64, offset: u64, len: usize) -> Result<()> {
+    let ok = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= size);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "read of {len} bytes at offset {offset} ends past the virtual size {size} of {}",
+            path.display()
+        )))
+    }
+}
+
+/// A raw image: the file is the disk. Holes (found with `SEEK_DATA` /
+/// `SEEK_HOLE`) are reported as [`ExtentKind::Unallocated`].
+#[derive(Debug)]
+pub struct RawReader {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl RawReader {
+    /// Opens `path` as a raw image.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if it cannot be opened.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
+            .len();
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            size,
+        })
+    }
+
+    /// `lseek(offset, whence)`; `None` when there is no such position
+    /// (`ENXIO`: no data past `offset`).
+    fn seek(&self, offset: u64, whence: libc::c_int) -> Result<Option<u64>> {
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a file descriptor we own; it only moves the file
+        // position, which this type never uses (all reads are positioned).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(Error::io(
+                format!("mapping holes of image {}", self.path.display()),
+                e,
+            ));
+        }
+        Ok(u64::try_from(r).ok())
+    }
+}
+
+impl ImageReader for RawReader {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.path, self.size, offset, buf.len())?;
+        pread_full(&self.file, &self.path, offset, buf)
+    }
+
+    fn extent_at(&self, offset: u64) -> Result<Extent> {
+        check_range(&self.path, self.size, offset, 1)?;
+        let rest = self.size - offset;
+        let extent = |length: u64, kind| Extent {
+            offset,
+            length: length.clamp(1, rest),
+            kind,
+        };
+        match self.seek(offset, libc::SEEK_DATA)? {
+            None => Ok(extent(rest, ExtentKind::Unallocated)),
+            Some(data) if data > offset => Ok(extent(data - offset, ExtentKind::Unallocated)),
+            Some(_) => {
+                let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(self.size);
+                Ok(extent(hole.saturating_sub(offset), ExtentKind::Data))
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_holes_are_unallocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.raw");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[5; 4096], 4 << 20).unwrap();
+        drop(f);
+        let r = RawReader::open(&path).unwrap();
+        let map: Vec<Extent> = extents(&r).collect::<Result<_>>().unwrap();
+        // The file system decides the granularity; the data must be inside a
+        // Data extent and the start must be a hole.
+        assert_eq!(map.first().unwrap().kind, ExtentKind::Unallocated);
+        assert!(map.iter().any(|e| e.kind == ExtentKind::Data
+            && e.offset <= 4 << 20
+            && e.end() >= (4 << 20) + 4096));
+        assert_eq!(map.iter().map(|e| e.length).sum::<u64>(), 8 << 20);
+        let mut buf = vec![0u8; 8192];
+        r.read_at((4 << 20) - 4096, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..].iter().all(|&b| b == 5));
+        assert!(matches!(
+            r.read_at((8 << 20) - 1, &mut buf),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn backing_names_resolve_next_to_the_image() {
+        assert_eq!(
+            resolve_backing(Path::new("/a/b/top.qcow2"), "base.raw"),
+            Path::new("/a/b/base.raw")
+        );
+        assert_eq!(
+            resolve_backing(Path::new("/a/b/top.qcow2"), "/c/base.raw"),
+            Path::new("/c/base.raw")
+        );
+        assert_eq!(
+            resolve_backing(Path::new("top.qcow2"), "../base"),
+            Path::new("../base")
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! VHD (Virtual PC / Hyper-V v1): fixed and dynamic images are read; fixed
+//! images are written (by [`crate::image::convert`]), optionally with the
+//! virtual size rounded up to a whole MiB as Azure requires.
+//!
+//! The virtual size follows QEMU's rule, so both tools see the same disk:
+//! images made by Virtual PC (`vpc `) or older QEMU (`qemu`) are sized by
+//! their CHS geometry, all others (Hyper-V, Azure, ours) by the footer's
+//! current size. Differencing images are refused for now.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use fluidcloud_plugins::ImageFormat;
+
+use super::reader::{Extent, ExtentKind, ImageReader, check_range, pread_full};
+use crate::error::{Error, Result};
+
+/// Footer length.
+pub const FOOTER_LEN: u64 = 512;
+/// Creator application we write: not one QEMU sizes by geometry.
+const CREATOR: &[u8; 4] = b"fcld";
+/// Largest CHS geometry: images this large are sized by the footer.
+const MAX_CHS_SECTORS: u64 = 65535 * 16 * 255;
+/// Largest block size we accept (the format allows any power of two; 2 MiB
+/// is the norm).
+const MAX_BLOCK: u32 = 256 << 20;
+/// BATs larger than this are corrupt (QEMU's 2040 GiB limit / 512 KiB
+/// blocks is far below).
+const MAX_BAT_ENTRIES: u32 = 1 << 24;
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// A VHD opened for reading.
+#[derive(Debug)]
+pub struct VhdReader {
+    file: File,
+    path: PathBuf,
+    file_len: u64,
+    size: u64,
+    /// `None` for fixed images; block size and BAT for dynamic ones.
+    dynamic: Option<(u64, Vec<u32>, u64)>,
+}
+
+impl VhdReader {
+    /// Opens a fixed or dynamic VHD.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] for a missing or bad footer, dynamic header or
+    /// BAT; [`Error::Unsupported`] for differencing images.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
+            .len();
+        let corrupt = |what: &str, offset: u64| Error::Corrupt {
+            what: format!("vhd {what} of {}", path.display()),
+            offset,
+        };
+        let mut footer = [0u8; FOOTER_LEN as usize];
+        let mut at = file_len.saturating_sub(FOOTER_LEN);
+        pread_full(&file, path, at, &mut footer)?;
+        if !footer.starts_with(b"conectix") {
+            // Dynamic images keep a copy at offset 0.
+            at = 0;
+            pread_full(&file, path, 0, &mut footer)?;
+            if !footer.starts_with(b"conectix") {
+                return Err(corrupt("footer (no conectix cookie)", file_len));
+            }
+        }
+        let disk_type = be32(&footer, 60);
+        let current = be64(&footer, 48);
+        let chs = u64::from(u16::from_be_bytes([footer[56], footer[57]]))
+            * u64::from(footer[58])
+            * u64::from(footer[59]);
+        let by_chs = matches!(&footer[28..32], b"vpc " | b"qemu") && chs != MAX_CHS_SECTORS;
+        let size = if by_chs { chs * 512 } else { current };
+        let dynamic = match disk_type {
+            2 => {
+                if size > at {
+                    return Err(corrupt(
+                        &format!("footer (fixed disk of {size} bytes in a shorter file)"),
+                        at + 48,
+                    ));
+                }
+                None
+            }
+            3 => {
+                let dyn_at = be64(&footer, 16);
+                if dyn_at.saturating_add(1024) > file_len {
+                    return Err(corrupt("dynamic header offset", at + 16));
+                }
+                let mut header = [0u8; 1024];
+                pread_full(&file, path, dyn_at, &mut header)?;
+                if !header.starts_with(b"cxsparse") {
+                    return Err(corrupt("dynamic header (no cxsparse cookie)", dyn_at));
+                }
+                let table = be64(&header, 16);
+                let entries = be32(&header, 28);
+                let block = be32(&header, 32);
+                if !block.is_power_of_two() || !(512..=MAX_BLOCK).contains(&block) {
+                    return Err(corrupt(&format!("block size {block}"), dyn_at + 32));
+                }
+                let block = u64::from(block);
+                if entries > MAX_BAT_ENTRIES
+                    || u64::from(entries) * block < size
+                    || table.saturating_add(u64::from(entries) * 4) > file_len
+                {
+                    return Err(corrupt(
+                        &format!("block allocation table ({entries} entries at {table})"),
+                        dyn_at + 16,
+                    ));
+                }
+                let mut raw = vec![0u8; entries as usize * 4];
+                pread_full(&file, path, table, &mut raw)?;
+                let bat = raw
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                // Each block starts with its sector bitmap, padded to 512.
+                let bitmap = (block / 512).div_ceil(8).div_ceil(512) * 512;
+                Some((block, bat, bitmap))
+            }
+            4 => {
+                return Err(Error::Unsupported {
+                    what: format!("differencing VHD {}", path.display()),
+                });
+            }
+            t => return Err(corrupt(&format!("footer (disk type {t})"), at + 60)),
+        };
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            file_len,
+            size,
+            dynamic,
+        })
+    }
+
+    /// Host offset of guest `offset` and the bytes left in its block, or
+    /// `None` with that length if the block is not allocated.
+    fn map(&self, offset: u64) -> Result<(Option<u64>, u64)> {
+        let Some((block, bat, bitmap)) = &self.dynamic else {
+            return Ok((Some(offset), self.size - offset));
+        };
+        let index = offset / block;
+        let within = offset % block;
+        let entry = usize::try_from(index)
+            .ok()
+            .and_then(|i| bat.get(i))
+            .copied()
+            .unwrap_or(u32::MAX);
+        let rest = block - within;
+        if entry == u32::MAX {
+            return Ok((None, rest));
+        }
+        let host = u64::from(entry) * 512 + bitmap;
+        if host >= self.file_len {
+            return Err(Error::Corrupt {
+                what: format!(
+                    "vhd block allocation table entry {index} (block at {host}, past the end) of {}",
+                    self.path.display()
+                ),
+                offset: host,
+            });
+        }
+        Ok((Some(host + within), rest))
+    }
+}
+
+impl ImageReader for VhdReader {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Vhd
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.path, self.size, offset, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (host, rest) = self.map(pos)?;
+            let n = usize::try_from(rest)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - done);
+            let dst = buf.get_mut(done..done + n).unwrap_or_default();
+            match host {
+                Some(h) => pread_full(&self.file, &self.path, h, dst)?,
+                None => dst.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn extent_at(&self, offset: u64) -> Result<Extent> {
+        check_range(&self.path, self.size, offset, 1)?;
+        let (host, mut len) = self.map(offset)?;
+        // Merge following blocks of the same kind (bounded work per call).
+        let mut steps = 0;
+        while offset + len < self.size && steps < 4096 {
+            let (next, more) = self.map(offset + len)?;
+            if next.is_some() != host.is_some() {
+                break;
+            }
+            len += more;
+            steps += 1;
+        }
+        Ok(Extent {
+            offset,
+            length: len.min(self.size - offset),
+            kind: if host.is_some() {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Unallocated
+            },
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The CHS geometry of the VHD specification for `size` bytes.
+fn geometry(size: u64) -> (u16, u8, u8) {
+    let total = (size / 512).min(MAX_CHS_SECTORS);
+    let (spt, heads, cth);
+    if total >= 65535 * 16 * 63 {
+        spt = 255u64;
+        heads = 16u64;
+        cth = total / spt;
+    } else {
+        let mut s = 17u64;
+        let mut c = total / s;
+        let mut h = c.div_ceil(1024).max(4);
+        if c >= h * 1024 || h > 16 {
+            s = 31;
+            h = 16;
+            c = total / s;
+        }
+        if c >= h * 1024 {
+            s = 63;
+            h = 16;
+            c = total / s;
+        }
+        spt = s;
+        heads = h;
+        cth = c;
+    }
+    let cyl = (cth / heads).min(65535);
+    (cyl as u16, heads as u8, spt as u8)
+}
+
+/// The footer of a fixed VHD of `size` bytes (a multiple of 512).
+pub fn fixed_footer(size: u64) -> [u8; FOOTER_LEN as usize] {
+    let mut f = [0u8; FOOTER_LEN as usize];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Seconds since 2000-01-01.
+    let stamp = now.saturating_sub(946_684_800) as u32;
+    f[0..8].copy_from_slice(b"conectix");
+    f[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit
+    f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // version 1.0
+    f[16..24].copy_from_slice(&u64::MAX.to_be_bytes()); // no dynamic header
+    f[24..28].copy_from_slice(&stamp.to_be_bytes());
+    f[28..32].copy_from_slice(CREATOR);
+    f[32..36].copy_from_slice(&0x0001_0000u32.to_be_bytes());
+    f[36..40].copy_from_slice(b"Wi2k");
+    f[40..48].copy_from_slice(&size.to_be_bytes());
+    f[48..56].copy_from_slice(&size.to_be_bytes());
+    let (c, h, s) = geometry(size);
+    f[56..58].copy_from_slice(&c.to_be_bytes());
+    f[58] = h;
+    f[59] = s;
+    f[60..64].copy_from_slice(&2u32.to_be_bytes()); // fixed
+    // A unique id from the time and the process: no randomness needed.
+    let seed = now
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(u64::from(std::process::id()))
+        .wrapping_add(size);
+    f[68..76].copy_from_slice(&seed.to_be_bytes());
+    f[76..84].copy_from_slice(&seed.rotate_left(29).wrapping_mul(31).to_be_bytes());
+    let sum = f.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+    f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    f
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_follows_the_specification() {
+        // 127 MiB: 17 sectors per track does not fit, 31 does.
+        let (c, h, s) = geometry(127 << 20);
+        assert!(u64::from(c) * u64::from(h) * u64::from(s) <= (127 << 20) / 512);
+        assert_eq!(geometry(1 << 40), (65535, 16, 255));
+    }
+
+    #[test]
+    fn footer_checksum_is_ones_complement() {
+        let f = fixed_footer(1 << 20);
+        let stored = u32::from_be_bytes(f[64..68].try_into().unwrap());
+        let mut z = f;
+        z[64..68].fill(0);
+        let sum = z.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+        assert_eq!(stored, !sum);
+        assert_eq!(be64(&f, 48), 1 << 20);
+    }
+}

@@ -1,0 +1,296 @@
+//! The `image-convert` migrator: converts a disk image artifact into
+//! another format with [`crate::image::convert`].
+//!
+//! Request: input `image` (a `disk-image` artifact whose locator is a
+//! path; raw, qcow2, VMDK, VHD or VHDX), params `format` (`raw`, `qcow2`,
+//! `vhd`, `vmdk`), `output` (path),
+//! and optionally `cluster_size`, `compression` (`zlib`/`zstd`, qcow2) and
+//! `azure` (VHD rounded up to a whole MiB).
+//!
+//! Idempotent by construction: the image is written to
+//! `OUTPUT.partial-STEP_ID` and renamed to `OUTPUT` only when complete and
+//! synced, so a re-run after a crash finds either nothing, a stale partial
+//! file (replaced), or the finished output (returned as is).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fluidcloud_plugins::{
+    Artifact, ArtifactKind, Diagnostic, Error as SdkError, Estimate, ExecContext, ImageFormat,
+    Migrator, MigratorDescriptor, Result as SdkResult, StepOutput, StepRequest,
+};
+
+use crate::image::qcow2::{Compression, Qcow2Options};
+use crate::image::vmdk::VmdkSubformat;
+use crate::image::{ConvertOptions, ExtentKind, extents, open};
+
+/// Formats the migrator reads.
+const READS: [ImageFormat; 5] = [
+    ImageFormat::Raw,
+    ImageFormat::Qcow2,
+    ImageFormat::Vmdk,
+    ImageFormat::Vhd,
+    ImageFormat::Vhdx,
+];
+/// Formats it writes (VMDK as streamOptimized, VHD as fixed).
+const WRITES: [ImageFormat; 4] = [
+    ImageFormat::Raw,
+    ImageFormat::Qcow2,
+    ImageFormat::Vmdk,
+    ImageFormat::Vhd,
+];
+/// Planning assumes this conversion speed.
+const PLAN_BYTES_PER_SECOND: f64 = 400e6;
+
+/// The `image-convert` migrator. See the module docs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ImageConvert;
+
+/// A validated request.
+#[derive(Debug)]
+struct Parsed {
+    input: Artifact,
+    output: PathBuf,
+    opts: ConvertOptions,
+}
+
+fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
+    let mut problems = Vec::new();
+    let input = request.inputs.get("image");
+    match input {
+        None => {
+            problems.push(Diagnostic::error("needs an input named `image`").at_key("inputs.image"))
+        }
+        Some(a) if !matches!(a.kind, ArtifactKind::DiskImage { format } if READS.contains(&format)) =>
+        {
+            problems.push(
+                Diagnostic::error(format!(
+                    "input `image` is a {}, not a readable disk image",
+                    a.kind
+                ))
+                .at_key("inputs.image.kind"),
+            );
+        }
+        Some(_) => {}
+    }
+    let p = &request.params;
+    let format = match p.get("format").and_then(|v| v.as_str()) {
+        None => {
+            problems.push(Diagnostic::error("needs `format`").at_key("params.format"));
+            None
+        }
+        Some(f) => match f.parse::<ImageFormat>() {
+            Ok(f) if WRITES.contains(&f) => Some(f),
+            Ok(f) => {
+                problems.push(
+                    Diagnostic::error(format!("writing {f} is not supported"))
+                        .at_key("params.format"),
+                );
+                None
+            }
+            Err(e) => {
+                problems.push(Diagnostic::error(e).at_key("params.format"));
+                None
+            }
+        },
+    };
+    let output = p.get("output").and_then(|v| v.as_str()).map(PathBuf::from);
+    if output.is_none() {
+        problems.push(Diagnostic::error("needs `output` (a path)").at_key("params.output"));
+    }
+    let mut qcow2 = Qcow2Options::default();
+    if let Some(cs) = p.get("cluster_size") {
+        match cs.as_u64().and_then(|c| u32::try_from(c).ok()) {
+            Some(c) if c.is_power_of_two() && (512..=2 << 20).contains(&c) => {
+                qcow2.cluster_size = c
+            }
+            _ => problems.push(
+                Diagnostic::error("`cluster_size` must be a power of two from 512 to 2097152")
+                    .at_key("params.cluster_size"),
+            ),
+        }
+    }
+    match p.get("compression").and_then(|v| v.as_str()) {
+        None => {}
+        Some("zlib") => qcow2.compression = Some(Compression::Zlib),
+        Some("zstd") => qcow2.compression = Some(Compression::Zstd),
+        Some(other) => problems.push(
+            Diagnostic::error(format!("unknown compression `{other}` (zlib, zstd)"))
+                .at_key("params.compression"),
+        ),
+    }
+    let azure = p
+        .get("azure")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    match (input, format, output) {
+        (Some(input), Some(format), Some(output)) if problems.is_empty() => Ok(Parsed {
+            input: input.clone(),
+            output,
+            opts: ConvertOptions {
+                format,
+                azure,
+                vmdk_subformat: VmdkSubformat::default(),
+                qcow2,
+                threads: 0,
+                overwrite: true,
+                sync: true,
+            },
+        }),
+        _ => Err(problems),
+    }
+}
+
+fn partial_path(output: &Path, step_id: &str) -> PathBuf {
+    let safe: String = step_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{safe}"));
+    output.with_file_name(name)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> SdkResult<T> + Send + 'static,
+) -> SdkResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SdkError::Transient(format!("conversion task failed: {e}")))?
+}
+
+#[async_trait]
+impl Migrator for ImageConvert {
+    fn describe(&self) -> MigratorDescriptor {
+        MigratorDescriptor {
+            name: "image-convert".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            summary: "converts a disk image between raw, qcow2, VMDK and VHD".into(),
+            consumes: READS
+                .iter()
+                .map(|&format| ArtifactKind::DiskImage { format })
+                .collect(),
+            produces: WRITES
+                .iter()
+                .map(|&format| ArtifactKind::DiskImage { format })
+                .collect(),
+        }
+    }
+
+    fn validate(&self, request: &StepRequest) -> Vec<Diagnostic> {
+        parse(request).err().unwrap_or_default()
+    }
+
+    async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
+        let parsed = parse(request).map_err(SdkError::Invalid)?;
+        let path = PathBuf::from(&parsed.input.locator);
+        let data = blocking(move || {
+            let reader = open(&path)?;
+            let mut data = 0u64;
+            for e in extents(reader.as_ref()) {
+                let e = e?;
+                if e.kind == ExtentKind::Data {
+                    data += e.length;
+                }
+            }
+            Ok(data)
+        })
+        .await?;
+        Ok(Estimate {
+            bytes_read: data,
+            bytes_sent: 0,
+            bytes_written: data,
+            seconds: data as f64 / PLAN_BYTES_PER_SECOND,
+        })
+    }
+
+    async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
+        let parsed = parse(request).map_err(SdkError::Invalid)?;
+        let partial = partial_path(&parsed.output, &request.step_id);
+        let progress = Arc::clone(&ctx.progress);
+        let cancel = ctx.cancel.clone();
+        let format = parsed.opts.format;
+        let output = parsed.output.clone();
+        let (summary, file_size) = blocking(move || {
+            let reader = open(Path::new(&parsed.input.locator))?;
+            if parsed.output.exists() {
+                // A finished output of an earlier run of this step is
+                // returned as is; anything else is not ours to replace.
+                let existing = open(&parsed.output)?;
+                if existing.format() == format
+                    && existing.virtual_size() >= reader.virtual_size()
+                    && existing.virtual_size() - reader.virtual_size() < 1 << 20
+                {
+                    let size = std::fs::metadata(&parsed.output)
+                        .map_err(|e| SdkError::io(format!("stat {}", parsed.output.display()), e))?
+                        .len();
+                    return Ok((None, size));
+                }
+                return Err(SdkError::Precondition(format!(
+                    "{} exists and is not this step's output",
+                    parsed.output.display()
+                )));
+            }
+            if cancel.is_cancelled() {
+                return Err(SdkError::Transient("cancelled before starting".into()));
+            }
+            let summary =
+                crate::image::convert(reader.as_ref(), &partial, &parsed.opts, &|done, total| {
+                    progress.progress(done, Some(total))
+                })?;
+            std::fs::rename(&partial, &parsed.output).map_err(|e| {
+                SdkError::io(format!("renaming {} into place", partial.display()), e)
+            })?;
+            let size = summary.file_size;
+            Ok((Some(summary), size))
+        })
+        .await?;
+        let mut out = StepOutput::default();
+        if let Some(s) = &summary {
+            out.measured.bytes_read = s.bytes_read;
+            out.measured.bytes_written = s.bytes_written;
+        }
+        out.artifacts.insert(
+            "image".into(),
+            Artifact {
+                kind: ArtifactKind::DiskImage { format },
+                site: request
+                    .inputs
+                    .get("image")
+                    .map(|a| a.site.clone())
+                    .unwrap_or_default(),
+                locator: output.display().to_string(),
+                size: Some(file_size),
+                checksum: None,
+            },
+        );
+        Ok(out)
+    }
+
+    async fn rollback(
+        &self,
+        request: &StepRequest,
+        _output: Option<&StepOutput>,
+        _ctx: &ExecContext,
+    ) -> SdkResult<()> {
+        let parsed = parse(request).map_err(SdkError::Invalid)?;
+        for path in [
+            partial_path(&parsed.output, &request.step_id),
+            parsed.output,
+        ] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SdkError::io(format!("removing {}", path.display()), e)),
+            }
+        }
+        Ok(())
+    }
+}
