@@ -260,10 +260,10 @@ impl FromStr for Constraint {
             "spread" | "gather" => {
                 need(1)?;
                 let resources = nonempty(selector(groups[0]))?;
-                if let Selector::Names(n) = &resources {
-                    if n.len() < 2 {
-                        return Err(bad("needs at least two resources".into()));
-                    }
+                if let Selector::Names(n) = &resources
+                    && n.len() < 2
+                {
+                    return Err(bad("needs at least two resources".into()));
                 }
                 if name.trim() == "spread" {
                     Self::Spread { resources }

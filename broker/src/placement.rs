@@ -175,11 +175,11 @@ pub fn units(t: &Topology) -> Vec<Unit> {
     let owner = unit_of(&out);
     let mut pairs: BTreeSet<(String, String)> = BTreeSet::new();
     let mut add = |a: &ResourceId, b: &ResourceId| {
-        if let (Some(x), Some(y)) = (owner.get(a), owner.get(b)) {
-            if x != y {
-                pairs.insert((x.clone(), y.clone()));
-                pairs.insert((y.clone(), x.clone()));
-            }
+        if let (Some(x), Some(y)) = (owner.get(a), owner.get(b))
+            && x != y
+        {
+            pairs.insert((x.clone(), y.clone()));
+            pairs.insert((y.clone(), x.clone()));
         }
     };
     for e in &edges {
@@ -843,18 +843,18 @@ impl Search<'_, '_> {
         for i in 0..self.domains[u].len() {
             let s = self.domains[u][i];
             let unary = so_far + self.m.score(u, s);
-            if let Some((b, _)) = &self.best {
-                if unary + self.rest_bound[depth] >= *b - 1e-9 {
-                    // Domains are sorted by unary score and link costs are
-                    // never negative: no later site can do better.
-                    break;
-                }
+            if let Some((b, _)) = &self.best
+                && unary + self.rest_bound[depth] >= *b - 1e-9
+            {
+                // Domains are sorted by unary score and link costs are
+                // never negative: no later site can do better.
+                break;
             }
             let total = unary + self.m.pair_cost(&self.placed, u, s);
-            if let Some((b, _)) = &self.best {
-                if total + self.rest_bound[depth] >= *b - 1e-9 {
-                    continue;
-                }
+            if let Some((b, _)) = &self.best
+                && total + self.rest_bound[depth] >= *b - 1e-9
+            {
+                continue;
             }
             if self.m.violates(&self.placed, u, s).is_some() {
                 continue;

@@ -1,5 +1,7 @@
 //! The broker REST service over real sockets.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use fluidcloud_broker::rest::{Problem, ServiceConfig, StaticCatalog, router, serve};
