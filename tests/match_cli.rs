@@ -211,9 +211,9 @@ fn bad_constraints_and_options_are_reported_clearly() {
     );
     let err = fails(&with(&["-c", "fence(db; atlantis)"]), 3);
     assert!(err.contains("unknown site `atlantis`"), "{err}");
-    let err = fails(&with(&["--user", "95,2"]), 1);
+    let err = fails(&with(&["--user", "95,2"]), 2);
     assert!(err.contains("latitude must be within"), "{err}");
-    let err = fails(&with(&["--weights", "speed=2"]), 1);
+    let err = fails(&with(&["--weights", "speed=2"]), 2);
     assert!(err.contains("unknown objective `speed`"), "{err}");
     let err = fails(
         &run(&[

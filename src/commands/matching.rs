@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use clap::Args;
 use fluidcloud_broker::placement::{Alternative, UserLocation, Weights};
 use fluidcloud_broker::{Constraint, Request};
@@ -27,13 +27,13 @@ pub(crate) struct MatchArgs {
     constraints: Vec<String>,
     /// Where users are: `LAT,LON` or `LAT,LON,WEIGHT`. Repeatable.
     /// Default: where the service runs now.
-    #[arg(long = "user", value_name = "LAT,LON[,W]")]
-    users: Vec<String>,
+    #[arg(long = "user", value_name = "LAT,LON[,W]", value_parser = parse_user)]
+    users: Vec<UserLocation>,
     /// Objective weights, e.g. `latency=2,cost=1,time=0.5,carbon=1`.
-    #[arg(long, value_name = "NAME=W,...")]
-    weights: Option<String>,
+    #[arg(long, value_name = "NAME=W,...", value_parser = parse_weights)]
+    weights: Option<Weights>,
     /// Link bandwidth between sites in Mbit/s (for relocation time).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, default_value_t = 1000.0, value_parser = parse_positive)]
     bandwidth_mbps: f64,
     /// Let resources stay on the source site.
     #[arg(long)]
@@ -43,21 +43,22 @@ pub(crate) struct MatchArgs {
     manifest: Option<PathBuf>,
 }
 
-fn parse_user(s: &str) -> Result<UserLocation> {
+/// `LAT,LON[,WEIGHT]`, for clap (a bad value exits 2 with clap's message).
+fn parse_user(s: &str) -> std::result::Result<UserLocation, String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
-    let num = |i: usize, what: &str| -> Result<f64> {
+    if !(2..=3).contains(&parts.len()) {
+        return Err("expected LAT,LON or LAT,LON,WEIGHT".into());
+    }
+    let num = |i: usize, what: &str| {
         parts[i]
             .parse::<f64>()
             .ok()
             .filter(|v| v.is_finite())
-            .with_context(|| format!("--user `{s}`: {what} `{}` is not a number", parts[i]))
+            .ok_or_else(|| format!("{what} `{}` is not a number", parts[i]))
     };
-    if !(2..=3).contains(&parts.len()) {
-        bail!("--user `{s}`: expected LAT,LON or LAT,LON,WEIGHT");
-    }
     let (latitude, longitude) = (num(0, "latitude")?, num(1, "longitude")?);
     if !(-90.0..=90.0).contains(&latitude) || !(-180.0..=180.0).contains(&longitude) {
-        bail!("--user `{s}`: latitude must be within -90..90 and longitude within -180..180");
+        return Err("latitude must be within -90..90 and longitude within -180..180".into());
     }
     let weight = if parts.len() == 3 {
         num(2, "weight")?
@@ -65,7 +66,7 @@ fn parse_user(s: &str) -> Result<UserLocation> {
         1.0
     };
     if weight <= 0.0 {
-        bail!("--user `{s}`: the weight must be positive");
+        return Err("the weight must be positive".into());
     }
     Ok(UserLocation {
         latitude,
@@ -74,27 +75,39 @@ fn parse_user(s: &str) -> Result<UserLocation> {
     })
 }
 
-fn parse_weights(s: &str) -> Result<Weights> {
+/// `latency=2,cost=1,...`, for clap.
+fn parse_weights(s: &str) -> std::result::Result<Weights, String> {
     let mut w = Weights::default();
     for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = pair
             .split_once('=')
-            .with_context(|| format!("--weights: `{pair}` is not NAME=WEIGHT"))?;
+            .ok_or_else(|| format!("`{pair}` is not NAME=WEIGHT"))?;
         let v: f64 = v
             .trim()
             .parse()
             .ok()
             .filter(|v: &f64| v.is_finite() && *v >= 0.0)
-            .with_context(|| format!("--weights: `{pair}` needs a non-negative number"))?;
+            .ok_or_else(|| format!("`{pair}` needs a non-negative number"))?;
         match k.trim() {
             "latency" => w.latency = v,
             "cost" => w.cost = v,
             "time" => w.time = v,
             "carbon" => w.carbon = v,
-            other => bail!("--weights: unknown objective `{other}` (latency, cost, time, carbon)"),
+            other => {
+                return Err(format!(
+                    "unknown objective `{other}` (latency, cost, time, carbon)"
+                ));
+            }
         }
     }
     Ok(w)
+}
+
+fn parse_positive(s: &str) -> std::result::Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| format!("`{s}` is not a positive number"))
 }
 
 /// Migrators the broker may chain: the built-ins and discovered plugins.
@@ -121,16 +134,9 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
             .map_err(|d| fluidcloud_broker::Error::Invalid(vec![d]))?;
         request.constraints.push(c);
     }
-    request.users = a
-        .users
-        .iter()
-        .map(|u| parse_user(u))
-        .collect::<Result<_>>()?;
-    if let Some(w) = &a.weights {
-        request.weights = parse_weights(w)?;
-    }
-    if !(a.bandwidth_mbps.is_finite() && a.bandwidth_mbps > 0.0) {
-        bail!("--bandwidth-mbps must be positive");
+    request.users = a.users;
+    if let Some(w) = a.weights {
+        request.weights = w;
     }
     request.bandwidth_mbps = a.bandwidth_mbps;
     request.include_source = a.include_source;
