@@ -41,3 +41,14 @@ pub struct ImageInfo {
     /// qcow2 version, 2 or 3 (qcow2 only).
     pub qcow2_version: Option<u32>,
 }
+
+/// Opens an image file for reading, with its length; errors name the path.
+pub(crate) fn open_file(path: &std::path::Path) -> crate::Result<(std::fs::File, u64)> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| crate::Error::io(format!("opening image {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| crate::Error::io(format!("reading metadata of image {}", path.display()), e))?
+        .len();
+    Ok((file, len))
+}

@@ -334,12 +334,7 @@ impl RawReader {
     ///
     /// [`Error::Io`] if it cannot be opened.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
-            .len();
+        let (file, size) = crate::image::open_file(path)?;
         Ok(Self {
             file,
             path: path.to_owned(),

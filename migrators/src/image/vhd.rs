@@ -59,12 +59,7 @@ impl VhdReader {
     /// [`Error::Corrupt`] for a missing or bad footer, dynamic header or
     /// BAT; [`Error::Unsupported`] for differencing images.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
-            .len();
+        let (file, file_len) = crate::image::open_file(path)?;
         let corrupt = |what: &str, offset: u64| Error::Corrupt {
             what: format!("vhd {what} of {}", path.display()),
             offset,

@@ -91,12 +91,7 @@ impl VhdxReader {
     /// [`Error::Corrupt`] for bad headers, region tables, metadata or BAT
     /// entries; [`Error::Unsupported`] for a log to replay or a parent.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
-            .len();
+        let (file, file_len) = crate::image::open_file(path)?;
         let corrupt = |what: &str, offset: u64| Error::Corrupt {
             what: format!("vhdx {what} of {}", path.display()),
             offset,

@@ -70,12 +70,7 @@ enum Grain {
 
 impl Sparse {
     fn open(path: &Path) -> Result<(Self, Option<String>)> {
-        let file = File::open(path)
-            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
-            .len();
+        let (file, file_len) = crate::image::open_file(path)?;
         let corrupt = |what: &str, offset: u64| Error::Corrupt {
             what: format!("vmdk {what} of {}", path.display()),
             offset,

@@ -168,12 +168,7 @@ impl Qcow2Reader {
         snapshot: Option<&str>,
         chain: &mut Chain,
     ) -> Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading metadata of image {}", path.display()), e))?
-            .len();
+        let (file, file_len) = crate::image::open_file(path)?;
         let corrupt = |what: &str, offset: u64| Error::Corrupt {
             what: format!("qcow2 {what} of {}", path.display()),
             offset,
