@@ -16,6 +16,7 @@ use fluidcloud_plugins::ImageFormat;
 
 use super::ImageInfo;
 use super::qcow2;
+use super::vhdx;
 use crate::error::{Error, Result};
 
 /// Bytes read from the start of every file to look for a magic.
@@ -26,13 +27,6 @@ const MAX_DESCRIPTOR: u64 = 1024 * 1024;
 const VMDK_DESCRIPTOR_MAGIC: &[u8] = b"# Disk DescriptorFile";
 /// VHD footers and copies are this long.
 const VHD_FOOTER_LEN: usize = 512;
-/// VHDX region tables live at 192 KiB and, as a copy, at 256 KiB.
-const VHDX_REGION_TABLES: [u64; 2] = [0x3_0000, 0x4_0000];
-/// Region tables and the metadata table are each 64 KiB.
-const VHDX_TABLE_LEN: usize = 64 * 1024;
-/// Neither table may have more entries than this.
-const VHDX_MAX_ENTRIES: usize = 2047;
-
 /// On-disk byte order of a GUID: the first three fields little-endian.
 pub(crate) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     let a = d1.to_le_bytes();
@@ -43,21 +37,6 @@ pub(crate) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
         d4[6], d4[7],
     ]
 }
-
-/// Region GUID of the VHDX metadata region.
-const VHDX_METADATA_REGION: [u8; 16] = guid(
-    0x8B7C_A206,
-    0x4790,
-    0x4B9A,
-    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
-);
-/// Item GUID of the VHDX virtual disk size.
-const VHDX_VIRTUAL_DISK_SIZE: [u8; 16] = guid(
-    0x2FA5_4224,
-    0xCD1B,
-    0x4876,
-    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
-);
 
 /// Detects the format of the image at `path` from its content (never from
 /// its name) and reads its header.
@@ -458,8 +437,8 @@ fn probe_vhd(src: &Source<'_>, head: &[u8]) -> Result<Option<Found>> {
 /// A VHDX: region table → metadata region → virtual disk size item.
 fn probe_vhdx(src: &Source<'_>) -> Result<Found> {
     let mut metadata = None;
-    for at in VHDX_REGION_TABLES {
-        let table = src.read(at, VHDX_TABLE_LEN)?;
+    for at in vhdx::REGION_TABLES {
+        let table = src.read(at, vhdx::TABLE_LEN)?;
         if let Some(region) = vhdx_metadata_region(&table) {
             metadata = Some(region);
             break;
@@ -468,18 +447,18 @@ fn probe_vhdx(src: &Source<'_>) -> Result<Found> {
     let (region_at, region_len) = metadata.ok_or_else(|| {
         src.corrupt(
             "vhdx region tables (no copy with a valid signature, checksum and metadata region)",
-            VHDX_REGION_TABLES[0],
+            vhdx::REGION_TABLES[0],
         )
     })?;
     let table_len = usize::try_from(region_len)
-        .unwrap_or(VHDX_TABLE_LEN)
-        .min(VHDX_TABLE_LEN);
+        .unwrap_or(vhdx::TABLE_LEN)
+        .min(vhdx::TABLE_LEN);
     let table = src.read(region_at, table_len)?;
     if !table.starts_with(b"metadata") {
         return Err(src.corrupt("vhdx metadata table (bad signature)", region_at));
     }
     let count = le_u16(&table, 10).map_or(0, usize::from);
-    if count > VHDX_MAX_ENTRIES {
+    if count > vhdx::MAX_ENTRIES {
         return Err(src.corrupt(
             &format!("vhdx metadata table ({count} entries)"),
             region_at.saturating_add(10),
@@ -487,7 +466,7 @@ fn probe_vhdx(src: &Source<'_>) -> Result<Found> {
     }
     let item = (0..count)
         .filter_map(|i| table.get(32 + i * 32..64 + i * 32))
-        .find(|entry| entry.starts_with(&VHDX_VIRTUAL_DISK_SIZE))
+        .find(|entry| entry.starts_with(&vhdx::META_VIRTUAL_SIZE))
         .ok_or_else(|| src.corrupt("vhdx metadata table (no virtual disk size)", region_at))?;
     // The 8-byte value must lie inside the metadata region and the file.
     let value_at = match (le_u32(item, 16), le_u32(item, 20)) {
@@ -510,7 +489,7 @@ fn probe_vhdx(src: &Source<'_>) -> Result<Found> {
 /// `(file offset, length)` of the metadata region named by a region table,
 /// if the table's signature and checksum hold.
 fn vhdx_metadata_region(table: &[u8]) -> Option<(u64, u32)> {
-    if table.len() != VHDX_TABLE_LEN || !table.starts_with(b"regi") {
+    if table.len() != vhdx::TABLE_LEN || !table.starts_with(b"regi") {
         return None;
     }
     let stored = le_u32(table, 4)?;
@@ -520,12 +499,12 @@ fn vhdx_metadata_region(table: &[u8]) -> Option<(u64, u32)> {
         return None;
     }
     let count = usize::try_from(le_u32(table, 8)?).ok()?;
-    if count > VHDX_MAX_ENTRIES {
+    if count > vhdx::MAX_ENTRIES {
         return None;
     }
     (0..count)
         .filter_map(|i| table.get(16 + i * 32..48 + i * 32))
-        .find(|entry| entry.starts_with(&VHDX_METADATA_REGION))
+        .find(|entry| entry.starts_with(&vhdx::REGION_METADATA))
         .and_then(|entry| Some((le_u64(entry, 16)?, le_u32(entry, 24)?)))
 }
 
@@ -575,7 +554,7 @@ mod tests {
     #[test]
     fn guids_are_stored_mixed_endian() {
         assert_eq!(
-            VHDX_METADATA_REGION,
+            vhdx::REGION_METADATA,
             [
                 0x06, 0xA2, 0x7C, 0x8B, 0x90, 0x47, 0x9A, 0x4B, 0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F,
                 0x88, 0x6E

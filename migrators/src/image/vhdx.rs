@@ -18,10 +18,10 @@ use super::reader::{Extent, ExtentKind, ImageReader, check_range, pread_full};
 use crate::error::{Error, Result};
 
 const MIB: u64 = 1 << 20;
-const REGION_TABLES: [u64; 2] = [0x3_0000, 0x4_0000];
+pub(crate) const REGION_TABLES: [u64; 2] = [0x3_0000, 0x4_0000];
 const HEADERS: [u64; 2] = [0x1_0000, 0x2_0000];
-const TABLE_LEN: usize = 64 * 1024;
-const MAX_ENTRIES: usize = 2047;
+pub(crate) const TABLE_LEN: usize = 64 * 1024;
+pub(crate) const MAX_ENTRIES: usize = 2047;
 
 const REGION_BAT: [u8; 16] = guid(
     0x2DC2_7766,
@@ -29,7 +29,7 @@ const REGION_BAT: [u8; 16] = guid(
     0x4200,
     [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
 );
-const REGION_METADATA: [u8; 16] = guid(
+pub(crate) const REGION_METADATA: [u8; 16] = guid(
     0x8B7C_A206,
     0x4790,
     0x4B9A,
@@ -41,7 +41,7 @@ const META_FILE_PARAMETERS: [u8; 16] = guid(
     0x4D43,
     [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
 );
-const META_VIRTUAL_SIZE: [u8; 16] = guid(
+pub(crate) const META_VIRTUAL_SIZE: [u8; 16] = guid(
     0x2FA5_4224,
     0xCD1B,
     0x4876,
