@@ -212,6 +212,8 @@ struct Shared {
     dead: Mutex<Option<(String, Retry)>>,
     child: Mutex<Option<Child>>,
     stderr_tail: Mutex<VecDeque<String>>,
+    /// Set when the stderr reader reached end of file (or never started).
+    stderr_closed: (Mutex<bool>, std::sync::Condvar),
     scrub: Vec<String>,
 }
 
@@ -298,6 +300,14 @@ impl Shared {
         Ok(())
     }
 
+    /// Waits (briefly) for the stderr reader to see end of file, so a dying
+    /// plugin's last words are in the tail.
+    fn wait_stderr_closed(&self, max: Duration) {
+        let (m, cv) = &self.stderr_closed;
+        let closed = lock(m);
+        let _ = cv.wait_timeout_while(closed, max, |c| !*c);
+    }
+
     fn tail(&self) -> String {
         let t = lock(&self.stderr_tail);
         if t.is_empty() {
@@ -368,6 +378,7 @@ fn stdout_loop(shared: Arc<Shared>, out: impl Read, max: usize) {
             Ok(Frame::Eof) | Err(_) => {
                 if !shared.is_dead() {
                     let how = shared.exit_status();
+                    shared.wait_stderr_closed(Duration::from_millis(500));
                     let msg = format!("{how}{}", shared.tail());
                     shared.poison(msg, Retry::Transient);
                 }
@@ -383,7 +394,7 @@ fn stderr_loop(shared: Arc<Shared>, err: impl Read) {
     let mut buf = Vec::new();
     while let Ok(frame) = read_frame(&mut r, MAX_LOG_LINE, &mut buf) {
         if frame == Frame::Eof {
-            return;
+            break;
         }
         let line = shared.scrub(&String::from_utf8_lossy(&buf));
         tracing::info!(target: "fluidcloud::plugin", plugin = %shared.label(), "{line}");
@@ -393,6 +404,9 @@ fn stderr_loop(shared: Arc<Shared>, err: impl Read) {
         }
         tail.push_back(line.chars().take(300).collect());
     }
+    let (m, cv) = &shared.stderr_closed;
+    *lock(m) = true;
+    cv.notify_all();
 }
 
 fn writer_loop(mut input: impl Write, rx: mpsc::Receiver<Vec<u8>>) {
@@ -501,6 +515,7 @@ impl Connection {
             dead: Mutex::new(None),
             child: Mutex::new(child),
             stderr_tail: Mutex::new(VecDeque::new()),
+            stderr_closed: (Mutex::new(stderr.is_none()), std::sync::Condvar::new()),
             scrub: config.secrets.0.values().cloned().collect(),
         });
         let (tx, rx) = mpsc::channel();

@@ -138,6 +138,10 @@ pub trait ProgressSink: Send + Sync {
     fn progress(&self, done: u64, total: Option<u64>);
     /// A human-readable message about the step.
     fn message(&self, text: &str);
+    /// Blocks until everything reported so far has been delivered, where
+    /// delivery is asynchronous (a plugin's reports travel through a writer
+    /// thread): call it before exiting the process abruptly.
+    fn flush(&self) {}
 }
 
 /// A sink that drops everything; for callers that do not show progress.

@@ -130,7 +130,7 @@ impl Plugin {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
-        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>();
+        let (out_tx, out_rx) = mpsc::channel::<Outgoing>();
         let writer = std::thread::Builder::new()
             .name("plugin-writer".into())
             .spawn(move || write_loop(output, out_rx))?;
@@ -190,25 +190,40 @@ fn read_loop(input: impl Read, tx: tokio::sync::mpsc::UnboundedSender<Input>) {
     }
 }
 
-fn write_loop(mut output: impl Write, rx: mpsc::Receiver<Vec<u8>>) {
-    while let Ok(line) = rx.recv() {
-        if output.write_all(&line).is_err() {
-            return;
-        }
+/// What the writer thread is asked to do, in order.
+enum Outgoing {
+    Line(Vec<u8>),
+    /// Answer once every earlier line is written and flushed.
+    Barrier(mpsc::SyncSender<()>),
+}
+
+fn write_loop(mut output: impl Write, rx: mpsc::Receiver<Outgoing>) {
+    while let Ok(first) = rx.recv() {
+        let mut barriers = Vec::new();
+        let mut next = Some(first);
         // Batch what is already queued, then flush once.
-        while let Ok(more) = rx.try_recv() {
-            if output.write_all(&more).is_err() {
-                return;
+        while let Some(msg) = next {
+            match msg {
+                Outgoing::Line(line) => {
+                    if output.write_all(&line).is_err() {
+                        return;
+                    }
+                }
+                Outgoing::Barrier(done) => barriers.push(done),
             }
+            next = rx.try_recv().ok();
         }
         if output.flush().is_err() {
             return;
+        }
+        for b in barriers {
+            let _ = b.send(());
         }
     }
 }
 
 #[derive(Clone)]
-struct Out(mpsc::Sender<Vec<u8>>);
+struct Out(mpsc::Sender<Outgoing>);
 
 impl Out {
     fn send(&self, reply: &Reply) {
@@ -220,7 +235,16 @@ impl Out {
             serde_json::to_vec(&err).unwrap_or_default()
         });
         line.push(b'\n');
-        let _ = self.0.send(line);
+        let _ = self.0.send(Outgoing::Line(line));
+    }
+
+    /// Blocks until everything sent so far is written and flushed (or the
+    /// writer is gone).
+    fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.0.send(Outgoing::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 
     fn result<T: Serialize>(&self, id: u64, value: &T) {
@@ -249,6 +273,10 @@ impl ProgressSink for Sink {
 
     fn message(&self, text: &str) {
         self.out.send(&Reply::message(self.id, text));
+    }
+
+    fn flush(&self) {
+        self.out.flush();
     }
 }
 

@@ -118,6 +118,7 @@ impl Migrator for Testkit {
             ctx.progress.progress(i, Some(n));
             if num(request, "crash_after") == i {
                 eprintln!("testkit: crashing on purpose after {i}");
+                ctx.progress.flush();
                 std::process::exit(3);
             }
             tokio::time::sleep(sleep).await;
