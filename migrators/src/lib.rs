@@ -21,6 +21,10 @@
 //!   (de)compressing on every core; [`image::check`] and
 //!   [`image::compare`] verify images.
 //! - [`ImageConvert`] is the `image-convert` migrator built on them.
+//! - [`config`] adapts configuration files (YAML, JSON, TOML, INI, `.env`,
+//!   plain text) to a new site from an endpoint map and explicit rules,
+//!   editing values in place; [`ConfigAdapt`] is the `config-adapt`
+//!   migrator built on it (`docs/config-adapt.md`).
 //!
 //! `docs/images.md` lists every format and feature with its status and the
 //! qemu-img differential tests behind each.
@@ -55,10 +59,12 @@
 //! sizes are bounded only by QEMU's own limits (32 MiB L1 table, 8 MiB
 //! refcount table), which `create` checks.
 
+pub mod config;
 pub mod error;
 pub mod image;
 pub mod image_convert;
 
+pub use config::ConfigAdapt;
 pub use error::{Error, Result};
 pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
 pub use image::{ImageInfo, probe};
