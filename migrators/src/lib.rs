@@ -21,6 +21,11 @@
 //!   (de)compressing on every core; [`image::check`] and
 //!   [`image::compare`] verify images.
 //! - [`ImageConvert`] is the `image-convert` migrator built on them.
+//! - [`volume::copy`] copies a block volume (raw file or any image) into a
+//!   sparse raw file in BLAKE3-hashed chunks with a Merkle manifest beside
+//!   it: resumable after a crash, and incremental (only changed chunks are
+//!   written) on a second run; [`VolumeCopy`] is the `volume-copy` migrator.
+//!   `docs/volumes.md` describes the manifest and progress-log formats.
 //!
 //! `docs/images.md` lists every format and feature with its status and the
 //! qemu-img differential tests behind each.
@@ -58,8 +63,10 @@
 pub mod error;
 pub mod image;
 pub mod image_convert;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
 pub use image::{ImageInfo, probe};
 pub use image_convert::ImageConvert;
+pub use volume::VolumeCopy;
