@@ -598,7 +598,10 @@ pub fn copy(
                 l.header.created_by.clone()
             } else if let Some((_, s)) = stamp {
                 s.created_by.clone()
-            } else if opts.overwrite {
+            } else if opts.overwrite || mpath.exists() {
+                // A manifest that no longer describes the target (or cannot
+                // be read) still says a volume copy wrote here: hash the
+                // target, but claim no ownership.
                 None
             } else {
                 return Err(Error::InvalidArgument(format!(
