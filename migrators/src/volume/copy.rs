@@ -29,6 +29,9 @@ const BLOCK: usize = 4096;
 const SYNC_BYTES: u64 = 256 << 20;
 /// ... or this much time, whichever comes first.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Data is read, hashed and written in pieces of this size, which stay in
+/// the CPU's cache between those steps.
+const PIECE: usize = 256 << 10;
 
 /// How to copy a volume.
 #[derive(Debug, Clone)]
@@ -137,17 +140,22 @@ fn is_zero(buf: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Reads and hashes chunk `off..off + len` of `reader` into `buf`. Ranges
-/// the extent map says are holes or zeros are not read; a chunk without
-/// data is [`Leaf::Zero`] without touching `buf`. Returns the leaf, the
-/// bytes read, and whether `buf` holds the chunk.
+/// Reads and hashes chunk `off..off + len` of `reader`. Ranges the extent
+/// map says are holes or zeros are not read; a chunk without data is
+/// [`Leaf::Zero`] without touching `buf`. Data is read and hashed in
+/// pieces of [`PIECE`] bytes while they are still in the CPU cache, and
+/// each piece read is handed to `on_piece` (offset in the chunk, bytes).
+/// With `keep`, `buf` ends up holding the whole chunk; without it, `buf`
+/// only needs one piece. Returns the leaf and the bytes read.
 fn hash_chunk(
     reader: &dyn ImageReader,
     off: u64,
     len: usize,
     buf: &mut Vec<u8>,
+    keep: bool,
     ranges: &mut Vec<(usize, usize, bool)>,
-) -> Result<(Leaf, u64, bool)> {
+    on_piece: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<(Leaf, u64)> {
     let end = off + len as u64;
     ranges.clear();
     let mut pos = off;
@@ -167,30 +175,41 @@ fn hash_chunk(
         pos = e_end;
     }
     if !any {
-        return Ok((Leaf::Zero, 0, false));
+        return Ok((Leaf::Zero, 0));
     }
-    if buf.len() < len {
-        buf.resize(len, 0);
+    let need = if keep { len } else { len.min(PIECE) };
+    if buf.len() < need {
+        buf.resize(need, 0);
     }
+    let mut hasher = blake3::Hasher::new();
+    let mut nonzero = false;
     let mut read = 0;
     for &(a, b, data) in ranges.iter() {
-        let Some(piece) = buf.get_mut(a..b) else {
-            continue;
-        };
-        if data {
-            reader.read_at(off + a as u64, piece)?;
-            read += piece.len() as u64;
-        } else {
-            piece.fill(0);
+        let mut at = a;
+        while at < b {
+            let n = (b - at).min(PIECE);
+            let slot = if keep { at } else { 0 };
+            let Some(piece) = buf.get_mut(slot..slot + n) else {
+                break;
+            };
+            if data {
+                reader.read_at(off + at as u64, piece)?;
+                read += n as u64;
+                nonzero = nonzero || !is_zero(piece);
+                on_piece(at, piece)?;
+            } else {
+                piece.fill(0);
+            }
+            hasher.update(piece);
+            at += n;
         }
     }
-    let chunk = buf.get(..len).unwrap_or_default();
-    let leaf = if is_zero(chunk) {
-        Leaf::Zero
+    let leaf = if nonzero {
+        Leaf::Data(*hasher.finalize().as_bytes())
     } else {
-        Leaf::Data(*blake3::hash(chunk).as_bytes())
+        Leaf::Zero
     };
-    Ok((leaf, read, true))
+    Ok((leaf, read))
 }
 
 /// `fallocate(PUNCH_HOLE)`; `false` when the file system cannot punch.
@@ -313,13 +332,49 @@ impl Work<'_> {
         let mut ranges = Vec::new();
         let off = index * self.chunk_size;
         let len = (self.virtual_size - off).min(self.chunk_size) as usize;
-        let (source, read, _) = hash_chunk(self.source, off, len, src, &mut ranges)?;
         let idx = index as usize;
+        let known = self.known.get(idx).copied().flatten();
+        let mut written = 0;
+        let (source, read) = if known == Some(Leaf::Zero) && !self.recorded_at(idx) {
+            // The target reads as zeros here: any non-zero piece will be
+            // sent, so it is written at once, while in cache.
+            hash_chunk(
+                self.source,
+                off,
+                len,
+                src,
+                false,
+                &mut ranges,
+                &mut |at, piece| {
+                    written += write_blocks(self.target, piece, off + at as u64)
+                        .map_err(|e| self.io("writing", off + at as u64, e))?;
+                    Ok(())
+                },
+            )?
+        } else {
+            hash_chunk(
+                self.source,
+                off,
+                len,
+                src,
+                true,
+                &mut ranges,
+                &mut |_, _| Ok(()),
+            )?
+        };
         let mut verified = 0;
-        let before = match self.known.get(idx).copied().flatten() {
+        let before = match known {
             Some(l) => l,
             None => {
-                let (l, n, _) = hash_chunk(self.target_reader, off, len, tgt, &mut ranges)?;
+                let (l, n) = hash_chunk(
+                    self.target_reader,
+                    off,
+                    len,
+                    tgt,
+                    false,
+                    &mut ranges,
+                    &mut |_, _| Ok(()),
+                )?;
                 verified += n;
                 l
             }
@@ -328,36 +383,46 @@ impl Work<'_> {
             index,
             source,
             target: source,
-            sent: false,
+            sent: written > 0,
             read,
             verified,
-            written: 0,
+            written,
         };
-        if before == source {
+        if before == source && !done.sent {
             return Ok(done);
         }
-        if self.recorded.get(idx).copied().unwrap_or(false) {
-            // The log holds a record of this chunk from an interrupted run:
-            // withdraw it before the data changes under it.
-            self.log
-                .lock()
-                .map_err(|_| Error::InvalidArgument("progress log lock poisoned".into()))?
-                .append(&[(index, None)])?;
-        }
-        match source {
-            Leaf::Zero => done.written = self.clear(off, len as u64)?,
-            Leaf::Data(_) => {
-                let data = src.get(..len).unwrap_or_default();
-                if before != Leaf::Zero {
-                    // Old data under the zero blocks must go.
-                    done.written = self.clear(off, len as u64)?;
+        if !done.sent {
+            if self.recorded_at(idx) {
+                // The log holds a record of this chunk from an interrupted
+                // run: withdraw it before the data changes under it.
+                self.log
+                    .lock()
+                    .map_err(|_| Error::InvalidArgument("progress log lock poisoned".into()))?
+                    .append(&[(index, None)])?;
+            }
+            match source {
+                Leaf::Zero => done.written = self.clear(off, len as u64)?,
+                Leaf::Data(_) => {
+                    let data = src.get(..len).unwrap_or_default();
+                    if before != Leaf::Zero {
+                        // Old data under the zero blocks must go.
+                        done.written = self.clear(off, len as u64)?;
+                    }
+                    done.written += write_blocks(self.target, data, off)
+                        .map_err(|e| self.io("writing", off, e))?;
                 }
-                done.written +=
-                    write_blocks(self.target, data, off).map_err(|e| self.io("writing", off, e))?;
             }
         }
         // Verify what the target now holds by reading it back.
-        let (after, n, _) = hash_chunk(self.target_reader, off, len, tgt, &mut ranges)?;
+        let (after, n) = hash_chunk(
+            self.target_reader,
+            off,
+            len,
+            tgt,
+            false,
+            &mut ranges,
+            &mut |_, _| Ok(()),
+        )?;
         done.verified += n;
         done.target = after;
         done.sent = true;
@@ -371,6 +436,10 @@ impl Work<'_> {
             });
         }
         Ok(done)
+    }
+
+    fn recorded_at(&self, idx: usize) -> bool {
+        self.recorded.get(idx).copied().unwrap_or(false)
     }
 }
 
@@ -408,7 +477,15 @@ fn hash_all(
                     }
                     let off = i * chunk_size;
                     let len = (size - off).min(chunk_size) as usize;
-                    let r = hash_chunk(reader, off, len, &mut buf, &mut ranges);
+                    let r = hash_chunk(
+                        reader,
+                        off,
+                        len,
+                        &mut buf,
+                        false,
+                        &mut ranges,
+                        &mut |_, _| Ok(()),
+                    );
                     if r.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -421,7 +498,7 @@ fn hash_all(
         drop(tx);
         for (i, len, r) in rx {
             match r {
-                Ok((leaf, n, _)) => {
+                Ok((leaf, n)) => {
                     if let Some(slot) = leaves.get_mut(i as usize) {
                         *slot = Some(leaf);
                     }
