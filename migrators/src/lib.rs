@@ -25,6 +25,11 @@
 //!   plain text) to a new site from an endpoint map and explicit rules,
 //!   editing values in place; [`ConfigAdapt`] is the `config-adapt`
 //!   migrator built on it (`docs/config-adapt.md`).
+//! - [`volume::copy`] copies a block volume (raw file or any image) into a
+//!   sparse raw file in BLAKE3-hashed chunks with a Merkle manifest beside
+//!   it: resumable after a crash, and incremental (only changed chunks are
+//!   written) on a second run; [`VolumeCopy`] is the `volume-copy` migrator.
+//!   `docs/volumes.md` describes the manifest and progress-log formats.
 //!
 //! `docs/images.md` lists every format and feature with its status and the
 //! qemu-img differential tests behind each.
@@ -63,9 +68,11 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod image_convert;
+pub mod volume;
 
 pub use config::ConfigAdapt;
 pub use error::{Error, Result};
 pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
 pub use image::{ImageInfo, probe};
 pub use image_convert::ImageConvert;
+pub use volume::VolumeCopy;
