@@ -21,6 +21,9 @@
 //!   (de)compressing on every core; [`image::check`] and
 //!   [`image::compare`] verify images.
 //! - [`ImageConvert`] is the `image-convert` migrator built on them.
+//! - [`objects`] copies buckets (S3-compatible or directories) with
+//!   verification, skipping and retries; [`ObjectCopy`] is the
+//!   `object-copy` migrator built on it.
 //!
 //! `docs/images.md` lists every format and feature with its status and the
 //! qemu-img differential tests behind each.
@@ -58,8 +61,10 @@
 pub mod error;
 pub mod image;
 pub mod image_convert;
+pub mod objects;
 
 pub use error::{Error, Result};
 pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
 pub use image::{ImageInfo, probe};
 pub use image_convert::ImageConvert;
+pub use objects::ObjectCopy;
