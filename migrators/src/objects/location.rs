@@ -194,7 +194,7 @@ fn parse_s3(url: &str, parsed: &url::Url) -> Result<S3Location> {
             if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
                 return Err(bad(url, format!("endpoint `{e}` must be an http(s) URL")));
             }
-            if u.query().is_some() || u.path().trim_matches('/') != "" {
+            if u.query().is_some() || !u.path().trim_matches('/').is_empty() {
                 return Err(bad(
                     url,
                     format!("endpoint `{e}` must have no path or query"),
