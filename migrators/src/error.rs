@@ -39,6 +39,58 @@ pub enum Error {
     /// that is not a power of two, a write out of order or past the end...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A bucket location URL could not be understood.
+    #[error("bad bucket location `{url}`: {reason}")]
+    BadLocation {
+        /// The URL as given (it carries no secrets by design).
+        url: String,
+        /// What is wrong with it and what the format is.
+        reason: String,
+    },
+    /// A credential is named by an environment variable that is not set.
+    #[error("environment variable {variable} is not set (it holds the {what} of {url})")]
+    MissingCredential {
+        /// The variable's name.
+        variable: String,
+        /// Which credential it was to hold, e.g. `secret access key`.
+        what: String,
+        /// The bucket location that names it.
+        url: String,
+    },
+    /// An object store operation failed (through the `object_store` crate).
+    #[error("{context}: {source}")]
+    ObjectStore {
+        /// What was being done, naming the bucket and object.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// An S3 request this crate signs itself (bucket creation, server-side
+    /// copy, multipart clean-up) failed.
+    #[error("S3 {operation} on {resource} failed: {}{message}", status.map(|s| format!("HTTP {s} ")).unwrap_or_default())]
+    S3 {
+        /// The operation, e.g. `CopyObject`.
+        operation: String,
+        /// The bucket or object, as `endpoint/bucket/key`.
+        resource: String,
+        /// The HTTP status, when a response arrived.
+        status: Option<u16>,
+        /// The S3 error code and message, or the transport error.
+        message: String,
+    },
+    /// Some objects of a bucket copy failed; the others were copied.
+    #[error("{failed} of {total} objects failed to copy: {first}")]
+    ObjectsFailed {
+        /// How many objects failed.
+        failed: usize,
+        /// How many objects the source listed.
+        total: usize,
+        /// The first few failures as `key: reason`, `; `-separated.
+        first: String,
+        /// Whether every failure was of a passing kind.
+        transient: bool,
+    },
 }
 
 impl Error {
@@ -51,20 +103,116 @@ impl Error {
     }
 }
 
-impl Retryable for Error {
-    fn retry(&self) -> Retry {
-        match self {
-            Self::Io { source, .. } => fluidcloud_plugins::error::io_retry(source.kind()),
-            Self::Corrupt { .. } | Self::Unsupported { .. } | Self::InvalidArgument(_) => {
+/// Whether an `object_store` error may pass: connection failures, timeouts
+/// and 5xx/429 answers (after the store's own retries) are transient.
+pub fn object_store_retry(e: &object_store::Error) -> Retry {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. }
+        | E::InvalidPath { .. }
+        | E::NotSupported { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotImplemented { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::UnknownConfigurationKey { .. } => Retry::Never,
+        E::JoinError { .. } => Retry::Transient,
+        other => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(other);
+            while let Some(c) = cause {
+                if let Some(h) = c.downcast_ref::<object_store::client::HttpError>() {
+                    use object_store::client::HttpErrorKind as K;
+                    if matches!(
+                        h.kind(),
+                        K::Connect | K::Request | K::Timeout | K::Interrupted
+                    ) {
+                        return Retry::Transient;
+                    }
+                }
+                if let Some(io) = c.downcast_ref::<std::io::Error>()
+                    && fluidcloud_plugins::error::io_retry(io.kind()) == Retry::Transient
+                {
+                    return Retry::Transient;
+                }
+                cause = c.source();
+            }
+            // The store's retry error carries the status only in its text.
+            let text = other.to_string();
+            if text.contains("status code: 5") || text.contains("status code: 429") {
+                Retry::Transient
+            } else {
                 Retry::Never
             }
         }
     }
 }
 
+impl Retryable for Error {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Io { source, .. } => fluidcloud_plugins::error::io_retry(source.kind()),
+            Self::ObjectStore { source, .. } => object_store_retry(source),
+            Self::S3 { status, .. } => match status {
+                None => Retry::Transient,
+                Some(s) if *s >= 500 || *s == 429 || *s == 408 => Retry::Transient,
+                Some(_) => Retry::Never,
+            },
+            Self::ObjectsFailed { transient, .. } => {
+                if *transient {
+                    Retry::Transient
+                } else {
+                    Retry::Never
+                }
+            }
+            Self::Corrupt { .. }
+            | Self::Unsupported { .. }
+            | Self::InvalidArgument(_)
+            | Self::BadLocation { .. }
+            | Self::MissingCredential { .. } => Retry::Never,
+        }
+    }
+}
+
 impl From<Error> for fluidcloud_plugins::Error {
     fn from(e: Error) -> Self {
+        let retry = e.retry();
+        let text = e.to_string();
         match e {
+            Error::BadLocation { .. } | Error::MissingCredential { .. } => Self::Precondition(text),
+            Error::ObjectStore { context, source } => match source {
+                object_store::Error::NotFound { .. } => Self::NotFound {
+                    what: context,
+                    site: None,
+                },
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => Self::PermissionDenied {
+                    what: text,
+                    site: None,
+                },
+                _ if retry == Retry::Transient => Self::Transient(text),
+                _ => Self::io(text, std::io::Error::other(source)),
+            },
+            Error::S3 { status, .. } => match status {
+                Some(403) => Self::PermissionDenied {
+                    what: text,
+                    site: None,
+                },
+                Some(404) => Self::NotFound {
+                    what: text,
+                    site: None,
+                },
+                _ if retry == Retry::Transient => Self::Transient(text),
+                _ => Self::io(text, std::io::Error::other("S3 request failed")),
+            },
+            Error::ObjectsFailed { transient, .. } => {
+                if transient {
+                    Self::Transient(text)
+                } else {
+                    Self::io(text, std::io::Error::other("some objects failed"))
+                }
+            }
             Error::Corrupt { what, offset } => Self::Corrupt { what, offset },
             Error::Io { context, source } => Self::Io { context, source },
             Error::Unsupported { what } => Self::NotSupported {

@@ -30,6 +30,9 @@
 //!   it: resumable after a crash, and incremental (only changed chunks are
 //!   written) on a second run; [`VolumeCopy`] is the `volume-copy` migrator.
 //!   `docs/volumes.md` describes the manifest and progress-log formats.
+//! - [`objects`] copies buckets (S3-compatible or directories) with
+//!   verification, skipping and retries; [`ObjectCopy`] is the
+//!   `object-copy` migrator built on it.
 //!
 //! `docs/images.md` lists every format and feature with its status and the
 //! qemu-img differential tests behind each.
@@ -69,6 +72,7 @@ pub mod error;
 pub mod image;
 pub mod image_convert;
 pub mod volume;
+pub mod objects;
 
 pub use config::ConfigAdapt;
 pub use error::{Error, Result};
@@ -76,3 +80,4 @@ pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
 pub use image::{ImageInfo, probe};
 pub use image_convert::ImageConvert;
 pub use volume::VolumeCopy;
+pub use objects::ObjectCopy;
