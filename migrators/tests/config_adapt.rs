@@ -803,3 +803,27 @@ fn hostile_input_gives_errors_not_panics() {
         "- &a db.shop.fra.internal\n- *a\n- !!str 10.30.0.13\n"
     );
 }
+
+#[test]
+fn nested_shapes_flow_collections_dotted_keys_and_folded_blocks() {
+    let yaml = "a: {host: db.shop.paris.internal, port: 1}\nb: [10.10.0.13, \"x\"]\nc: >-\n  connect to\n  db.shop.paris.internal\n\nd: 1\n";
+    assert_eq!(
+        run("n.yaml", yaml, Format::Yaml, &[]),
+        "a: {host: db.shop.fra.internal, port: 1}\nb: [10.30.0.13, \"x\"]\nc: >-\n  connect to\n  db.shop.fra.internal\n\nd: 1\n"
+    );
+    let toml = "db.host = \"db.shop.paris.internal\"\n[[mirror]]\nurl = \"https://s3.dc-paris.example.net/a\"\n[[mirror]]\nurl = \"http://10.10.0.13/\"\n";
+    let out = adapt("n.toml", toml, Format::Toml, &shop_map(), &[]).unwrap();
+    assert_eq!(
+        out.content,
+        "db.host = \"db.shop.fra.internal\"\n[[mirror]]\nurl = \"https://s3.eu-central.cloud.example.com/a\"\n[[mirror]]\nurl = \"http://10.30.0.13/\"\n"
+    );
+    let at: Vec<_> = out.changes.iter().map(|c| c.location.as_str()).collect();
+    assert_eq!(at, ["db.host", "mirror[0].url", "mirror[1].url"]);
+    let rules = [Rule::set("n.toml", "mirror[1].url", "http://10.30.0.99/")];
+    let out = adapt("n.toml", toml, Format::Toml, &EndpointMap::new(), &rules).unwrap();
+    assert!(
+        out.content.ends_with("url = \"http://10.30.0.99/\"\n"),
+        "{}",
+        out.content
+    );
+}
