@@ -750,3 +750,80 @@ async fn validation_points_at_params_and_execution_errors_name_the_file() {
         "database:\n  host: y\n"
     );
 }
+
+#[test]
+fn hostile_input_gives_errors_not_panics() {
+    let snippets = [
+        "",
+        "\n\n",
+        "é: [é, db.shop.paris.internal]\n",
+        "k: \"db.shop.paris.internal\\",
+        "k: 'db.shop.paris.internal",
+        "{\"a\": \"db.shop.paris.internal\\u00e9\", \"b\": [1, {\"c\": \"\\\"\"}]}",
+        "[[[[[[[[",
+        "a = \"\"\"db.shop.paris.internal",
+        "k: |\n",
+        "k: >-\n  db.shop.paris.internal\n\n  x\n",
+        "- &a db.shop.paris.internal\n- *a\n- !!str 10.10.0.13\n",
+        "? [complex, key]\n: db.shop.paris.internal\n",
+        "A=\"unterminated db.shop.paris.internal\n",
+        "x = 'a''b' 'c'\n",
+        "\u{feff}db.shop.paris.internal\r\nk=10.10.0.13\r\n",
+        "ü=é db.shop.paris.internalé\n",
+    ];
+    let formats = [
+        Format::Yaml,
+        Format::Json,
+        Format::Toml,
+        Format::Ini,
+        Format::Env,
+        Format::Text,
+    ];
+    for s in snippets {
+        for f in formats {
+            if let Ok(out) = adapt("h", s, f, &shop_map(), &[]) {
+                // Whatever was accepted reads back and is stable.
+                let again = adapt("h", &out.content, f, &shop_map(), &[]).unwrap();
+                assert_eq!(again.content, out.content, "{f}: {s:?}");
+            }
+            let _ = leftovers("h", s, f, &shop_map());
+        }
+    }
+    // Aliases and tags: the anchored value changes once, the alias follows.
+    let out = adapt(
+        "a.yaml",
+        "- &a db.shop.paris.internal\n- *a\n- !!str 10.10.0.13\n",
+        Format::Yaml,
+        &shop_map(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        out.content,
+        "- &a db.shop.fra.internal\n- *a\n- !!str 10.30.0.13\n"
+    );
+}
+
+#[test]
+fn nested_shapes_flow_collections_dotted_keys_and_folded_blocks() {
+    let yaml = "a: {host: db.shop.paris.internal, port: 1}\nb: [10.10.0.13, \"x\"]\nc: >-\n  connect to\n  db.shop.paris.internal\n\nd: 1\n";
+    assert_eq!(
+        run("n.yaml", yaml, Format::Yaml, &[]),
+        "a: {host: db.shop.fra.internal, port: 1}\nb: [10.30.0.13, \"x\"]\nc: >-\n  connect to\n  db.shop.fra.internal\n\nd: 1\n"
+    );
+    let toml = "db.host = \"db.shop.paris.internal\"\n[[mirror]]\nurl = \"https://s3.dc-paris.example.net/a\"\n[[mirror]]\nurl = \"http://10.10.0.13/\"\n";
+    let out = adapt("n.toml", toml, Format::Toml, &shop_map(), &[]).unwrap();
+    assert_eq!(
+        out.content,
+        "db.host = \"db.shop.fra.internal\"\n[[mirror]]\nurl = \"https://s3.eu-central.cloud.example.com/a\"\n[[mirror]]\nurl = \"http://10.30.0.13/\"\n"
+    );
+    let at: Vec<_> = out.changes.iter().map(|c| c.location.as_str()).collect();
+    assert_eq!(at, ["db.host", "mirror[0].url", "mirror[1].url"]);
+    let rules = [Rule::set("n.toml", "mirror[1].url", "http://10.30.0.99/")];
+    let out = adapt("n.toml", toml, Format::Toml, &EndpointMap::new(), &rules).unwrap();
+    assert!(
+        out.content.ends_with("url = \"http://10.30.0.99/\"\n"),
+        "{}",
+        out.content
+    );
+}

@@ -443,6 +443,9 @@ pub(super) fn leftovers(
     let mut out = Vec::new();
     let mut push = |location: &str, line: u32, value: &str| {
         for (at, e) in map.matches(value) {
+            if e.from == e.to {
+                continue;
+            }
             out.push(Leftover {
                 location: location.to_owned(),
                 line,

@@ -88,6 +88,9 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct EndpointMap {
     /// The entries; at one position the longest match wins, then the first.
+    /// An entry whose `to` equals its `from` says the endpoint stays: it
+    /// changes nothing and is never a leftover, but as a match it keeps
+    /// shorter entries off that text.
     pub entries: Vec<Entry>,
 }
 
@@ -143,7 +146,7 @@ impl EndpointMap {
         Ok(map)
     }
 
-    /// Checks every entry: `from` non-empty and different from `to`, no
+    /// Checks every entry: `from` non-empty, no
     /// line breaks, no `from` twice, and a shape fitting the kind.
     ///
     /// # Errors
@@ -156,9 +159,6 @@ impl EndpointMap {
             };
             if e.from.is_empty() {
                 return Err(bad("`from` is empty".into()));
-            }
-            if e.from == e.to {
-                return Err(bad("`from` and `to` are the same".into()));
             }
             if [&e.from, &e.to].iter().any(|s| s.contains(['\n', '\r'])) {
                 return Err(bad("contains a line break".into()));
@@ -192,7 +192,9 @@ impl EndpointMap {
             out.push_str(&text[last..at]);
             out.push_str(&entry.to);
             let end = at + entry.from.len();
-            done.push((text[at..end].to_owned(), entry.to.clone()));
+            if text[at..end] != entry.to {
+                done.push((text[at..end].to_owned(), entry.to.clone()));
+            }
             last = end;
         }
         out.push_str(&text[last..]);
@@ -299,6 +301,9 @@ fn matches_at(text: &str, at: usize, entry: &Entry) -> bool {
 /// the text was already rewritten by this entry.
 fn inside_own_replacement(text: &str, at: usize, entry: &Entry) -> bool {
     let (from, to) = (entry.from.as_str(), entry.to.as_str());
+    if from == to {
+        return false;
+    }
     to.match_indices(from)
         .any(|(k, _)| at >= k && text.get(at - k..at - k + to.len()).is_some_and(|s| s == to))
 }
@@ -406,6 +411,16 @@ mod tests {
         let bad = serde_json::json!([{"kind": "ip", "from": "db.x", "to": "y"}]);
         let e = EndpointMap::from_json(&bad).unwrap_err().to_string();
         assert!(e.contains("entry 0") && e.contains("not a ip value"), "{e}");
+        let stay = EndpointMap::new()
+            .with(
+                EntryKind::Host,
+                "db.paris.example.com",
+                "db.paris.example.com",
+            )
+            .with(EntryKind::String, "paris", "fra");
+        let (out, done) = stay.apply("db.paris.example.com paris");
+        assert_eq!(out, "db.paris.example.com fra");
+        assert_eq!(done.len(), 1);
         let dup = serde_json::json!([{"from": "x", "to": "y"}, {"from": "x", "to": "z"}]);
         assert!(
             EndpointMap::from_json(&dup)

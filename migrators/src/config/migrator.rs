@@ -35,8 +35,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use fluidcloud_plugins::{
-    Artifact, ArtifactKind, Diagnostic, Error as SdkError, Estimate, ExecContext, Migrator,
-    MigratorDescriptor, ProgressSink, Result as SdkResult, StepOutput, StepRequest,
+    Artifact, ArtifactKind, CancelFlag, Diagnostic, Error as SdkError, Estimate, ExecContext,
+    Migrator, MigratorDescriptor, ProgressSink, Result as SdkResult, StepOutput, StepRequest,
 };
 
 use super::{EndpointMap, Format, Rule, adapt, checksum, unified_diff, write_atomic_mode};
@@ -278,7 +278,7 @@ struct Run {
     content: String,
 }
 
-fn run(p: &Parsed, progress: &dyn ProgressSink) -> SdkResult<Run> {
+fn run(p: &Parsed, progress: &dyn ProgressSink, cancel: &CancelFlag) -> SdkResult<Run> {
     let in_place = same_file(&p.source, &p.output);
     let backup = backup_path(&p.output);
     let backup_exists = backup.exists();
@@ -334,6 +334,9 @@ fn run(p: &Parsed, progress: &dyn ProgressSink) -> SdkResult<Run> {
             content: adapted.content,
         });
     }
+    if cancel.is_cancelled() {
+        return Err(SdkError::Transient("cancelled before writing".into()));
+    }
     if let Some(old) = &current
         && !backup_exists
     {
@@ -385,8 +388,9 @@ impl Migrator for ConfigAdapt {
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p = parse(request).map_err(SdkError::Invalid)?;
         let progress = Arc::clone(&ctx.progress);
+        let cancel = ctx.cancel.clone();
         let parsed = p.clone();
-        let done = blocking(move || run(&parsed, progress.as_ref())).await?;
+        let done = blocking(move || run(&parsed, progress.as_ref(), &cancel)).await?;
         let mut out = StepOutput::default();
         out.measured.bytes_read = done.read;
         out.measured.bytes_written = done.written;

@@ -133,9 +133,10 @@ pub(crate) struct Log {
 }
 
 impl Log {
-    /// Starts a new log with `header` (replacing any file at `path`), synced
-    /// together with its directory entry.
-    pub(crate) fn create(path: &Path, header: &Header) -> Result<Self> {
+    /// Starts a new log with `header` (replacing any file at `path`); with
+    /// `durable`, synced together with its directory entry before
+    /// returning (needed when the header is the only ownership record).
+    pub(crate) fn create(path: &Path, header: &Header, durable: bool) -> Result<Self> {
         let io = |what: &str, e| Error::io(format!("{what} progress log {}", path.display()), e);
         let mut file = OpenOptions::new()
             .write(true)
@@ -155,8 +156,10 @@ impl Log {
         .unwrap_or_default();
         line.push(b'\n');
         file.write_all(&line).map_err(|e| io("writing", e))?;
-        file.sync_all().map_err(|e| io("syncing", e))?;
-        sync_parent(path)?;
+        if durable {
+            file.sync_all().map_err(|e| io("syncing", e))?;
+            sync_parent(path)?;
+        }
         Ok(Self {
             file,
             path: path.to_owned(),
@@ -220,7 +223,7 @@ mod tests {
             dev: 1,
             ino: 2,
         };
-        let mut log = Log::create(&path, &header).unwrap();
+        let mut log = Log::create(&path, &header, true).unwrap();
         log.append(&[(0, Some(Leaf::Zero)), (2, Some(Leaf::Data([0xab; 32])))])
             .unwrap();
         drop(log);
