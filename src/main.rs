@@ -47,10 +47,34 @@ enum Command {
     /// Disk images: info, convert, check, compare (formats detected by content).
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
+    /// Relocate a service: introspect, match, plan, copy, verify, cut over.
+    Relocate(commands::relocate::RelocateArgs),
+    /// Show what `relocate` would do, changing nothing.
+    Plan(commands::relocate::RelocateArgs),
+    /// List relocations, or show one's steps.
+    Status(commands::relocate::StatusArgs),
+    /// Continue an interrupted or failed relocation.
+    Resume(commands::relocate::IdArgs),
+    /// Undo a relocation: clean the target, restart the source.
+    Rollback(commands::relocate::IdArgs),
+    /// The report of a relocation: times, bytes, checksums, diffs, downtime.
+    Report(commands::relocate::IdArgs),
     /// The demo: local sites, no cloud account. Without a subcommand,
-    /// creates the demo environment if needed and shows the shop service.
+    /// creates a fresh demo environment and relocates the shop service.
     Demo(commands::demo::DemoArgs),
 }
+
+/// An error that ends the process with a given exit code.
+#[derive(Debug)]
+pub(crate) struct ExitWith(pub(crate) u8, pub(crate) String);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 /// Global options every command sees.
 pub(crate) struct Globals {
@@ -80,6 +104,12 @@ fn main() -> ExitCode {
             Command::Migrators(c) => commands::migrators::run(&globals, c).await,
             Command::Serve(a) => commands::serve::run(&globals, a).await,
             Command::Image(c) => commands::image::run(&globals, c).await,
+            Command::Relocate(a) => commands::relocate::relocate(&globals, a).await,
+            Command::Plan(a) => commands::relocate::plan(&globals, a).await,
+            Command::Status(a) => commands::relocate::status(&globals, a).await,
+            Command::Resume(a) => commands::relocate::resume(&globals, a).await,
+            Command::Rollback(a) => commands::relocate::rollback(&globals, a).await,
+            Command::Report(a) => commands::relocate::report_cmd(&globals, a).await,
             Command::Demo(c) => commands::demo::run(&globals, c).await,
         }
     });
@@ -134,6 +164,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         _ => 1,
     };
     for cause in e.chain() {
+        if let Some(ExitWith(code, _)) = cause.downcast_ref::<ExitWith>() {
+            return *code;
+        }
         if let Some(c) = cause.downcast_ref::<C>() {
             return match c {
                 C::NoConfig | C::Config { .. } | C::MissingCredential { .. } => 3,

@@ -116,6 +116,16 @@ pub struct SiteConfig {
     /// URL through which instances reach the site's object storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_endpoint: Option<String>,
+    /// IPv4 network (`a.b.c.d/8`, `/16` or `/24`) relocated instances take
+    /// addresses from; the host part of each old address is kept
+    /// (`10.10.0.13` becomes `10.30.0.13` in `10.30.0.0/24`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// Where the site's buckets live when not in its directory: an S3
+    /// location `s3://?endpoint=URL&region=R` (credentials from
+    /// `credentials`). Each bucket is a bucket of that endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets_url: Option<String>,
     /// Credentials by environment-variable reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
@@ -252,6 +262,25 @@ impl SiteConfig {
     }
 }
 
+/// The network octets and prefix length of `a.b.c.d/8|16|24`.
+pub fn parse_subnet(net: &str) -> Option<([u8; 4], u8)> {
+    let (addr, len) = net.split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    matches!(len, 8 | 16 | 24).then_some((addr.octets(), len))
+}
+
+/// `old` moved into `subnet`: the network octets of `subnet` and the host
+/// octets of `old`. `None` when either does not parse.
+pub fn move_address(old: &str, subnet: &str) -> Option<String> {
+    let old: std::net::Ipv4Addr = old.parse().ok()?;
+    let (net, len) = parse_subnet(subnet)?;
+    let keep = usize::from(len / 8);
+    let mut o = old.octets();
+    o[..keep].copy_from_slice(&net[..keep]);
+    Some(std::net::Ipv4Addr::from(o).to_string())
+}
+
 fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<Diagnostic>) {
     let key = |k: &str| format!("sites.{name}.{k}");
     let valid_name = !name.is_empty()
@@ -319,6 +348,26 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
         diags.push(
             Diagnostic::error(format!("`{ep}` is not a URL with a host"))
                 .at_key(key("object_endpoint")),
+        );
+    }
+    if let Some(net) = &site.subnet
+        && parse_subnet(net).is_none()
+    {
+        diags.push(
+            Diagnostic::error(format!(
+                "`{net}` is not an IPv4 network ending in /8, /16 or /24 (e.g. 10.30.0.0/24)"
+            ))
+            .at_key(key("subnet")),
+        );
+    }
+    if let Some(u) = &site.buckets_url
+        && !u.starts_with("s3://")
+    {
+        diags.push(
+            Diagnostic::error(format!(
+                "`{u}` is not an s3:// location (s3://?endpoint=http://HOST:PORT&region=REGION)"
+            ))
+            .at_key(key("buckets_url")),
         );
     }
     if let Some(creds) = &site.credentials {

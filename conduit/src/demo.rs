@@ -262,7 +262,8 @@ fn media_objects() -> Vec<(String, u64, bool)> {
 /// Creates the demo environment in `dir`.
 ///
 /// `dir` may exist but must not already hold a demo unless `force`, in which
-/// case the previous `fluidcloud.toml` and `sites/` are replaced.
+/// case the previous `fluidcloud.toml` and `sites/` are replaced (and the
+/// previous relocations' records in `.fluidcloud/` removed).
 ///
 /// # Errors
 /// `Precondition` (as a site error) when a demo exists and `force` is not
@@ -410,6 +411,11 @@ pub async fn init(dir: &Path, force: bool, progress: &dyn DemoProgress) -> Resul
     // Publish: replace any previous demo, then move the new one into place.
     if sites_dir.exists() {
         std::fs::remove_dir_all(&sites_dir).map_err(|e| io("remove", &sites_dir, e))?;
+    }
+    // Relocations of the previous demo refer to sites that are gone.
+    let state = dir.join(".fluidcloud");
+    if state.exists() {
+        std::fs::remove_dir_all(&state).map_err(|e| io("remove", &state, e))?;
     }
     std::fs::rename(staging.join("sites"), &sites_dir).map_err(|e| io("move", &sites_dir, e))?;
     std::fs::rename(&staged_config, &config).map_err(|e| io("move", &config, e))?;
@@ -583,6 +589,7 @@ path = "sites/edge-rennes"
 jurisdiction = "EU/FR"
 image_formats = ["raw"]
 internal_domains = ["rennes.internal"]
+subnet = "10.20.0.0/24"
 object_endpoint = "https://s3.edge-rennes.example.net"
 location = { region = "fr-bretagne", latitude = 48.1173, longitude = -1.6778 }
 cost = { vcpu_hour = 0.045, memory_gib_hour = 0.006, storage_gib_month = 0.06, egress_gib = 0.02 }
@@ -597,6 +604,7 @@ path = "sites/edge-nantes"
 jurisdiction = "EU/FR"
 image_formats = ["qcow2", "raw"]
 internal_domains = ["nantes.internal"]
+subnet = "10.25.0.0/24"
 object_endpoint = "https://s3.edge-nantes.example.net"
 location = { region = "fr-pays-de-la-loire", latitude = 47.2184, longitude = -1.5536 }
 cost = { vcpu_hour = 0.040, memory_gib_hour = 0.005, storage_gib_month = 0.05, egress_gib = 0.02, carbon_g_per_kwh = 56.0 }
@@ -611,6 +619,7 @@ path = "sites/cloud-frankfurt"
 jurisdiction = "EU/DE"
 image_formats = ["vmdk", "raw"]
 internal_domains = ["fra.internal"]
+subnet = "10.30.0.0/24"
 object_endpoint = "https://s3.eu-central.cloud.example.com"
 location = { region = "de-hessen", latitude = 50.1109, longitude = 8.6821 }
 cost = { vcpu_hour = 0.021, memory_gib_hour = 0.003, storage_gib_month = 0.023, egress_gib = 0.09, carbon_g_per_kwh = 380.0 }
@@ -626,6 +635,7 @@ path = "sites/cloud-virginia"
 jurisdiction = "US/VA"
 image_formats = ["raw", "vhd"]
 internal_domains = ["iad.internal"]
+subnet = "10.40.0.0/24"
 object_endpoint = "https://s3.us-east.cloud.example.com"
 location = { region = "us-virginia", latitude = 38.9586, longitude = -77.3570 }
 cost = { vcpu_hour = 0.017, memory_gib_hour = 0.002, storage_gib_month = 0.021, egress_gib = 0.09, carbon_g_per_kwh = 410.0 }
@@ -647,6 +657,7 @@ path = "sites/dc-paris"
 jurisdiction = "EU/FR"
 image_formats = ["qcow2", "raw"]
 internal_domains = ["paris.internal"]
+subnet = "10.10.0.0/24"
 object_endpoint = "https://s3.dc-paris.example.net"
 location = { region = "fr-idf", latitude = 48.8566, longitude = 2.3522 }
 cost = { vcpu_hour = 0.031, memory_gib_hour = 0.004, storage_gib_month = 0.04, egress_gib = 0.01, carbon_g_per_kwh = 56.0 }

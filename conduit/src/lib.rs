@@ -18,6 +18,7 @@ pub mod driver;
 pub mod drivers;
 pub mod error;
 pub mod introspect;
+pub mod relocate;
 pub mod scan;
 pub mod tomlfile;
 

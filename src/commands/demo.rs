@@ -48,35 +48,36 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
     match args.command {
         Some(DemoCommand::Init { dir, force }) => init(g, dir, force, true).await,
         None => {
-            // The embedded default: create the demo once, then show what
-            // fluidcloud sees of the shop service on its Paris site.
+            // The embedded default: a fresh demo environment, then the shop
+            // relocated from Paris to wherever the broker places it.
             let dir = args.dir.unwrap_or_else(default_dir);
             let config = dir.join("fluidcloud.toml");
-            if !config.exists() {
-                // In JSON mode the one document printed is the topology.
-                init(
-                    &Globals {
-                        config: None,
-                        json: g.json,
-                    },
-                    dir.clone(),
-                    false,
-                    !g.json,
-                )
-                .await?;
-                if !g.json {
-                    println!();
-                }
-            } else if !g.json {
-                println!("using the demo environment in {}\n", dir.display());
+            let fresh = !config.exists();
+            if !g.json {
+                println!(
+                    "{} the demo environment in {}",
+                    if fresh { "creating" } else { "resetting" },
+                    dir.display()
+                );
             }
+            // In JSON mode the one document printed is the report.
+            init(
+                &Globals {
+                    config: None,
+                    json: g.json,
+                },
+                dir.clone(),
+                !fresh,
+                false,
+            )
+            .await?;
             let inner = Globals {
                 config: Some(config),
                 json: g.json,
             };
-            super::introspect::run(
+            super::relocate::relocate(
                 &inner,
-                super::introspect::IntrospectArgs::service(demo::SOURCE_SITE, demo::SERVICE),
+                super::relocate::RelocateArgs::demo(demo::SOURCE_SITE, demo::SERVICE),
             )
             .await
         }

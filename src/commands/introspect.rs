@@ -38,17 +38,6 @@ pub(crate) struct IntrospectArgs {
     format: Format,
 }
 
-impl IntrospectArgs {
-    /// Text introspection of one service.
-    pub(crate) fn service(site: &str, service: &str) -> Self {
-        Self {
-            site: site.to_owned(),
-            service: Some(service.to_owned()),
-            manifest: None,
-            format: Format::Text,
-        }
-    }
-}
 
 #[derive(Serialize)]
 struct Doc {

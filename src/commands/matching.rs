@@ -118,35 +118,34 @@ pub(crate) fn migrators() -> Vec<MigratorDescriptor> {
     all
 }
 
-/// The built-in migrators the broker may chain for disk images.
+/// The built-in migrators: the data migrators of `fluidcloud-migrators`
+/// and the conduit's relocation steps.
 pub(crate) fn builtin_migrators() -> Vec<MigratorDescriptor> {
-    use fluidcloud_plugins::Migrator as _;
-    vec![fluidcloud_migrators::ImageConvert.describe()]
+    let registry = fluidcloud_conduit::relocate::registry();
+    registry
+        .names()
+        .filter_map(|n| registry.get(n))
+        .map(|m| m.describe())
+        .collect()
 }
 
-pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
-    let file = sites_file(g)?;
-    let source_cfg = file.site(&a.from)?;
-    let mut request = Request::new(&a.from);
-    for c in &a.constraints {
+/// Places `service`'s units: the broker's answer for a request built
+/// from `constraints` (and `tune`), over every site of `file`.
+pub(crate) async fn place(
+    file: &fluidcloud_conduit::SitesFile,
+    from: &str,
+    topology: &fluidcloud_plugins::Topology,
+    constraints: &[String],
+    tune: impl FnOnce(&mut Request),
+) -> Result<fluidcloud_broker::Placement> {
+    let mut request = Request::new(from);
+    for c in constraints {
         let c: Constraint = c
             .parse()
             .map_err(|d| fluidcloud_broker::Error::Invalid(vec![d]))?;
         request.constraints.push(c);
     }
-    request.users = a.users;
-    if let Some(w) = a.weights {
-        request.weights = w;
-    }
-    request.bandwidth_mbps = a.bandwidth_mbps;
-    request.include_source = a.include_source;
-
-    let driver = drivers::open(&a.from, source_cfg)?;
-    let manifest = match &a.manifest {
-        Some(p) => Some((p.clone(), ServiceManifest::load(p)?.1)),
-        None => None,
-    };
-    let found = introspect(driver.as_ref(), source_cfg, Some(&a.service), manifest).await?;
+    tune(&mut request);
     let mut sites: Vec<SiteInfo> = Vec::new();
     for (name, cfg) in &file.sites {
         let d = drivers::open(name, cfg)?;
@@ -157,8 +156,33 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
         };
         sites.push(cfg.info(name, caps));
     }
-    let units = fluidcloud_broker::units(&found.topology);
-    let placement = fluidcloud_broker::solve(&units, &sites, &request, &migrators())?;
+    let units = fluidcloud_broker::units(topology);
+    Ok(fluidcloud_broker::solve(
+        &units,
+        &sites,
+        &request,
+        &migrators(),
+    )?)
+}
+
+pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let source_cfg = file.site(&a.from)?;
+    let driver = drivers::open(&a.from, source_cfg)?;
+    let manifest = match &a.manifest {
+        Some(p) => Some((p.clone(), ServiceManifest::load(p)?.1)),
+        None => None,
+    };
+    let found = introspect(driver.as_ref(), source_cfg, Some(&a.service), manifest).await?;
+    let placement = place(&file, &a.from, &found.topology, &a.constraints, |r| {
+        r.users = a.users;
+        if let Some(w) = a.weights {
+            r.weights = w;
+        }
+        r.bandwidth_mbps = a.bandwidth_mbps;
+        r.include_source = a.include_source;
+    })
+    .await?;
     if g.json {
         return print_json(&placement);
     }

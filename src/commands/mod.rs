@@ -5,6 +5,7 @@ pub(crate) mod image;
 pub(crate) mod introspect;
 pub(crate) mod matching;
 pub(crate) mod migrators;
+pub(crate) mod relocate;
 pub(crate) mod serve;
 pub(crate) mod sites;
 

@@ -233,6 +233,21 @@ impl WorkflowBuilder {
         self.def.steps.push(step);
     }
 
+    /// A builder continuing from a definition.
+    pub fn from_def(def: WorkflowDef) -> Self {
+        Self { def }
+    }
+
+    /// The definition collected so far.
+    pub fn def(&self) -> &WorkflowDef {
+        &self.def
+    }
+
+    /// The definition, unvalidated.
+    pub fn into_def(self) -> WorkflowDef {
+        self.def
+    }
+
     /// Validates and freezes the workflow.
     ///
     /// # Errors

@@ -344,6 +344,13 @@ fn run(p: &Parsed, progress: &dyn ProgressSink, cancel: &CancelFlag) -> SdkResul
         write_atomic_mode(&backup, old.as_bytes(), mode_of(&p.output)?)?;
     }
     let mode = mode_of(&p.source)?;
+    // A new site's config tree starts empty: make the file's directory.
+    if let Some(dir) = p.output.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SdkError::io(format!("creating {}", dir.display()), e))?;
+    }
     write_atomic_mode(&p.output, adapted.content.as_bytes(), mode)?;
     let written = adapted.content.len() as u64;
     progress.progress(written, Some(written));

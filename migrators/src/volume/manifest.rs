@@ -193,16 +193,18 @@ pub(crate) fn merkle_root(chunk_size: u64, virtual_size: u64, leaves: &[Leaf]) -
     *h.finalize().as_bytes()
 }
 
-/// The manifest sidecar path of `target`: `<target>.fcmerkle`.
+/// The manifest sidecar path of `target`: `.<name>.fcmerkle` beside it (a
+/// dot-file, so site listings do not take it for a volume).
 pub fn manifest_path(target: &Path) -> PathBuf {
     sidecar(target, ".fcmerkle")
 }
 
-/// `<target><suffix>`.
+/// `.<file name of target><suffix>`, in the target's directory.
 pub(crate) fn sidecar(target: &Path, suffix: &str) -> PathBuf {
-    let mut name = target.as_os_str().to_os_string();
+    let mut name = std::ffi::OsString::from(".");
+    name.push(target.file_name().unwrap_or_default());
     name.push(suffix);
-    PathBuf::from(name)
+    target.with_file_name(name)
 }
 
 fn corrupt(path: &Path, why: &str) -> Error {

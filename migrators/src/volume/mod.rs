@@ -14,7 +14,7 @@
 //! bytes. The volume is cut into fixed chunks (4 MiB by default); each
 //! chunk's BLAKE3 hash is a leaf of a Merkle tree whose root names the
 //! whole volume (see [`manifest`] for the exact definition). The target's
-//! manifest, `<target>.fcmerkle`, lets a later run compare source hashes
+//! manifest, `.<target>.fcmerkle` (a dot-file beside the target), lets a later run compare source hashes
 //! with it and write only the chunks that changed, and the root is the
 //! checksum the relocation report shows for source and target alike.
 //!
@@ -38,7 +38,7 @@
 //!
 //! ## Resume and re-sync
 //!
-//! While a copy runs, `<target>.fcprogress` is an append-only log of the
+//! While a copy runs, `.<target>.fcprogress` is an append-only log of the
 //! chunks known to be at the target; a batch of records is appended only
 //! after the target data it describes has been synced (every 256 MiB
 //! written or every second). After a crash or `kill -9`, or a

@@ -1,4 +1,4 @@
-//! The append-only progress log of a copy in progress, `<target>.fcprogress`.
+//! The append-only progress log of a copy in progress, `.<target>.fcprogress`.
 //!
 //! Line 1 is a JSON header naming the chunking and the target file
 //! (`st_dev`, `st_ino`) it describes; every further line records one chunk

@@ -1,0 +1,733 @@
+//! Relocation: from an introspected topology and a placement to a viaduct
+//! workflow, and the records a relocation leaves behind.
+//!
+//! [`plan`] turns "service S on site A, its units assigned to sites B…" into
+//! a [`Relocation`]: the endpoint map (old host, address, URL → new) and a
+//! workflow of migrator steps, in this shape:
+//!
+//! ```text
+//! image:NAME ─────────┐
+//! precopy:VOLUME ─────┤
+//! config:PATH ────────┼─> provision:INSTANCE ─┐
+//! bucket:NAME ────────┴───────────────────────┴─> verify ─> stop-source
+//!                                                   ─> sync:VOLUME ─> cutover
+//! ```
+//!
+//! - images are converted straight into the target's image store, into the
+//!   source format when the target boots it, else raw, else the first
+//!   format the target accepts that `image-convert` writes;
+//! - volumes are copied while the source runs (`precopy:`), and again after
+//!   the source stopped (`sync:`), which sends only the chunks that changed:
+//!   the downtime is the final delta, not the volume;
+//! - config files are rewritten with the endpoint map into the target;
+//! - buckets are copied (or left in place, `--buckets repoint`, and the
+//!   config keeps pointing at them);
+//! - `verify` proves the target equal and self-contained before the source
+//!   is touched: every image compared with its source, the service
+//!   introspected at the target (every reference resolves there), and no
+//!   config at the target still naming an old internal endpoint;
+//! - only then `stop-source` stops (never deletes) the source instances,
+//!   the volumes get their final delta and `cutover` starts the target.
+//!
+//! The conduit's own migrators (provision, verify, stop, cut-over) are in
+//! [`steps`]; the state a relocation keeps on disk in [`store`].
+
+pub mod report;
+pub mod steps;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fluidcloud_plugins::{
+    Artifact, ArtifactKind, Diagnostic, EndpointKind, Error as SdkError, ImageFormat, Migrator,
+    ResourceId, ResourceKind, ResourceSpec, Topology,
+};
+use fluidcloud_viaduct::{InputBinding, Registry, StepSpec, WorkflowBuilder, WorkflowDef};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{SiteConfig, SitesFile, move_address};
+use crate::driver::{InstanceRecord, InstanceState};
+use crate::error::{Error, Result};
+
+/// Formats `image-convert` writes, in order of preference after the
+/// source's own format (raw is the cheapest to produce and to boot).
+const WRITABLE: [ImageFormat; 4] = [
+    ImageFormat::Raw,
+    ImageFormat::Qcow2,
+    ImageFormat::Vmdk,
+    ImageFormat::Vhd,
+];
+
+/// What to do with the service's buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BucketMode {
+    /// Copy every object to the target site.
+    #[default]
+    Copy,
+    /// Leave the objects where they are; the config keeps reaching them.
+    Repoint,
+}
+
+impl BucketMode {
+    /// `copy` or `repoint`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Repoint => "repoint",
+        }
+    }
+}
+
+/// One rewrite of the endpoint map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointChange {
+    /// What the value is.
+    pub kind: EndpointKind,
+    /// The value at the source.
+    pub old: String,
+    /// The value at the target.
+    pub new: String,
+    /// Why (which resource moved where).
+    pub because: String,
+}
+
+/// Everything decided before a relocation runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Relocation {
+    /// Its id, e.g. `shop-20261122-101500`.
+    pub id: String,
+    /// The service.
+    pub service: String,
+    /// The source site.
+    pub from: String,
+    /// Target site per moved unit (`instance:web`, `bucket:shop-media`).
+    pub assignments: BTreeMap<String, String>,
+    /// The sites file the steps open sites from (absolute).
+    pub sites_file: PathBuf,
+    /// The service manifest used at the source, if any (absolute).
+    pub manifest: Option<PathBuf>,
+    /// Buckets copied or left in place.
+    pub bucket_mode: BucketMode,
+    /// Old endpoint → new endpoint.
+    pub endpoint_map: Vec<EndpointChange>,
+    /// The workflow to run.
+    pub workflow: WorkflowDef,
+    /// Bytes the data steps will move (allocated bytes, not virtual sizes).
+    pub bytes_to_move: u64,
+    /// Config files rewritten: (source path, target path).
+    pub config_files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Relocation {
+    /// The distinct target sites.
+    pub fn targets(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.assignments.values().cloned().collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+/// What [`plan`] needs to know.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    /// The relocation id to use.
+    pub id: String,
+    /// The parsed sites file.
+    pub sites: &'a SitesFile,
+    /// The source site.
+    pub from: &'a str,
+    /// The service's topology at the source.
+    pub topology: &'a Topology,
+    /// Target per unit (`instance:NAME`, `bucket:NAME`); every instance and
+    /// bucket of the topology must have one.
+    pub assignments: BTreeMap<String, String>,
+    /// The manifest used for introspection, if any.
+    pub manifest: Option<PathBuf>,
+    /// Buckets copied or left in place.
+    pub bucket_mode: BucketMode,
+    /// Where steps keep their rollback records (the relocation's directory).
+    pub records: PathBuf,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Config {
+        diagnostics: vec![Diagnostic::error(msg.into())],
+    }
+}
+
+fn not_supported(operation: String, site: &str) -> Error {
+    Error::Site {
+        site: site.to_owned(),
+        source: SdkError::NotSupported {
+            operation,
+            site: Some(site.to_owned()),
+        },
+    }
+}
+
+/// The directory of a site whose data lives on this machine.
+///
+/// # Errors
+/// `NotSupported` for site kinds whose data is not reachable as files.
+pub fn site_root(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
+    match (&cfg.path, cfg.kind.as_str()) {
+        (Some(p), "local") => std::fs::canonicalize(p).map_err(|e| Error::Site {
+            site: name.to_owned(),
+            source: SdkError::io(format!("site directory {}", p.display()), e),
+        }),
+        _ => Err(not_supported(
+            format!("relocating data to or from a `{}` site", cfg.kind),
+            name,
+        )),
+    }
+}
+
+/// Where bucket `bucket` of site `name` lives, as an object-copy location
+/// URL (`file:///…` or `s3://…`; credentials by variable name only).
+///
+/// # Errors
+/// As [`site_root`].
+pub fn bucket_url(name: &str, cfg: &SiteConfig, bucket: &str) -> Result<String> {
+    if let Some(base) = &cfg.buckets_url {
+        let rest = base.trim_start_matches("s3://");
+        let (_, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut q: Vec<String> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(c) = &cfg.credentials {
+            for (field, var) in c.references() {
+                if field != "token_env" && !q.iter().any(|p| p.starts_with(field)) {
+                    q.push(format!("{field}={var}"));
+                }
+            }
+        }
+        return Ok(format!("s3://{bucket}?{}", q.join("&")));
+    }
+    let root = site_root(name, cfg)?;
+    Ok(format!(
+        "file://{}",
+        root.join("buckets").join(bucket).display()
+    ))
+}
+
+fn image_ext(f: ImageFormat) -> &'static str {
+    f.as_str()
+}
+
+/// The format an image of format `source` becomes on a site accepting
+/// `accepted`.
+fn target_format(source: ImageFormat, accepted: &[ImageFormat]) -> Option<ImageFormat> {
+    if accepted.contains(&source) && WRITABLE.contains(&source) {
+        return Some(source);
+    }
+    WRITABLE.iter().copied().find(|f| accepted.contains(f))
+}
+
+/// `host` moved from one of `from_domains` to `to_domain`.
+fn move_host(host: &str, from_domains: &[String], to_domain: &str) -> Option<String> {
+    from_domains.iter().find_map(|d| {
+        host.strip_suffix(d.as_str())
+            .filter(|head| head.ends_with('.'))
+            .map(|head| format!("{head}{to_domain}"))
+    })
+}
+
+/// A step id safe for the journal and for file names.
+fn step_id(prefix: &str, name: &str) -> String {
+    format!("{prefix}:{name}")
+}
+
+fn given(kind: ArtifactKind, site: &str, locator: String, size: Option<u64>) -> InputBinding {
+    InputBinding::Given {
+        artifact: Artifact {
+            kind,
+            site: site.to_owned(),
+            locator,
+            size,
+            checksum: None,
+        },
+    }
+}
+
+struct InstancePlan {
+    record: InstanceRecord,
+    target: String,
+    image: Option<String>,
+    volumes: Vec<String>,
+    configs: Vec<String>,
+}
+
+/// Builds the relocation. Pure planning: reads nothing but `input` and the
+/// site directories' locations.
+///
+/// # Errors
+/// `Config` when a unit has no target or names an unknown site;
+/// `NotSupported` for a site kind without local data, or an image no
+/// format of the target can hold.
+pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
+    let topo = input.topology;
+    let from_cfg = input.sites.site(input.from)?;
+    let from_domains = from_cfg.internal_domains.clone();
+    let sites_file = std::fs::canonicalize(&input.sites.path).map_err(|e| Error::Site {
+        site: input.from.to_owned(),
+        source: SdkError::io(format!("sites file {}", input.sites.path.display()), e),
+    })?;
+    let target_of = |unit: &str| -> Result<(&str, &SiteConfig)> {
+        let t = input
+            .assignments
+            .get(unit)
+            .ok_or_else(|| invalid(format!("no target site for {unit}")))?;
+        Ok((t.as_str(), input.sites.site(t)?))
+    };
+
+    let mut map: Vec<EndpointChange> = Vec::new();
+    let mut push_change = |kind, old: &str, new: String, because: String| {
+        if old != new && !map.iter().any(|c: &EndpointChange| c.old == old) {
+            map.push(EndpointChange {
+                kind,
+                old: old.to_owned(),
+                new,
+                because,
+            });
+        }
+    };
+
+    let mut wf = WorkflowBuilder::new(format!(
+        "relocate {} from {} ({})",
+        topo.service(),
+        input.from,
+        input.id
+    ));
+    let mut bytes_to_move = 0u64;
+    let mut config_files = Vec::new();
+    let mut instances: Vec<InstancePlan> = Vec::new();
+    let mut volume_steps: Vec<(String, String, StepSpec)> = Vec::new();
+    let mut bucket_steps: Vec<String> = Vec::new();
+    let mut images_to_compare: Vec<(String, String)> = Vec::new();
+    let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
+
+    for r in topo.resources() {
+        let ResourceSpec::Instance {
+            vcpus,
+            memory_mib,
+            hostname,
+            addresses,
+            ..
+        } = &r.spec
+        else {
+            continue;
+        };
+        let unit = r.id.as_str().to_owned();
+        let (target, tcfg) = target_of(&unit)?;
+        let troot = site_root(target, tcfg)?;
+        let to_domain = tcfg.internal_domains.first().cloned();
+        let new_host = match (hostname, &to_domain) {
+            (Some(h), Some(d)) => move_host(h, &from_domains, d).unwrap_or_else(|| h.clone()),
+            (Some(h), None) => h.clone(),
+            (None, _) => String::new(),
+        };
+        if let Some(h) = hostname {
+            push_change(
+                EndpointKind::Host,
+                h,
+                new_host.clone(),
+                format!("{unit} moves to {target}"),
+            );
+        }
+        let mut new_addresses = Vec::new();
+        for a in addresses {
+            let moved = tcfg
+                .subnet
+                .as_deref()
+                .and_then(|net| move_address(a, net))
+                .unwrap_or_else(|| a.clone());
+            push_change(
+                EndpointKind::Ip,
+                a,
+                moved.clone(),
+                format!("{unit} moves to {target}"),
+            );
+            new_addresses.push(moved);
+        }
+        let mut plan = InstancePlan {
+            record: InstanceRecord {
+                name: r.name.clone(),
+                service: Some(topo.service().to_owned()),
+                state: InstanceState::Stopped,
+                vcpus: *vcpus,
+                memory_mib: *memory_mib,
+                hostname: (!new_host.is_empty()).then_some(new_host),
+                addresses: new_addresses,
+                boot_image: None,
+                volumes: Vec::new(),
+                config_files: Vec::new(),
+            },
+            target: target.to_owned(),
+            image: None,
+            volumes: Vec::new(),
+            configs: Vec::new(),
+        };
+        for edge in topo.dependencies(&r.id) {
+            let Some(dep) = topo.get(&edge.to) else {
+                continue;
+            };
+            match &dep.spec {
+                ResourceSpec::Image {
+                    format,
+                    allocated,
+                    locator,
+                    ..
+                } => {
+                    let accepted: Vec<ImageFormat> = tcfg.image_formats.clone();
+                    let to = target_format(*format, &accepted).ok_or_else(|| {
+                        not_supported(
+                            format!(
+                                "image {} ({format}): no format {target} accepts ({}) can be written by image-convert",
+                                dep.name,
+                                accepted
+                                    .iter()
+                                    .map(|f| f.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            target,
+                        )
+                    })?;
+                    let stem = Path::new(&dep.name)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| dep.name.clone());
+                    let new_name = format!("{stem}.{}", image_ext(to));
+                    let out = troot.join("images").join(&new_name);
+                    let id = step_id("image", &dep.name);
+                    if !wf_has(&wf, &id) {
+                        bytes_to_move += allocated;
+                        let mut params = serde_json::json!({
+                            "format": to.as_str(),
+                            "output": out.display().to_string(),
+                        });
+                        if to == ImageFormat::Vhd {
+                            params["azure"] = serde_json::json!(true);
+                        }
+                        wf.push(
+                            StepSpec::new(&id, "image-convert", target)
+                                .params(params)
+                                .input(
+                                    "image",
+                                    given(
+                                        ArtifactKind::DiskImage { format: *format },
+                                        input.from,
+                                        locator.clone(),
+                                        Some(*allocated),
+                                    ),
+                                )
+                                .output("image", ArtifactKind::DiskImage { format: to }),
+                        );
+                        images_to_compare.push((locator.clone(), out.display().to_string()));
+                    }
+                    plan.record.boot_image = Some(new_name);
+                    plan.image = Some(id);
+                }
+                ResourceSpec::Volume {
+                    allocated, locator, ..
+                } => {
+                    let stem = Path::new(&dep.name)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| dep.name.clone());
+                    let new_name = format!("{stem}.raw");
+                    let out = troot.join("volumes").join(&new_name);
+                    let pre = step_id("precopy", &dep.name);
+                    bytes_to_move += allocated;
+                    let params = serde_json::json!({
+                        "output": out.display().to_string(),
+                        "site": target,
+                    });
+                    let source = given(
+                        ArtifactKind::Volume,
+                        input.from,
+                        locator.clone(),
+                        Some(*allocated),
+                    );
+                    wf.push(
+                        StepSpec::new(&pre, "volume-copy", target)
+                            .params(params.clone())
+                            .input("volume", source.clone())
+                            .output("volume", ArtifactKind::Volume),
+                    );
+                    let sync = StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
+                        .params(params)
+                        .input("volume", source)
+                        .output("volume", ArtifactKind::Volume)
+                        .after(&pre);
+                    volume_steps.push((pre.clone(), dep.name.clone(), sync));
+                    plan.record.volumes.push(new_name);
+                    plan.volumes.push(pre);
+                }
+                ResourceSpec::ConfigFile { path, .. } => {
+                    let src = site_root(input.from, from_cfg)?.join("config").join(path);
+                    let out = troot.join("config").join(path);
+                    let id = step_id("config", path);
+                    if let Some(other) = configs_done.get(path) {
+                        if other != target {
+                            return Err(invalid(format!(
+                                "config file {path} is read by instances placed on {other} and {target}; place them together"
+                            )));
+                        }
+                    } else {
+                        configs_done.insert(path.clone(), target.to_owned());
+                        config_files.push((src.clone(), out.clone()));
+                        wf.push(
+                            StepSpec::new(&id, "config-adapt", target)
+                                .params(serde_json::json!({
+                                    "output": out.display().to_string(),
+                                }))
+                                .input(
+                                    "config",
+                                    given(
+                                        ArtifactKind::ConfigFile,
+                                        input.from,
+                                        src.display().to_string(),
+                                        None,
+                                    ),
+                                )
+                                .output("config", ArtifactKind::ConfigFile),
+                        );
+                    }
+                    plan.record.config_files.push(path.clone());
+                    plan.configs.push(id);
+                }
+                _ => {}
+            }
+        }
+        instances.push(plan);
+    }
+
+    for r in topo.resources() {
+        let ResourceSpec::Bucket { bytes, .. } = &r.spec else {
+            continue;
+        };
+        let unit = r.id.as_str().to_owned();
+        let (target, tcfg) = target_of(&unit)?;
+        let source = bucket_url(input.from, from_cfg, &r.name)?;
+        let id = step_id("bucket", &r.name);
+        let mut params = serde_json::json!({
+            "mode": input.bucket_mode.as_str(),
+            "record_dir": input.records.display().to_string(),
+        });
+        if input.bucket_mode == BucketMode::Copy {
+            params["target"] = serde_json::json!(bucket_url(target, tcfg, &r.name)?);
+            bytes_to_move += bytes;
+            if let (Some(old), Some(new)) = (&from_cfg.object_endpoint, &tcfg.object_endpoint) {
+                push_change(
+                    EndpointKind::Url,
+                    old,
+                    new.clone(),
+                    format!("{unit} moves to {target}"),
+                );
+            }
+        }
+        wf.push(
+            StepSpec::new(&id, "object-copy", target)
+                .params(params)
+                .input(
+                    "bucket",
+                    given(ArtifactKind::Bucket, input.from, source, Some(*bytes)),
+                )
+                .output("bucket", ArtifactKind::Bucket),
+        );
+        bucket_steps.push(id);
+    }
+
+    // The endpoint map is known only now: give it to every config step.
+    let map_json = adapt_map_json(&map);
+    let mut def = wf.clone().into_def();
+    for s in &mut def.steps {
+        if s.migrator == "config-adapt" {
+            s.params["map"] = map_json.clone();
+        }
+    }
+    let mut wf = WorkflowBuilder::from_def(def);
+
+    let sites_file_s = sites_file.display().to_string();
+    let mut provision_ids = Vec::new();
+    for p in &instances {
+        let id = step_id("provision", &p.record.name);
+        let mut spec = StepSpec::new(&id, "instance-provision", &p.target)
+            .params(serde_json::json!({
+                "sites_file": sites_file_s,
+                "site": p.target,
+                "record": p.record,
+            }))
+            .output("instance", ArtifactKind::Instance);
+        if let Some(img) = &p.image {
+            spec = spec.after(img);
+        }
+        for v in p.volumes.iter().chain(&p.configs) {
+            spec = spec.after(v);
+        }
+        wf.push(spec);
+        provision_ids.push(id);
+    }
+
+    let targets: Vec<String> = {
+        let mut t: Vec<String> = input.assignments.values().cloned().collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    let primary = targets
+        .first()
+        .cloned()
+        .ok_or_else(|| invalid("nothing to relocate: the service has no instances or buckets"))?;
+    let mut verify = StepSpec::new("verify", "service-verify", &primary).params(serde_json::json!({
+        "sites_file": sites_file_s,
+        "service": topo.service(),
+        "from": input.from,
+        "manifest": input.manifest.as_ref().map(|m| m.display().to_string()),
+        "targets": targets,
+        "images": images_to_compare,
+        "endpoint_map": map,
+    }));
+    for id in provision_ids.iter().chain(&bucket_steps) {
+        verify = verify.after(id);
+    }
+    wf.push(verify);
+
+    let source_instances: Vec<String> = instances.iter().map(|p| p.record.name.clone()).collect();
+    wf.push(
+        StepSpec::new("stop-source", "source-stop", input.from)
+            .params(serde_json::json!({
+                "sites_file": sites_file_s,
+                "site": input.from,
+                "instances": source_instances,
+            }))
+            .after("verify"),
+    );
+    let mut cutover = StepSpec::new("cutover", "cutover", &primary).params(serde_json::json!({
+        "sites_file": sites_file_s,
+        "instances": instances
+            .iter()
+            .map(|p| (p.target.clone(), p.record.name.clone()))
+            .collect::<Vec<_>>(),
+    }));
+    cutover = cutover.after("stop-source");
+    for (_, _, sync) in volume_steps {
+        let id = sync.id.clone();
+        wf.push(sync.after("stop-source"));
+        cutover = cutover.after(id);
+    }
+    wf.push(cutover);
+
+    Ok(Relocation {
+        id: input.id.clone(),
+        service: topo.service().to_owned(),
+        from: input.from.to_owned(),
+        assignments: input.assignments.clone(),
+        sites_file,
+        manifest: input.manifest.clone(),
+        bucket_mode: input.bucket_mode,
+        endpoint_map: map,
+        workflow: wf.into_def(),
+        bytes_to_move,
+        config_files,
+    })
+}
+
+fn wf_has(wf: &WorkflowBuilder, id: &str) -> bool {
+    wf.def().steps.iter().any(|s| s.id == id)
+}
+
+/// The endpoint map in the shape `config-adapt` takes.
+pub fn adapt_map_json(map: &[EndpointChange]) -> serde_json::Value {
+    serde_json::json!(
+        map.iter()
+            .map(|c| serde_json::json!({
+                "kind": c.kind.as_str(),
+                "from": c.old,
+                "to": c.new,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Every unit of `topology` (`instance:…`, `bucket:…`) assigned to `site`.
+pub fn everything_to(topology: &Topology, site: &str) -> BTreeMap<String, String> {
+    topology
+        .resources()
+        .into_iter()
+        .filter(|r| matches!(r.kind(), ResourceKind::Instance | ResourceKind::Bucket))
+        .map(|r| (r.id.as_str().to_owned(), site.to_owned()))
+        .collect()
+}
+
+/// The migrators a relocation uses: the built-ins of `fluidcloud-migrators`
+/// and the conduit's own steps.
+pub fn registry() -> Registry {
+    let builtins: Vec<Arc<dyn Migrator>> = vec![
+        Arc::new(fluidcloud_migrators::ImageConvert),
+        Arc::new(fluidcloud_migrators::VolumeCopy),
+        Arc::new(fluidcloud_migrators::ConfigAdapt),
+        Arc::new(fluidcloud_migrators::ObjectCopy),
+        Arc::new(steps::Provision),
+        Arc::new(steps::Verify),
+        Arc::new(steps::StopSource),
+        Arc::new(steps::Cutover),
+    ];
+    let mut r = Registry::new();
+    for m in builtins {
+        r.insert(m);
+    }
+    r
+}
+
+/// The resource id of unit `name` of `kind`.
+pub fn unit_id(kind: ResourceKind, name: &str) -> String {
+    ResourceId::new(kind, name).as_str().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_move_between_internal_domains_only_on_a_label_boundary() {
+        let from = vec!["paris.internal".to_owned()];
+        assert_eq!(
+            move_host("db.shop.paris.internal", &from, "fra.internal").as_deref(),
+            Some("db.shop.fra.internal")
+        );
+        assert_eq!(move_host("xparis.internal", &from, "fra.internal"), None);
+        assert_eq!(move_host("shop.example.com", &from, "fra.internal"), None);
+    }
+
+    #[test]
+    fn target_format_prefers_the_source_then_raw() {
+        use ImageFormat::*;
+        assert_eq!(target_format(Qcow2, &[Qcow2, Raw]), Some(Qcow2));
+        assert_eq!(target_format(Qcow2, &[Vmdk, Raw]), Some(Raw));
+        assert_eq!(target_format(Qcow2, &[Vmdk]), Some(Vmdk));
+        assert_eq!(target_format(Vhdx, &[Vhdx]), None);
+        assert_eq!(target_format(Vhdx, &[Vhd, Vhdx]), Some(Vhd));
+    }
+
+    #[test]
+    fn addresses_keep_their_host_part() {
+        assert_eq!(
+            move_address("10.10.0.13", "10.30.0.0/24").as_deref(),
+            Some("10.30.0.13")
+        );
+        assert_eq!(
+            move_address("10.10.7.13", "172.16.0.0/16").as_deref(),
+            Some("172.16.7.13")
+        );
+        assert_eq!(move_address("fe80::1", "10.30.0.0/24"), None);
+        assert_eq!(move_address("10.10.0.13", "10.30.0.0/20"), None);
+    }
+}

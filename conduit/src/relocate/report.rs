@@ -1,0 +1,286 @@
+//! The report of a relocation, rebuilt from its journal.
+//!
+//! Everything in it comes from the journal (times, states, attempts, what
+//! each step measured and produced) and from the plan (endpoint map, config
+//! files), so `fluidcloud report ID` gives the same answer any time later.
+//! Downtime is measured, not estimated: from the moment `stop-source`
+//! started to the moment `cutover` succeeded.
+
+use std::collections::BTreeMap;
+
+use fluidcloud_viaduct::journal::{Entry, Outcome, Record};
+use fluidcloud_viaduct::{Journal as _, SqliteJournal, StepState};
+use serde::Serialize;
+
+use super::{EndpointChange, Relocation};
+use crate::error::Result;
+
+/// One artifact a step produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArtifactReport {
+    /// Output name.
+    pub name: String,
+    /// The site holding it.
+    pub site: String,
+    /// Where.
+    pub locator: String,
+    /// Size in bytes.
+    pub size: Option<u64>,
+    /// The checksum that proved it equal to its source.
+    pub checksum: Option<String>,
+}
+
+/// One step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLine {
+    /// Step id.
+    pub id: String,
+    /// Migrator.
+    pub migrator: String,
+    /// Site it ran on.
+    pub site: String,
+    /// Last state.
+    pub state: StepState,
+    /// Attempts over all runs.
+    pub attempts: u32,
+    /// Seconds of its last attempt (start to end), when it ended.
+    pub seconds: Option<f64>,
+    /// Bytes read at the source.
+    pub bytes_read: u64,
+    /// Bytes sent between sites.
+    pub bytes_sent: u64,
+    /// Bytes written at the target.
+    pub bytes_written: u64,
+    /// Bytes written per second of its last attempt.
+    pub throughput: Option<f64>,
+    /// Outputs.
+    pub outputs: Vec<ArtifactReport>,
+    /// The last error, if it failed or retried.
+    pub error: Option<String>,
+}
+
+/// A config file as rewritten.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigDiff {
+    /// At the source.
+    pub source: String,
+    /// At the target.
+    pub target: String,
+    /// Unified diff source → target (empty when unchanged or missing).
+    pub diff: String,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Relocation id.
+    pub id: String,
+    /// Service.
+    pub service: String,
+    /// Source site.
+    pub from: String,
+    /// Target sites.
+    pub targets: Vec<String>,
+    /// `succeeded`, `failed`, `cancelled`, `rolled-back`, `running` or
+    /// `interrupted` (the process died; `resume` continues).
+    pub status: String,
+    /// Wall time of all runs, first start to last end, in seconds.
+    pub seconds: f64,
+    /// Source stop → target started, in seconds, once cut over.
+    pub downtime_seconds: Option<f64>,
+    /// Bytes the plan said it would move.
+    pub bytes_to_move: u64,
+    /// Totals of all steps.
+    pub bytes_read: u64,
+    /// Totals of all steps.
+    pub bytes_written: u64,
+    /// Steps in workflow order.
+    pub steps: Vec<StepLine>,
+    /// Old endpoint → new.
+    pub endpoint_map: Vec<EndpointChange>,
+    /// Config files and their diffs.
+    pub config: Vec<ConfigDiff>,
+}
+
+/// The journal's entries, or none when it does not exist yet.
+///
+/// # Errors
+/// A journal that cannot be opened or read.
+pub fn entries(path: &std::path::Path) -> Result<Vec<Entry>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let j = SqliteJournal::open(path).map_err(viaduct_err)?;
+    j.replay().map_err(viaduct_err)
+}
+
+/// A viaduct error as a conduit error.
+pub fn viaduct_err(e: fluidcloud_viaduct::Error) -> crate::Error {
+    crate::Error::Site {
+        site: "local state".into(),
+        source: fluidcloud_plugins::Error::Precondition(e.to_string()),
+    }
+}
+
+/// Builds the report of `r` from its journal entries. `diff` renders a
+/// unified diff of two texts (the caller's choice of implementation).
+pub fn build(r: &Relocation, entries: &[Entry], diff: &dyn Fn(&str, &str, &str) -> String) -> Report {
+    #[derive(Default)]
+    struct Acc {
+        state: Option<StepState>,
+        attempts: u32,
+        started: Option<i64>,
+        ended: Option<i64>,
+        output: Option<fluidcloud_plugins::StepOutput>,
+        error: Option<String>,
+    }
+    let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
+    let mut status: Option<String> = None;
+    let mut rolled_back_run = false;
+    let (mut first, mut last) = (None::<i64>, None::<i64>);
+    for e in entries {
+        first = Some(first.map_or(e.at_ms, |f: i64| f.min(e.at_ms)));
+        last = Some(last.map_or(e.at_ms, |l: i64| l.max(e.at_ms)));
+        match &e.record {
+            Record::RunStarted { mode, .. } => {
+                rolled_back_run = matches!(mode, fluidcloud_viaduct::journal::RunMode::Rollback);
+                status = Some("running".into());
+            }
+            Record::RunFinished { outcome } => {
+                status = Some(
+                    match (rolled_back_run, outcome) {
+                        (true, Outcome::Succeeded) => "rolled-back",
+                        (true, _) => "rollback-failed",
+                        (false, Outcome::Succeeded) => "succeeded",
+                        (false, Outcome::Failed) => "failed",
+                        (false, Outcome::Cancelled) => "cancelled",
+                    }
+                    .into(),
+                );
+            }
+            Record::Transition {
+                step,
+                to,
+                attempt,
+                error,
+                ..
+            } => {
+                let a = acc.entry(step.as_str()).or_default();
+                a.state = Some(*to);
+                a.attempts = a.attempts.max(*attempt);
+                if *to == StepState::Running {
+                    a.started = Some(e.at_ms);
+                    a.ended = None;
+                } else if a.started.is_some() && a.ended.is_none() {
+                    a.ended = Some(e.at_ms);
+                }
+                if error.is_some() {
+                    a.error.clone_from(error);
+                }
+            }
+            Record::Output { step, output } => {
+                acc.entry(step.as_str()).or_default().output = Some(output.clone());
+            }
+            Record::CancelRequested { .. } => {}
+        }
+    }
+    if status.as_deref() == Some("running") {
+        // No run-finished after the last run-started: the process died
+        // (or is still running; callers that know better say so).
+        status = Some("interrupted".into());
+    }
+    let mut steps = Vec::new();
+    let (mut read, mut written) = (0, 0);
+    for s in &r.workflow.steps {
+        let a = acc.remove(s.id.as_str()).unwrap_or_default();
+        let seconds = match (a.started, a.ended) {
+            (Some(b), Some(e)) => Some((e - b).max(0) as f64 / 1000.0),
+            _ => None,
+        };
+        let m = a.output.as_ref().map(|o| o.measured).unwrap_or_default();
+        read += m.bytes_read;
+        written += m.bytes_written;
+        steps.push(StepLine {
+            id: s.id.clone(),
+            migrator: s.migrator.clone(),
+            site: s.site.clone(),
+            state: a.state.unwrap_or(StepState::Pending),
+            attempts: a.attempts,
+            seconds,
+            bytes_read: m.bytes_read,
+            bytes_sent: m.bytes_sent,
+            bytes_written: m.bytes_written,
+            throughput: seconds
+                .filter(|s| *s > 0.0 && m.bytes_written > 0)
+                .map(|s| m.bytes_written as f64 / s),
+            outputs: a
+                .output
+                .map(|o| {
+                    o.artifacts
+                        .into_iter()
+                        .map(|(name, a)| ArtifactReport {
+                            name,
+                            site: a.site,
+                            locator: a.locator,
+                            size: a.size,
+                            checksum: a.checksum,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            error: a.error,
+        });
+    }
+    let at = |id: &str, state: StepState| -> Option<i64> {
+        let mut t = None;
+        for e in entries {
+            if let Record::Transition { step, to, .. } = &e.record
+                && step == id
+                && *to == state
+            {
+                t = Some(e.at_ms);
+            }
+        }
+        t
+    };
+    let downtime_seconds = match (
+        at("stop-source", StepState::Running),
+        at("cutover", StepState::Succeeded),
+    ) {
+        (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1000.0),
+        _ => None,
+    };
+    let config = r
+        .config_files
+        .iter()
+        .map(|(src, dst)| {
+            let old = std::fs::read_to_string(src).unwrap_or_default();
+            let new = std::fs::read_to_string(dst).ok();
+            ConfigDiff {
+                source: src.display().to_string(),
+                target: dst.display().to_string(),
+                diff: new
+                    .map(|n| diff(&dst.display().to_string(), &old, &n))
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    Report {
+        id: r.id.clone(),
+        service: r.service.clone(),
+        from: r.from.clone(),
+        targets: r.targets(),
+        status: status.unwrap_or_else(|| "planned".into()),
+        seconds: match (first, last) {
+            (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
+            _ => 0.0,
+        },
+        downtime_seconds,
+        bytes_to_move: r.bytes_to_move,
+        bytes_read: read,
+        bytes_written: written,
+        steps,
+        endpoint_map: r.endpoint_map.clone(),
+        config,
+    }
+}

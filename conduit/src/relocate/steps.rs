@@ -1,0 +1,464 @@
+//! The conduit's own migrators: the steps of a relocation that act on sites
+//! rather than on data.
+//!
+//! | name | does | rollback |
+//! |---|---|---|
+//! | `instance-provision` | defines the instance (stopped) at the target through its compute capability | undefines it (stopping it first) |
+//! | `service-verify` | compares every image with its source, introspects the service at each target (every reference must resolve there) and finds no old internal endpoint left in the target's config | nothing to undo |
+//! | `source-stop` | stops the source instances (never deletes them) | starts them again |
+//! | `cutover` | starts the target instances | stops them |
+//!
+//! Each opens its sites from the sites file named in its parameters, so a
+//! journal alone is enough to resume or roll back. All are idempotent:
+//! defining an instance that exists with the same record, stopping a
+//! stopped instance or starting a running one succeeds without change.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use fluidcloud_plugins::{
+    Artifact, ArtifactKind, Diagnostic, Error as SdkError, Estimate, ExecContext, Migrator,
+    MigratorDescriptor, Result as SdkResult, StepOutput, StepRequest,
+};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::EndpointChange;
+use crate::config::SitesFile;
+use crate::driver::{InstanceRecord, InstanceState, SiteDriver, require_compute};
+use crate::drivers;
+
+fn params<T: DeserializeOwned>(request: &StepRequest) -> SdkResult<T> {
+    serde_path_to_error::deserialize(&request.params).map_err(|e| {
+        SdkError::Invalid(vec![
+            Diagnostic::error(format!("bad parameters: {}", e.inner()))
+                .at_key(format!("params.{}", e.path())),
+        ])
+    })
+}
+
+fn validate_params<T: DeserializeOwned>(request: &StepRequest) -> Vec<Diagnostic> {
+    match params::<T>(request) {
+        Ok(_) => Vec::new(),
+        Err(SdkError::Invalid(d)) => d,
+        Err(e) => vec![Diagnostic::error(e.to_string())],
+    }
+}
+
+fn to_sdk(e: crate::Error) -> SdkError {
+    match e {
+        crate::Error::Site { source, .. } => source,
+        crate::Error::Config { diagnostics } => SdkError::Invalid(diagnostics),
+        crate::Error::MissingCredential { variable, key, .. } => SdkError::Invalid(vec![
+            Diagnostic::error(format!("environment variable {variable} is not set")).at_key(key),
+        ]),
+        other => SdkError::Precondition(other.to_string()),
+    }
+}
+
+fn open_site(sites_file: &Path, site: &str) -> SdkResult<(SitesFile, Box<dyn SiteDriver>)> {
+    let file = SitesFile::load(sites_file, &drivers::kinds()).map_err(to_sdk)?;
+    let cfg = file.site(site).map_err(to_sdk)?;
+    let driver = drivers::open(site, cfg).map_err(to_sdk)?;
+    Ok((file, driver))
+}
+
+fn descriptor(name: &str, summary: &str, produces: Vec<ArtifactKind>) -> MigratorDescriptor {
+    MigratorDescriptor {
+        name: name.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        summary: summary.into(),
+        consumes: Vec::new(),
+        produces,
+    }
+}
+
+fn nothing() -> Estimate {
+    Estimate {
+        seconds: 0.05,
+        ..Estimate::default()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionParams {
+    sites_file: PathBuf,
+    site: String,
+    record: InstanceRecord,
+}
+
+/// `instance-provision`: defines an instance, stopped, at the target.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Provision;
+
+#[async_trait]
+impl Migrator for Provision {
+    fn describe(&self) -> MigratorDescriptor {
+        descriptor(
+            "instance-provision",
+            "defines an instance (stopped) at the target site",
+            vec![ArtifactKind::Instance],
+        )
+    }
+
+    fn validate(&self, request: &StepRequest) -> Vec<Diagnostic> {
+        validate_params::<ProvisionParams>(request)
+    }
+
+    async fn plan(&self, _request: &StepRequest) -> SdkResult<Estimate> {
+        Ok(nothing())
+    }
+
+    async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
+        let p: ProvisionParams = params(request)?;
+        let (_, driver) = open_site(&p.sites_file, &p.site)?;
+        let compute = require_compute(driver.as_ref())?;
+        let existing = require_inventory_record(driver.as_ref(), &p.record.name).await?;
+        match existing {
+            Some(r) if same_definition(&r, &p.record) => {}
+            Some(_) => {
+                return Err(SdkError::Precondition(format!(
+                    "site {} already has an instance named {} that this relocation did not define",
+                    p.site, p.record.name
+                )));
+            }
+            None => compute.define(&p.record).await?,
+        }
+        let mut out = StepOutput::default();
+        out.artifacts.insert(
+            "instance".into(),
+            Artifact {
+                kind: ArtifactKind::Instance,
+                site: p.site,
+                locator: p.record.name,
+                size: None,
+                checksum: None,
+            },
+        );
+        Ok(out)
+    }
+
+    async fn rollback(
+        &self,
+        request: &StepRequest,
+        _output: Option<&StepOutput>,
+        _ctx: &ExecContext,
+    ) -> SdkResult<()> {
+        let p: ProvisionParams = params(request)?;
+        let (_, driver) = open_site(&p.sites_file, &p.site)?;
+        let compute = require_compute(driver.as_ref())?;
+        match require_inventory_record(driver.as_ref(), &p.record.name).await? {
+            Some(r) if same_definition(&r, &p.record) => {
+                compute.stop(&p.record.name).await?;
+                compute.undefine(&p.record.name).await
+            }
+            // Not ours (or already gone): leave it.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Equal but for the running state.
+fn same_definition(a: &InstanceRecord, b: &InstanceRecord) -> bool {
+    let mut a = a.clone();
+    a.state = b.state;
+    &a == b
+}
+
+async fn require_inventory_record(
+    driver: &dyn SiteDriver,
+    name: &str,
+) -> SdkResult<Option<InstanceRecord>> {
+    let inv = crate::driver::require_inventory(driver)?;
+    Ok(inv.instances().await?.into_iter().find(|i| i.name == name))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    sites_file: PathBuf,
+    service: String,
+    from: String,
+    manifest: Option<PathBuf>,
+    targets: Vec<String>,
+    images: Vec<(String, String)>,
+    endpoint_map: Vec<EndpointChange>,
+}
+
+/// `service-verify`: proves the target complete before the source stops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Verify;
+
+#[async_trait]
+impl Migrator for Verify {
+    fn describe(&self) -> MigratorDescriptor {
+        descriptor(
+            "service-verify",
+            "compares images with their sources and checks the service resolves at the target",
+            Vec::new(),
+        )
+    }
+
+    fn validate(&self, request: &StepRequest) -> Vec<Diagnostic> {
+        validate_params::<VerifyParams>(request)
+    }
+
+    async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
+        let p: VerifyParams = params(request)?;
+        let bytes: u64 = p
+            .images
+            .iter()
+            .filter_map(|(s, _)| std::fs::metadata(s).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(Estimate {
+            bytes_read: 2 * bytes,
+            seconds: 2.0 * bytes as f64 / 1.5e9,
+            ..Estimate::default()
+        })
+    }
+
+    async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
+        let p: VerifyParams = params(request)?;
+        let mut out = StepOutput::default();
+        // 1. Every image equal, guest byte for guest byte.
+        let total = p.images.len() as u64;
+        for (i, (src, dst)) in p.images.iter().enumerate() {
+            let (s, d) = (src.clone(), dst.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                let a = fluidcloud_migrators::image::open(Path::new(&s))?;
+                let b = fluidcloud_migrators::image::open(Path::new(&d))?;
+                let size = a.virtual_size();
+                fluidcloud_migrators::image::compare(a.as_ref(), b.as_ref(), 0, &|_, _| {})
+                    .map(|r| (r, size))
+            })
+            .await
+            .map_err(|e| SdkError::Transient(format!("image comparison task failed: {e}")))?
+            .map_err(SdkError::from)?;
+            if let (Some(offset), _) = result {
+                return Err(SdkError::Corrupt {
+                    what: format!("{dst} (it differs from {src})"),
+                    offset,
+                });
+            }
+            out.measured.bytes_read += 2 * result.1;
+            ctx.progress.progress(i as u64 + 1, Some(total));
+        }
+        // 2. The service at each target: every reference resolves there.
+        let file = SitesFile::load(&p.sites_file, &drivers::kinds()).map_err(to_sdk)?;
+        let manifest = match &p.manifest {
+            Some(m) => Some((
+                m.clone(),
+                std::fs::read_to_string(m)
+                    .map_err(|e| SdkError::io(format!("reading {}", m.display()), e))?,
+            )),
+            None => None,
+        };
+        for t in &p.targets {
+            let cfg = file.site(t).map_err(to_sdk)?;
+            let driver = drivers::open(t, cfg).map_err(to_sdk)?;
+            let found = crate::introspect(driver.as_ref(), cfg, Some(&p.service), manifest.clone())
+                .await
+                .map_err(|e| SdkError::Precondition(format!("at {t}: {e}")))?;
+            // 3. No config at the target names an old internal endpoint.
+            let inv = crate::driver::require_inventory(driver.as_ref())?;
+            for r in found.topology.resources() {
+                let fluidcloud_plugins::ResourceSpec::ConfigFile { path, .. } = &r.spec else {
+                    continue;
+                };
+                let text = inv.config_file(path).await?.content;
+                let text = String::from_utf8_lossy(&text);
+                for c in &p.endpoint_map {
+                    if let Some(at) = find_token(&text, &c.old) {
+                        let line = text[..at].matches('\n').count() + 1;
+                        return Err(SdkError::Precondition(format!(
+                            "{t}: config/{path}:{line} still names `{}` of {} (should be `{}`)",
+                            c.old, p.from, c.new
+                        )));
+                    }
+                }
+            }
+            ctx.progress
+                .message(&format!("{t}: {} resources resolve", found.topology.len()));
+        }
+        Ok(out)
+    }
+
+    async fn rollback(
+        &self,
+        _request: &StepRequest,
+        _output: Option<&StepOutput>,
+        _ctx: &ExecContext,
+    ) -> SdkResult<()> {
+        Ok(())
+    }
+}
+
+/// The first occurrence of `needle` in `hay` not inside a longer host name,
+/// address or word (so `10.10.0.1` does not match `10.10.0.13`).
+pub fn find_token(hay: &str, needle: &str) -> Option<usize> {
+    if needle.is_empty() {
+        return None;
+    }
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut from = 0;
+    while let Some(i) = hay[from..].find(needle) {
+        let at = from + i;
+        let end = at + needle.len();
+        let before = hay[..at].chars().next_back();
+        let after = hay[end..].chars().next();
+        let after_ok = match after {
+            None => true,
+            // A trailing dot ends a sentence or an FQDN; a dot followed by
+            // more name continues the name.
+            Some('.') => !hay[end + 1..].chars().next().is_some_and(word),
+            Some(c) => !word(c),
+        };
+        let before_ok = !before.is_some_and(|c| word(c) || c == '.');
+        if before_ok && after_ok {
+            return Some(at);
+        }
+        from = at + needle.len().max(1);
+        while !hay.is_char_boundary(from) {
+            from += 1;
+        }
+    }
+    None
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopParams {
+    sites_file: PathBuf,
+    site: String,
+    instances: Vec<String>,
+}
+
+/// `source-stop`: stops the source instances; rollback starts them again.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StopSource;
+
+async fn set_states(
+    sites_file: &Path,
+    instances: &[(String, String)],
+    state: InstanceState,
+) -> SdkResult<()> {
+    for (site, name) in instances {
+        let (_, driver) = open_site(sites_file, site)?;
+        let compute = require_compute(driver.as_ref())?;
+        if require_inventory_record(driver.as_ref(), name).await?.is_none() {
+            continue;
+        }
+        match state {
+            InstanceState::Running => compute.start(name).await?,
+            InstanceState::Stopped => compute.stop(name).await?,
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Migrator for StopSource {
+    fn describe(&self) -> MigratorDescriptor {
+        descriptor(
+            "source-stop",
+            "stops (never deletes) the source instances",
+            Vec::new(),
+        )
+    }
+
+    fn validate(&self, request: &StepRequest) -> Vec<Diagnostic> {
+        validate_params::<StopParams>(request)
+    }
+
+    async fn plan(&self, _request: &StepRequest) -> SdkResult<Estimate> {
+        Ok(nothing())
+    }
+
+    async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
+        let p: StopParams = params(request)?;
+        let pairs: Vec<(String, String)> = p
+            .instances
+            .iter()
+            .map(|i| (p.site.clone(), i.clone()))
+            .collect();
+        set_states(&p.sites_file, &pairs, InstanceState::Stopped).await?;
+        Ok(StepOutput::default())
+    }
+
+    async fn rollback(
+        &self,
+        request: &StepRequest,
+        _output: Option<&StepOutput>,
+        _ctx: &ExecContext,
+    ) -> SdkResult<()> {
+        let p: StopParams = params(request)?;
+        let pairs: Vec<(String, String)> = p
+            .instances
+            .iter()
+            .map(|i| (p.site.clone(), i.clone()))
+            .collect();
+        set_states(&p.sites_file, &pairs, InstanceState::Running).await
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CutoverParams {
+    sites_file: PathBuf,
+    instances: Vec<(String, String)>,
+}
+
+/// `cutover`: starts the target instances; rollback stops them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cutover;
+
+#[async_trait]
+impl Migrator for Cutover {
+    fn describe(&self) -> MigratorDescriptor {
+        descriptor("cutover", "starts the service at the target", Vec::new())
+    }
+
+    fn validate(&self, request: &StepRequest) -> Vec<Diagnostic> {
+        validate_params::<CutoverParams>(request)
+    }
+
+    async fn plan(&self, _request: &StepRequest) -> SdkResult<Estimate> {
+        Ok(nothing())
+    }
+
+    async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
+        let p: CutoverParams = params(request)?;
+        set_states(&p.sites_file, &p.instances, InstanceState::Running).await?;
+        Ok(StepOutput::default())
+    }
+
+    async fn rollback(
+        &self,
+        request: &StepRequest,
+        _output: Option<&StepOutput>,
+        _ctx: &ExecContext,
+    ) -> SdkResult<()> {
+        let p: CutoverParams = params(request)?;
+        set_states(&p.sites_file, &p.instances, InstanceState::Stopped).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_token;
+
+    #[test]
+    fn tokens_do_not_match_inside_longer_names() {
+        assert_eq!(find_token("host = 10.10.0.13\n", "10.10.0.13"), Some(7));
+        assert_eq!(find_token("host = 10.10.0.130\n", "10.10.0.13"), None);
+        assert_eq!(find_token("a db.x.internal.", "db.x.internal"), Some(2));
+        assert_eq!(find_token("xdb.x.internal", "db.x.internal"), None);
+        assert_eq!(find_token("db.x.internal.evil", "db.x.internal"), None);
+        assert_eq!(
+            find_token("postgres://u@db.x.internal:5432", "db.x.internal"),
+            Some(13)
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! Where relocations keep their state: one directory per relocation.
+//!
+//! ```text
+//! STATE/relocations/ID/relocation.json   the plan (Relocation), written once, atomically
+//! STATE/relocations/ID/journal.sqlite    the viaduct journal (steps, outputs, times)
+//! STATE/relocations/ID/report.json       the last report written
+//! ```
+//!
+//! `STATE` is `$FLUIDCLOUD_STATE_DIR`, or `.fluidcloud/` next to the sites
+//! file, so a demo directory carries its own history.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use fluidcloud_plugins::{Diagnostic, Error as SdkError};
+
+use super::Relocation;
+use crate::error::{Error, Result};
+
+/// Environment variable overriding the state directory.
+pub const STATE_ENV: &str = "FLUIDCLOUD_STATE_DIR";
+
+/// The relocations directory of a sites file.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
+    Error::Site {
+        site: "local state".into(),
+        source: SdkError::io(format!("{what} {}", path.display()), e),
+    }
+}
+
+impl Store {
+    /// The store for `sites_file`.
+    pub fn for_sites_file(sites_file: &Path) -> Self {
+        let base = std::env::var_os(STATE_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                sites_file
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(".fluidcloud")
+            });
+        Self {
+            root: base.join("relocations"),
+        }
+    }
+
+    /// The directory of relocation `id`.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// The journal of relocation `id`.
+    pub fn journal(&self, id: &str) -> PathBuf {
+        self.dir(id).join("journal.sqlite")
+    }
+
+    /// Saves a new relocation; fails if the id exists.
+    ///
+    /// # Errors
+    /// I/O errors; `Precondition` when the id is taken.
+    pub fn create(&self, r: &Relocation) -> Result<()> {
+        let dir = self.dir(&r.id);
+        std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, "creating", e))?;
+        std::fs::create_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Site {
+                    site: "local state".into(),
+                    source: SdkError::Precondition(format!(
+                        "relocation {} exists already ({})",
+                        r.id,
+                        dir.display()
+                    )),
+                }
+            } else {
+                io(&dir, "creating", e)
+            }
+        })?;
+        let json = serde_json::to_vec_pretty(r).map_err(|e| Error::Site {
+            site: "local state".into(),
+            source: SdkError::Precondition(format!("cannot encode relocation {}: {e}", r.id)),
+        })?;
+        write_atomic(&dir.join("relocation.json"), &json)
+    }
+
+    /// Loads relocation `id`.
+    ///
+    /// # Errors
+    /// `NotFound` naming the id and the known ones; `Config` for a damaged
+    /// record.
+    pub fn load(&self, id: &str) -> Result<Relocation> {
+        let path = self.dir(id).join("relocation.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let known = self.list().unwrap_or_default();
+                return Err(Error::Site {
+                    site: "local state".into(),
+                    source: SdkError::NotFound {
+                        what: format!(
+                            "relocation `{id}` (known: {})",
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                        site: None,
+                    },
+                });
+            }
+            Err(e) => return Err(io(&path, "reading", e)),
+        };
+        serde_json::from_str(&text).map_err(|e| Error::Config {
+            diagnostics: vec![
+                Diagnostic::error(format!("damaged relocation record: {e}"))
+                    .in_file(&path)
+                    .at_line(u32::try_from(e.line()).unwrap_or(u32::MAX)),
+            ],
+        })
+    }
+
+    /// Ids of every relocation, oldest first (ids sort by time).
+    ///
+    /// # Errors
+    /// I/O errors other than a missing directory.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        match std::fs::read_dir(&self.root) {
+            Ok(rd) => {
+                for e in rd {
+                    let e = e.map_err(|e| io(&self.root, "listing", e))?;
+                    if e.path().join("relocation.json").is_file() {
+                        ids.push(e.file_name().to_string_lossy().into_owned());
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&self.root, "listing", e)),
+        }
+        ids.sort_by_key(|id| id_time(id));
+        Ok(ids)
+    }
+
+    /// Writes the report of relocation `id`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_report(&self, id: &str, json: &[u8]) -> Result<PathBuf> {
+        let path = self.dir(id).join("report.json");
+        write_atomic(&path, json)?;
+        Ok(path)
+    }
+}
+
+/// The sortable time part of an id (`SERVICE-YYYYMMDD-HHMMSS[-N]`).
+fn id_time(id: &str) -> String {
+    let parts: Vec<&str> = id.rsplitn(3, '-').collect();
+    match parts.as_slice() {
+        [last, time, rest] if last.len() <= 3 && last.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{}{time}{last:0>3}", rest.rsplit('-').next().unwrap_or(""))
+        }
+        [time, date, _] => format!("{date}{time}000"),
+        _ => id.to_owned(),
+    }
+}
+
+/// Writes `bytes` to `path` through a fsynced temporary file and a rename.
+///
+/// # Errors
+/// I/O errors naming the path.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, "creating", e))?;
+    f.write_all(bytes).map_err(|e| io(&tmp, "writing", e))?;
+    f.sync_all().map_err(|e| io(&tmp, "syncing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, "renaming into", e))
+}
+
+/// A new relocation id: `SERVICE-YYYYMMDD-HHMMSS` (UTC), with `-2`, `-3`…
+/// appended when taken.
+pub fn new_id(store: &Store, service: &str, unix_secs: u64) -> String {
+    let base = format!("{service}-{}", utc_stamp(unix_secs));
+    let mut id = base.clone();
+    let mut n = 2;
+    while store.dir(&id).exists() {
+        id = format!("{base}-{n}");
+        n += 1;
+    }
+    id
+}
+
+/// `YYYYMMDD-HHMMSS` of a Unix time, UTC.
+pub fn utc_stamp(unix_secs: u64) -> String {
+    let days = i64::try_from(unix_secs / 86_400).unwrap_or(0);
+    let secs = unix_secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_utc_calendar_times() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000");
+        assert_eq!(utc_stamp(1_795_350_896), "20261122-123456");
+    }
+
+    #[test]
+    fn ids_sort_by_time_then_counter() {
+        let mut ids = vec![
+            "shop-20261122-101500-2",
+            "web-api-20261122-090000",
+            "shop-20261122-101500",
+        ];
+        ids.sort_by_key(|id| id_time(id));
+        assert_eq!(
+            ids,
+            [
+                "web-api-20261122-090000",
+                "shop-20261122-101500",
+                "shop-20261122-101500-2"
+            ]
+        );
+    }
+}

@@ -1,0 +1,667 @@
+//! `fluidcloud relocate`, `plan`, `status`, `resume`, `rollback`, `report`.
+//!
+//! `relocate` = introspect → match (or the given target) → plan → show →
+//! confirm → execute with progress → report. Everything a relocation
+//! decides and does is kept under the sites file's `.fluidcloud/`
+//! directory ([`fluidcloud_conduit::relocate::store`]), so `status`,
+//! `resume`, `rollback` and `report` need only its id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, ValueEnum};
+use fluidcloud_conduit::relocate::report::{self, Report};
+use fluidcloud_conduit::relocate::store::{self, Store};
+use fluidcloud_conduit::relocate::{self as reloc, BucketMode, PlanInput, Relocation};
+use fluidcloud_conduit::{ServiceManifest, SitesFile, drivers, introspect};
+use fluidcloud_plugins::ResourceKind;
+use fluidcloud_viaduct::{
+    Executor, ExecutorConfig, Plan, ProgressEvent, RunReport, SqliteJournal, StepState, Workflow,
+};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{print_json, sites_file};
+use crate::output::bytes;
+use crate::{ExitWith, Globals};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BucketsArg {
+    /// Copy every object to the target site.
+    Copy,
+    /// Leave objects where they are; configs keep pointing at them.
+    Repoint,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RelocateArgs {
+    /// The site the service runs on now.
+    #[arg(long = "from", value_name = "SITE")]
+    from: String,
+    /// The target site, or `auto` to let the broker choose per instance
+    /// and bucket.
+    #[arg(long = "to", value_name = "SITE|auto", default_value = "auto")]
+    to: String,
+    /// The service (default: the only service on the source site).
+    #[arg(long)]
+    service: Option<String>,
+    /// A placement constraint for `--to auto`, e.g. `jurisdiction(*; EU)`.
+    /// Repeatable.
+    #[arg(long = "constraint", short = 'c', value_name = "CONSTRAINT")]
+    constraints: Vec<String>,
+    /// What to do with the service's buckets.
+    #[arg(long, value_enum, default_value = "copy")]
+    buckets: BucketsArg,
+    /// Declared service manifest (default: the site's services/NAME.toml).
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// Show the plan and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+impl RelocateArgs {
+    /// What `fluidcloud demo` runs: `relocate --from SITE --service NAME
+    /// --to auto --yes`.
+    pub(crate) fn demo(from: &str, service: &str) -> Self {
+        Self {
+            from: from.to_owned(),
+            to: "auto".to_owned(),
+            service: Some(service.to_owned()),
+            constraints: Vec::new(),
+            buckets: BucketsArg::Copy,
+            manifest: None,
+            dry_run: false,
+            yes: true,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdArgs {
+    /// The relocation id (see `fluidcloud status`).
+    id: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// A relocation id; without it, every relocation is listed.
+    id: Option<String>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn store_of(file: &SitesFile) -> Store {
+    let path = std::fs::canonicalize(&file.path).unwrap_or_else(|_| file.path.clone());
+    Store::for_sites_file(&path)
+}
+
+fn executor_config() -> ExecutorConfig {
+    ExecutorConfig {
+        max_concurrency: 4,
+        ..ExecutorConfig::default()
+    }
+}
+
+/// Plans a relocation from the command line's arguments.
+async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Workflow)> {
+    let source_cfg = file.site(&a.from)?;
+    let driver = drivers::open(&a.from, source_cfg)?;
+    let manifest = match &a.manifest {
+        Some(p) => Some((p.clone(), ServiceManifest::load(p)?.1)),
+        None => None,
+    };
+    let found = introspect(
+        driver.as_ref(),
+        source_cfg,
+        a.service.as_deref(),
+        manifest.clone(),
+    )
+    .await?;
+    let topology = &found.topology;
+    let assignments = if a.to == "auto" {
+        let placement =
+            super::matching::place(file, &a.from, topology, &a.constraints, |_| {}).await?;
+        let mut map = BTreeMap::new();
+        for asg in &placement.assignments {
+            for m in &asg.unit.members {
+                if matches!(m.kind(), Some(ResourceKind::Instance | ResourceKind::Bucket)) {
+                    map.insert(m.as_str().to_owned(), asg.site.clone());
+                }
+            }
+        }
+        map
+    } else {
+        if !a.constraints.is_empty() {
+            bail!(ExitWith(
+                2,
+                "--constraint applies to `--to auto`; with an explicit --to SITE there is nothing to choose".into()
+            ));
+        }
+        file.site(&a.to)?;
+        if a.to == a.from {
+            bail!(ExitWith(
+                2,
+                format!("--to {} is the source site", a.to)
+            ));
+        }
+        reloc::everything_to(topology, &a.to)
+    };
+    if assignments.values().any(|s| s == &a.from) {
+        bail!(ExitWith(
+            7,
+            "the broker would leave part of the service on the source site; nothing to relocate there"
+                .into()
+        ));
+    }
+    let manifest_path = match (&a.manifest, &manifest) {
+        (Some(p), _) => Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+        (None, _) => {
+            let inv = fluidcloud_conduit::driver::require_inventory(driver.as_ref())?;
+            inv.service_manifest(topology.service())
+                .await?
+                .map(|(p, _)| p)
+        }
+    };
+    let store = store_of(file);
+    let id = store::new_id(&store, topology.service(), now_secs());
+    let records = store.dir(&id).join("records");
+    let relocation = reloc::plan(&PlanInput {
+        id,
+        records,
+        sites: file,
+        from: &a.from,
+        topology,
+        assignments,
+        manifest: manifest_path,
+        bucket_mode: match a.buckets {
+            BucketsArg::Copy => BucketMode::Copy,
+            BucketsArg::Repoint => BucketMode::Repoint,
+        },
+    })?;
+    let workflow = Workflow::freeze(relocation.workflow.clone(), &reloc::registry())?;
+    Ok((relocation, workflow))
+}
+
+/// What `plan` and `relocate --dry-run` print.
+#[derive(serde::Serialize)]
+struct PlanDoc<'a> {
+    relocation: &'a Relocation,
+    plan: &'a Plan,
+}
+
+fn print_plan(r: &Relocation, plan: &Plan) {
+    let targets = r.targets().join(", ");
+    println!(
+        "relocation {}: service {} from {} to {}",
+        r.id, r.service, r.from, targets
+    );
+    println!(
+        "  {} to move, ~{} on the critical path, {} steps\n",
+        bytes(r.bytes_to_move),
+        fluidcloud_viaduct::plan::human_seconds(plan.critical_path_seconds),
+        plan.steps.len()
+    );
+    print!("{}", plan.render_text());
+    if !r.endpoint_map.is_empty() {
+        println!("\nendpoint map (applied to {} config files):", r.config_files.len());
+        for c in &r.endpoint_map {
+            println!("  {:<5} {} -> {}", c.kind.as_str(), c.old, c.new);
+        }
+    }
+}
+
+pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let (relocation, workflow) = make_plan(&file, &a).await?;
+    let registry = reloc::registry();
+    let plan = Plan::new(&workflow, &registry).await;
+    if a.dry_run {
+        if g.json {
+            return print_json(&PlanDoc {
+                relocation: &relocation,
+                plan: &plan,
+            });
+        }
+        print_plan(&relocation, &plan);
+        println!("\ndry run: nothing was changed");
+        return Ok(());
+    }
+    if !g.json {
+        print_plan(&relocation, &plan);
+        println!();
+    }
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(ExitWith(
+                2,
+                "not asking for confirmation without a terminal: pass --yes to relocate, or --dry-run to only plan".into()
+            ));
+        }
+        eprint!("relocate {} now? [y/N] ", relocation.service);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!(ExitWith(1, "not confirmed; nothing was changed".into()));
+        }
+    }
+    let store = store_of(&file);
+    store.create(&relocation)?;
+    let journal = SqliteJournal::open(store.journal(&relocation.id))
+        .with_context(|| format!("opening the journal of {}", relocation.id))?;
+    let executor = Executor::new(workflow, registry, Box::new(journal), executor_config());
+    let run = drive(g, executor, &relocation, false).await?;
+    finish(g, &store, &relocation, &run)
+}
+
+pub(crate) async fn plan(g: &Globals, mut a: RelocateArgs) -> Result<()> {
+    a.dry_run = true;
+    relocate(g, a).await
+}
+
+pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let store = store_of(&file);
+    let relocation = store.load(&a.id)?;
+    let journal = SqliteJournal::open(store.journal(&a.id))?;
+    let executor = Executor::from_journal(reloc::registry(), Box::new(journal), executor_config())?;
+    if !g.json {
+        println!("resuming relocation {}", relocation.id);
+    }
+    let run = drive(g, executor, &relocation, false).await?;
+    finish(g, &store, &relocation, &run)
+}
+
+pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let store = store_of(&file);
+    let relocation = store.load(&a.id)?;
+    let journal = SqliteJournal::open(store.journal(&a.id))?;
+    let executor = Executor::from_journal(reloc::registry(), Box::new(journal), executor_config())?;
+    if !g.json {
+        println!("rolling back relocation {}", relocation.id);
+    }
+    let run = drive(g, executor, &relocation, true).await?;
+    let rep = build_report(&store, &relocation)?;
+    store.save_report(&relocation.id, &serde_json::to_vec_pretty(&rep)?)?;
+    if g.json {
+        print_json(&rep)?;
+    } else {
+        let undone = run
+            .steps
+            .iter()
+            .filter(|s| s.state == StepState::RolledBack)
+            .count();
+        println!(
+            "rolled back {undone} steps: the target holds nothing of {}, the source runs it",
+            relocation.service
+        );
+    }
+    if run.exit_code() != 0 {
+        let failed: Vec<String> = run
+            .steps
+            .iter()
+            .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.id)))
+            .collect();
+        bail!(ExitWith(
+            1,
+            format!(
+                "rollback of {} did not complete: {}",
+                relocation.id,
+                failed.join("; ")
+            )
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let store = store_of(&file);
+    match a.id {
+        Some(id) => {
+            let r = store.load(&id)?;
+            let rep = build_report(&store, &r)?;
+            if g.json {
+                return print_json(&rep);
+            }
+            println!(
+                "{}: {} ({} from {} to {})",
+                rep.id,
+                rep.status,
+                rep.service,
+                rep.from,
+                rep.targets.join(", ")
+            );
+            let rows: Vec<Vec<String>> = rep
+                .steps
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.state.as_str().to_owned(),
+                        s.attempts.to_string(),
+                        s.error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::output::table(&["STEP", "STATE", "ATTEMPTS", "LAST ERROR"], &rows)
+            );
+            Ok(())
+        }
+        None => {
+            let mut all = Vec::new();
+            for id in store.list()? {
+                let r = store.load(&id)?;
+                all.push(build_report(&store, &r)?);
+            }
+            if g.json {
+                let rows: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.id, "service": r.service, "from": r.from,
+                            "targets": r.targets, "status": r.status,
+                        })
+                    })
+                    .collect();
+                return print_json(&rows);
+            }
+            if all.is_empty() {
+                println!("no relocations yet (fluidcloud relocate --from SITE)");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        r.status.clone(),
+                        r.service.clone(),
+                        r.from.clone(),
+                        r.targets.join(","),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
+            );
+            Ok(())
+        }
+    }
+}
+
+pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
+    let file = sites_file(g)?;
+    let store = store_of(&file);
+    let r = store.load(&a.id)?;
+    let rep = build_report(&store, &r)?;
+    if g.json {
+        return print_json(&rep);
+    }
+    print_report(&rep);
+    Ok(())
+}
+
+fn build_report(store: &Store, r: &Relocation) -> Result<Report> {
+    let entries = report::entries(&store.journal(&r.id))?;
+    Ok(report::build(r, &entries, &unified_diff))
+}
+
+fn unified_diff(path: &str, old: &str, new: &str) -> String {
+    fluidcloud_migrators::config::unified_diff(path, old, new)
+}
+
+fn secs(s: f64) -> String {
+    fluidcloud_viaduct::plan::human_seconds(s)
+}
+
+fn print_report(rep: &Report) {
+    println!(
+        "relocation {}: {} — {} from {} to {}",
+        rep.id,
+        rep.status,
+        rep.service,
+        rep.from,
+        rep.targets.join(", ")
+    );
+    let down = rep
+        .downtime_seconds
+        .map_or_else(|| "-".to_owned(), |d| format!("{d:.2} s"));
+    println!(
+        "  {} total, downtime {down}, {} read, {} written\n",
+        secs(rep.seconds),
+        bytes(rep.bytes_read),
+        bytes(rep.bytes_written)
+    );
+    let rows: Vec<Vec<String>> = rep
+        .steps
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.state.as_str().to_owned(),
+                s.seconds.map_or_else(|| "-".into(), |t| format!("{t:.2} s")),
+                bytes(s.bytes_read),
+                bytes(s.bytes_written),
+                s.throughput
+                    .map_or_else(|| "-".into(), |t| format!("{}/s", bytes(t as u64))),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::output::table(&["STEP", "STATE", "TIME", "READ", "WRITTEN", "RATE"], &rows)
+    );
+    let mut sums: Vec<String> = rep
+        .steps
+        .iter()
+        .flat_map(|s| s.outputs.iter())
+        .filter_map(|o| o.checksum.as_ref().map(|c| format!("  {c}  {}", o.locator)))
+        .collect();
+    sums.sort();
+    sums.dedup();
+    if !sums.is_empty() {
+        println!("\nchecksums at the target (volumes and buckets verified equal to their source):");
+        for s in sums {
+            println!("{s}");
+        }
+    }
+    if !rep.endpoint_map.is_empty() {
+        println!("\nendpoint map:");
+        for c in &rep.endpoint_map {
+            println!("  {} -> {}", c.old, c.new);
+        }
+    }
+    let diffs: Vec<&str> = rep
+        .config
+        .iter()
+        .map(|c| c.diff.as_str())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if !diffs.is_empty() {
+        println!("\nconfig changes:");
+        for d in diffs {
+            print!("{d}");
+        }
+    }
+}
+
+fn finish(g: &Globals, store: &Store, r: &Relocation, run: &RunReport) -> Result<()> {
+    let rep = build_report(store, r)?;
+    let path = store.save_report(&r.id, &serde_json::to_vec_pretty(&rep)?)?;
+    if g.json {
+        print_json(&rep)?;
+    } else {
+        println!();
+        print_report(&rep);
+        println!("\nreport saved to {}", path.display());
+    }
+    match run.exit_code() {
+        0 => Ok(()),
+        fluidcloud_viaduct::EXIT_CANCELLED => bail!(ExitWith(
+            130,
+            format!(
+                "relocation {} interrupted; `fluidcloud resume {}` continues it, `fluidcloud rollback {}` undoes it",
+                r.id, r.id, r.id
+            )
+        )),
+        _ => {
+            let failed = run
+                .steps
+                .iter()
+                .find(|s| s.state == StepState::Failed)
+                .map(|s| {
+                    format!(
+                        "step {} failed: {}",
+                        s.id,
+                        s.error.as_deref().unwrap_or("unknown error")
+                    )
+                })
+                .unwrap_or_else(|| "a step failed".into());
+            bail!(ExitWith(
+                1,
+                format!(
+                    "relocation {} failed: {failed}; the source is untouched until cut-over. `fluidcloud resume {}` retries, `fluidcloud rollback {}` cleans the target",
+                    r.id, r.id, r.id
+                )
+            ))
+        }
+    }
+}
+
+/// Runs (or rolls back) with progress bars on a terminal.
+async fn drive(
+    g: &Globals,
+    mut executor: Executor,
+    r: &Relocation,
+    rollback: bool,
+) -> Result<RunReport> {
+    let multi = MultiProgress::with_draw_target(if g.json {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    let overall = multi.add(ProgressBar::new(r.bytes_to_move.max(1)));
+    overall.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    overall.set_prefix(if rollback { "rollback" } else { "relocate" });
+    let step_style = ProgressStyle::with_template(
+        "{prefix:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let data_steps: std::collections::HashSet<String> = r
+        .workflow
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.migrator.as_str(),
+                "image-convert" | "volume-copy" | "object-copy"
+            ) && !s.id.starts_with("sync:")
+        })
+        .map(|s| s.id.clone())
+        .collect();
+    let mut events = executor.subscribe();
+    let canceller = executor.canceller();
+    let ctrl_c = canceller.on_ctrl_c();
+    let ui = tokio::spawn(async move {
+        let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+        let mut done: HashMap<String, u64> = HashMap::new();
+        let mut lines = Vec::new();
+        loop {
+            let ev = match events.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            match ev {
+                ProgressEvent::StepStarted { step, .. } => {
+                    let bar = multi.add(ProgressBar::new(0));
+                    bar.set_style(step_style.clone());
+                    bar.set_prefix(step.clone());
+                    bars.insert(step, bar);
+                }
+                ProgressEvent::StepProgress {
+                    step, done: d, total, ..
+                } => {
+                    if let Some(b) = bars.get(&step) {
+                        if let Some(t) = total {
+                            b.set_length(t);
+                        }
+                        b.set_position(d);
+                    }
+                    if data_steps.contains(&step) {
+                        done.insert(step, d);
+                        overall.set_position(done.values().sum());
+                    }
+                }
+                ProgressEvent::StepMessage { step, text } => {
+                    let _ = multi.println(format!("  {step}: {text}"));
+                }
+                ProgressEvent::StepRetrying {
+                    step,
+                    attempt,
+                    delay_ms,
+                    error,
+                } => {
+                    let _ = multi.println(format!(
+                        "  {step}: attempt {attempt} failed ({error}); retrying in {:.1} s",
+                        delay_ms as f64 / 1000.0
+                    ));
+                }
+                ProgressEvent::StepFinished {
+                    step,
+                    state,
+                    elapsed_ms,
+                    ..
+                } => {
+                    if let Some(b) = bars.remove(&step) {
+                        b.finish_and_clear();
+                        multi.remove(&b);
+                    }
+                    let line = format!(
+                        "  {:<9} {step} ({:.2} s)",
+                        state.as_str(),
+                        elapsed_ms as f64 / 1000.0
+                    );
+                    let _ = multi.println(&line);
+                    lines.push(line);
+                }
+                ProgressEvent::StepRolledBack { step } => {
+                    let _ = multi.println(format!("  rolled back {step}"));
+                }
+                ProgressEvent::RunFinished { .. } => break,
+            }
+        }
+        overall.finish_and_clear();
+        lines
+    });
+    let result = if rollback {
+        executor.rollback().await
+    } else {
+        executor.run().await
+    };
+    ctrl_c.abort();
+    drop(executor);
+    let _ = tokio::time::timeout(Duration::from_secs(2), ui).await;
+    Ok(result?)
+}
