@@ -1,0 +1,129 @@
+//! `kill -9` of `fluidcloud relocate` in the middle of a large volume copy,
+//! then `resume`: the relocation completes, the chunks finished before the
+//! kill are not copied again, and the result is byte-identical.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ok, run};
+
+const MIB: u64 = 1 << 20;
+/// The volume's size: big enough that the copy takes seconds.
+const VOLUME: u64 = 1536 * MIB;
+const CHUNK: u64 = 4 * MIB;
+
+/// Fills `path` with `len` bytes of non-repeating data (xorshift), fast.
+fn random_file(path: &Path, len: u64) {
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..len / (1 << 20) {
+        for word in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+fn chunks_logged(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter(|l| !l.ends_with(" ?"))
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_during_a_volume_copy_then_resume_completes_without_recopying() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("relocate-kill9");
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&run(&["demo", "init", dir.to_str().unwrap()]));
+    let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
+    let src = dir.join("sites/dc-paris/volumes/db-data.raw");
+    random_file(&src, VOLUME);
+    let target = dir.join("sites/edge-nantes/volumes/db-data.raw");
+    let log = dir.join("sites/edge-nantes/volumes/.db-data.raw.fcprogress");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args([
+            "--config",
+            &config,
+            "relocate",
+            "--from",
+            "dc-paris",
+            "--service",
+            "shop",
+            "--to",
+            "edge-nantes",
+            "--yes",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once a fifth of the volume's chunks are durably logged.
+    let start = Instant::now();
+    let want = VOLUME / CHUNK / 5;
+    while chunks_logged(&log) < want {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "relocate finished before it could be killed ({} chunks logged)",
+            chunks_logged(&log)
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = chunks_logged(&log);
+    assert!(
+        before < VOLUME / CHUNK,
+        "the copy had finished ({before} chunks)"
+    );
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&run(&["--config", &config, "--json", "status"]))).unwrap();
+    let entry = &list.as_array().unwrap()[0];
+    assert_eq!(entry["status"], "interrupted", "{list:#}");
+    let id = entry["id"].as_str().unwrap().to_owned();
+
+    let out = ok(&run(&["--config", &config, "resume", &id]));
+    assert!(out.contains("succeeded"), "{out}");
+    let cmp = Command::new("cmp").arg(&src).arg(&target).output().unwrap();
+    assert!(cmp.status.success(), "volumes differ after resume");
+
+    let rep: serde_json::Value =
+        serde_json::from_str(&ok(&run(&["--config", &config, "--json", "report", &id]))).unwrap();
+    assert_eq!(rep["status"], "succeeded");
+    let pre = rep["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "precopy:db-data.raw")
+        .unwrap();
+    assert_eq!(pre["attempts"], 2, "{pre:#}");
+    // The resumed attempt wrote what was left, plus at most the chunks
+    // that were in flight (one per copying thread) when the kill came.
+    let written = pre["bytes_written"].as_u64().unwrap();
+    let left = VOLUME - before * CHUNK;
+    assert!(
+        written <= left + 8 * CHUNK,
+        "resume wrote {written} bytes; only {left} were left"
+    );
+    assert!(written >= left.saturating_sub(8 * CHUNK), "{written} < {left}");
+    // Everything else finished too: the target runs the service.
+    let db = std::fs::read_to_string(dir.join("sites/edge-nantes/instances/db.toml")).unwrap();
+    assert!(db.contains("state = \"running\""), "{db}");
+}
