@@ -59,26 +59,10 @@ fn instance_state(dir: &Path, site_name: &str, instance: &str) -> String {
     let text =
         std::fs::read_to_string(site(dir, site_name).join(format!("instances/{instance}.toml")))
             .unwrap();
-    let v: toml_value::Value = toml_value::parse(&text);
-    v.get("state").unwrap()
-}
-
-/// Just enough TOML to read `key = "value"` lines of instance manifests.
-mod toml_value {
-    pub struct Value(Vec<(String, String)>);
-    impl Value {
-        pub fn get(&self, key: &str) -> Option<String> {
-            self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
-        }
-    }
-    pub fn parse(text: &str) -> Value {
-        Value(
-            text.lines()
-                .filter_map(|l| l.split_once(" = "))
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
-                .collect(),
-        )
-    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("state = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap()
 }
 
 #[test]
@@ -120,7 +104,10 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
             String::from_utf8_lossy(&cmp.stdout)
         );
     }
-    assert!(!fra.join("images/intranet-wiki.raw").exists(), "the wiki stays");
+    assert!(
+        !fra.join("images/intranet-wiki.raw").exists(),
+        "the wiki stays"
+    );
     // The volume: byte-identical and still sparse.
     let vsrc = paris.join("volumes/db-data.raw");
     let vdst = fra.join("volumes/db-data.raw");
@@ -128,7 +115,10 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
     {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&vdst).unwrap();
-        assert!(m.blocks() * 512 < m.len() / 4, "target volume is not sparse");
+        assert!(
+            m.blocks() * 512 < m.len() / 4,
+            "target volume is not sparse"
+        );
     }
     // The bucket: every object equal.
     let b_src = data_digest(&paris.join("buckets/shop-media"), &[]);
@@ -160,7 +150,10 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
         yaml.contains("  endpoint: https://s3.eu-central.cloud.example.com\n"),
         "{yaml}"
     );
-    assert!(yaml.contains("public_url: https://shop.example.com\n"), "{yaml}");
+    assert!(
+        yaml.contains("public_url: https://shop.example.com\n"),
+        "{yaml}"
+    );
     let pg = std::fs::read_to_string(fra.join("config/shop/db/postgresql.conf")).unwrap();
     assert!(pg.contains("listen_addresses = '10.30.0.13'"), "{pg}");
     let json = std::fs::read_to_string(fra.join("config/shop/app/features.json")).unwrap();
@@ -205,15 +198,20 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
         sums.iter().any(|c| c.starts_with("blake3-merkle:")),
         "{sums:?}"
     );
-    assert!(rep["config"].as_array().unwrap().iter().any(|c| c["diff"]
-        .as_str()
-        .unwrap()
-        .contains("+DATABASE_URL=postgres://shop@db.shop.fra.internal:5432/shop")));
+    assert!(rep["config"].as_array().unwrap().iter().any(|c| {
+        c["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+DATABASE_URL=postgres://shop@db.shop.fra.internal:5432/shop")
+    }));
 
     // status lists it; a second relocation of the moved service is refused
     // cleanly because the source is stopped... and rollback restores it.
     let status = ok(&run(&["--config", &config, "status"]));
-    assert!(status.contains(&id) && status.contains("succeeded"), "{status}");
+    assert!(
+        status.contains(&id) && status.contains("succeeded"),
+        "{status}"
+    );
 
     let rb = ok(&run(&["--config", &config, "rollback", &id]));
     assert!(rb.contains("rolled back"), "{rb}");
@@ -323,11 +321,21 @@ fn bad_input_fails_clearly_and_changes_nothing() {
     );
     std::fs::write(&config, text).unwrap();
     let e = fails(
-        &with(&["--from", "dc-paris", "--service", "shop", "--to", "edge-rennes"]),
+        &with(&[
+            "--from",
+            "dc-paris",
+            "--service",
+            "shop",
+            "--to",
+            "edge-rennes",
+        ]),
         6,
     );
     assert!(e.contains("vhdx") && e.contains("shop-"), "{e}");
-    let e = fails(&run(&["--config", &config, "resume", "shop-19990101-000000"]), 4);
+    let e = fails(
+        &run(&["--config", &config, "resume", "shop-19990101-000000"]),
+        4,
+    );
     assert!(e.contains("shop-19990101-000000"), "{e}");
     assert!(stdout(&run(&["--config", &config, "status"])).contains("no relocations yet"));
 }

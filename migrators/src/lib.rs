@@ -71,13 +71,13 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod image_convert;
-pub mod volume;
 pub mod objects;
+pub mod volume;
 
 pub use config::ConfigAdapt;
 pub use error::{Error, Result};
 pub use image::qcow2::{Qcow2Options, Qcow2Writer, WriteSummary};
 pub use image::{ImageInfo, probe};
 pub use image_convert::ImageConvert;
-pub use volume::VolumeCopy;
 pub use objects::ObjectCopy;
+pub use volume::VolumeCopy;

@@ -38,7 +38,6 @@ pub(crate) struct IntrospectArgs {
     format: Format,
 }
 
-
 #[derive(Serialize)]
 struct Doc {
     #[serde(flatten)]

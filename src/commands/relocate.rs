@@ -63,6 +63,11 @@ pub(crate) struct RelocateArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     yes: bool,
+    /// How long one object of a bucket copy keeps being retried after
+    /// transient failures (an unreachable target) before the bucket step
+    /// fails (default 60); `resume` continues from there.
+    #[arg(long, value_name = "SECS")]
+    retry_budget: Option<f64>,
 }
 
 impl RelocateArgs {
@@ -78,6 +83,7 @@ impl RelocateArgs {
             manifest: None,
             dry_run: false,
             yes: true,
+            retry_budget: None,
         }
     }
 }
@@ -134,7 +140,10 @@ async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Wo
         let mut map = BTreeMap::new();
         for asg in &placement.assignments {
             for m in &asg.unit.members {
-                if matches!(m.kind(), Some(ResourceKind::Instance | ResourceKind::Bucket)) {
+                if matches!(
+                    m.kind(),
+                    Some(ResourceKind::Instance | ResourceKind::Bucket)
+                ) {
                     map.insert(m.as_str().to_owned(), asg.site.clone());
                 }
             }
@@ -149,10 +158,7 @@ async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Wo
         }
         file.site(&a.to)?;
         if a.to == a.from {
-            bail!(ExitWith(
-                2,
-                format!("--to {} is the source site", a.to)
-            ));
+            bail!(ExitWith(2, format!("--to {} is the source site", a.to)));
         }
         reloc::everything_to(topology, &a.to)
     };
@@ -172,6 +178,15 @@ async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Wo
                 .map(|(p, _)| p)
         }
     };
+    // Sites keeping buckets on S3 read their credentials when a step runs:
+    // check them now, so a missing variable stops us before anything is
+    // written.
+    for site in assignments.values().chain(std::iter::once(&a.from)) {
+        let cfg = file.site(site)?;
+        if let (Some(_), Some(c)) = (&cfg.buckets_url, &cfg.credentials) {
+            c.resolve(site)?;
+        }
+    }
     let store = store_of(file);
     let id = store::new_id(&store, topology.service(), now_secs());
     let records = store.dir(&id).join("records");
@@ -188,6 +203,21 @@ async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Wo
             BucketsArg::Repoint => BucketMode::Repoint,
         },
     })?;
+    let mut relocation = relocation;
+    if let Some(secs) = a.retry_budget {
+        if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+            bail!(ExitWith(
+                2,
+                "--retry-budget takes 0 to 86400 seconds".into()
+            ));
+        }
+        let ms = (secs * 1000.0).round() as u64;
+        for s in &mut relocation.workflow.steps {
+            if s.migrator == "object-copy" {
+                s.params["retry_budget_ms"] = serde_json::json!(ms);
+            }
+        }
+    }
     let workflow = Workflow::freeze(relocation.workflow.clone(), &reloc::registry())?;
     Ok((relocation, workflow))
 }
@@ -213,7 +243,10 @@ fn print_plan(r: &Relocation, plan: &Plan) {
     );
     print!("{}", plan.render_text());
     if !r.endpoint_map.is_empty() {
-        println!("\nendpoint map (applied to {} config files):", r.config_files.len());
+        println!(
+            "\nendpoint map (applied to {} config files):",
+            r.config_files.len()
+        );
         for c in &r.endpoint_map {
             println!("  {:<5} {} -> {}", c.kind.as_str(), c.old, c.new);
         }
@@ -453,7 +486,8 @@ fn print_report(rep: &Report) {
             vec![
                 s.id.clone(),
                 s.state.as_str().to_owned(),
-                s.seconds.map_or_else(|| "-".into(), |t| format!("{t:.2} s")),
+                s.seconds
+                    .map_or_else(|| "-".into(), |t| format!("{t:.2} s")),
                 bytes(s.bytes_read),
                 bytes(s.bytes_written),
                 s.throughput
@@ -601,7 +635,10 @@ async fn drive(
                     bars.insert(step, bar);
                 }
                 ProgressEvent::StepProgress {
-                    step, done: d, total, ..
+                    step,
+                    done: d,
+                    total,
+                    ..
                 } => {
                     if let Some(b) = bars.get(&step) {
                         if let Some(t) = total {

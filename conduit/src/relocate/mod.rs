@@ -586,15 +586,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         .first()
         .cloned()
         .ok_or_else(|| invalid("nothing to relocate: the service has no instances or buckets"))?;
-    let mut verify = StepSpec::new("verify", "service-verify", &primary).params(serde_json::json!({
-        "sites_file": sites_file_s,
-        "service": topo.service(),
-        "from": input.from,
-        "manifest": input.manifest.as_ref().map(|m| m.display().to_string()),
-        "targets": targets,
-        "images": images_to_compare,
-        "endpoint_map": map,
-    }));
+    let mut verify =
+        StepSpec::new("verify", "service-verify", &primary).params(serde_json::json!({
+            "sites_file": sites_file_s,
+            "service": topo.service(),
+            "from": input.from,
+            "manifest": input.manifest.as_ref().map(|m| m.display().to_string()),
+            "targets": targets,
+            "images": images_to_compare,
+            "endpoint_map": map,
+        }));
     for id in provision_ids.iter().chain(&bucket_steps) {
         verify = verify.after(id);
     }

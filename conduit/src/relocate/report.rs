@@ -124,7 +124,11 @@ pub fn viaduct_err(e: fluidcloud_viaduct::Error) -> crate::Error {
 
 /// Builds the report of `r` from its journal entries. `diff` renders a
 /// unified diff of two texts (the caller's choice of implementation).
-pub fn build(r: &Relocation, entries: &[Entry], diff: &dyn Fn(&str, &str, &str) -> String) -> Report {
+pub fn build(
+    r: &Relocation,
+    entries: &[Entry],
+    diff: &dyn Fn(&str, &str, &str) -> String,
+) -> Report {
     #[derive(Default)]
     struct Acc {
         state: Option<StepState>,

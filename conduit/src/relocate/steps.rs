@@ -347,7 +347,10 @@ async fn set_states(
     for (site, name) in instances {
         let (_, driver) = open_site(sites_file, site)?;
         let compute = require_compute(driver.as_ref())?;
-        if require_inventory_record(driver.as_ref(), name).await?.is_none() {
+        if require_inventory_record(driver.as_ref(), name)
+            .await?
+            .is_none()
+        {
             continue;
         }
         match state {
