@@ -518,33 +518,54 @@ fn demo_init_refuses_to_overwrite_and_changes_nothing() {
 }
 
 #[test]
-fn bare_demo_command_creates_once_then_shows_the_shop() {
-    let dir = demo();
-    let out = ok(&run(&["demo", "--dir", dir.to_str().unwrap()]));
+fn bare_demo_command_creates_then_relocates_the_shop_and_resets_on_a_second_run() {
+    // Its own environment: the relocation stops the Paris instances.
+    let fresh = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .arg("demo")
+        .env("XDG_DATA_HOME", fresh.path())
+        .output()
+        .unwrap();
+    let out = ok(&out);
+    let dir = fresh.path().join("fluidcloud/demo");
     assert!(
         out.starts_with(&format!(
-            "using the demo environment in {}\n\nservice shop on site dc-paris\n",
+            "creating the demo environment in {}\nrelocation shop-",
             dir.display()
         )),
         "{out}"
     );
+    for want in [
+        "service shop from dc-paris to cloud-frankfurt",
+        "endpoint map",
+        "db.shop.paris.internal -> db.shop.fra.internal",
+        ": succeeded",
+        "downtime",
+        "report saved to",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let fra = dir.join("sites/cloud-frankfurt");
+    assert!(fra.join("images/shop-web.raw").is_file());
+    assert!(fra.join("instances/db.toml").is_file());
+
+    // Again, as JSON: a fresh environment, one JSON document (the report).
     let json = ok(&run(&["--json", "demo", "--dir", dir.to_str().unwrap()]));
     let v: Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v, topology());
-
-    let fresh = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args(["--json", "demo"])
-        .env("XDG_DATA_HOME", fresh.path())
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_str(&ok(&out)).unwrap();
-    assert_eq!(v["service"], "shop", "a single JSON document, the topology");
-    assert!(
-        fresh
-            .path()
-            .join("fluidcloud/demo/fluidcloud.toml")
-            .is_file()
+    assert_eq!(v["status"], "succeeded", "{v:#}");
+    assert_eq!(v["service"], "shop");
+    assert_eq!(v["targets"], serde_json::json!(["cloud-frankfurt"]));
+    let list = ok(&run(&[
+        "--config",
+        dir.join("fluidcloud.toml").to_str().unwrap(),
+        "--json",
+        "status",
+    ]));
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "the reset removed the first run's records: {list:#}"
     );
 }
 
