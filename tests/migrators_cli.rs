@@ -100,10 +100,24 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["image-convert", "dns-zone", "sqlite-dump"]);
-    assert_eq!(v[2]["consumes"], serde_json::json!([{"type": "volume"}]));
-    assert_eq!(v[2]["protocol"], "fluidcloud-migrator 1.0.0");
-    assert_eq!(v[1]["path"], dns_zone_plugin().display().to_string());
+    assert_eq!(
+        names,
+        [
+            "config-adapt",
+            "cutover",
+            "image-convert",
+            "instance-provision",
+            "object-copy",
+            "service-verify",
+            "source-stop",
+            "volume-copy",
+            "dns-zone",
+            "sqlite-dump"
+        ]
+    );
+    assert_eq!(v[9]["consumes"], serde_json::json!([{"type": "volume"}]));
+    assert_eq!(v[9]["protocol"], "fluidcloud-migrator 1.0.0");
+    assert_eq!(v[8]["path"], dns_zone_plugin().display().to_string());
 }
 
 #[test]
@@ -140,7 +154,8 @@ fn a_broken_plugin_is_a_warning_and_never_hides_the_others() {
         "{err}"
     );
     assert!(err.contains("I am not a plugin"), "{err}");
-    assert_eq!(stdout(&o).lines().count(), 3);
+    // The header, the eight built-ins and the one working plugin.
+    assert_eq!(stdout(&o).lines().count(), 10);
 }
 
 /// A describe-only plugin converting qcow2 to raw, named to sort before
