@@ -6,6 +6,7 @@
 //!   images/NAME             disk images, any format (detected by content)
 //!   volumes/NAME            block volumes: raw sparse files, or images
 //!   buckets/BUCKET/KEY...   object storage, through object_store's LocalFileSystem
+//!                           (unless `buckets_url` puts the buckets on S3)
 //!   config/PATH             the service's config files
 //!   services/NAME.toml      optional declared service manifests
 //! ```
@@ -17,6 +18,12 @@
 //! skip dot-files, so a crash never leaves a half-written resource visible.
 //! Instance state (`running`/`stopped`) lives in the manifest; that is what
 //! "running" means on a directory site.
+//!
+//! With `buckets_url = "s3://?endpoint=URL&region=R"` in the sites file, the
+//! site's object storage is that S3 endpoint instead of `buckets/`: every
+//! bucket of the key named by `credentials` is a bucket of the site. The
+//! credentials are read from their variables when a bucket operation runs;
+//! an unset one is an `Invalid` error naming the variable and its key.
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -24,7 +31,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use fluidcloud_migrators::objects::{self as objects, BucketLocation, S3Location};
 use fluidcloud_plugins::{Diagnostic, Error, ImageFormat, Result};
+use futures::TryStreamExt as _;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use tokio::io::AsyncRead;
@@ -41,7 +50,13 @@ use crate::tomlfile;
 pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
     kind: "local",
     help: "a directory on this machine: instances as manifests, images and volumes as files, buckets as folders",
-    options: &[("path", "the site's directory (relative to the sites file)")],
+    options: &[
+        ("path", "the site's directory (relative to the sites file)"),
+        (
+            "buckets_url",
+            "s3://?endpoint=URL&region=R: keep the site's buckets on that S3 endpoint instead of in the directory",
+        ),
+    ],
     open,
 };
 
@@ -51,7 +66,33 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
             Diagnostic::error("a local site needs `path`").at_key(format!("sites.{name}.path")),
         ],
     })?;
-    Ok(Box::new(LocalSite::new(name, root)))
+    let mut site = LocalSite::new(name, root);
+    if let Some(url) = &config.buckets_url {
+        // Parse now so a malformed URL is a config error, not a late failure.
+        crate::relocate::bucket_url(name, config, "probe")
+            .ok()
+            .and_then(|u| BucketLocation::parse(&u).ok())
+            .filter(|l| matches!(l, BucketLocation::S3(_)))
+            .ok_or_else(|| crate::Error::Config {
+                diagnostics: vec![
+                    Diagnostic::error(format!(
+                        "`{url}` is not an S3 location (expected s3://?endpoint=URL&region=R)"
+                    ))
+                    .at_key(format!("sites.{name}.buckets_url")),
+                ],
+            })?;
+        site.s3 = Some(S3Buckets {
+            config: Box::new(config.clone()),
+        });
+    }
+    Ok(Box::new(site))
+}
+
+/// Buckets kept on an S3 endpoint (`buckets_url`).
+#[derive(Debug, Clone)]
+struct S3Buckets {
+    /// The site's config: `buckets_url` and `credentials`.
+    config: Box<SiteConfig>,
 }
 
 /// A site that is a directory.
@@ -59,6 +100,7 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
 pub struct LocalSite {
     name: String,
     root: PathBuf,
+    s3: Option<S3Buckets>,
 }
 
 const DIRS: [&str; 6] = [
@@ -76,6 +118,7 @@ impl LocalSite {
         Self {
             name: name.into(),
             root: root.into(),
+            s3: None,
         }
     }
 
@@ -609,9 +652,62 @@ fn allocation_map(file: &std::fs::File) -> std::io::Result<Vec<Extent>> {
     Ok(out)
 }
 
+impl LocalSite {
+    /// The S3 location of `bucket` when the buckets live on S3, with every
+    /// credential variable checked.
+    fn s3_location(&self, bucket: &str) -> Result<Option<S3Location>> {
+        let Some(s3) = &self.s3 else {
+            return Ok(None);
+        };
+        if let Some(c) = &s3.config.credentials {
+            c.resolve(&self.name).map_err(|e| match e {
+                crate::Error::MissingCredential { variable, key, .. } => {
+                    Error::Invalid(vec![
+                        Diagnostic::error(format!(
+                            "environment variable {variable} is not set (it holds a credential of the buckets of site {})",
+                            self.name
+                        ))
+                        .at_key(key),
+                    ])
+                }
+                other => Error::Precondition(other.to_string()),
+            })?;
+        }
+        let url = crate::relocate::bucket_url(&self.name, &s3.config, bucket)
+            .map_err(|e| Error::Precondition(e.to_string()))?;
+        match BucketLocation::parse(&url).map_err(|e| self.s3_error(e))? {
+            BucketLocation::S3(l) => Ok(Some(l)),
+            BucketLocation::Dir { .. } => Err(Error::Precondition(format!(
+                "site {}: buckets_url is not an s3:// location",
+                self.name
+            ))),
+        }
+    }
+
+    fn s3_error(&self, e: fluidcloud_migrators::Error) -> Error {
+        match Error::from(e) {
+            Error::NotFound { what, site: None } => Error::NotFound {
+                what,
+                site: Some(self.name.clone()),
+            },
+            Error::PermissionDenied { what, site: None } => Error::PermissionDenied {
+                what,
+                site: Some(self.name.clone()),
+            },
+            other => other,
+        }
+    }
+}
+
 #[async_trait]
 impl ObjectStorage for LocalSite {
     async fn list_buckets(&self) -> Result<Vec<String>> {
+        // Any valid name: only the endpoint and key are used.
+        if let Some(loc) = self.s3_location("list")? {
+            return objects::list_buckets(&loc)
+                .await
+                .map_err(|e| self.s3_error(e));
+        }
         let mut out = Vec::new();
         for name in self.list_dir("buckets")? {
             if self.root.join("buckets").join(&name).is_dir() {
@@ -623,6 +719,16 @@ impl ObjectStorage for LocalSite {
 
     async fn create_bucket(&self, name: &str) -> Result<()> {
         let path = self.bucket_path(name)?;
+        if let Some(loc) = self.s3_location(name)? {
+            return match objects::create_bucket(&loc).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Error::Precondition(format!(
+                    "bucket {name} already exists on site {}",
+                    self.name
+                ))),
+                Err(e) => Err(self.s3_error(e)),
+            };
+        }
         std::fs::create_dir_all(self.root.join("buckets"))
             .map_err(|e| self.io(&path, "create", e))?;
         std::fs::create_dir(&path).map_err(|e| match e.kind() {
@@ -636,6 +742,18 @@ impl ObjectStorage for LocalSite {
 
     async fn bucket(&self, name: &str) -> Result<Arc<dyn ObjectStore>> {
         let path = self.bucket_path(name)?;
+        if let Some(loc) = self.s3_location(name)? {
+            if !objects::bucket_exists(&loc)
+                .await
+                .map_err(|e| self.s3_error(e))?
+            {
+                return Err(Error::NotFound {
+                    what: format!("bucket {name}"),
+                    site: Some(self.name.clone()),
+                });
+            }
+            return objects::open_store(&BucketLocation::S3(loc)).map_err(|e| self.s3_error(e));
+        }
         if !path.is_dir() {
             return Err(Error::NotFound {
                 what: format!("bucket {name}"),
@@ -650,6 +768,35 @@ impl ObjectStorage for LocalSite {
 
     async fn delete_bucket(&self, name: &str) -> Result<()> {
         let path = self.bucket_path(name)?;
+        if let Some(loc) = self.s3_location(name)? {
+            if !objects::bucket_exists(&loc)
+                .await
+                .map_err(|e| self.s3_error(e))?
+            {
+                return Err(Error::NotFound {
+                    what: format!("bucket {name}"),
+                    site: Some(self.name.clone()),
+                });
+            }
+            // Like the directory: the objects go with the bucket.
+            let location = BucketLocation::S3(loc);
+            let store = objects::open_store(&location).map_err(|e| self.s3_error(e))?;
+            let keys: Vec<String> = store
+                .list(None)
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+                .map_err(|e| Error::Transient(format!("listing bucket {name}: {e}")))?;
+            objects::delete_objects(&location, &keys, false)
+                .await
+                .map_err(|e| self.s3_error(e))?;
+            let BucketLocation::S3(loc) = location else {
+                unreachable!("built as S3 above")
+            };
+            return objects::delete_bucket(&loc)
+                .await
+                .map_err(|e| self.s3_error(e));
+        }
         std::fs::remove_dir_all(&path).map_err(|e| self.io(&path, "delete", e))
     }
 }

@@ -5,8 +5,9 @@
 //! `repoint`), `mode` (`copy`, the default, or `repoint`: nothing moves and
 //! the output is the input bucket unchanged, for services that keep reading
 //! the old bucket and only get their config adapted), and optionally
-//! `concurrency` (objects in flight), `verify` (`checksums` or `reread`) and
-//! `record_dir` (where the rollback record goes; default
+//! `concurrency` (objects in flight), `verify` (`checksums` or `reread`),
+//! `retry_budget_ms` (how long one object is retried after transient
+//! failures; 60 s by default) and `record_dir` (where the rollback record goes; default
 //! `$TMPDIR/fluidcloud-object-copy`).
 //!
 //! Output: artifact `bucket` with the target URL as locator, the bytes as
@@ -120,6 +121,15 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             _ => problems.push(
                 Diagnostic::error("`concurrency` must be an integer from 1 to 1024")
                     .at_key("params.concurrency"),
+            ),
+        }
+    }
+    if let Some(b) = p.get("retry_budget_ms") {
+        match b.as_u64() {
+            Some(ms) => opts.retry_budget = std::time::Duration::from_millis(ms),
+            None => problems.push(
+                Diagnostic::error("`retry_budget_ms` must be a non-negative integer")
+                    .at_key("params.retry_budget_ms"),
             ),
         }
     }

@@ -71,3 +71,4 @@ pub use copy::{
 };
 pub use location::{BucketLocation, S3Location, open_store};
 pub use migrator::ObjectCopy;
+pub use s3::{bucket_exists, create_bucket, delete_bucket, list_buckets};

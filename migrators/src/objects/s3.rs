@@ -189,6 +189,21 @@ impl S3Api {
         }
     }
 
+    /// `ListBuckets`: the names of the buckets this key sees, sorted.
+    pub(crate) async fn list_buckets(&self) -> Result<Vec<String>> {
+        let (_, _, body) = self
+            .send("ListBuckets", Method::GET, "", None, "", &[], Bytes::new())
+            .await?;
+        let text = String::from_utf8_lossy(&body);
+        let mut names: Vec<String> = xml_values(&text, "Bucket")
+            .iter()
+            .filter_map(|b| xml_values(b, "Name").pop())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     /// Creates a bucket; `Ok(false)` when it already existed and is ours.
     pub(crate) async fn create_bucket(&self, bucket: &str) -> Result<bool> {
         let body = if self.region == "us-east-1" {
@@ -457,6 +472,41 @@ impl S3Api {
             markers = next;
         }
     }
+}
+
+/// Bucket names an S3 endpoint lists for the key of `location` (its
+/// bucket and prefix are ignored), sorted.
+///
+/// # Errors
+/// [`Error::MissingCredential`] when a named variable is unset;
+/// [`Error::S3`] when the server refuses or cannot be reached.
+pub async fn list_buckets(location: &S3Location) -> Result<Vec<String>> {
+    S3Api::new(location)?.list_buckets().await
+}
+
+/// Whether the bucket of `location` exists and its key may see it.
+///
+/// # Errors
+/// As [`list_buckets`].
+pub async fn bucket_exists(location: &S3Location) -> Result<bool> {
+    S3Api::new(location)?.bucket_exists(&location.bucket).await
+}
+
+/// Creates the bucket of `location`; `Ok(false)` when it already existed
+/// and is owned by its key.
+///
+/// # Errors
+/// As [`list_buckets`]; a 403 says how to let the key create buckets.
+pub async fn create_bucket(location: &S3Location) -> Result<bool> {
+    S3Api::new(location)?.create_bucket(&location.bucket).await
+}
+
+/// Deletes the bucket of `location`, which must be empty.
+///
+/// # Errors
+/// As [`list_buckets`]; `BucketNotEmpty` (409) when objects remain.
+pub async fn delete_bucket(location: &S3Location) -> Result<()> {
+    S3Api::new(location)?.delete_bucket(&location.bucket).await
 }
 
 #[cfg(test)]
