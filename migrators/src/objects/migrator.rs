@@ -7,8 +7,8 @@
 //! the old bucket and only get their config adapted), and optionally
 //! `concurrency` (objects in flight), `verify` (`checksums` or `reread`),
 //! `retry_budget_ms` (how long one object is retried after transient
-//! failures; 60 s by default) and `record_dir` (where the rollback record goes; default
-//! `$TMPDIR/fluidcloud-object-copy`).
+//! failures; 60 s by default) and `record_dir` (where the rollback record
+//! goes; default `$TMPDIR/fluidcloud-object-copy`).
 //!
 //! Output: artifact `bucket` with the target URL as locator, the bytes as
 //! size and the manifest digest as checksum; `measured` bytes read and
@@ -374,11 +374,23 @@ mod tests {
                 serde_json::json!({"target": "file:///b", "verify": "yes"}),
                 "params.verify",
             ),
+            (
+                serde_json::json!({"target": "file:///b", "retry_budget_ms": -1}),
+                "params.retry_budget_ms",
+            ),
         ] {
             let d = m.validate(&request(params.clone(), "file:///a"));
             assert_eq!(d.len(), 1, "{params}: {d:?}");
             assert_eq!(d[0].key.as_deref(), Some(key), "{params}");
         }
+        let budget = request(
+            serde_json::json!({"target": "file:///b", "retry_budget_ms": 1500}),
+            "file:///a",
+        );
+        assert_eq!(
+            parse(&budget).unwrap().opts.retry_budget,
+            std::time::Duration::from_millis(1500)
+        );
         let d = m.validate(&request(
             serde_json::json!({"target": "file:///b"}),
             "s3://X",
