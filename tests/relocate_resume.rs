@@ -36,12 +36,7 @@ fn random_file(path: &Path, len: u64) {
 
 fn chunks_logged(log: &Path) -> u64 {
     std::fs::read_to_string(log)
-        .map(|t| {
-            t.lines()
-                .skip(1)
-                .filter(|l| !l.ends_with(" ?"))
-                .count() as u64
-        })
+        .map(|t| t.lines().skip(1).filter(|l| !l.ends_with(" ?")).count() as u64)
         .unwrap_or(0)
 }
 
@@ -122,7 +117,8 @@ fn kill_9_during_a_volume_copy_then_resume_completes_without_recopying() {
         written <= left + 8 * CHUNK,
         "resume wrote {written} bytes; only {left} were left"
     );
-    assert!(written >= left.saturating_sub(8 * CHUNK), "{written} < {left}");
+    // (It may write less: chunks written but not yet logged at the kill are
+    // found intact by hashing the target and not sent again.)
     // Everything else finished too: the target runs the service.
     let db = std::fs::read_to_string(dir.join("sites/edge-nantes/instances/db.toml")).unwrap();
     assert!(db.contains("state = \"running\""), "{db}");
