@@ -339,3 +339,50 @@ fn bad_input_fails_clearly_and_changes_nothing() {
     assert!(e.contains("shop-19990101-000000"), "{e}");
     assert!(stdout(&run(&["--config", &config, "status"])).contains("no relocations yet"));
 }
+
+#[test]
+fn a_failed_relocation_names_the_step_and_rollback_cleans_the_target() {
+    let (dir, config) = fresh("failed");
+    let paris = site(&dir, "dc-paris");
+    let nantes = site(&dir, "edge-nantes");
+    let before = data_digest(&paris, &[]);
+    // Someone else's instance `db` at the target: provisioning must refuse.
+    let foreign = "name = \"db\"\nstate = \"stopped\"\nvcpus = 1\nmemory_mib = 512\n";
+    std::fs::write(nantes.join("instances/db.toml"), foreign).unwrap();
+
+    let o = run(&[
+        "--config",
+        &config,
+        "relocate",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--to",
+        "edge-nantes",
+        "--yes",
+    ]);
+    let err = fails(&o, 1);
+    assert!(err.contains("step provision:db failed"), "{err}");
+    assert!(err.contains("fluidcloud rollback"), "{err}");
+    let id = relocation_id(&stdout(&o));
+    // Nothing at the source was touched: the failure came before verify.
+    assert_eq!(before, data_digest(&paris, &[]));
+
+    let rb = ok(&run(&["--config", &config, "rollback", &id]));
+    assert!(rb.contains("rolled back"), "{rb}");
+    for d in ["images", "volumes"] {
+        let left: Vec<_> = std::fs::read_dir(nantes.join(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d} still has {left:?}");
+    }
+    assert!(!nantes.join("config/shop/app/app.yaml").exists());
+    assert!(!nantes.join("instances/web.toml").exists());
+    assert_eq!(
+        std::fs::read_to_string(nantes.join("instances/db.toml")).unwrap(),
+        foreign,
+        "the instance that was not ours is left alone"
+    );
+    assert_eq!(before, data_digest(&paris, &[]));
+    let status = ok(&run(&["--config", &config, "status"]));
+    assert!(status.contains("rolled-back"), "{status}");
+}
