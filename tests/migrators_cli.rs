@@ -5,43 +5,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-use common::{fails, ok, stderr, stdout};
-
-/// Builds the Rust example plugin (a binary of another package).
-fn dns_zone_plugin() -> &'static Path {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "fluidcloud-plugins",
-            "--bin",
-            "fluidcloud-migrator-dns-zone",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cannot build the dns-zone example"
-        );
-        profile_dir.join("fluidcloud-migrator-dns-zone")
-    })
-}
-
-fn sqlite_plugin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/examples/sqlite-dump/fluidcloud-migrator-sqlite-dump")
-}
+use common::{dns_zone_plugin, fails, ok, sqlite_plugin, stderr, stdout};
 
 /// Runs the CLI with `plugin_path` as `$FLUIDCLOUD_PLUGIN_PATH` and an
 /// empty plugins directory.

@@ -8,16 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fails, ok, qemu_img, run, stdout, tree_digest};
-
-/// A fresh demo environment of its own for one test.
-fn fresh(name: &str) -> (PathBuf, String) {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("relocate-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    ok(&run(&["demo", "init", dir.to_str().unwrap()]));
-    let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
-    (dir, config)
-}
+use common::{fails, fresh_demo as fresh, ok, qemu_img, relocation_id, run, stdout, tree_digest};
 
 fn site(dir: &Path, name: &str) -> PathBuf {
     dir.join("sites").join(name)
@@ -43,18 +34,6 @@ fn same_bytes(a: &Path, b: &Path) {
     );
 }
 
-fn relocation_id(out: &str) -> String {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("relocation "))
-        .unwrap_or_else(|| panic!("no relocation line in:\n{out}"));
-    line["relocation ".len()..]
-        .split(':')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 fn instance_state(dir: &Path, site_name: &str, instance: &str) -> String {
     let text =
         std::fs::read_to_string(site(dir, site_name).join(format!("instances/{instance}.toml")))
@@ -71,6 +50,8 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
     let paris = site(&dir, "dc-paris");
     let fra = site(&dir, "cloud-frankfurt");
     let before = data_digest(&paris, &["/instances/"]);
+    let paths = |d: &Path| -> Vec<PathBuf> { tree_digest(d).into_iter().map(|e| e.0).collect() };
+    let fra_before = paths(&fra);
 
     let out = ok(&run(&[
         "--config",
@@ -224,6 +205,8 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
         assert!(left.is_empty(), "{d} still has {left:?}");
     }
     assert!(!fra.join("config/shop/app/.env").exists());
+    // Not even an empty directory or a dot-file is left behind.
+    assert_eq!(paths(&fra), fra_before);
     assert_eq!(before, data_digest(&paris, &["/instances/"]));
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::{fails, ok, stdout};
+use common::{fails, ok, relocation_id, stdout};
 use fluidcloud_migrators::objects::{self, BucketLocation, Manifest};
 
 fn workspace() -> PathBuf {
@@ -216,18 +216,6 @@ fn run_with(g: &Garage, args: &[&str], without: &[&str]) -> Output {
         cmd.env_remove(k);
     }
     cmd.output().unwrap()
-}
-
-fn relocation_id(out: &str) -> String {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("relocation "))
-        .unwrap_or_else(|| panic!("no relocation line in:\n{out}"));
-    line["relocation ".len()..]
-        .split(':')
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 fn paris_media(dir: &Path) -> Manifest {

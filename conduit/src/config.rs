@@ -193,7 +193,13 @@ impl SitesFile {
         let raw: RawFile = tomlfile::parse(path, text).map_err(|d| Error::Config {
             diagnostics: vec![d],
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Site paths are relative to the sites file; made absolute here, so
+        // locators stay valid whatever the working directory of a step.
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         let mut diags = Vec::new();
         let mut sites = BTreeMap::new();
         for (name, mut site) in raw.sites {
@@ -423,6 +429,11 @@ credentials = { access_key_id_env = "PARIS_KEY" }
         assert_eq!(s.cost.currency, "EUR");
         let err = f.site("nope").unwrap_err().to_string();
         assert!(err.contains("nope") && err.contains("dc-paris"), "{err}");
+        // A sites file named relative to the working directory still gives
+        // absolute site paths.
+        let f = SitesFile::parse(Path::new("fluidcloud.toml"), &good(), KINDS).unwrap();
+        let p = f.site("dc-paris").unwrap().path.clone().unwrap();
+        assert_eq!(p, std::env::current_dir().unwrap().join("sites/paris"));
     }
 
     #[test]

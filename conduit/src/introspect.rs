@@ -70,6 +70,10 @@ pub struct ServiceManifest {
     /// Dependencies declared by hand.
     #[serde(default)]
     pub depends: Vec<DeclaredEdge>,
+    /// Steps added to every relocation of the service (see
+    /// [`crate::relocate::extra`]).
+    #[serde(default)]
+    pub steps: Vec<crate::relocate::extra::ManifestStep>,
 }
 
 /// A dependency declared in a manifest.

@@ -587,6 +587,48 @@ async fn migrator_moves_every_demo_reference_to_frankfurt() {
 }
 
 #[tokio::test]
+async fn rollback_prunes_the_directories_it_left_empty_up_to_the_given_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src/app.env");
+    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    std::fs::write(&src, "DB=db.shop.paris.internal\n").unwrap();
+    let top = tmp.path().join("site/config");
+    std::fs::create_dir_all(&top).unwrap();
+    // A sibling that was there before keeps `shop/` alive; `app/` goes.
+    std::fs::create_dir_all(top.join("shop/web")).unwrap();
+    let out = top.join("shop/app/deep/app.env");
+    let m = ConfigAdapt;
+    let req = request(
+        &src,
+        &out,
+        serde_json::json!({"prune_up_to": top.to_str().unwrap()}),
+    );
+    let done = m.execute(&req, &ExecContext::quiet()).await.unwrap();
+    assert!(out.is_file());
+    m.rollback(&req, Some(&done), &ExecContext::quiet())
+        .await
+        .unwrap();
+    assert!(!top.join("shop/app").exists(), "empty directories stay");
+    assert!(
+        top.join("shop/web").is_dir(),
+        "a directory it did not make went"
+    );
+    assert!(top.is_dir());
+    // Without the param, directories stay, as before.
+    let req = request(&src, &out, serde_json::json!({}));
+    let done = m.execute(&req, &ExecContext::quiet()).await.unwrap();
+    m.rollback(&req, Some(&done), &ExecContext::quiet())
+        .await
+        .unwrap();
+    assert!(top.join("shop/app/deep").is_dir());
+    // A directory not above the output is refused by name.
+    let bad = request(&src, &out, serde_json::json!({"prune_up_to": "/elsewhere"}));
+    let d = m.validate(&bad);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].key.as_deref(), Some("params.prune_up_to"));
+}
+
+#[tokio::test]
 async fn in_place_adaptation_keeps_the_original_and_rollback_restores_it() {
     let dir = tempfile::tempdir().unwrap();
     write_demo(dir.path());

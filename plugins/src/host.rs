@@ -743,6 +743,53 @@ fn decode<T: DeserializeOwned>(shared: &Shared, method: &str, v: serde_json::Val
     })
 }
 
+/// The discovered plugins [`start_discovered`] started, and the ones it
+/// could not use, each with the reason.
+#[derive(Debug, Default)]
+pub struct StartedPlugins {
+    /// Started, handshaken and described, in discovery order.
+    pub ok: Vec<(crate::discover::Discovered, PluginMigrator)>,
+    /// Left out: failed to start or handshake, or named like a migrator
+    /// already known.
+    pub broken: Vec<(crate::discover::Discovered, String)>,
+}
+
+/// Starts every plugin in `found` (handshake and `describe`). A plugin
+/// named like one of `taken` (the built-ins) or like an earlier plugin is
+/// left out with a reason: built-ins win, then the first sighting. One
+/// broken plugin never hides the others.
+pub fn start_discovered(
+    found: Vec<crate::discover::Discovered>,
+    taken: &[&str],
+    config: &HostConfig,
+) -> StartedPlugins {
+    let mut out = StartedPlugins::default();
+    for f in found {
+        match PluginMigrator::spawn(PluginCommand::new(&f.path), config.clone()) {
+            Err(e) => out.broken.push((f, e.to_string())),
+            Ok(m) => {
+                let name = m.plugin_descriptor().migrator.name.clone();
+                let clash = taken.contains(&name.as_str())
+                    || out
+                        .ok
+                        .iter()
+                        .any(|(_, o)| o.plugin_descriptor().migrator.name == name);
+                if clash {
+                    out.broken.push((
+                        f,
+                        format!(
+                            "a migrator named `{name}` is already known; this plugin is ignored"
+                        ),
+                    ));
+                } else {
+                    out.ok.push((f, m));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A plugin executable seen as a [`Migrator`]. See the module docs.
 ///
 /// One process serves all calls (they may overlap); when it dies, the next

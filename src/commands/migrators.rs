@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Subcommand;
 use fluidcloud_plugins::discover::{self, PluginOrigin};
-use fluidcloud_plugins::host::{HostConfig, PluginCommand, PluginMigrator};
+use fluidcloud_plugins::host::{HostConfig, start_discovered};
 use fluidcloud_plugins::{ArtifactKind, MigratorDescriptor};
 use serde::Serialize;
 
@@ -71,49 +71,37 @@ fn handshake_config() -> HostConfig {
 
 /// Starts every discovered plugin once and asks what it is.
 fn plugins(builtin: &[MigratorDescriptor]) -> (Vec<Entry>, Vec<Broken>) {
-    let mut ok: Vec<Entry> = Vec::new();
-    let mut broken = Vec::new();
-    for found in discover::discover() {
-        let spawned = PluginMigrator::spawn(PluginCommand::new(&found.path), handshake_config());
-        let m = match spawned {
-            Ok(m) => m,
-            Err(e) => {
-                broken.push(Broken {
-                    path: found.path,
-                    origin: found.origin,
-                    error: e.to_string(),
-                });
-                continue;
+    let taken: Vec<&str> = builtin.iter().map(|b| b.name.as_str()).collect();
+    let started = start_discovered(discover::discover(), &taken, &handshake_config());
+    let ok = started
+        .ok
+        .into_iter()
+        .map(|(found, m)| {
+            let d = m.plugin_descriptor().clone();
+            let hello = m.hello();
+            Entry {
+                name: d.migrator.name,
+                origin: found.origin.to_string(),
+                path: Some(found.path),
+                version: d.migrator.version,
+                summary: d.migrator.summary,
+                consumes: d.migrator.consumes,
+                produces: d.migrator.produces,
+                secrets: d.secrets,
+                protocol: Some(format!("{} {}", hello.protocol, hello.version)),
+                features: hello.features.clone(),
             }
-        };
-        let d = m.plugin_descriptor().clone();
-        let clash = builtin.iter().any(|b| b.name == d.migrator.name)
-            || ok.iter().any(|e| e.name == d.migrator.name);
-        if clash {
-            broken.push(Broken {
-                path: found.path,
-                origin: found.origin,
-                error: format!(
-                    "a migrator named `{}` is already known; this plugin is ignored",
-                    d.migrator.name
-                ),
-            });
-            continue;
-        }
-        let hello = m.hello();
-        ok.push(Entry {
-            name: d.migrator.name,
-            origin: found.origin.to_string(),
-            path: Some(found.path),
-            version: d.migrator.version,
-            summary: d.migrator.summary,
-            consumes: d.migrator.consumes,
-            produces: d.migrator.produces,
-            secrets: d.secrets,
-            protocol: Some(format!("{} {}", hello.protocol, hello.version)),
-            features: hello.features.clone(),
-        });
-    }
+        })
+        .collect();
+    let broken = started
+        .broken
+        .into_iter()
+        .map(|(found, error)| Broken {
+            path: found.path,
+            origin: found.origin,
+            error,
+        })
+        .collect();
     (ok, broken)
 }
 

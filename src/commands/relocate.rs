@@ -19,7 +19,8 @@ use fluidcloud_conduit::relocate::{self as reloc, BucketMode, PlanInput, Relocat
 use fluidcloud_conduit::{ServiceManifest, SitesFile, drivers, introspect};
 use fluidcloud_plugins::ResourceKind;
 use fluidcloud_viaduct::{
-    Executor, ExecutorConfig, Plan, ProgressEvent, RunReport, SqliteJournal, StepState, Workflow,
+    Executor, ExecutorConfig, Plan, ProgressEvent, Registry, RunReport, SqliteJournal, StepState,
+    Workflow,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -119,7 +120,7 @@ fn executor_config() -> ExecutorConfig {
 }
 
 /// Plans a relocation from the command line's arguments.
-async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Workflow)> {
+async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Workflow, Registry)> {
     let source_cfg = file.site(&a.from)?;
     let driver = drivers::open(&a.from, source_cfg)?;
     let manifest = match &a.manifest {
@@ -218,8 +219,9 @@ async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Wo
             }
         }
     }
-    let workflow = Workflow::freeze(relocation.workflow.clone(), &reloc::registry())?;
-    Ok((relocation, workflow))
+    let registry = reloc::registry_for(&relocation.workflow)?;
+    let workflow = Workflow::freeze(relocation.workflow.clone(), &registry)?;
+    Ok((relocation, workflow, registry))
 }
 
 /// What `plan` and `relocate --dry-run` print.
@@ -255,8 +257,7 @@ fn print_plan(r: &Relocation, plan: &Plan) {
 
 pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
     let file = sites_file(g)?;
-    let (relocation, workflow) = make_plan(&file, &a).await?;
-    let registry = reloc::registry();
+    let (relocation, workflow, registry) = make_plan(&file, &a).await?;
     let plan = Plan::new(&workflow, &registry).await;
     if a.dry_run {
         if g.json {
@@ -306,7 +307,11 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
     let journal = SqliteJournal::open(store.journal(&a.id))?;
-    let executor = Executor::from_journal(reloc::registry(), Box::new(journal), executor_config())?;
+    let executor = Executor::from_journal(
+        reloc::registry_for(&relocation.workflow)?,
+        Box::new(journal),
+        executor_config(),
+    )?;
     if !g.json {
         println!("resuming relocation {}", relocation.id);
     }
@@ -319,7 +324,11 @@ pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
     let journal = SqliteJournal::open(store.journal(&a.id))?;
-    let executor = Executor::from_journal(reloc::registry(), Box::new(journal), executor_config())?;
+    let executor = Executor::from_journal(
+        reloc::registry_for(&relocation.workflow)?,
+        Box::new(journal),
+        executor_config(),
+    )?;
     if !g.json {
         println!("rolling back relocation {}", relocation.id);
     }

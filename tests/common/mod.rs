@@ -113,3 +113,60 @@ pub fn tree_digest(dir: &Path) -> Vec<(PathBuf, u64, u32, i64, u64)> {
     out.sort();
     out
 }
+
+/// The relocation id from the first `relocation ID: …` line of `out`.
+pub fn relocation_id(out: &str) -> String {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("relocation "))
+        .unwrap_or_else(|| panic!("no relocation line in:\n{out}"));
+    line["relocation ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The Rust example plugin, built on first use (a binary of another
+/// package, so cargo does not build it for these tests by itself).
+pub fn dns_zone_plugin() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "fluidcloud-plugins",
+            "--bin",
+            "fluidcloud-migrator-dns-zone",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "cannot build the dns-zone example"
+        );
+        profile_dir.join("fluidcloud-migrator-dns-zone")
+    })
+}
+
+/// The Python example plugin.
+pub fn sqlite_plugin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/examples/sqlite-dump/fluidcloud-migrator-sqlite-dump")
+}
+
+/// A fresh demo environment of its own for one test (`name` keeps tests
+/// apart): its directory and its sites file.
+pub fn fresh_demo(name: &str) -> (PathBuf, String) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("relocate-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&run(&["demo", "init", dir.to_str().unwrap()]));
+    let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
+    (dir, config)
+}

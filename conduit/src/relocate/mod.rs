@@ -32,6 +32,7 @@
 //! The conduit's own migrators (provision, verify, stop, cut-over) are in
 //! [`steps`]; the state a relocation keeps on disk in [`store`].
 
+pub mod extra;
 pub mod report;
 pub mod steps;
 pub mod store;
@@ -487,6 +488,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                             StepSpec::new(&id, "config-adapt", target)
                                 .params(serde_json::json!({
                                     "output": out.display().to_string(),
+                                    "site": target,
+                                    "prune_up_to": troot.join("config").display().to_string(),
                                 }))
                                 .input(
                                     "config",
@@ -626,6 +629,34 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     }
     wf.push(cutover);
 
+    let mut workflow = wf.into_def();
+    if let Some(m) = &input.manifest {
+        let steps = crate::introspect::ServiceManifest::load(m)?.0.steps;
+        if !steps.is_empty() {
+            let ctx = extra::Context {
+                manifest: m,
+                service: topo.service(),
+                relocation: &input.id,
+                from: input.from,
+                from_root: site_root(input.from, from_cfg).ok(),
+                instance_targets: instances
+                    .iter()
+                    .map(|p| (p.record.name.clone(), p.target.clone()))
+                    .collect(),
+                primary: &primary,
+                roots: targets
+                    .iter()
+                    .filter_map(|t| {
+                        let root = site_root(t, input.sites.site(t).ok()?).ok()?;
+                        Some((t.clone(), root))
+                    })
+                    .collect(),
+                endpoint_map: adapt_map_json(&map),
+            };
+            workflow = extra::add_steps(workflow, &steps, &ctx)?;
+        }
+    }
+
     Ok(Relocation {
         id: input.id.clone(),
         service: topo.service().to_owned(),
@@ -635,7 +666,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         manifest: input.manifest.clone(),
         bucket_mode: input.bucket_mode,
         endpoint_map: map,
-        workflow: wf.into_def(),
+        workflow,
         bytes_to_move,
         config_files,
     })
@@ -686,6 +717,67 @@ pub fn registry() -> Registry {
         r.insert(m);
     }
     r
+}
+
+/// The registry `def` needs: the built-ins, plus the discovered plugins
+/// (see `fluidcloud_plugins::discover`) when a step names a migrator that
+/// is not built in. The plugin processes live as long as the registry.
+///
+/// # Errors
+/// `Config` naming the step and its migrator when neither a built-in nor
+/// a discovered plugin has that name (with why each broken plugin was left
+/// out).
+pub fn registry_for(def: &WorkflowDef) -> Result<Registry> {
+    let mut r = registry();
+    let missing = |r: &Registry| -> Vec<(String, String)> {
+        def.steps
+            .iter()
+            .filter(|s| r.get(&s.migrator).is_none())
+            .map(|s| (s.id.clone(), s.migrator.clone()))
+            .collect()
+    };
+    if missing(&r).is_empty() {
+        return Ok(r);
+    }
+    let taken: Vec<String> = r.names().map(str::to_owned).collect();
+    let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+    let config = fluidcloud_plugins::host::HostConfig {
+        secrets: fluidcloud_plugins::host::Secrets::from_env(),
+        ..fluidcloud_plugins::host::HostConfig::default()
+    };
+    let started = fluidcloud_plugins::host::start_discovered(
+        fluidcloud_plugins::discover::discover(),
+        &taken,
+        &config,
+    );
+    for (_, m) in started.ok {
+        r.insert(Arc::new(m));
+    }
+    let missing = missing(&r);
+    if missing.is_empty() {
+        return Ok(r);
+    }
+    let mut diagnostics: Vec<Diagnostic> = missing
+        .iter()
+        .map(|(step, migrator)| {
+            Diagnostic::error(format!(
+                "step {step} uses migrator `{migrator}`: not built in, and no discovered plugin has that name"
+            ))
+            .with_detail(format!(
+                "plugins are found in ${}, ${} and as {}* on $PATH; `fluidcloud migrators list` shows what is found",
+                fluidcloud_plugins::discover::PLUGIN_DIR_ENV,
+                fluidcloud_plugins::discover::PLUGIN_PATH_ENV,
+                fluidcloud_plugins::discover::EXECUTABLE_PREFIX,
+            ))
+        })
+        .collect();
+    for (found, why) in started.broken {
+        diagnostics.push(Diagnostic::error(format!(
+            "plugin {} was left out: {why}",
+            found.path.display()
+        )));
+    }
+    Err(Error::Config { diagnostics })
 }
 
 /// The resource id of unit `name` of `kind`.

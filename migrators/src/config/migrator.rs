@@ -62,6 +62,9 @@ struct Parsed {
     format: Option<Format>,
     dry_run: bool,
     site: String,
+    /// Rollback removes the directories left empty between the output and
+    /// this one (which stays).
+    prune_up_to: Option<PathBuf>,
 }
 
 fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
@@ -202,6 +205,31 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
         }
         None => source.map(|a| a.site.clone()),
     };
+    let prune_up_to = match p.get("prune_up_to") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match (v.as_str().map(PathBuf::from), &output) {
+            (Some(dir), Some(out)) if dir.is_absolute() && out.starts_with(&dir) => Some(dir),
+            (Some(dir), Some(out)) => {
+                problems.push(
+                    Diagnostic::error(format!(
+                        "`{}` is not an absolute directory above the output {}",
+                        dir.display(),
+                        out.display()
+                    ))
+                    .at_key("params.prune_up_to"),
+                );
+                None
+            }
+            (Some(_), None) => None,
+            (None, _) => {
+                problems.push(
+                    Diagnostic::error("`prune_up_to` must be a string")
+                        .at_key("params.prune_up_to"),
+                );
+                None
+            }
+        },
+    };
     match (source, output, map, site) {
         (Some(src), Some(output), Some(map), Some(site)) if problems.is_empty() => Ok(Parsed {
             source: PathBuf::from(&src.locator),
@@ -211,6 +239,7 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             format,
             dry_run,
             site,
+            prune_up_to,
         }),
         _ => Err(problems),
     }
@@ -440,10 +469,24 @@ impl Migrator for ConfigAdapt {
                 return Ok(());
             }
             match std::fs::remove_file(&p.output) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(SdkError::io(format!("removing {}", p.output.display()), e)),
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(SdkError::io(format!("removing {}", p.output.display()), e));
+                }
             }
+            if let Some(top) = &p.prune_up_to {
+                // Directories execute made for the output, now empty; the
+                // first one still holding something stops the walk.
+                let mut dir = p.output.parent();
+                while let Some(d) = dir.filter(|d| *d != top.as_path() && d.starts_with(top)) {
+                    if std::fs::remove_dir(d).is_err() {
+                        break;
+                    }
+                    dir = d.parent();
+                }
+            }
+            Ok(())
         })
         .await
     }

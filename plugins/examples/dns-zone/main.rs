@@ -2,7 +2,9 @@
 //!
 //! The example plugin of `plugins/README.md`, written with the Rust SDK.
 //! It takes a zone file (input `zone`, a config file at the source) and a
-//! map of old addresses or names to new ones (param `rewrite`), rewrites
+//! map of old addresses or names to new ones (param `rewrite`, or else the
+//! relocation's `endpoint_map` that fluidcloud passes to every step a
+//! service manifest declares), rewrites
 //! the data of `A`, `AAAA` and `CNAME` records that point at an old value,
 //! bumps the SOA serial so secondaries pick the change up, and writes the
 //! result to param `to` (output `zone`). Rollback removes `to`.
@@ -67,12 +69,15 @@ fn job(request: &StepRequest) -> std::result::Result<Job, Vec<Diagnostic>> {
         .params
         .get("rewrite")
         .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .or_else(|| from_endpoint_map(request.params.get("endpoint_map")?))
         .filter(|m: &BTreeMap<String, String>| !m.is_empty());
     if rewrite.is_none() {
         diags.push(
-            Diagnostic::error("needs param `rewrite`: a map of old values to new ones")
-                .at_key("params.rewrite")
-                .with_detail("e.g. {\"10.0.0.5\": \"192.0.2.10\"}"),
+            Diagnostic::error(
+                "needs param `rewrite` (a map of old values to new ones) or a non-empty `endpoint_map`",
+            )
+            .at_key("params.rewrite")
+            .with_detail("e.g. {\"10.0.0.5\": \"192.0.2.10\"}"),
         );
     }
     match (zone, to, rewrite) {
@@ -89,6 +94,34 @@ fn job(request: &StepRequest) -> std::result::Result<Job, Vec<Diagnostic>> {
         }),
         _ => Err(diags),
     }
+}
+
+/// The rewrite map from a relocation's endpoint map (`[{kind, from, to}]`,
+/// which fluidcloud gives every manifest step): addresses as they are, host
+/// names also in their absolute form (`db.example.` → `db2.example.`), as
+/// zone files write CNAME targets.
+fn from_endpoint_map(v: &serde_json::Value) -> Option<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for change in v.as_array()? {
+        let (Some(kind), Some(from), Some(to)) = (
+            change.get("kind").and_then(|k| k.as_str()),
+            change.get("from").and_then(|k| k.as_str()),
+            change.get("to").and_then(|k| k.as_str()),
+        ) else {
+            return None;
+        };
+        match kind {
+            "ip" => {
+                map.insert(from.to_owned(), to.to_owned());
+            }
+            "host" => {
+                map.insert(from.to_owned(), to.to_owned());
+                map.insert(format!("{from}."), format!("{to}."));
+            }
+            _ => {}
+        }
+    }
+    Some(map)
 }
 
 /// Rewrites `text`; returns the new zone and the number of records changed.
@@ -193,6 +226,10 @@ impl Migrator for DnsZone {
         }
         // Write then rename: a re-run after a crash finds either nothing or
         // the whole file.
+        if let Some(dir) = j.to.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
         let tmp = j.to.with_extension(format!("tmp-{}", request.step_id));
         std::fs::write(&tmp, &new).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &j.to)
@@ -230,10 +267,15 @@ impl Migrator for DnsZone {
         let Ok(j) = job(request) else { return Ok(()) };
         match std::fs::remove_file(&j.to) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io(format!("remove {}", j.to.display()), e))
+                return Err(Error::io(format!("remove {}", j.to.display()), e));
             }
-            _ => Ok(()),
+            _ => {}
         }
+        // The directory execute may have created goes too, if now empty.
+        if let Some(dir) = j.to.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 }
 
