@@ -324,3 +324,60 @@ fn a_bad_manifest_step_names_the_file_and_key() {
         assert_eq!(tree_digest(&dir.join("sites/cloud-frankfurt")), before);
     }
 }
+
+/// The first fenced block of `lang` after `heading` in plugins/README.md.
+fn readme_block(heading: &str, lang: &str) -> String {
+    let readme = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/README.md"),
+    )
+    .unwrap();
+    let section = &readme[readme.find(heading).expect(heading)..];
+    let fence = format!("```{lang}\n");
+    let start = section.find(&fence).expect(&fence) + fence.len();
+    let len = section[start..].find("```").unwrap();
+    section[start..start + len].to_owned()
+}
+
+#[test]
+fn the_readme_plugin_works_in_a_relocation_as_the_readme_says() {
+    let (dir, config) = fresh_demo("plugins-readme");
+    let plugin = dir.join("fluidcloud-migrator-hello-py");
+    std::fs::write(&plugin, readme_block("## Option 2", "python")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut manifest = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("sites/dc-paris/services/shop.toml"))
+        .unwrap();
+    manifest
+        .write_all(readme_block("## Use it in a relocation", "toml").as_bytes())
+        .unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let relocate = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+            .args(["--config", &config])
+            .args(args)
+            .env("FLUIDCLOUD_PLUGIN_PATH", &plugin)
+            .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
+            .env_remove("FLUIDCLOUD_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = ok(&relocate(&[
+        "relocate",
+        "--from",
+        "dc-paris",
+        "--to",
+        "cloud-frankfurt",
+        "--service",
+        "shop",
+        "--yes",
+    ]));
+    assert!(out.contains("step:greet"), "{out}");
+    let greeting = dir.join("sites/cloud-frankfurt/greeting.txt");
+    assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello\n");
+    ok(&relocate(&["rollback", &relocation_id(&out)]));
+    assert!(!greeting.exists());
+}
