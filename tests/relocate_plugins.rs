@@ -327,10 +327,9 @@ fn a_bad_manifest_step_names_the_file_and_key() {
 
 /// The first fenced block of `lang` after `heading` in plugins/README.md.
 fn readme_block(heading: &str, lang: &str) -> String {
-    let readme = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/README.md"),
-    )
-    .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/README.md"))
+            .unwrap();
     let section = &readme[readme.find(heading).expect(heading)..];
     let fence = format!("```{lang}\n");
     let start = section.find(&fence).expect(&fence) + fence.len();

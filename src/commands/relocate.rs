@@ -626,7 +626,17 @@ async fn drive(
     let mut events = executor.subscribe();
     let canceller = executor.canceller();
     let ctrl_c = canceller.on_ctrl_c();
+    // Without a terminal (a CI log, a pipe) the bars are hidden, and so is
+    // `println` on them: the same lines then go to stderr as they are.
+    let plain = !g.json && multi.is_hidden();
     let ui = tokio::spawn(async move {
+        let say = |line: &str| {
+            if plain {
+                eprintln!("{line}");
+            } else {
+                let _ = multi.println(line);
+            }
+        };
         let mut bars: HashMap<String, ProgressBar> = HashMap::new();
         let mut done: HashMap<String, u64> = HashMap::new();
         let mut lines = Vec::new();
@@ -661,7 +671,15 @@ async fn drive(
                     }
                 }
                 ProgressEvent::StepMessage { step, text } => {
-                    let _ = multi.println(format!("  {step}: {text}"));
+                    // A config step's message carries its whole diff,
+                    // which the report shows: one line here.
+                    let first = text.lines().next().unwrap_or_default();
+                    let more = if text.lines().nth(1).is_some() {
+                        " (details in the report)"
+                    } else {
+                        ""
+                    };
+                    say(&format!("  {step}: {first}{more}"));
                 }
                 ProgressEvent::StepRetrying {
                     step,
@@ -669,7 +687,7 @@ async fn drive(
                     delay_ms,
                     error,
                 } => {
-                    let _ = multi.println(format!(
+                    say(&format!(
                         "  {step}: attempt {attempt} failed ({error}); retrying in {:.1} s",
                         delay_ms as f64 / 1000.0
                     ));
@@ -689,11 +707,11 @@ async fn drive(
                         state.as_str(),
                         elapsed_ms as f64 / 1000.0
                     );
-                    let _ = multi.println(&line);
+                    say(&line);
                     lines.push(line);
                 }
                 ProgressEvent::StepRolledBack { step } => {
-                    let _ = multi.println(format!("  rolled back {step}"));
+                    say(&format!("  rolled back {step}"));
                 }
                 ProgressEvent::RunFinished { .. } => break,
             }

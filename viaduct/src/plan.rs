@@ -155,7 +155,7 @@ impl Plan {
     /// others it waits for noted.
     pub fn render_text(&self) -> String {
         let mut out = format!(
-            "{} ({}): {} steps, {}, ~{} on the critical path\n",
+            "{} ({}): {} steps, {} of I/O, ~{} on the critical path\n",
             self.name,
             self.workflow_id,
             self.steps.len(),
@@ -313,7 +313,7 @@ mod tests {
         assert!((p.critical_path_seconds - 65.0).abs() < 1e-9);
         let text = p.render_text();
         let want = format!(
-            "shop ({}): 4 steps, 2.0 GiB, ~1m05s on the critical path\n\
+            "shop ({}): 4 steps, 2.0 GiB of I/O, ~1m05s on the critical path\n\
              ├─ export [noop @ dc-paris] 2.0 GiB, ~1m00s\n\
              │  └─ copy [noop @ edge-rennes] 1.0 KiB, ~5.0s\n\
              │     └─ cutover [noop @ edge-rennes] 0 B, ~0.0s (also after cfg)\n\
