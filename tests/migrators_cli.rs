@@ -5,29 +5,12 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Output};
 
-use common::{dns_zone_plugin, fails, ok, sqlite_plugin, stderr, stdout};
-
-/// Runs the CLI with `plugin_path` as `$FLUIDCLOUD_PLUGIN_PATH` and an
-/// empty plugins directory.
-fn run_with(plugin_path: &[&Path], args: &[&str]) -> Output {
-    let empty = tempfile::tempdir().unwrap();
-    let joined = std::env::join_paths(plugin_path).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args(args)
-        .env("FLUIDCLOUD_PLUGIN_PATH", joined)
-        .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
-        .env_remove("FLUIDCLOUD_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
+use common::{dns_zone_plugin, fails, ok, run_with_plugins, sqlite_plugin, stderr, stdout};
 
 #[test]
 fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
-    let o = run_with(
+    let o = run_with_plugins(
         &[dns_zone_plugin(), &sqlite_plugin()],
         &["migrators", "list"],
     );
@@ -56,7 +39,7 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
     );
     assert_eq!(stderr(&o), "");
 
-    let o = run_with(
+    let o = run_with_plugins(
         &[dns_zone_plugin(), &sqlite_plugin()],
         &["migrators", "list", "--json"],
     );
@@ -89,7 +72,7 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
 
 #[test]
 fn show_describes_one_migrator_and_an_unknown_name_exits_4() {
-    let o = run_with(&[&sqlite_plugin()], &["migrators", "show", "sqlite-dump"]);
+    let o = run_with_plugins(&[&sqlite_plugin()], &["migrators", "show", "sqlite-dump"]);
     let out = ok(&o);
     assert!(out.contains("name:     sqlite-dump"), "{out}");
     assert!(out.contains("origin:   plugin-path ("), "{out}");
@@ -98,10 +81,10 @@ fn show_describes_one_migrator_and_an_unknown_name_exits_4() {
         "{out}"
     );
     assert!(out.contains("consumes: volume"), "{out}");
-    let o = run_with(&[], &["migrators", "show", "image-convert", "--json"]);
+    let o = run_with_plugins(&[], &["migrators", "show", "image-convert", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
     assert_eq!(v["origin"], "built-in");
-    let err = fails(&run_with(&[], &["migrators", "show", "nope"]), 4);
+    let err = fails(&run_with_plugins(&[], &["migrators", "show", "nope"]), 4);
     assert!(err.contains("migrator `nope` not found"), "{err}");
 }
 
@@ -111,7 +94,7 @@ fn a_broken_plugin_is_a_warning_and_never_hides_the_others() {
     let broken = dir.path().join("fluidcloud-migrator-broken");
     std::fs::write(&broken, "#!/bin/sh\necho 'I am not a plugin'\nexit 1\n").unwrap();
     std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let o = run_with(&[&broken, &sqlite_plugin()], &["migrators", "list"]);
+    let o = run_with_plugins(&[&broken, &sqlite_plugin()], &["migrators", "list"]);
     let out = ok(&o);
     assert!(out.contains("sqlite-dump"), "{out}");
     assert!(!out.contains("broken"), "{out}");
@@ -159,10 +142,10 @@ fn match_chains_plugin_migrators_like_built_ins() {
         "--service",
         "shop",
     ];
-    let without = ok(&run_with(&[], &args));
+    let without = ok(&run_with_plugins(&[], &args));
     assert!(without.contains("with image-convert"), "{without}");
     assert!(!without.contains("a-to-raw"), "{without}");
-    let with = ok(&run_with(&[&exe], &args));
+    let with = ok(&run_with_plugins(&[&exe], &args));
     assert!(
         with.contains("convert disk-image(qcow2) -> disk-image(raw) with a-to-raw"),
         "{with}"

@@ -2,13 +2,14 @@
 //! processes behind the plugin host, run by the viaduct engine in a real
 //! workflow with a SQLite journal: execute, then roll back.
 //!
-//! `fluidcloud relocate` does not exist yet (issue 7); this is the same
-//! engine and registry it will use.
+//! `tests/relocate_plugins.rs` runs them inside `fluidcloud relocate`.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fluidcloud_plugins::host::{HostConfig, PluginCommand, PluginMigrator};
@@ -19,40 +20,7 @@ use fluidcloud_viaduct::{
 };
 use serde_json::json;
 
-/// Builds the Rust example plugin (a binary of another package, so cargo
-/// does not build it for this test) and returns its path.
-fn dns_zone_plugin() -> &'static Path {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "fluidcloud-plugins",
-            "--bin",
-            "fluidcloud-migrator-dns-zone",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cannot build the dns-zone example"
-        );
-        let p = profile_dir.join("fluidcloud-migrator-dns-zone");
-        assert!(p.exists(), "{}", p.display());
-        p
-    })
-}
-
-fn sqlite_plugin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/examples/sqlite-dump/fluidcloud-migrator-sqlite-dump")
-}
+use common::{dns_zone_plugin, sqlite_plugin};
 
 fn registry() -> Registry {
     let cfg = HostConfig {

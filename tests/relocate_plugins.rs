@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{
-    dns_zone_plugin, fails, fresh_demo, ok, relocation_id, sqlite_plugin, stdout, tree_digest,
+    dns_zone_plugin, fails, fresh_demo, ok, relocation_id, run_with_plugins, sqlite_plugin, stdout,
+    tree_digest,
 };
 
 const ZONE: &str = "\
@@ -59,16 +60,23 @@ to = "${target_root}/dns/shop.zone"
 
 /// Runs the CLI with both example plugins discoverable.
 fn run_plugins(args: &[&str]) -> Output {
-    let empty = tempfile::tempdir().unwrap();
-    let path = std::env::join_paths([dns_zone_plugin().to_path_buf(), sqlite_plugin()]).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args(args)
-        .env("FLUIDCLOUD_PLUGIN_PATH", path)
-        .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
-        .env_remove("FLUIDCLOUD_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
+    run_with_plugins(&[dns_zone_plugin(), &sqlite_plugin()], args)
+}
+
+/// `--config CONFIG relocate` the shop from Paris to Frankfurt.
+fn relocate_args(config: &str) -> Vec<&str> {
+    vec![
+        "--config",
+        config,
+        "relocate",
+        "--from",
+        "dc-paris",
+        "--to",
+        "cloud-frankfurt",
+        "--service",
+        "shop",
+        "--yes",
+    ]
 }
 
 fn python(script: &str, args: &[&Path]) -> String {
@@ -133,18 +141,9 @@ fn both_example_plugins_run_inside_a_relocation_and_roll_back() {
     let source_before = tree_digest(&paris.join("data"));
 
     // The plan shows the plugin steps where their phases put them.
-    let plan = ok(&run_plugins(&[
-        "--config",
-        &config,
-        "--json",
-        "plan",
-        "--from",
-        "dc-paris",
-        "--to",
-        "cloud-frankfurt",
-        "--service",
-        "shop",
-    ]));
+    let mut args = relocate_args(&config);
+    args.extend(["--dry-run", "--json"]);
+    let plan = ok(&run_plugins(&args));
     let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
     let steps = plan["relocation"]["workflow"]["steps"].as_array().unwrap();
     let step = |id: &str| steps.iter().find(|s| s["id"] == id).unwrap().clone();
@@ -167,18 +166,7 @@ fn both_example_plugins_run_inside_a_relocation_and_roll_back() {
     );
     assert_eq!(step("step:dns")["after"], serde_json::json!(["cutover"]));
 
-    let out = ok(&run_plugins(&[
-        "--config",
-        &config,
-        "relocate",
-        "--from",
-        "dc-paris",
-        "--to",
-        "cloud-frankfurt",
-        "--service",
-        "shop",
-        "--yes",
-    ]));
+    let out = ok(&run_plugins(&relocate_args(&config)));
     let id = relocation_id(&out);
     assert!(out.contains("step:orders-db"), "{out}");
     assert!(out.contains("step:dns"), "{out}");
@@ -241,26 +229,7 @@ fn a_step_whose_migrator_is_nowhere_fails_before_anything_is_written() {
     let (dir, config) = with_plugin_steps("plugins-missing");
     let before = tree_digest(&dir.join("sites"));
     // Without the plugins on the search path.
-    let empty = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args([
-            "--config",
-            &config,
-            "relocate",
-            "--from",
-            "dc-paris",
-            "--to",
-            "cloud-frankfurt",
-            "--service",
-            "shop",
-            "--yes",
-        ])
-        .env("FLUIDCLOUD_PLUGIN_PATH", "")
-        .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
-        .env("PATH", "/usr/bin:/bin")
-        .env_remove("FLUIDCLOUD_CONFIG")
-        .output()
-        .unwrap();
+    let out = run_with_plugins(&[], &relocate_args(&config));
     let err = fails(&out, 3);
     assert!(
         err.contains("step step:orders-db uses migrator `sqlite-dump`"),
@@ -305,18 +274,7 @@ fn a_bad_manifest_step_names_the_file_and_key() {
     for (bad, key, msg) in cases {
         std::fs::write(&manifest, &bad).unwrap();
         let before = tree_digest(&dir.join("sites/cloud-frankfurt"));
-        let out = run_plugins(&[
-            "--config",
-            &config,
-            "relocate",
-            "--from",
-            "dc-paris",
-            "--to",
-            "cloud-frankfurt",
-            "--service",
-            "shop",
-            "--yes",
-        ]);
+        let out = run_plugins(&relocate_args(&config));
         let err = fails(&out, 3);
         assert!(err.contains("shop.toml"), "{key}: {err}");
         assert!(err.contains(key), "{key}: {err}");
@@ -353,30 +311,14 @@ fn the_readme_plugin_works_in_a_relocation_as_the_readme_says() {
     manifest
         .write_all(readme_block("## Use it in a relocation", "toml").as_bytes())
         .unwrap();
-    let empty = tempfile::tempdir().unwrap();
-    let relocate = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-            .args(["--config", &config])
-            .args(args)
-            .env("FLUIDCLOUD_PLUGIN_PATH", &plugin)
-            .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
-            .env_remove("FLUIDCLOUD_CONFIG")
-            .output()
-            .unwrap()
-    };
-    let out = ok(&relocate(&[
-        "relocate",
-        "--from",
-        "dc-paris",
-        "--to",
-        "cloud-frankfurt",
-        "--service",
-        "shop",
-        "--yes",
-    ]));
+    let out = ok(&run_with_plugins(&[&plugin], &relocate_args(&config)));
     assert!(out.contains("step:greet"), "{out}");
     let greeting = dir.join("sites/cloud-frankfurt/greeting.txt");
     assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello\n");
-    ok(&relocate(&["rollback", &relocation_id(&out)]));
+    let id = relocation_id(&out);
+    ok(&run_with_plugins(
+        &[&plugin],
+        &["--config", &config, "rollback", &id],
+    ));
     assert!(!greeting.exists());
 }

@@ -170,3 +170,21 @@ pub fn fresh_demo(name: &str) -> (PathBuf, String) {
     let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
     (dir, config)
 }
+
+/// Runs the binary with `plugins` (executables or directories) as
+/// `$FLUIDCLOUD_PLUGIN_PATH` and an empty plugins directory, so only they
+/// are discovered.
+pub fn run_with_plugins(plugins: &[&Path], args: &[&str]) -> Output {
+    let empty = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(args)
+        .env(
+            "FLUIDCLOUD_PLUGIN_PATH",
+            std::env::join_paths(plugins).unwrap(),
+        )
+        .env("FLUIDCLOUD_PLUGIN_DIR", empty.path())
+        .env_remove("FLUIDCLOUD_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
