@@ -498,6 +498,7 @@ fn print_report(rep: &Report) {
                 s.seconds
                     .map_or_else(|| "-".into(), |t| format!("{t:.2} s")),
                 bytes(s.bytes_read),
+                bytes(s.bytes_sent),
                 bytes(s.bytes_written),
                 s.throughput
                     .map_or_else(|| "-".into(), |t| format!("{}/s", bytes(t as u64))),
@@ -506,7 +507,10 @@ fn print_report(rep: &Report) {
         .collect();
     print!(
         "{}",
-        crate::output::table(&["STEP", "STATE", "TIME", "READ", "WRITTEN", "RATE"], &rows)
+        crate::output::table(
+            &["STEP", "STATE", "TIME", "READ", "SENT", "WRITTEN", "RATE"],
+            &rows
+        )
     );
     let mut sums: Vec<String> = rep
         .steps
