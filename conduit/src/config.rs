@@ -668,6 +668,85 @@ credentials = { access_key_id_env = "PARIS_KEY" }
         assert!(e.to_string().contains("no sites"), "{e}");
     }
 
+    const LV: &[&str] = &["local", "libvirt"];
+
+    fn libvirt(extra: &str) -> String {
+        format!(
+            r#"[sites.kvm]
+kind = "libvirt"
+jurisdiction = "EU/FR"
+location = {{ region = "r", latitude = 1.0, longitude = 2.0 }}
+{extra}
+"#
+        )
+    }
+
+    fn keys(text: &str) -> Vec<(String, Option<u32>)> {
+        match SitesFile::parse(Path::new("f.toml"), text, LV) {
+            Err(Error::Config { diagnostics }) => diagnostics
+                .into_iter()
+                .map(|d| (d.key.unwrap_or_default(), d.line))
+                .collect(),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_libvirt_site_parses_with_its_mapping_and_boot_check() {
+        let text = libvirt(
+            r#"uri = "qemu+ssh://ops@host/system"
+pool = "default"
+domain_prefix = "fc-"
+accel = "tcg"
+boot_check = { console = "SUM ([0-9a-f]+)", timeout_s = 60 }
+adapt = { networks = { default = "prod" }, bridges = { br0 = "br1" }, mac = "generate", disk_bus = "sata" }"#,
+        );
+        let f = SitesFile::parse(Path::new("f.toml"), &text, LV).unwrap();
+        let s = f.site("kvm").unwrap();
+        let a = s.adapt.as_ref().unwrap();
+        assert_eq!(a.mac, MacPolicy::Generate);
+        assert_eq!(a.networks["default"], "prod");
+        assert_eq!(s.boot_check.as_ref().unwrap().timeout_s, 60);
+    }
+
+    #[test]
+    fn libvirt_keys_are_checked_and_named_with_their_lines() {
+        assert_eq!(
+            keys(&libvirt("")),
+            [
+                ("sites.kvm".to_owned(), Some(1)),
+                ("sites.kvm".to_owned(), Some(1))
+            ]
+        );
+        let bad = libvirt(
+            r#"uri = "not a uri"
+pool = "a/b"
+accel = "warp"
+boot_check = { console = "(unclosed" }
+adapt = { disk_bus = "usb", mac = "keep" }"#,
+        );
+        let k: Vec<String> = keys(&bad).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            k,
+            [
+                "sites.kvm.uri",
+                "sites.kvm.pool",
+                "sites.kvm.accel",
+                "sites.kvm.adapt.disk_bus",
+                "sites.kvm.boot_check.console",
+            ]
+        );
+        // Unknown keys in the mapping are refused with their line.
+        let typo = libvirt("uri = \"qemu:///system\"\npool = \"p\"\nadapt = { macs = \"keep\" }");
+        let k = keys(&typo);
+        assert!(k[0].0.contains("macs"), "{k:?}");
+        assert_eq!(k[0].1, Some(7));
+        // libvirt keys on a local site are errors.
+        let local = good().replace("path = \"sites/paris\"", "path = \"p\"\npool = \"x\"");
+        let k: Vec<String> = keys(&local).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(k, ["sites.dc-paris.pool"]);
+    }
+
     #[test]
     fn missing_credential_variable_names_site_key_and_variable() {
         let c = Credentials {
