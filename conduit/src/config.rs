@@ -129,6 +129,87 @@ pub struct SiteConfig {
     /// Credentials by environment-variable reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
+    /// `libvirt` sites: the connection URI (`qemu:///system`,
+    /// `qemu+ssh://user@host/system`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// `libvirt` sites: the storage pool holding the site's disks, kernels
+    /// and images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `libvirt` sites: the prefix of the domain names that belong to the
+    /// site, so several sites can share one daemon (`a-` makes instance
+    /// `web` the domain `a-web`). Default: none, every domain is the site's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_prefix: Option<String>,
+    /// `libvirt` sites: seconds a graceful shutdown may take before the
+    /// domain is forced off (default 30; 0 forces it off at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_s: Option<u64>,
+    /// `libvirt` sites: how guests run, `kvm`, `tcg` (QEMU's software
+    /// emulation) or `auto` (kvm when the host offers it; the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// How instances arriving at this site are adapted to it: network and
+    /// bridge names, MAC addresses, disk bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<AdaptConfig>,
+    /// A boot check the relocation's verify step runs on instances
+    /// arriving at this site, before the source is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<BootCheck>,
+}
+
+/// What happens to MAC addresses of relocated instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MacPolicy {
+    /// Keep every MAC address (the source is stopped before the target
+    /// serves, so they never meet on one network).
+    #[default]
+    Keep,
+    /// A new locally administered `52:54:00:..` address per interface,
+    /// derived from the relocation id (stable across resume).
+    Generate,
+}
+
+/// How instances arriving at a site are adapted to it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptConfig {
+    /// Source network name -> this site's network name.
+    #[serde(default)]
+    pub networks: BTreeMap<String, String>,
+    /// Source bridge name -> this site's bridge name.
+    #[serde(default)]
+    pub bridges: BTreeMap<String, String>,
+    /// Keep or regenerate MAC addresses.
+    #[serde(default)]
+    pub mac: MacPolicy,
+    /// Bus every disk is attached on here (`virtio`, `sata`, `scsi`, `ide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bus: Option<String>,
+}
+
+/// Disk buses a domain can use.
+pub const DISK_BUSES: [&str; 4] = ["virtio", "sata", "scsi", "ide"];
+
+/// A boot check: the relocated instance is started and its serial console
+/// must show a line matching `console` within `timeout_s`. When the regex
+/// has a capture group and the source's console shows a match too, both
+/// captures must be equal (e.g. a checksum the guest prints of its disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootCheck {
+    /// Regular expression searched in the console output.
+    pub console: String,
+    /// Seconds to wait for it (default 300).
+    #[serde(default = "default_boot_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_boot_timeout() -> u64 {
+    300
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,6 +472,110 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             }
         }
     }
+    if site.kind == "libvirt" {
+        match &site.uri {
+            None => diags.push(
+                Diagnostic::error(
+                    "a libvirt site needs `uri`, e.g. qemu:///system or qemu+ssh://host/system",
+                )
+                .at_key(format!("sites.{name}")),
+            ),
+            Some(u) if url::Url::parse(u).is_err() || !u.contains(":/") => diags.push(
+                Diagnostic::error(format!(
+                    "`{u}` is not a libvirt URI (e.g. qemu:///system, qemu+ssh://host/system)"
+                ))
+                .at_key(key("uri")),
+            ),
+            Some(_) => {}
+        }
+        match &site.pool {
+            None => diags.push(
+                Diagnostic::error("a libvirt site needs `pool`, the storage pool of its disks")
+                    .at_key(format!("sites.{name}")),
+            ),
+            Some(p) if p.is_empty() || p.contains(['/', ' ']) => diags.push(
+                Diagnostic::error(format!("`{p}` is not a storage pool name")).at_key(key("pool")),
+            ),
+            Some(_) => {}
+        }
+        if let Some(a) = &site.accel
+            && !["auto", "kvm", "tcg"].contains(&a.as_str())
+        {
+            diags.push(
+                Diagnostic::error(format!("unknown accel `{a}` (auto, kvm or tcg)"))
+                    .at_key(key("accel")),
+            );
+        }
+        if let Some(p) = &site.domain_prefix
+            && !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            diags.push(
+                Diagnostic::error(format!(
+                    "`{p}` is not a domain-name prefix (letters, digits, `-`, `_`, `.`)"
+                ))
+                .at_key(key("domain_prefix")),
+            );
+        }
+    } else {
+        for (k, set) in [
+            ("uri", site.uri.is_some()),
+            ("pool", site.pool.is_some()),
+            ("domain_prefix", site.domain_prefix.is_some()),
+            ("shutdown_timeout_s", site.shutdown_timeout_s.is_some()),
+            ("accel", site.accel.is_some()),
+        ] {
+            if set {
+                diags.push(
+                    Diagnostic::error(format!("`{k}` applies to libvirt sites only"))
+                        .at_key(key(k)),
+                );
+            }
+        }
+    }
+    if let Some(a) = &site.adapt {
+        if let Some(bus) = &a.disk_bus
+            && !DISK_BUSES.contains(&bus.as_str())
+        {
+            diags.push(
+                Diagnostic::error(format!(
+                    "unknown disk bus `{bus}` (one of {})",
+                    DISK_BUSES.join(", ")
+                ))
+                .at_key(key("adapt.disk_bus")),
+            );
+        }
+        for (table, map) in [("networks", &a.networks), ("bridges", &a.bridges)] {
+            for (from, to) in map {
+                if from.is_empty() || to.is_empty() {
+                    diags.push(
+                        Diagnostic::error(format!("empty name in `{from}` = `{to}`"))
+                            .at_key(key(&format!("adapt.{table}"))),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(b) = &site.boot_check {
+        match regex::Regex::new(&b.console) {
+            Err(e) => diags.push(
+                Diagnostic::error(format!("`{}` is not a regular expression: {e}", b.console))
+                    .at_key(key("boot_check.console")),
+            ),
+            Ok(re) if re.captures_len() > 2 => diags.push(
+                Diagnostic::error("a boot check regex has at most one capture group")
+                    .at_key(key("boot_check.console")),
+            ),
+            Ok(_) => {}
+        }
+        if b.timeout_s == 0 {
+            diags.push(
+                Diagnostic::error("timeout_s must be at least 1")
+                    .at_key(key("boot_check.timeout_s")),
+            );
+        }
+    }
     if site.kind == "local" && site.path.is_none() {
         diags.push(
             Diagnostic::error("a local site needs `path`, the site's directory")
@@ -492,6 +677,85 @@ credentials = { access_key_id_env = "PARIS_KEY" }
         assert!(e.to_string().contains("needs `path`"), "{e}");
         let e = SitesFile::parse(Path::new("f.toml"), "", KINDS).unwrap_err();
         assert!(e.to_string().contains("no sites"), "{e}");
+    }
+
+    const LV: &[&str] = &["local", "libvirt"];
+
+    fn libvirt(extra: &str) -> String {
+        format!(
+            r#"[sites.kvm]
+kind = "libvirt"
+jurisdiction = "EU/FR"
+location = {{ region = "r", latitude = 1.0, longitude = 2.0 }}
+{extra}
+"#
+        )
+    }
+
+    fn keys(text: &str) -> Vec<(String, Option<u32>)> {
+        match SitesFile::parse(Path::new("f.toml"), text, LV) {
+            Err(Error::Config { diagnostics }) => diagnostics
+                .into_iter()
+                .map(|d| (d.key.unwrap_or_default(), d.line))
+                .collect(),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_libvirt_site_parses_with_its_mapping_and_boot_check() {
+        let text = libvirt(
+            r#"uri = "qemu+ssh://ops@host/system"
+pool = "default"
+domain_prefix = "fc-"
+accel = "tcg"
+boot_check = { console = "SUM ([0-9a-f]+)", timeout_s = 60 }
+adapt = { networks = { default = "prod" }, bridges = { br0 = "br1" }, mac = "generate", disk_bus = "sata" }"#,
+        );
+        let f = SitesFile::parse(Path::new("f.toml"), &text, LV).unwrap();
+        let s = f.site("kvm").unwrap();
+        let a = s.adapt.as_ref().unwrap();
+        assert_eq!(a.mac, MacPolicy::Generate);
+        assert_eq!(a.networks["default"], "prod");
+        assert_eq!(s.boot_check.as_ref().unwrap().timeout_s, 60);
+    }
+
+    #[test]
+    fn libvirt_keys_are_checked_and_named_with_their_lines() {
+        assert_eq!(
+            keys(&libvirt("")),
+            [
+                ("sites.kvm".to_owned(), Some(1)),
+                ("sites.kvm".to_owned(), Some(1))
+            ]
+        );
+        let bad = libvirt(
+            r#"uri = "not a uri"
+pool = "a/b"
+accel = "warp"
+boot_check = { console = "(unclosed" }
+adapt = { disk_bus = "usb", mac = "keep" }"#,
+        );
+        let k: Vec<String> = keys(&bad).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            k,
+            [
+                "sites.kvm.uri",
+                "sites.kvm.pool",
+                "sites.kvm.accel",
+                "sites.kvm.adapt.disk_bus",
+                "sites.kvm.boot_check.console",
+            ]
+        );
+        // Unknown keys in the mapping are refused with their line.
+        let typo = libvirt("uri = \"qemu:///system\"\npool = \"p\"\nadapt = { macs = \"keep\" }");
+        let k = keys(&typo);
+        assert!(k[0].0.contains("macs"), "{k:?}");
+        assert_eq!(k[0].1, Some(7));
+        // libvirt keys on a local site are errors.
+        let local = good().replace("path = \"sites/paris\"", "path = \"p\"\npool = \"x\"");
+        let k: Vec<String> = keys(&local).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(k, ["sites.dc-paris.pool"]);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use object_store::{ObjectStoreExt as _, PutPayload, path::Path as ObjPath};
 use tokio::io::AsyncReadExt as _;
 
 use crate::driver::{
-    ExtentKind, InstanceRecord, InstanceState, SiteDriver, require_block_store, require_compute,
-    require_image_store, require_inventory, require_object_storage,
+    ExtentKind, InstanceRecord, InstanceState, NicKind, NicRecord, SiteDriver, require_block_store,
+    require_compute, require_image_store, require_inventory, require_object_storage,
 };
 
 /// A conformance failure: capability and message.
@@ -299,9 +299,13 @@ pub async fn compute(site: &dyn SiteDriver) -> Outcome {
         memory_mib: 256,
         hostname: Some("conf-vm.test.internal".into()),
         addresses: vec!["10.99.0.1".into()],
-        boot_image: None,
-        volumes: vec![],
-        config_files: vec![],
+        nics: vec![NicRecord {
+            kind: NicKind::User,
+            source: None,
+            mac: Some("52:54:00:00:99:01".into()),
+            model: Some("virtio".into()),
+        }],
+        ..InstanceRecord::new("conf-vm", 1, 256)
     };
     ok(c.define(&rec).await, "define")?;
     let s = ok(c.state("conf-vm").await, "state")?;
@@ -320,12 +324,16 @@ pub async fn compute(site: &dyn SiteDriver) -> Outcome {
     )?;
     if let Some(inv) = site.inventory() {
         let listed = ok(inv.instances().await, "instances")?;
-        ensure(
-            listed
-                .iter()
-                .any(|i| i.name == "conf-vm" && i.hostname == rec.hostname),
-            || format!("inventory does not show the defined instance: {listed:?}"),
-        )?;
+        let mut want = rec.clone();
+        want.state = InstanceState::Running;
+        ensure(listed.contains(&want), || {
+            format!("inventory does not show the instance as defined: {listed:?}, want {want:?}")
+        })?;
+    }
+    match c.console("conf-vm").await {
+        Ok(_) => {}
+        Err(Error::NotSupported { site: Some(s), .. }) if s == site.name() => {}
+        Err(e) => return Err(format!("console: {e}")),
     }
     let busy = c.undefine("conf-vm").await;
     ensure(matches!(busy, Err(Error::Precondition(_))), || {

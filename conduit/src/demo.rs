@@ -442,6 +442,7 @@ fn instances() -> Vec<InstanceRecord> {
         boot_image: Some(image.to_owned()),
         volumes: volumes.iter().map(|s| (*s).to_owned()).collect(),
         config_files: configs.iter().map(|s| (*s).to_owned()).collect(),
+        ..InstanceRecord::new(name, vcpus, mem)
     };
     vec![
         vm(

@@ -72,6 +72,75 @@ pub struct InstanceRecord {
     /// Config files it reads (paths relative to the site's config root).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_files: Vec<String>,
+    /// Direct kernel boot: the kernel, a name in the image store. Carried
+    /// with the instance like its disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Direct kernel boot: the initial RAM disk, a name in the image store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Direct kernel boot: the kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Bus the guest sees its disks on (`virtio`, `sata`, `scsi`, `ide`);
+    /// unset means the site's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bus: Option<String>,
+    /// Network interfaces, in guest order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicRecord>,
+}
+
+impl InstanceRecord {
+    /// A record with only the required facts set.
+    pub fn new(name: impl Into<String>, vcpus: u32, memory_mib: u64) -> Self {
+        Self {
+            name: name.into(),
+            service: None,
+            state: InstanceState::Stopped,
+            vcpus,
+            memory_mib,
+            hostname: None,
+            addresses: Vec::new(),
+            boot_image: None,
+            volumes: Vec::new(),
+            config_files: Vec::new(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            disk_bus: None,
+            nics: Vec::new(),
+        }
+    }
+}
+
+/// What a network interface is plugged into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicKind {
+    /// A named virtual network of the site (libvirt `<interface type='network'>`).
+    Network,
+    /// A host bridge (`<interface type='bridge'>`).
+    Bridge,
+    /// User-mode networking, nothing on the host to name.
+    User,
+}
+
+/// One network interface of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicRecord {
+    /// What it is plugged into.
+    pub kind: NicKind,
+    /// The network or bridge name (none for `user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Its MAC address, `52:54:00:..`-style; unset lets the site choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Device model (`virtio`, `e1000`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// A disk image in an image store.
@@ -203,6 +272,9 @@ pub trait Compute: Send + Sync {
     async fn state(&self, name: &str) -> Result<InstanceState>;
     /// Removes a stopped instance's definition (not its disks).
     async fn undefine(&self, name: &str) -> Result<()>;
+    /// What the instance wrote on its serial console since it last
+    /// started. `NotSupported` where instances have no console.
+    async fn console(&self, name: &str) -> Result<String>;
 }
 
 /// The required core of every site driver.

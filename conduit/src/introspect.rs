@@ -387,7 +387,9 @@ impl Builder<'_> {
         );
         let inst_id = inst.id.clone();
         self.topology.add(inst);
-        if let Some(image) = &rec.boot_image {
+        // The boot disk, and the kernel and initrd of a direct kernel boot:
+        // all images the instance boots from, carried with it.
+        for image in rec.boot_image.iter().chain(&rec.kernel).chain(&rec.initrd) {
             let store = crate::driver::require_image_store(self.driver)?;
             let info = store.image_info(image).await?;
             let r = Resource::new(

@@ -191,7 +191,11 @@ async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Wo
     let store = store_of(file);
     let id = store::new_id(&store, topology.service(), now_secs());
     let records = store.dir(&id).join("records");
+    let source_instances = fluidcloud_conduit::driver::require_inventory(driver.as_ref())?
+        .instances()
+        .await?;
     let relocation = reloc::plan(&PlanInput {
+        source_instances,
         id,
         records,
         sites: file,

@@ -609,7 +609,7 @@ impl BlockStore for LocalSite {
 }
 
 /// Data and hole extents of a file, from `SEEK_DATA`/`SEEK_HOLE`.
-fn allocation_map(file: &std::fs::File) -> std::io::Result<Vec<Extent>> {
+pub(crate) fn allocation_map(file: &std::fs::File) -> std::io::Result<Vec<Extent>> {
     use std::os::fd::AsRawFd as _;
     let size = file.metadata()?.len();
     let fd = file.as_raw_fd();
@@ -830,6 +830,15 @@ impl Compute for LocalSite {
             )));
         }
         std::fs::remove_file(&path).map_err(|e| self.io(&path, "delete", e))
+    }
+
+    async fn console(&self, name: &str) -> Result<String> {
+        // A manifest runs nothing, so it prints nothing.
+        self.read_instance(&self.instance_path(name)?)?;
+        Err(Error::NotSupported {
+            operation: format!("reading the console of instance {name}"),
+            site: Some(self.name.clone()),
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 //! add its descriptor to [`DRIVERS`]. It must pass the shared conformance
 //! suite (`conduit/tests/conformance.rs`).
 
+pub mod libvirt;
 pub mod local;
 
 use crate::config::SiteConfig;
@@ -25,7 +26,7 @@ pub struct DriverDescriptor {
 }
 
 /// Every built-in driver.
-pub const DRIVERS: &[DriverDescriptor] = &[local::DESCRIPTOR];
+pub const DRIVERS: &[DriverDescriptor] = &[local::DESCRIPTOR, libvirt::DESCRIPTOR];
 
 /// The kinds of every built-in driver.
 pub fn kinds() -> Vec<&'static str> {

@@ -152,6 +152,9 @@ pub struct PlanInput<'a> {
     pub bucket_mode: BucketMode,
     /// Where steps keep their rollback records (the relocation's directory).
     pub records: PathBuf,
+    /// The source site's instance records (kernel, command line, NICs,
+    /// disk bus are carried from them; empty: only what the topology says).
+    pub source_instances: Vec<InstanceRecord>,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -185,6 +188,139 @@ pub fn site_root(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
             name,
         )),
     }
+}
+
+/// Where a site keeps the files the data steps write.
+#[derive(Debug, Clone)]
+pub struct SiteDirs {
+    /// Boot images, kernels and initrds.
+    pub images: PathBuf,
+    /// Block volumes.
+    pub volumes: PathBuf,
+    /// Config files, where the site has them.
+    pub config: Option<PathBuf>,
+}
+
+/// The directories of a site whose data lives on this machine: a local
+/// site's `images/`, `volumes/`, `config/`; a libvirt site's storage pool
+/// (images and volumes alike; no config files).
+///
+/// # Errors
+/// `NotSupported` for site kinds whose data is not reachable as files (a
+/// libvirt daemon on another host); the daemon's error for a missing pool.
+pub fn site_dirs(name: &str, cfg: &SiteConfig) -> Result<SiteDirs> {
+    if cfg.kind == "libvirt" {
+        let site = crate::drivers::libvirt::LibvirtSite::new(
+            name,
+            cfg.uri.clone().unwrap_or_default(),
+            cfg.pool.clone().unwrap_or_default(),
+        );
+        if !site.is_local() {
+            return Err(not_supported(
+                "relocating disks to or from a libvirt daemon on another host (the disks are copied as files; run fluidcloud on that host)".into(),
+                name,
+            ));
+        }
+        let pool = pool_path_blocking(name, cfg)?;
+        return Ok(SiteDirs {
+            images: pool.clone(),
+            volumes: pool,
+            config: None,
+        });
+    }
+    let root = site_root(name, cfg)?;
+    Ok(SiteDirs {
+        images: root.join("images"),
+        volumes: root.join("volumes"),
+        config: Some(root.join("config")),
+    })
+}
+
+/// The target path of a libvirt site's pool, asked of the daemon.
+fn pool_path_blocking(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
+    let uri = cfg.uri.clone().unwrap_or_default();
+    let pool = cfg.pool.clone().unwrap_or_default();
+    let site_err = |source: SdkError| Error::Site {
+        site: name.to_owned(),
+        source,
+    };
+    let out = std::process::Command::new("virsh")
+        .args(["-q", "-c", &uri, "pool-dumpxml", &pool])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| site_err(SdkError::io("running virsh (Debian: libvirt-clients)", e)))?;
+    if !out.status.success() {
+        return Err(site_err(SdkError::Precondition(format!(
+            "storage pool {pool} at {uri}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let doc = roxmltree::Document::parse(&text)
+        .map_err(|e| site_err(SdkError::Precondition(format!("pool XML: {e}"))))?;
+    doc.descendants()
+        .find(|n| n.has_tag_name("target"))
+        .and_then(|t| t.children().find(|n| n.has_tag_name("path")))
+        .and_then(|p| p.text())
+        .map(|p| PathBuf::from(p.trim()))
+        .ok_or_else(|| {
+            site_err(SdkError::NotSupported {
+                operation: format!("storage pool {pool} without a target path (use a dir pool)"),
+                site: Some(name.to_owned()),
+            })
+        })
+}
+
+/// `record` adapted to a target site: network and bridge names mapped,
+/// MAC addresses kept or regenerated (stable for one relocation id), the
+/// disk bus set. A libvirt target always gets an explicit disk bus, so the
+/// domain it defines reads back as the same record.
+pub fn adapt_record(record: &mut InstanceRecord, target: &SiteConfig, relocation_id: &str) {
+    let adapt = target.adapt.clone().unwrap_or_default();
+    for (i, nic) in record.nics.iter_mut().enumerate() {
+        let map = match nic.kind {
+            crate::driver::NicKind::Network => Some(&adapt.networks),
+            crate::driver::NicKind::Bridge => Some(&adapt.bridges),
+            crate::driver::NicKind::User => None,
+        };
+        if let (Some(map), Some(src)) = (map, &nic.source)
+            && let Some(new) = map.get(src)
+        {
+            nic.source = Some(new.clone());
+        }
+        if adapt.mac == crate::config::MacPolicy::Generate {
+            nic.mac = Some(generated_mac(relocation_id, &record.name, i));
+        }
+    }
+    if let Some(bus) = &adapt.disk_bus {
+        record.disk_bus = Some(bus.clone());
+    }
+    let has_disks = record.boot_image.is_some() || !record.volumes.is_empty();
+    if target.kind == "libvirt" && has_disks && record.disk_bus.is_none() {
+        record.disk_bus = Some("virtio".into());
+    }
+    if !has_disks {
+        record.disk_bus = None;
+    }
+}
+
+/// A locally administered MAC in QEMU's `52:54:00` range, from a hash of
+/// the relocation, the instance and the interface index.
+pub fn generated_mac(relocation_id: &str, instance: &str, index: usize) -> String {
+    // FNV-1a: stable across runs and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in relocation_id
+        .bytes()
+        .chain([0])
+        .chain(instance.bytes())
+        .chain([0])
+        .chain(index.to_le_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[5], b[6], b[7])
 }
 
 /// Where bucket `bucket` of site `name` lives, as an object-copy location
@@ -259,7 +395,7 @@ fn given(kind: ArtifactKind, site: &str, locator: String, size: Option<u64>) -> 
 struct InstancePlan {
     record: InstanceRecord,
     target: String,
-    image: Option<String>,
+    images: Vec<String>,
     volumes: Vec<String>,
     configs: Vec<String>,
 }
@@ -312,6 +448,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     let mut bucket_steps: Vec<String> = Vec::new();
     let mut images_to_compare: Vec<(String, String)> = Vec::new();
     let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
+    let mut boot_checks: Vec<steps::BootCheckPlan> = Vec::new();
 
     for r in topo.resources() {
         let ResourceSpec::Instance {
@@ -326,7 +463,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         };
         let unit = r.id.as_str().to_owned();
         let (target, tcfg) = target_of(&unit)?;
-        let troot = site_root(target, tcfg)?;
+        let tdirs = site_dirs(target, tcfg)?;
+        let source_rec = input.source_instances.iter().find(|i| i.name == r.name);
         let to_domain = tcfg.internal_domains.first().cloned();
         let new_host = match (hostname, &to_domain) {
             (Some(h), Some(d)) => move_host(h, &from_domains, d).unwrap_or_else(|| h.clone()),
@@ -368,9 +506,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 boot_image: None,
                 volumes: Vec::new(),
                 config_files: Vec::new(),
+                cmdline: source_rec.and_then(|s| s.cmdline.clone()),
+                disk_bus: source_rec.and_then(|s| s.disk_bus.clone()),
+                nics: source_rec.map(|s| s.nics.clone()).unwrap_or_default(),
+                ..InstanceRecord::new(r.name.clone(), *vcpus, *memory_mib)
             },
             target: target.to_owned(),
-            image: None,
+            images: Vec::new(),
             volumes: Vec::new(),
             configs: Vec::new(),
         };
@@ -385,7 +527,17 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     locator,
                     ..
                 } => {
-                    let accepted: Vec<ImageFormat> = tcfg.image_formats.clone();
+                    let is_kernel =
+                        source_rec.is_some_and(|s| s.kernel.as_ref() == Some(&dep.name));
+                    let is_initrd =
+                        source_rec.is_some_and(|s| s.initrd.as_ref() == Some(&dep.name));
+                    let accepted: Vec<ImageFormat> = if is_kernel || is_initrd {
+                        // Kernels and initrds are files the hypervisor
+                        // reads, never disk images: copied byte for byte.
+                        vec![ImageFormat::Raw]
+                    } else {
+                        tcfg.image_formats.clone()
+                    };
                     let to = target_format(*format, &accepted).ok_or_else(|| {
                         not_supported(
                             format!(
@@ -404,8 +556,12 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         .file_stem()
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| dep.name.clone());
-                    let new_name = format!("{stem}.{}", image_ext(to));
-                    let out = troot.join("images").join(&new_name);
+                    let new_name = if is_kernel || is_initrd {
+                        dep.name.clone()
+                    } else {
+                        format!("{stem}.{}", image_ext(to))
+                    };
+                    let out = tdirs.images.join(&new_name);
                     let id = step_id("image", &dep.name);
                     if !wf_has(&wf, &id) {
                         bytes_to_move += allocated;
@@ -432,8 +588,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         );
                         images_to_compare.push((locator.clone(), out.display().to_string()));
                     }
-                    plan.record.boot_image = Some(new_name);
-                    plan.image = Some(id);
+                    if is_kernel {
+                        plan.record.kernel = Some(new_name);
+                    } else if is_initrd {
+                        plan.record.initrd = Some(new_name);
+                    } else {
+                        plan.record.boot_image = Some(new_name);
+                    }
+                    plan.images.push(id);
                 }
                 ResourceSpec::Volume {
                     allocated, locator, ..
@@ -443,7 +605,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| dep.name.clone());
                     let new_name = format!("{stem}.raw");
-                    let out = troot.join("volumes").join(&new_name);
+                    let out = tdirs.volumes.join(&new_name);
                     let pre = step_id("precopy", &dep.name);
                     bytes_to_move += allocated;
                     let params = serde_json::json!({
@@ -473,7 +635,19 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 }
                 ResourceSpec::ConfigFile { path, .. } => {
                     let src = site_root(input.from, from_cfg)?.join("config").join(path);
-                    let out = troot.join("config").join(path);
+                    let out = tdirs
+                        .config
+                        .as_ref()
+                        .ok_or_else(|| {
+                            not_supported(
+                                format!(
+                                    "config file {path}: a {} site holds no config files",
+                                    tcfg.kind
+                                ),
+                                target,
+                            )
+                        })?
+                        .join(path);
                     let id = step_id("config", path);
                     if let Some(other) = configs_done.get(path) {
                         if other != target {
@@ -508,6 +682,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 }
                 _ => {}
             }
+        }
+        adapt_record(&mut plan.record, tcfg, &input.id);
+        if let Some(check) = &tcfg.boot_check {
+            boot_checks.push(steps::BootCheckPlan {
+                site: target.to_owned(),
+                instance: plan.record.name.clone(),
+                source_site: input.from.to_owned(),
+                console: check.console.clone(),
+                timeout_s: check.timeout_s,
+            });
         }
         instances.push(plan);
     }
@@ -569,10 +753,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 "record": p.record,
             }))
             .output("instance", ArtifactKind::Instance);
-        if let Some(img) = &p.image {
-            spec = spec.after(img);
-        }
-        for v in p.volumes.iter().chain(&p.configs) {
+        for v in p.images.iter().chain(&p.volumes).chain(&p.configs) {
             spec = spec.after(v);
         }
         wf.push(spec);
@@ -598,6 +779,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
             "targets": targets,
             "images": images_to_compare,
             "endpoint_map": map,
+            "boot_checks": boot_checks,
         }));
     for id in provision_ids.iter().chain(&bucket_steps) {
         verify = verify.after(id);

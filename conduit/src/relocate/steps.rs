@@ -184,6 +184,104 @@ struct VerifyParams {
     targets: Vec<String>,
     images: Vec<(String, String)>,
     endpoint_map: Vec<EndpointChange>,
+    #[serde(default)]
+    boot_checks: Vec<BootCheckPlan>,
+}
+
+/// A boot check the verify step runs (from the target site's
+/// `boot_check`): start the relocated instance, wait for its console to
+/// match `console`; when the regex captures and the source's console
+/// matches too, the two captures must be equal.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootCheckPlan {
+    /// Target site.
+    pub site: String,
+    /// Instance name (the same at both sites).
+    pub instance: String,
+    /// Source site.
+    pub source_site: String,
+    /// Regular expression, at most one capture group.
+    pub console: String,
+    /// Seconds to wait.
+    pub timeout_s: u64,
+}
+
+/// The first match of `re` in `text`: the capture group if any, else the
+/// whole match.
+fn console_match(re: &regex::Regex, text: &str) -> Option<String> {
+    let c = re.captures(text)?;
+    c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().to_owned())
+}
+
+async fn boot_check(sites_file: &Path, b: &BootCheckPlan, ctx: &ExecContext) -> SdkResult<String> {
+    let re = regex::Regex::new(&b.console).map_err(|e| {
+        SdkError::Invalid(vec![
+            Diagnostic::error(format!("boot check regex `{}`: {e}", b.console))
+                .at_key(format!("sites.{}.boot_check.console", b.site)),
+        ])
+    })?;
+    let (_, target) = open_site(sites_file, &b.site)?;
+    let compute = require_compute(target.as_ref())?;
+    compute.start(&b.instance).await?;
+    ctx.progress.message(&format!(
+        "{}: booting {} (waiting up to {} s for its console)",
+        b.site, b.instance, b.timeout_s
+    ));
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(b.timeout_s);
+    let got = loop {
+        let text = compute.console(&b.instance).await?;
+        if let Some(m) = console_match(&re, &text) {
+            break m;
+        }
+        if std::time::Instant::now() >= deadline {
+            let tail: String = text
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ");
+            return Err(SdkError::Precondition(format!(
+                "{}: instance {} did not print `{}` on its console within {} s (last lines: {tail})",
+                b.site, b.instance, b.console, b.timeout_s
+            )));
+        }
+        if ctx.cancel.is_cancelled() {
+            return Err(SdkError::Transient(
+                "cancelled while waiting for a boot".into(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    ctx.progress.message(&format!(
+        "{}: {} printed `{got}` after {:.1} s",
+        b.site,
+        b.instance,
+        started.elapsed().as_secs_f64()
+    ));
+    // The source's own console, when it has one that matches, must agree.
+    let (_, source) = open_site(sites_file, &b.source_site)?;
+    if let Some(c) = source.compute() {
+        match c.console(&b.instance).await {
+            Ok(text) => {
+                if let Some(want) = console_match(&re, &text)
+                    && want != got
+                {
+                    return Err(SdkError::Precondition(format!(
+                        "instance {} at {} prints `{got}` on its console, the source at {} printed `{want}`: the relocated disk differs",
+                        b.instance, b.site, b.source_site
+                    )));
+                }
+            }
+            Err(SdkError::NotSupported { .. } | SdkError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// `service-verify`: proves the target complete before the source stops.
@@ -281,6 +379,11 @@ impl Migrator for Verify {
             }
             ctx.progress
                 .message(&format!("{t}: {} resources resolve", found.topology.len()));
+        }
+        // 4. Boot checks: the relocated instances boot and say the same
+        // as their sources.
+        for b in &p.boot_checks {
+            boot_check(&p.sites_file, b, ctx).await?;
         }
         Ok(out)
     }

@@ -1,0 +1,458 @@
+//! Relocations of a running guest between real libvirt sites (two storage
+//! pools of the libvirtd that `scripts/libvirt` starts) and a local site.
+//!
+//! The guest is `scripts/libvirt guest`: Debian's kernel and a busybox
+//! initramfs whose init prints `FLUIDCLOUD-SUM <sha256 of /dev/vda>` on the
+//! serial console. It runs at the source from a qcow2 disk; the target
+//! accepts raw only, so the disk is converted; the target's boot check
+//! starts it under QEMU's software emulation (TCG) and the checksum it
+//! prints must equal the source's, and the test checks it again
+//! independently (sha256sum of the raw data, the source console).
+//!
+//! These tests fail, never skip, when libvirtd cannot be started.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{fails, ok, run};
+
+const SUM_RE: &str = "FLUIDCLOUD-SUM ([0-9a-f]{64})";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn libvirt_up() {
+    let out = Command::new(repo().join("scripts/libvirt"))
+        .arg("start")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "these tests need libvirtd; `scripts/libvirt start` exited {:?}: {} (run scripts/setup)",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn virsh_maybe(args: &[&str]) -> Option<String> {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn state(domain: &str) -> String {
+    virsh_maybe(&["domstate", domain])
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "undefined".into())
+}
+
+/// A dir pool in a fresh directory; domains of its prefix and the pool go
+/// on drop.
+struct Pool {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Pool {
+    fn new(name: String) -> Self {
+        let dir = PathBuf::from("/var/lib/libvirt/fluidcloud-tests").join(&name);
+        let p = Self { name, dir };
+        p.clean();
+        std::fs::create_dir_all(&p.dir).unwrap();
+        virsh(&[
+            "pool-define-as",
+            &p.name,
+            "dir",
+            "--target",
+            p.dir.to_str().unwrap(),
+        ]);
+        virsh(&["pool-start", &p.name]);
+        p
+    }
+
+    fn prefix(&self) -> String {
+        format!("{}-", self.name)
+    }
+
+    fn clean(&self) {
+        if let Some(list) = virsh_maybe(&["list", "--all", "--name"]) {
+            for d in list.lines().filter(|d| d.starts_with(&self.prefix())) {
+                let _ = virsh_maybe(&["destroy", d]);
+                let _ = virsh_maybe(&["undefine", d]);
+            }
+        }
+        let _ = virsh_maybe(&["pool-destroy", &self.name]);
+        let _ = virsh_maybe(&["pool-undefine", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+/// One test's world: a work directory, source pool A with a running
+/// guest, target pool B, a local site, and the sites file.
+struct World {
+    dir: PathBuf,
+    config: String,
+    a: Pool,
+    b: Pool,
+    /// SHA-256 of the guest's data disk contents.
+    sum: String,
+    /// The source domain.
+    source: String,
+}
+
+fn sha256_file(p: &Path) -> String {
+    let out = Command::new("sha256sum").arg(p).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn console_sum(log: &Path, timeout: Duration) -> String {
+    let re = regex::Regex::new(SUM_RE).unwrap();
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(c) = re.captures(&text) {
+            return c[1].to_owned();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no checksum on {} after {:?}:\n{text}",
+            log.display(),
+            timeout
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn console_log(domain: &str) -> PathBuf {
+    PathBuf::from(format!("/var/log/libvirt/qemu/{domain}.console.log"))
+}
+
+impl World {
+    fn new(tag: &str, b_boot_check: &str) -> Self {
+        libvirt_up();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in [
+            "instances",
+            "images",
+            "volumes",
+            "buckets",
+            "config",
+            "services",
+        ] {
+            std::fs::create_dir_all(dir.join("sites/loc").join(d)).unwrap();
+        }
+        let guest = dir.join("guest");
+        let out = Command::new(repo().join("scripts/libvirt"))
+            .arg("guest")
+            .arg(&guest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/libvirt guest: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let a = Pool::new(format!("fct-{tag}-a"));
+        let b = Pool::new(format!("fct-{tag}-b"));
+
+        // The data disk: 6 MiB of patterned bytes with holes, as qcow2.
+        let raw = dir.join("data.raw");
+        let mut data = vec![0u8; 6 << 20];
+        for (i, chunk) in data.chunks_mut(4096).enumerate() {
+            if i % 3 != 1 {
+                let seed = (i as u32).wrapping_mul(2_654_435_761) ^ tag.len() as u32;
+                for (j, b) in chunk.iter_mut().enumerate() {
+                    *b = (seed.rotate_left(j as u32 % 32) >> 3) as u8 ^ j as u8;
+                }
+            }
+        }
+        std::fs::write(&raw, &data).unwrap();
+        let sum = sha256_file(&raw);
+        let q = Command::new(common::qemu_img())
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(a.dir.join("guest.qcow2"))
+            .output()
+            .unwrap();
+        assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+        std::fs::copy(guest.join("vmlinuz"), a.dir.join("vmlinuz")).unwrap();
+        std::fs::copy(guest.join("initrd.img"), a.dir.join("initrd.img")).unwrap();
+        virsh(&["pool-refresh", &a.name]);
+
+        // The source guest, defined by hand as on any libvirt host, with
+        // fluidcloud's metadata naming its service.
+        let source = format!("{}tiny", a.prefix());
+        let _ = std::fs::remove_file(console_log(&source));
+        let xml = format!(
+            r#"<domain type='qemu'>
+  <name>{source}</name>
+  <metadata><fc:instance xmlns:fc='https://fluidcloud.dev/xmlns/instance/1'>
+    <fc:service>tiny</fc:service><fc:hostname>tiny.lab.internal</fc:hostname>
+  </fc:instance></metadata>
+  <memory unit='MiB'>192</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{a}/vmlinuz</kernel><initrd>{a}/initrd.img</initrd>
+    <cmdline>console=ttyS0 quiet</cmdline></os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='{a}/guest.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <interface type='user'><mac address='52:54:00:0a:0b:0c'/><model type='virtio'/></interface>
+    <serial type='file'><source path='{log}' append='off'/><target port='0'/></serial>
+  </devices>
+</domain>"#,
+            a = a.dir.display(),
+            log = console_log(&source).display()
+        );
+        let xml_path = dir.join("source.xml");
+        std::fs::write(&xml_path, xml).unwrap();
+        virsh(&["define", xml_path.to_str().unwrap()]);
+        virsh(&["start", &source]);
+
+        let lv = |name: &str, pool: &Pool, formats: &str, extra: &str| {
+            format!(
+                r#"[sites.{name}]
+kind = "libvirt"
+uri = "qemu:///system"
+pool = "{pool}"
+domain_prefix = "{prefix}"
+shutdown_timeout_s = 0
+accel = "tcg"
+jurisdiction = "EU/FR"
+image_formats = {formats}
+location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
+{extra}
+"#,
+                pool = pool.name,
+                prefix = pool.prefix()
+            )
+        };
+        let config = format!(
+            "{}{}{}",
+            lv("lv-a", &a, r#"["qcow2", "raw"]"#, ""),
+            lv(
+                "lv-b",
+                &b,
+                r#"["raw"]"#,
+                &format!(
+                    "boot_check = {{ console = \"{b_boot_check}\", timeout_s = 300 }}\nadapt = {{ mac = \"generate\", disk_bus = \"virtio\" }}"
+                )
+            ),
+            r#"[sites.loc]
+kind = "local"
+path = "sites/loc"
+jurisdiction = "EU/FR"
+image_formats = ["raw"]
+location = { region = "lab", latitude = 48.1, longitude = -1.7 }
+"#
+        );
+        let config_path = dir.join("fluidcloud.toml");
+        std::fs::write(&config_path, config.replace('\\', "\\\\")).unwrap();
+        Self {
+            dir,
+            config: config_path.to_str().unwrap().to_owned(),
+            a,
+            b,
+            sum,
+            source,
+        }
+    }
+
+    fn fc(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["--config", &self.config];
+        all.extend_from_slice(args);
+        common::run_in(&self.dir, &all)
+    }
+
+    fn relocate(&self, from: &str, to: &str) -> (String, String) {
+        let t = Instant::now();
+        let out = ok(&self.fc(&[
+            "relocate",
+            "--from",
+            from,
+            "--service",
+            "tiny",
+            "--to",
+            to,
+            "--yes",
+        ]));
+        eprintln!(
+            "relocate {from} -> {to}: {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        (relocation_id(&out), out)
+    }
+}
+
+fn relocation_id(out: &str) -> String {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("relocation "))
+        .unwrap_or_else(|| panic!("no relocation line in:\n{out}"));
+    line["relocation ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn qemu_format(p: &Path) -> String {
+    let out = Command::new(common::qemu_img())
+        .args(["info", "--output=json"])
+        .arg(p)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["format"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_running_guest_moves_between_two_libvirt_pools_boots_there_with_the_same_checksum_and_rolls_back()
+ {
+    let w = World::new("pools", SUM_RE);
+    let t = Instant::now();
+    let source_sum = console_sum(&console_log(&w.source), Duration::from_secs(300));
+    eprintln!("source boot: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(source_sum, w.sum, "the source guest reads its disk");
+
+    let (id, out) = w.relocate("lv-a", "lv-b");
+    let target = format!("{}tiny", w.b.prefix());
+    // The disk became a raw volume of pool B; kernel and initrd came along.
+    let disk = w.b.dir.join("guest.raw");
+    assert_eq!(qemu_format(&disk), "raw");
+    assert_eq!(sha256_file(&disk), w.sum);
+    let vols = virsh(&["vol-list", "--pool", &w.b.name]);
+    for v in ["guest.raw", "vmlinuz", "initrd.img"] {
+        assert!(vols.contains(v), "{v} not in pool B:\n{vols}");
+    }
+    // It booted at B under TCG and printed the same checksum.
+    assert_eq!(state(&target), "running");
+    assert_eq!(
+        console_sum(&console_log(&target), Duration::from_secs(5)),
+        w.sum
+    );
+    let xml = virsh(&["dumpxml", &target]);
+    assert!(xml.contains("type='qemu'"), "{xml}");
+    assert!(
+        xml.contains(&format!("{}/guest.raw", w.b.dir.display())),
+        "{xml}"
+    );
+    assert!(xml.contains("<driver name='qemu' type='raw'/>"), "{xml}");
+    assert!(xml.contains("bus='virtio'"), "{xml}");
+    // MAC policy `generate`: a new QEMU-range address.
+    assert!(!xml.contains("52:54:00:0a:0b:0c"), "{xml}");
+    assert!(xml.contains("<mac address='52:54:00:"), "{xml}");
+    // The source is stopped (not deleted).
+    assert_eq!(state(&w.source), "shut off", "{out}");
+    assert!(w.a.dir.join("guest.qcow2").exists());
+
+    // Rollback: the target is gone, the source runs again.
+    let rb = ok(&w.fc(&["rollback", &id]));
+    assert_eq!(state(&target), "undefined", "{rb}");
+    assert_eq!(state(&w.source), "running", "{rb}");
+}
+
+#[test]
+fn a_guest_goes_from_libvirt_to_a_local_site_and_back_to_libvirt_with_the_same_checksum() {
+    let w = World::new("local", SUM_RE);
+    assert_eq!(
+        console_sum(&console_log(&w.source), Duration::from_secs(300)),
+        w.sum
+    );
+    // libvirt -> local: an instance manifest with the converted disk and
+    // the boot files.
+    w.relocate("lv-a", "loc");
+    let loc = w.dir.join("sites/loc");
+    let manifest = std::fs::read_to_string(loc.join("instances/tiny.toml")).unwrap();
+    for want in [
+        "boot_image = \"guest.raw\"",
+        "kernel = \"vmlinuz\"",
+        "initrd = \"initrd.img\"",
+        "cmdline = \"console=ttyS0 quiet\"",
+        "mac = \"52:54:00:0a:0b:0c\"",
+        "state = \"running\"",
+    ] {
+        assert!(manifest.contains(want), "{want} missing:\n{manifest}");
+    }
+    assert_eq!(sha256_file(&loc.join("images/guest.raw")), w.sum);
+    assert_eq!(state(&w.source), "shut off");
+
+    // local -> libvirt: boots at B with the same checksum.
+    w.relocate("loc", "lv-b");
+    let target = format!("{}tiny", w.b.prefix());
+    assert_eq!(state(&target), "running");
+    assert_eq!(
+        console_sum(&console_log(&target), Duration::from_secs(5)),
+        w.sum
+    );
+    let manifest = std::fs::read_to_string(loc.join("instances/tiny.toml")).unwrap();
+    assert!(manifest.contains("state = \"stopped\""), "{manifest}");
+}
+
+#[test]
+fn a_failed_boot_check_leaves_the_source_running_and_rollback_cleans_the_target() {
+    // B waits for a line the guest never prints.
+    let w = World::new("nocheck", "FLUIDCLOUD-NEVER-PRINTED");
+    let mut text = std::fs::read_to_string(w.dir.join("fluidcloud.toml")).unwrap();
+    text = text.replace("timeout_s = 300", "timeout_s = 15");
+    std::fs::write(w.dir.join("fluidcloud.toml"), text).unwrap();
+    let out = w.fc(&[
+        "relocate",
+        "--from",
+        "lv-a",
+        "--service",
+        "tiny",
+        "--to",
+        "lv-b",
+        "--yes",
+    ]);
+    let err = fails(&out, 1);
+    assert!(err.contains("verify"), "{err}");
+    assert!(err.contains("FLUIDCLOUD-NEVER-PRINTED"), "{err}");
+    // Verification failed, so the source was never stopped.
+    assert_eq!(state(&w.source), "running", "{err}");
+    let id = relocation_id(&common::stdout(&out));
+    let target = format!("{}tiny", w.b.prefix());
+    assert_eq!(state(&target), "running", "the boot check started it");
+    ok(&w.fc(&["rollback", &id]));
+    assert_eq!(state(&target), "undefined");
+    assert_eq!(state(&w.source), "running");
+    let _ = run(&["--version"]);
+}
