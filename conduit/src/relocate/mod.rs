@@ -635,19 +635,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 }
                 ResourceSpec::ConfigFile { path, .. } => {
                     let src = site_root(input.from, from_cfg)?.join("config").join(path);
-                    let out = tdirs
-                        .config
-                        .as_ref()
-                        .ok_or_else(|| {
-                            not_supported(
-                                format!(
-                                    "config file {path}: a {} site holds no config files",
-                                    tcfg.kind
-                                ),
-                                target,
-                            )
-                        })?
-                        .join(path);
+                    let config_dir = tdirs.config.as_ref().ok_or_else(|| {
+                        not_supported(
+                            format!(
+                                "config file {path}: a {} site holds no config files",
+                                tcfg.kind
+                            ),
+                            target,
+                        )
+                    })?;
+                    let out = config_dir.join(path);
                     let id = step_id("config", path);
                     if let Some(other) = configs_done.get(path) {
                         if other != target {
@@ -663,7 +660,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                                 .params(serde_json::json!({
                                     "output": out.display().to_string(),
                                     "site": target,
-                                    "prune_up_to": troot.join("config").display().to_string(),
+                                    "prune_up_to": config_dir.display().to_string(),
                                 }))
                                 .input(
                                     "config",
