@@ -187,6 +187,7 @@ fn raw_fixed_vhd_and_stream_vmdk_upload_in_parts_and_match_the_source() {
         let reader = open(input).unwrap();
         let opts = ConvertOptions {
             format,
+            overwrite: true,
             ..ConvertOptions::default()
         };
         let loc = BucketLocation::parse(&url(&format!("vm/{key}"))).unwrap();
@@ -217,6 +218,17 @@ fn raw_fixed_vhd_and_stream_vmdk_upload_in_parts_and_match_the_source() {
     let mut k = keys();
     k.sort();
     assert!(k.contains(&"vm/disk.vmdk".to_owned()), "{k:?}");
+    // An existing object is replaced only when asked.
+    let reader = open(&src).unwrap();
+    let loc = BucketLocation::parse(&url("vm/disk.raw")).unwrap();
+    let mut opts = ConvertOptions {
+        format: ImageFormat::Raw,
+        ..ConvertOptions::default()
+    };
+    let err = convert_to_object(reader.as_ref(), &loc, &opts, &|_, _| {}).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    opts.overwrite = true;
+    convert_to_object(reader.as_ref(), &loc, &opts, &|_, _| {}).unwrap();
 }
 
 #[test]

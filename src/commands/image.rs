@@ -55,7 +55,10 @@ pub(crate) enum ImageCommand {
 pub(crate) struct ConvertArgs {
     /// Source image (format detected from its content).
     source: PathBuf,
-    /// Output image.
+    /// Output image: a file, or an object
+    /// `s3://BUCKET/KEY?endpoint=URL&region=R&access_key_id_env=VAR&secret_access_key_env=VAR`
+    /// uploaded in parts as it is produced (raw, fixed VHD, streamOptimized
+    /// VMDK).
     output: PathBuf,
     /// Output format.
     #[arg(short = 'O', long = "output-format", value_name = "FORMAT")]
@@ -350,10 +353,19 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
     };
     let bar = progress_bar(json, "convert");
     let start = Instant::now();
-    let summary = img::convert(reader.as_ref(), &a.output, &opts, &|done, total| {
+    let report = |done, total| {
         bar.set_length(total);
         bar.set_position(done);
-    });
+    };
+    let summary = match a.output.to_str() {
+        // An object: uploaded in parts as it is produced.
+        Some(url) if url.starts_with("s3://") => {
+            let location =
+                fluidcloud_migrators::objects::BucketLocation::parse(url).map_err(sdk)?;
+            img::convert_to_object(reader.as_ref(), &location, &opts, &report)
+        }
+        _ => img::convert(reader.as_ref(), &a.output, &opts, &report),
+    };
     bar.finish_and_clear();
     let summary = summary.map_err(sdk)?;
     let doc = ConvertDoc {

@@ -248,6 +248,7 @@ pub fn convert(
 /// [`Error::Unsupported`] for qcow2, dynamic VHD, VHDX and monolithicSparse
 /// VMDK output (they seek back to fill in tables) and for a backing file;
 /// [`Error::BadLocation`] for a location without a key;
+/// [`Error::InvalidArgument`] if the object exists and not `overwrite`;
 /// [`Error::MissingCredential`], [`Error::ObjectStore`] from the store;
 /// [`Error::Io`], [`Error::Corrupt`] from reading the source. On error the
 /// upload is aborted, so no object is created.
@@ -295,7 +296,7 @@ pub fn convert_to_object(
     // A streamOptimized VMDK is at most a little larger than the disk.
     let expected = target + target / 64 + (1 << 20);
     let what = location.url().to_owned();
-    let up = PartUploader::start(store, key, part_size(expected), &what)?;
+    let up = PartUploader::start(store, key, part_size(expected), &what, opts.overwrite)?;
     let mut sink = if opts.format == ImageFormat::Vmdk {
         match StreamOptimizedWriter::to_stream(up, Path::new(key), size) {
             Ok(w) => Sink::VmdkStream(Box::new(w)),

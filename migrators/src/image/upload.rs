@@ -61,17 +61,20 @@ impl std::fmt::Debug for PartUploader {
 
 impl PartUploader {
     /// Starts a multipart upload of `key` in `store`, in parts of
-    /// `part_size` bytes; `what` names the object in errors.
+    /// `part_size` bytes; `what` names the object in errors. Unless
+    /// `overwrite`, an existing object is an error.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the runtime cannot start; [`Error::ObjectStore`] if
+    /// [`Error::Io`] if the runtime cannot start; [`Error::InvalidArgument`]
+    /// if the object exists and not `overwrite`; [`Error::ObjectStore`] if
     /// the server refuses to start the upload.
     pub fn start(
         store: Arc<dyn ObjectStore>,
         key: &str,
         part_size: u64,
         what: &str,
+        overwrite: bool,
     ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -80,6 +83,22 @@ impl PartUploader {
             .build()
             .map_err(|e| Error::io("starting the upload runtime", e))?;
         let path = StorePath::from(key);
+        if !overwrite {
+            match rt.block_on(store.head(&path)) {
+                Ok(_) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{what} exists; remove it or ask to overwrite it"
+                    )));
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(Error::ObjectStore {
+                        context: format!("looking for {what}"),
+                        source,
+                    });
+                }
+            }
+        }
         let upload =
             rt.block_on(store.put_multipart(&path))
                 .map_err(|source| Error::ObjectStore {
