@@ -273,17 +273,22 @@ fn existing_output_needs_overwrite_and_failures_remove_the_output() {
     let bad = d.join("bad.qcow2");
     assert!(convert(reader.as_ref(), &bad, &qcow2(1000, None), &|_, _| {}).is_err());
     assert!(!bad.exists());
+    // Azure takes fixed VHDs only: a dynamic one for Azure is refused.
+    let x = d.join("x.vhd");
     let e = convert(
         reader.as_ref(),
-        &d.join("x.vhdx"),
+        &x,
         &ConvertOptions {
-            format: ImageFormat::Vhdx,
+            format: ImageFormat::Vhd,
+            vhd_subformat: fluidcloud_migrators::image::VhdSubformat::Dynamic,
+            azure: true,
             ..ConvertOptions::default()
         },
         &|_, _| {},
     )
     .unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(!x.exists());
 }
 
 #[test]
