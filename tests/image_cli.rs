@@ -213,6 +213,40 @@ fn convert_to_both_vmdk_subformats() {
 }
 
 #[test]
+fn convert_to_dynamic_vhd_and_vhdx_and_refuse_a_wrong_subformat() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, top) = images(d);
+    for (format, sub, qemu_fmt) in [("vhd", Some("dynamic"), "vpc"), ("vhdx", None, "vhdx")] {
+        let out = d.join(format!("out.{format}"));
+        let mut args = vec!["image", "convert", "-O", format];
+        if let Some(sub) = sub {
+            args.extend(["--subformat", sub]);
+        }
+        args.extend(["top.qcow2", s(&out)]);
+        ok(&run_in(d, &args));
+        qemu(&["compare", "-F", qemu_fmt, s(&top), s(&out)]);
+    }
+    let err = fails(
+        &run_in(
+            d,
+            &[
+                "image",
+                "convert",
+                "-O",
+                "qcow2",
+                "--subformat",
+                "dynamic",
+                "top.qcow2",
+                "x.qcow2",
+            ],
+        ),
+        7,
+    );
+    assert!(err.contains("does not apply"), "{err}");
+}
+
+#[test]
 fn compare_reports_the_first_difference_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -132,6 +132,7 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
                 format,
                 azure,
                 vmdk_subformat: VmdkSubformat::default(),
+                vhd_subformat: crate::image::VhdSubformat::default(),
                 qcow2,
                 threads: 0,
                 overwrite: true,

@@ -13,7 +13,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use fluidcloud_migrators::image::qcow2::{Compression, Qcow2Options};
 use fluidcloud_migrators::image::vmdk::VmdkSubformat;
 use fluidcloud_migrators::image::{
-    self as img, ConvertOptions, ExtentKind, ImageReader, OpenOptions, extents, verify,
+    self as img, ConvertOptions, ExtentKind, ImageReader, OpenOptions, VhdSubformat, extents,
+    verify,
 };
 use fluidcloud_plugins::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,7 +34,7 @@ pub(crate) enum ImageCommand {
         #[arg(long, short = 's')]
         snapshot: Option<String>,
     },
-    /// Convert an image to another format (raw, qcow2, fixed VHD, streamOptimized VMDK).
+    /// Convert an image to another format (raw, qcow2, VHD, VHDX, VMDK).
     Convert(ConvertArgs),
     /// Read every table and data cluster of an image; exit 8 if corrupt.
     Check {
@@ -54,7 +55,10 @@ pub(crate) enum ImageCommand {
 pub(crate) struct ConvertArgs {
     /// Source image (format detected from its content).
     source: PathBuf,
-    /// Output image.
+    /// Output image: a file, or an object
+    /// `s3://BUCKET/KEY?endpoint=URL&region=R&access_key_id_env=VAR&secret_access_key_env=VAR`
+    /// uploaded in parts as it is produced (raw, fixed VHD, streamOptimized
+    /// VMDK).
     output: PathBuf,
     /// Output format.
     #[arg(short = 'O', long = "output-format", value_name = "FORMAT")]
@@ -80,9 +84,9 @@ pub(crate) struct ConvertArgs {
     #[arg(long)]
     azure: bool,
     /// VMDK output: `streamOptimized` (default; vSphere, OVA) or
-    /// `monolithicSparse`.
-    #[arg(long, value_name = "SUBFORMAT", default_value = "streamOptimized")]
-    subformat: VmdkArg,
+    /// `monolithicSparse`; VHD output: `fixed` (default) or `dynamic`.
+    #[arg(long, value_name = "SUBFORMAT")]
+    subformat: Option<SubformatArg>,
     /// Replace the output if it exists.
     #[arg(long)]
     force: bool,
@@ -96,18 +100,24 @@ pub(crate) struct ConvertArgs {
 enum OutFormat {
     Raw,
     Qcow2,
-    /// Fixed VHD.
+    /// VHD (fixed unless `--subformat dynamic`).
     Vhd,
-    /// streamOptimized VMDK (vSphere, OVA).
+    /// Dynamic VHDX.
+    Vhdx,
+    /// VMDK (streamOptimized unless `--subformat monolithicSparse`).
     Vmdk,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum VmdkArg {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SubformatArg {
     #[value(name = "streamOptimized")]
     StreamOptimized,
     #[value(name = "monolithicSparse")]
     MonolithicSparse,
+    #[value(name = "fixed")]
+    Fixed,
+    #[value(name = "dynamic")]
+    Dynamic,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -278,6 +288,26 @@ struct ConvertDoc {
 }
 
 fn convert(json: bool, a: ConvertArgs) -> Result<()> {
+    let fits = match (a.format, a.subformat) {
+        (_, None) => true,
+        (OutFormat::Vmdk, Some(s)) => {
+            matches!(
+                s,
+                SubformatArg::StreamOptimized | SubformatArg::MonolithicSparse
+            )
+        }
+        (OutFormat::Vhd, Some(s)) => matches!(s, SubformatArg::Fixed | SubformatArg::Dynamic),
+        (OutFormat::Vhdx, Some(s)) => s == SubformatArg::Dynamic,
+        (OutFormat::Raw | OutFormat::Qcow2, Some(_)) => false,
+    };
+    if !fits {
+        return Err(anyhow!(fluidcloud_plugins::Error::Precondition(format!(
+            "--subformat {:?} does not apply to {:?} output (VMDK: streamOptimized, \
+             monolithicSparse; VHD: fixed, dynamic; VHDX: dynamic)",
+            a.subformat.unwrap_or(SubformatArg::Fixed),
+            a.format
+        ))));
+    }
     let reader = open(&a.source, a.snapshot.clone())?;
     let cluster_size = u32::try_from(a.cluster_size).map_err(|_| {
         anyhow!(fluidcloud_plugins::Error::Precondition(format!(
@@ -290,12 +320,17 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
             OutFormat::Raw => ImageFormat::Raw,
             OutFormat::Qcow2 => ImageFormat::Qcow2,
             OutFormat::Vhd => ImageFormat::Vhd,
+            OutFormat::Vhdx => ImageFormat::Vhdx,
             OutFormat::Vmdk => ImageFormat::Vmdk,
         },
         azure: a.azure,
         vmdk_subformat: match a.subformat {
-            VmdkArg::StreamOptimized => VmdkSubformat::StreamOptimized,
-            VmdkArg::MonolithicSparse => VmdkSubformat::MonolithicSparse,
+            Some(SubformatArg::MonolithicSparse) => VmdkSubformat::MonolithicSparse,
+            _ => VmdkSubformat::StreamOptimized,
+        },
+        vhd_subformat: match a.subformat {
+            Some(SubformatArg::Dynamic) => VhdSubformat::Dynamic,
+            _ => VhdSubformat::Fixed,
         },
         qcow2: Qcow2Options {
             cluster_size,
@@ -318,10 +353,19 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
     };
     let bar = progress_bar(json, "convert");
     let start = Instant::now();
-    let summary = img::convert(reader.as_ref(), &a.output, &opts, &|done, total| {
+    let report = |done, total| {
         bar.set_length(total);
         bar.set_position(done);
-    });
+    };
+    let summary = match a.output.to_str() {
+        // An object: uploaded in parts as it is produced.
+        Some(url) if url.starts_with("s3://") => {
+            let location =
+                fluidcloud_migrators::objects::BucketLocation::parse(url).map_err(sdk)?;
+            img::convert_to_object(reader.as_ref(), &location, &opts, &report)
+        }
+        _ => img::convert(reader.as_ref(), &a.output, &opts, &report),
+    };
     bar.finish_and_clear();
     let summary = summary.map_err(sdk)?;
     let doc = ConvertDoc {

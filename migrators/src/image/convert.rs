@@ -1,4 +1,5 @@
-//! Image conversion: any [`ImageReader`] into a raw or qcow2 file.
+//! Image conversion: any [`ImageReader`] into a raw, qcow2, VMDK, VHD or
+//! VHDX file.
 //!
 //! # Pipeline
 //!
@@ -28,6 +29,9 @@ use serde::Serialize;
 
 use super::qcow2::{Compression, Qcow2Options, Qcow2Writer, compress_cluster};
 use super::reader::{Extent, ImageReader, extents, open};
+use super::upload::{PartUploader, part_size};
+use super::vhd::DynamicVhdWriter;
+use super::vhdx::VhdxWriter;
 use super::vmdk::{
     MonolithicSparseWriter, STREAM_GRAIN, StreamOptimizedWriter, VmdkSubformat, compress_grain,
 };
@@ -48,6 +52,8 @@ pub struct ConvertOptions {
     pub azure: bool,
     /// VMDK output: streamOptimized (default) or monolithicSparse.
     pub vmdk_subformat: VmdkSubformat,
+    /// VHD output: fixed (default) or dynamic.
+    pub vhd_subformat: VhdSubformat,
     /// qcow2 output: cluster size, compression, backing file.
     pub qcow2: Qcow2Options,
     /// Worker threads; 0 means one per core.
@@ -66,12 +72,24 @@ impl Default for ConvertOptions {
             format: ImageFormat::Qcow2,
             azure: false,
             vmdk_subformat: VmdkSubformat::StreamOptimized,
+            vhd_subformat: VhdSubformat::Fixed,
             qcow2: Qcow2Options::default(),
             threads: 0,
             overwrite: false,
             sync: true,
         }
     }
+}
+
+/// The kind of VHD to write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VhdSubformat {
+    /// Every byte of the disk stored, footer at the end (what Azure
+    /// imports).
+    #[default]
+    Fixed,
+    /// Only allocated 2 MiB blocks stored, with a block allocation table.
+    Dynamic,
 }
 
 /// What a conversion did.
@@ -126,6 +144,36 @@ enum Sink {
     Qcow2(Box<Qcow2Writer>),
     Vmdk(Box<StreamOptimizedWriter>),
     VmdkSparse(Box<MonolithicSparseWriter>),
+    VhdDynamic(Box<DynamicVhdWriter>),
+    Vhdx(Box<VhdxWriter>),
+    /// Raw or fixed VHD into an upload.
+    Stream(Box<StreamSink>),
+    /// streamOptimized VMDK into an upload.
+    VmdkStream(Box<StreamOptimizedWriter<PartUploader>>),
+}
+
+/// Raw (or fixed VHD) bytes streamed front to back: holes become zeros.
+struct StreamSink {
+    w: PartUploader,
+    /// Guest bytes written so far.
+    pos: u64,
+    size: u64,
+    vhd_footer: bool,
+}
+
+impl StreamSink {
+    fn zeros_to(&mut self, end: u64) -> Result<()> {
+        use std::io::Write as _;
+        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+        while self.pos < end {
+            let n = (end - self.pos).min(ZEROS.len() as u64) as usize;
+            self.w
+                .write_all(&ZEROS[..n])
+                .map_err(|e| Error::io("uploading zeros", e))?;
+            self.pos += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A sparse raw output: only non-zero blocks are written. A fixed VHD is
@@ -154,7 +202,11 @@ pub fn convert(
 ) -> Result<ConvertSummary> {
     if !matches!(
         opts.format,
-        ImageFormat::Raw | ImageFormat::Qcow2 | ImageFormat::Vhd | ImageFormat::Vmdk
+        ImageFormat::Raw
+            | ImageFormat::Qcow2
+            | ImageFormat::Vhd
+            | ImageFormat::Vhdx
+            | ImageFormat::Vmdk
     ) {
         return Err(Error::Unsupported {
             what: format!("writing {} images", opts.format),
@@ -184,6 +236,140 @@ pub fn convert(
     result
 }
 
+/// Converts `source` into the object `location` names (an `s3://BUCKET/KEY`
+/// or a `file:///DIR/KEY` location of [`crate::objects`]; the key is the
+/// location's prefix), uploaded in parts as it is produced, without a
+/// temporary file. Only formats written front to back can be streamed:
+/// raw, fixed VHD and streamOptimized VMDK. `file_size` and
+/// `allocated_bytes` of the summary are the object's size.
+///
+/// # Errors
+///
+/// [`Error::Unsupported`] for qcow2, dynamic VHD, VHDX and monolithicSparse
+/// VMDK output (they seek back to fill in tables) and for a backing file;
+/// [`Error::BadLocation`] for a location without a key;
+/// [`Error::InvalidArgument`] if the object exists and not `overwrite`;
+/// [`Error::MissingCredential`], [`Error::ObjectStore`] from the store;
+/// [`Error::Io`], [`Error::Corrupt`] from reading the source. On error the
+/// upload is aborted, so no object is created.
+pub fn convert_to_object(
+    source: &dyn ImageReader,
+    location: &crate::objects::BucketLocation,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ConvertSummary> {
+    let streamable = match opts.format {
+        ImageFormat::Raw => true,
+        ImageFormat::Vhd => opts.vhd_subformat == VhdSubformat::Fixed,
+        ImageFormat::Vmdk => opts.vmdk_subformat == VmdkSubformat::StreamOptimized,
+        _ => false,
+    };
+    if !streamable {
+        return Err(Error::Unsupported {
+            what: format!(
+                "uploading {} output without a temporary file: only raw, fixed VHD and \
+                 streamOptimized VMDK are written front to back; convert to a file and \
+                 copy it instead",
+                describe(opts)
+            ),
+        });
+    }
+    if opts.qcow2.backing_file.is_some() && opts.format == ImageFormat::Qcow2 {
+        return Err(Error::Unsupported {
+            what: "a backing file for an uploaded image".into(),
+        });
+    }
+    let key = location.prefix();
+    if key.is_empty() {
+        return Err(Error::BadLocation {
+            url: location.url().to_owned(),
+            reason: "name the object: s3://BUCKET/KEY?...".into(),
+        });
+    }
+    let size = source.virtual_size();
+    let target = match opts.format {
+        ImageFormat::Vhd if opts.azure => size.div_ceil(1 << 20) << 20,
+        ImageFormat::Vhd => size.div_ceil(512) * 512,
+        _ => size,
+    };
+    let store = crate::objects::open_store(location)?;
+    // A streamOptimized VMDK is at most a little larger than the disk.
+    let expected = target + target / 64 + (1 << 20);
+    let what = location.url().to_owned();
+    let up = PartUploader::start(store, key, part_size(expected), &what, opts.overwrite)?;
+    let mut sink = if opts.format == ImageFormat::Vmdk {
+        match StreamOptimizedWriter::to_stream(up, Path::new(key), size) {
+            Ok(w) => Sink::VmdkStream(Box::new(w)),
+            Err(e) => return Err(e),
+        }
+    } else {
+        Sink::Stream(Box::new(StreamSink {
+            w: up,
+            pos: 0,
+            size: target,
+            vhd_footer: opts.format == ImageFormat::Vhd,
+        }))
+    };
+    let grain = match sink {
+        Sink::VmdkStream(_) => STREAM_GRAIN,
+        _ => RAW_BLOCK,
+    };
+    let pumped = pump(source, None, &mut sink, grain, opts, progress);
+    let (bytes_read, bytes_written) = match pumped {
+        Ok(v) => v,
+        Err(e) => {
+            match sink {
+                Sink::Stream(st) => st.w.abort(),
+                Sink::VmdkStream(w) => w.into_inner().abort(),
+                _ => {}
+            }
+            return Err(e);
+        }
+    };
+    let file_size = match sink {
+        Sink::Stream(mut st) => {
+            use std::io::Write as _;
+            let tail = st.zeros_to(st.size).and_then(|()| {
+                if st.vhd_footer {
+                    let footer = super::vhd::fixed_footer(st.size);
+                    st.w.write_all(&footer)
+                        .map_err(|e| Error::io("uploading the VHD footer", e))
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = tail {
+                st.w.abort();
+                return Err(e);
+            }
+            st.w.finish()?
+        }
+        Sink::VmdkStream(w) => {
+            let (up, _) = w.finish_stream()?;
+            up.finish()?
+        }
+        _ => 0,
+    };
+    progress(size, size);
+    Ok(ConvertSummary {
+        format: opts.format,
+        virtual_size: size,
+        bytes_read,
+        bytes_written,
+        file_size,
+        allocated_bytes: file_size,
+    })
+}
+
+/// The output kind, for messages.
+fn describe(opts: &ConvertOptions) -> String {
+    match opts.format {
+        ImageFormat::Vhd => format!("{:?} VHD", opts.vhd_subformat).to_lowercase(),
+        ImageFormat::Vmdk => format!("{:?} VMDK", opts.vmdk_subformat),
+        f => f.to_string(),
+    }
+}
+
 fn run(
     source: &dyn ImageReader,
     backing: Option<&dyn ImageReader>,
@@ -200,6 +386,22 @@ fn run(
         ImageFormat::Vmdk => (
             Sink::Vmdk(Box::new(StreamOptimizedWriter::create(output, size)?)),
             STREAM_GRAIN,
+        ),
+        ImageFormat::Vhd if opts.vhd_subformat == VhdSubformat::Dynamic => {
+            if opts.azure {
+                return Err(Error::InvalidArgument(
+                    "Azure imports fixed VHDs only; leave out the Azure option or write a fixed VHD"
+                        .into(),
+                ));
+            }
+            (
+                Sink::VhdDynamic(Box::new(DynamicVhdWriter::create(output, size)?)),
+                RAW_BLOCK,
+            )
+        }
+        ImageFormat::Vhdx => (
+            Sink::Vhdx(Box::new(VhdxWriter::create(output, size)?)),
+            RAW_BLOCK,
         ),
         ImageFormat::Qcow2 => {
             // qcow2 sizes are whole sectors.
@@ -239,6 +441,65 @@ fn run(
             )
         }
     };
+    let (bytes_read, bytes_written) = pump(source, backing, &mut sink, grain, opts, progress)?;
+    let file_size = match sink {
+        Sink::Qcow2(w) => w.finish_with(opts.sync)?.file_size,
+        Sink::Vmdk(w) => w.finish(opts.sync)?,
+        Sink::VmdkSparse(w) => w.finish(opts.sync)?,
+        Sink::VhdDynamic(w) => w.finish(opts.sync)?,
+        Sink::Vhdx(w) => w.finish(opts.sync)?,
+        Sink::Stream(_) | Sink::VmdkStream(_) => {
+            return Err(Error::InvalidArgument(
+                "an upload sink in a file conversion".into(),
+            ));
+        }
+        Sink::Raw(r) => {
+            if r.vhd_footer {
+                let footer = super::vhd::fixed_footer(r.size);
+                r.file.write_all_at(&footer, r.size).map_err(|e| {
+                    Error::io(format!("writing the VHD footer of {}", r.path.display()), e)
+                })?;
+            }
+            if opts.sync {
+                r.file
+                    .sync_all()
+                    .map_err(|e| Error::io(format!("syncing {}", r.path.display()), e))?;
+            }
+            if r.vhd_footer {
+                r.size + super::vhd::FOOTER_LEN
+            } else {
+                r.size
+            }
+        }
+    };
+    progress(size, size);
+    let allocated_bytes = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(output)
+            .map_err(|e| Error::io(format!("reading metadata of {}", output.display()), e))?
+            .blocks()
+            .saturating_mul(512)
+    };
+    Ok(ConvertSummary {
+        format: opts.format,
+        virtual_size: size,
+        bytes_read,
+        bytes_written,
+        file_size,
+        allocated_bytes,
+    })
+}
+
+/// Runs the pipeline: reads the source on worker threads and writes into
+/// `sink`; returns the bytes read and the data bytes written.
+fn pump(
+    source: &dyn ImageReader,
+    backing: Option<&dyn ImageReader>,
+    sink: &mut Sink,
+    grain: u64,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<(u64, u64)> {
     let compression = match opts.format {
         ImageFormat::Qcow2 => opts.qcow2.compression,
         _ => None,
@@ -250,8 +511,9 @@ fn run(
     };
     let chunk = CHUNK.max(grain);
     let mut jobs = JobGen::new(source, backing.is_some(), grain, chunk);
+    let size = source.virtual_size();
     let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    let raw_file = match &sink {
+    let raw_file = match &*sink {
         Sink::Raw(r) => Some((
             r.file
                 .try_clone()
@@ -269,8 +531,7 @@ fn run(
         grain,
         compression,
         with_backing: backing.is_some(),
-        vmdk: opts.format == ImageFormat::Vmdk
-            && opts.vmdk_subformat == VmdkSubformat::StreamOptimized,
+        vmdk: matches!(sink, Sink::Vmdk(_) | Sink::VmdkStream(_)),
         pool: &pool,
     };
     let max_in_flight = 4 * threads as u64;
@@ -326,7 +587,7 @@ fn run(
                 .map_err(|_| Error::InvalidArgument("conversion workers stopped".into()))??;
             ready.insert(done.seq, done);
             while let Some(done) = ready.remove(&next) {
-                bytes_written += write_done(&mut sink, &done)?;
+                bytes_written += write_done(sink, &done)?;
                 progress(done.offset + done.data.len() as u64, size);
                 recycle(&pool, done.data);
                 next += 1;
@@ -337,46 +598,7 @@ fn run(
     });
     outcome?;
     bytes_written += direct_written.load(std::sync::atomic::Ordering::Relaxed);
-
-    let file_size = match sink {
-        Sink::Qcow2(w) => w.finish_with(opts.sync)?.file_size,
-        Sink::Vmdk(w) => w.finish(opts.sync)?,
-        Sink::VmdkSparse(w) => w.finish(opts.sync)?,
-        Sink::Raw(r) => {
-            if r.vhd_footer {
-                let footer = super::vhd::fixed_footer(r.size);
-                r.file.write_all_at(&footer, r.size).map_err(|e| {
-                    Error::io(format!("writing the VHD footer of {}", r.path.display()), e)
-                })?;
-            }
-            if opts.sync {
-                r.file
-                    .sync_all()
-                    .map_err(|e| Error::io(format!("syncing {}", r.path.display()), e))?;
-            }
-            if r.vhd_footer {
-                r.size + super::vhd::FOOTER_LEN
-            } else {
-                r.size
-            }
-        }
-    };
-    progress(size, size);
-    let allocated_bytes = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(output)
-            .map_err(|e| Error::io(format!("reading metadata of {}", output.display()), e))?
-            .blocks()
-            .saturating_mul(512)
-    };
-    Ok(ConvertSummary {
-        format: opts.format,
-        virtual_size: size,
-        bytes_read,
-        bytes_written,
-        file_size,
-        allocated_bytes,
-    })
+    Ok((bytes_read, bytes_written))
 }
 
 fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
@@ -389,6 +611,21 @@ fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
 
 /// Writes one finished chunk; returns the data bytes written.
 fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
+    if let Sink::Stream(st) = sink {
+        use std::io::Write as _;
+        st.zeros_to(done.offset)?;
+        st.w.write_all(&done.data)
+            .map_err(|e| Error::io(format!("uploading bytes at {}", done.offset), e))?;
+        st.pos = done.offset + done.data.len() as u64;
+        return Ok(done
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Data { len, .. } => *len as u64,
+                _ => 0,
+            })
+            .sum());
+    }
     let mut written = 0u64;
     for piece in &done.pieces {
         match (piece, &mut *sink) {
@@ -416,13 +653,31 @@ fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
                 w.write_grain(done.offset + *at as u64, bytes)?;
                 written += bytes.len() as u64;
             }
+            (Piece::Compressed { at, bytes }, Sink::VmdkStream(w)) => {
+                w.write_grain(done.offset + *at as u64, bytes)?;
+                written += bytes.len() as u64;
+            }
             (Piece::Data { at, len }, Sink::VmdkSparse(w)) => {
                 let data = done.data.get(*at..at + len).unwrap_or_default();
                 w.write_grains(done.offset + *at as u64, data)?;
                 written += *len as u64;
             }
-            (Piece::Compressed { .. } | Piece::Zero { .. }, Sink::Raw(_) | Sink::VmdkSparse(_))
-            | (Piece::Data { .. } | Piece::Zero { .. }, Sink::Vmdk(_)) => {}
+            (Piece::Data { at, len }, Sink::VhdDynamic(w)) => {
+                let data = done.data.get(*at..at + len).unwrap_or_default();
+                w.write_at(done.offset + *at as u64, data)?;
+                written += *len as u64;
+            }
+            (Piece::Data { at, len }, Sink::Vhdx(w)) => {
+                let data = done.data.get(*at..at + len).unwrap_or_default();
+                w.write_at(done.offset + *at as u64, data)?;
+                written += *len as u64;
+            }
+            (
+                Piece::Compressed { .. } | Piece::Zero { .. },
+                Sink::Raw(_) | Sink::VmdkSparse(_) | Sink::VhdDynamic(_) | Sink::Vhdx(_),
+            )
+            | (Piece::Data { .. } | Piece::Zero { .. }, Sink::Vmdk(_) | Sink::VmdkStream(_))
+            | (_, Sink::Stream(_)) => {}
         }
     }
     Ok(written)

@@ -8,12 +8,13 @@ pub mod convert;
 mod probe;
 pub mod qcow2;
 pub mod reader;
+pub mod upload;
 pub mod verify;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
-pub use convert::{ConvertOptions, ConvertSummary, convert};
+pub use convert::{ConvertOptions, ConvertSummary, VhdSubformat, convert, convert_to_object};
 pub use probe::probe;
 pub use reader::{
     Extent, ExtentKind, Extents, ImageReader, OpenOptions, RawReader, extents, open, open_with,

@@ -1,5 +1,5 @@
-//! VHD (Virtual PC / Hyper-V v1): fixed and dynamic images are read; fixed
-//! images are written (by [`crate::image::convert`]), optionally with the
+//! VHD (Virtual PC / Hyper-V v1): fixed and dynamic images are read and
+//! written (by [`crate::image::convert`]); fixed ones optionally with the
 //! virtual size rounded up to a whole MiB as Azure requires.
 //!
 //! The virtual size follows QEMU's rule, so both tools see the same disk:
@@ -17,8 +17,12 @@ use crate::error::{Error, Result};
 
 /// Footer length.
 pub const FOOTER_LEN: u64 = 512;
-/// Creator application we write: not one QEMU sizes by geometry.
-const CREATOR: &[u8; 4] = b"fcld";
+/// Creator application we write: QEMU's own code for "the footer's current
+/// size is the disk size". QEMU 7.2 sizes every creator outside a short
+/// list (`win `, `qem2`, `d2v `, `CTXS`, `tap`) by its CHS geometry, which
+/// truncates most sizes; newer QEMU only `vpc ` and `qemu`. (We wrote
+/// `fcld` before, which QEMU 7.2 truncated to the geometry.)
+const CREATOR: &[u8; 4] = b"qem2";
 /// Largest CHS geometry: images this large are sized by the footer.
 const MAX_CHS_SECTORS: u64 = 65535 * 16 * 255;
 /// Largest block size we accept (the format allows any power of two; 2 MiB
@@ -264,6 +268,160 @@ fn geometry(size: u64) -> (u16, u8, u8) {
 
 /// The footer of a fixed VHD of `size` bytes (a multiple of 512).
 pub fn fixed_footer(size: u64) -> [u8; FOOTER_LEN as usize] {
+    footer(size, None)
+}
+
+/// Block size of the dynamic VHDs we write (the specification's default,
+/// and QEMU's and Hyper-V's).
+pub const DYNAMIC_BLOCK: u64 = 2 << 20;
+/// Offset of the dynamic header (after the footer copy).
+const DYN_HEADER_AT: u64 = 512;
+/// Offset of the BAT (after the dynamic header).
+const BAT_AT: u64 = DYN_HEADER_AT + 1024;
+/// Sector bitmap in front of each block: one bit per sector, padded to 512.
+const DYNAMIC_BITMAP: u64 = 512;
+/// The largest dynamic VHD (the specification's 2040 GiB).
+pub const MAX_DYNAMIC_SIZE: u64 = 2040 << 30;
+
+/// Writes a dynamic VHD front to back: blocks are allocated at the end of
+/// the file in the order they are first written (so ascending offsets
+/// give a file in guest order), with every sector marked present in the
+/// bitmap; parts of a block never written stay holes in the file and read
+/// as zeros. The BAT (4 bytes per 2 MiB) is kept in memory and written,
+/// with the headers and both footers, by [`DynamicVhdWriter::finish`].
+#[derive(Debug)]
+pub struct DynamicVhdWriter {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    bat: Vec<u32>,
+    /// Where the next block (its bitmap) goes.
+    next: u64,
+}
+
+impl DynamicVhdWriter {
+    /// Creates the image at `path` (which must not exist) for a disk of
+    /// `size` bytes (rounded up to whole sectors).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists or cannot be created;
+    /// [`Error::InvalidArgument`] for a size over 2040 GiB.
+    pub fn create(path: &Path, size: u64) -> Result<Self> {
+        let size = size.div_ceil(512) * 512;
+        if size > MAX_DYNAMIC_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "virtual size {size} is too large for a dynamic VHD (2040 GiB at most)"
+            )));
+        }
+        let entries = size.div_ceil(DYNAMIC_BLOCK) as usize;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating vhd image {}", path.display()), e))?;
+        let bat_len = (entries as u64 * 4).div_ceil(512) * 512;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            size,
+            bat: vec![u32::MAX; entries],
+            next: BAT_AT + bat_len,
+        })
+    }
+
+    /// Virtual size (a multiple of 512).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes guest `data` at `offset`, allocating the blocks it touches.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] past the end of the disk; [`Error::Io`]
+    /// if writing fails.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        if offset.saturating_add(data.len() as u64) > self.size {
+            return Err(Error::InvalidArgument(format!(
+                "write of {} bytes at {offset} past the end of {}",
+                data.len(),
+                self.path.display()
+            )));
+        }
+        let io = |e| Error::io(format!("writing vhd image {}", self.path.display()), e);
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let index = (pos / DYNAMIC_BLOCK) as usize;
+            let within = pos % DYNAMIC_BLOCK;
+            let n = ((DYNAMIC_BLOCK - within) as usize).min(data.len() - done);
+            let entry = self.bat.get(index).copied().unwrap_or(u32::MAX);
+            let block_at = if entry == u32::MAX {
+                let at = self.next;
+                let sector = u32::try_from(at / 512).map_err(|_| {
+                    Error::InvalidArgument(format!("{} passes 2 TiB", self.path.display()))
+                })?;
+                self.file
+                    .write_all_at(&[0xFF; DYNAMIC_BITMAP as usize], at)
+                    .map_err(io)?;
+                if let Some(e) = self.bat.get_mut(index) {
+                    *e = sector;
+                }
+                self.next = at + DYNAMIC_BITMAP + DYNAMIC_BLOCK;
+                at
+            } else {
+                u64::from(entry) * 512
+            };
+            let chunk = data.get(done..done + n).unwrap_or_default();
+            self.file
+                .write_all_at(chunk, block_at + DYNAMIC_BITMAP + within)
+                .map_err(io)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the BAT, the dynamic header and both footers, and syncs if
+    /// `sync`; returns the file size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if writing or syncing fails.
+    pub fn finish(self, sync: bool) -> Result<u64> {
+        use std::os::unix::fs::FileExt as _;
+        let io = |e| Error::io(format!("writing vhd image {}", self.path.display()), e);
+        let mut bat: Vec<u8> = self.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+        bat.resize(bat.len().div_ceil(512) * 512, 0xFF);
+        self.file.write_all_at(&bat, BAT_AT).map_err(io)?;
+        let mut h = [0u8; 1024];
+        h[0..8].copy_from_slice(b"cxsparse");
+        h[8..16].copy_from_slice(&u64::MAX.to_be_bytes()); // data offset: unused
+        h[16..24].copy_from_slice(&BAT_AT.to_be_bytes());
+        h[24..28].copy_from_slice(&0x0001_0000u32.to_be_bytes());
+        h[28..32].copy_from_slice(&(self.bat.len() as u32).to_be_bytes());
+        h[32..36].copy_from_slice(&(DYNAMIC_BLOCK as u32).to_be_bytes());
+        let sum = h.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+        h[36..40].copy_from_slice(&(!sum).to_be_bytes());
+        self.file.write_all_at(&h, DYN_HEADER_AT).map_err(io)?;
+        let f = footer(self.size, Some(DYN_HEADER_AT));
+        self.file.write_all_at(&f, 0).map_err(io)?;
+        // The last block may have been written only in part: the footer
+        // goes after the whole block.
+        self.file.write_all_at(&f, self.next).map_err(io)?;
+        if sync {
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(format!("syncing vhd image {}", self.path.display()), e))?;
+        }
+        Ok(self.next + FOOTER_LEN)
+    }
+}
+
+/// A footer for a disk of `size` bytes: fixed, or dynamic with its header
+/// at `dynamic_header`.
+fn footer(size: u64, dynamic_header: Option<u64>) -> [u8; FOOTER_LEN as usize] {
     let mut f = [0u8; FOOTER_LEN as usize];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -273,7 +431,7 @@ pub fn fixed_footer(size: u64) -> [u8; FOOTER_LEN as usize] {
     f[0..8].copy_from_slice(b"conectix");
     f[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit
     f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // version 1.0
-    f[16..24].copy_from_slice(&u64::MAX.to_be_bytes()); // no dynamic header
+    f[16..24].copy_from_slice(&dynamic_header.unwrap_or(u64::MAX).to_be_bytes());
     f[24..28].copy_from_slice(&stamp.to_be_bytes());
     f[28..32].copy_from_slice(CREATOR);
     f[32..36].copy_from_slice(&0x0001_0000u32.to_be_bytes());
@@ -284,7 +442,8 @@ pub fn fixed_footer(size: u64) -> [u8; FOOTER_LEN as usize] {
     f[56..58].copy_from_slice(&c.to_be_bytes());
     f[58] = h;
     f[59] = s;
-    f[60..64].copy_from_slice(&2u32.to_be_bytes()); // fixed
+    let disk_type: u32 = if dynamic_header.is_some() { 3 } else { 2 };
+    f[60..64].copy_from_slice(&disk_type.to_be_bytes());
     // A unique id from the time and the process: no randomness needed.
     let seed = now
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)

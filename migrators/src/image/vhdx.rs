@@ -1,4 +1,5 @@
-//! VHDX reading: fixed and dynamic images (Hyper-V's format).
+//! VHDX: fixed and dynamic images are read, dynamic ones written
+//! ([`VhdxWriter`]) (Hyper-V's format).
 //!
 //! The current header is the valid one (signature and CRC-32C) with the
 //! highest sequence number; images whose log still holds entries to replay
@@ -46,6 +47,18 @@ pub(crate) const META_VIRTUAL_SIZE: [u8; 16] = guid(
     0xCD1B,
     0x4876,
     [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
+);
+const META_PAGE83: [u8; 16] = guid(
+    0xBECA_12AB,
+    0xB2E6,
+    0x4523,
+    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
+);
+const META_PHYSICAL_SECTOR: [u8; 16] = guid(
+    0xCDA3_48C7,
+    0x445D,
+    0x4471,
+    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
 );
 const META_LOGICAL_SECTOR: [u8; 16] = guid(
     0x8141_BF1D,
@@ -318,5 +331,214 @@ impl ImageReader for VhdxReader {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Block size of the VHDX images we write (Hyper-V's default).
+pub const WRITE_BLOCK: u64 = 32 * MIB;
+/// Largest VHDX virtual size (the specification's 64 TiB).
+pub const MAX_SIZE: u64 = 64 << 40;
+/// Layout of the images we write, as QEMU and Hyper-V lay them out:
+/// identifier, two headers, two region tables in the first MiB, a 1 MiB
+/// log (empty), 1 MiB of metadata, then the BAT and the payload blocks.
+const LOG_AT: u64 = MIB;
+const METADATA_AT: u64 = 2 * MIB;
+const BAT_AT: u64 = 3 * MIB;
+
+/// Writes a dynamic VHDX (512-byte logical sectors, 32 MiB blocks) front
+/// to back: payload blocks are allocated at the end of the file in the
+/// order they are first written; parts never written stay holes in the
+/// file and read as zeros (the block is "fully present"), blocks never
+/// touched are "not present". The BAT is kept in memory (8 bytes per 32
+/// MiB) and written with the headers, region tables and metadata by
+/// [`VhdxWriter::finish`].
+#[derive(Debug)]
+pub struct VhdxWriter {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// Payload block offsets (0: not allocated).
+    blocks: Vec<u64>,
+    bat_len: u64,
+    next: u64,
+}
+
+impl VhdxWriter {
+    /// Creates the image at `path` (which must not exist) for a disk of
+    /// `size` bytes (rounded up to whole sectors).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists or cannot be created;
+    /// [`Error::InvalidArgument`] for a size over 64 TiB.
+    pub fn create(path: &Path, size: u64) -> Result<Self> {
+        let size = size.div_ceil(512) * 512;
+        if size > MAX_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "virtual size {size} is too large for a VHDX (64 TiB at most)"
+            )));
+        }
+        let blocks = size.div_ceil(WRITE_BLOCK);
+        let chunk_ratio = ((1u64 << 23) * 512) / WRITE_BLOCK;
+        let entries = blocks + blocks.saturating_sub(1) / chunk_ratio;
+        let bat_len = (entries * 8).div_ceil(MIB).max(1) * MIB;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating vhdx image {}", path.display()), e))?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            size,
+            blocks: vec![0; blocks as usize],
+            bat_len,
+            next: BAT_AT + bat_len,
+        })
+    }
+
+    /// Writes guest `data` at `offset`, allocating the blocks it touches.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] past the end of the disk; [`Error::Io`]
+    /// if writing fails.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        if offset.saturating_add(data.len() as u64) > self.size {
+            return Err(Error::InvalidArgument(format!(
+                "write of {} bytes at {offset} past the end of {}",
+                data.len(),
+                self.path.display()
+            )));
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let index = (pos / WRITE_BLOCK) as usize;
+            let within = pos % WRITE_BLOCK;
+            let n = ((WRITE_BLOCK - within) as usize).min(data.len() - done);
+            let Some(slot) = self.blocks.get_mut(index) else {
+                break;
+            };
+            if *slot == 0 {
+                *slot = self.next;
+                self.next += WRITE_BLOCK;
+            }
+            let at = *slot + within;
+            let chunk = data.get(done..done + n).unwrap_or_default();
+            self.file
+                .write_all_at(chunk, at)
+                .map_err(|e| Error::io(format!("writing vhdx image {}", self.path.display()), e))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the metadata and syncs if `sync`; returns the file size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if writing or syncing fails.
+    pub fn finish(self, sync: bool) -> Result<u64> {
+        use std::os::unix::fs::FileExt as _;
+        let io = |e| Error::io(format!("writing vhdx image {}", self.path.display()), e);
+        // File type identifier.
+        let mut ident = vec![0u8; 64 * 1024];
+        ident[..8].copy_from_slice(b"vhdxfile");
+        for (i, u) in "fluidcloud".encode_utf16().enumerate() {
+            ident[8 + 2 * i..10 + 2 * i].copy_from_slice(&u.to_le_bytes());
+        }
+        self.file.write_all_at(&ident, 0).map_err(io)?;
+        // Two headers with distinct sequence numbers (QEMU refuses equal
+        // ones); the second is current. No log GUID: nothing to replay.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+        for (k, at) in HEADERS.into_iter().enumerate() {
+            let mut h = vec![0u8; 4096];
+            h[..4].copy_from_slice(b"head");
+            h[8..16].copy_from_slice(&(k as u64 + 1).to_le_bytes());
+            h[16..24].copy_from_slice(&seed.to_le_bytes()); // file write GUID
+            h[24..32].copy_from_slice(&seed.rotate_left(17).to_le_bytes());
+            h[32..40].copy_from_slice(&seed.rotate_left(31).to_le_bytes()); // data write GUID
+            h[40..48].copy_from_slice(&seed.rotate_left(47).to_le_bytes());
+            h[66..68].copy_from_slice(&1u16.to_le_bytes()); // version
+            h[68..72].copy_from_slice(&(MIB as u32).to_le_bytes()); // log length
+            h[72..80].copy_from_slice(&LOG_AT.to_le_bytes());
+            let sum = crc32c(&h);
+            h[4..8].copy_from_slice(&sum.to_le_bytes());
+            self.file.write_all_at(&h, at).map_err(io)?;
+        }
+        // Region tables (both copies the same).
+        let mut t = vec![0u8; TABLE_LEN];
+        t[..4].copy_from_slice(b"regi");
+        t[8..12].copy_from_slice(&2u32.to_le_bytes());
+        for (i, (g, at, len)) in [
+            (REGION_BAT, BAT_AT, self.bat_len),
+            (REGION_METADATA, METADATA_AT, MIB),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let e = 16 + 32 * i;
+            t[e..e + 16].copy_from_slice(&g);
+            t[e + 16..e + 24].copy_from_slice(&at.to_le_bytes());
+            t[e + 24..e + 28].copy_from_slice(&(len as u32).to_le_bytes());
+            t[e + 28..e + 32].copy_from_slice(&1u32.to_le_bytes()); // required
+        }
+        let sum = crc32c(&t);
+        t[4..8].copy_from_slice(&sum.to_le_bytes());
+        for at in REGION_TABLES {
+            self.file.write_all_at(&t, at).map_err(io)?;
+        }
+        // Metadata: the table, then the items from 64 KiB on.
+        let mut m = vec![0u8; TABLE_LEN + 4096];
+        m[..8].copy_from_slice(b"metadata");
+        let mut page83 = [0u8; 16];
+        page83[..8].copy_from_slice(&seed.rotate_left(7).to_le_bytes());
+        page83[8..].copy_from_slice(&seed.rotate_left(53).to_le_bytes());
+        let items: [([u8; 16], Vec<u8>, u32); 5] = [
+            (
+                META_FILE_PARAMETERS,
+                [(WRITE_BLOCK as u32).to_le_bytes(), 0u32.to_le_bytes()].concat(),
+                4,
+            ),
+            (META_VIRTUAL_SIZE, self.size.to_le_bytes().to_vec(), 6),
+            (META_PAGE83, page83.to_vec(), 6),
+            (META_LOGICAL_SECTOR, 512u32.to_le_bytes().to_vec(), 6),
+            (META_PHYSICAL_SECTOR, 4096u32.to_le_bytes().to_vec(), 6),
+        ];
+        m[10..12].copy_from_slice(&(items.len() as u16).to_le_bytes());
+        let mut off = TABLE_LEN;
+        for (i, (g, value, flags)) in items.iter().enumerate() {
+            let e = 32 + 32 * i;
+            m[e..e + 16].copy_from_slice(g);
+            m[e + 16..e + 20].copy_from_slice(&(off as u32).to_le_bytes());
+            m[e + 20..e + 24].copy_from_slice(&(value.len() as u32).to_le_bytes());
+            m[e + 24..e + 28].copy_from_slice(&flags.to_le_bytes());
+            m[off..off + value.len()].copy_from_slice(value);
+            off += value.len();
+        }
+        self.file.write_all_at(&m, METADATA_AT).map_err(io)?;
+        // BAT: a sector-bitmap entry (not present) after every chunk.
+        let chunk_ratio = (((1u64 << 23) * 512) / WRITE_BLOCK) as usize;
+        let mut bat = Vec::with_capacity(self.bat_len as usize);
+        for (i, &at) in self.blocks.iter().enumerate() {
+            if i > 0 && i % chunk_ratio == 0 {
+                bat.extend_from_slice(&0u64.to_le_bytes());
+            }
+            let entry = if at == 0 { 0 } else { at | 6 };
+            bat.extend_from_slice(&entry.to_le_bytes());
+        }
+        self.file.write_all_at(&bat, BAT_AT).map_err(io)?;
+        self.file.set_len(self.next).map_err(io)?;
+        if sync {
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(format!("syncing vhdx image {}", self.path.display()), e))?;
+        }
+        Ok(self.next)
     }
 }

@@ -570,8 +570,8 @@ pub fn compress_grain(data: &[u8]) -> Vec<u8> {
 /// header, and the end-of-stream marker. Memory: one grain table and 4
 /// bytes per 32 MiB of disk.
 #[derive(Debug)]
-pub struct StreamOptimizedWriter {
-    file: File,
+pub struct StreamOptimizedWriter<W = File> {
+    file: W,
     path: PathBuf,
     capacity: u64,
     out: Vec<u8>,
@@ -582,7 +582,7 @@ pub struct StreamOptimizedWriter {
     next_grain: u64,
 }
 
-impl StreamOptimizedWriter {
+impl StreamOptimizedWriter<File> {
     /// Creates the image at `path` (which must not exist) for a disk of
     /// `size` bytes (rounded up to whole sectors).
     ///
@@ -591,6 +591,34 @@ impl StreamOptimizedWriter {
     /// [`Error::Io`] if the file exists or cannot be created;
     /// [`Error::InvalidArgument`] for sizes VMDK cannot describe.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
+        Self::check_size(size)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating vmdk image {}", path.display()), e))?;
+        Self::to_stream(file, path, size)
+    }
+
+    /// Writes the last grain table, the grain directory, the footer and
+    /// the end-of-stream marker; syncs if `sync`. Returns the file size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if writing or syncing fails.
+    pub fn finish(self, sync: bool) -> Result<u64> {
+        let path = self.path.clone();
+        let (file, len) = self.finish_stream()?;
+        if sync {
+            file.sync_all()
+                .map_err(|e| Error::io(format!("syncing vmdk image {}", path.display()), e))?;
+        }
+        Ok(len)
+    }
+}
+
+impl<W: std::io::Write> StreamOptimizedWriter<W> {
+    fn check_size(size: u64) -> Result<()> {
         let sectors = size.div_ceil(512);
         let gd_entries = sectors
             .div_ceil(STREAM_GRAIN / 512)
@@ -600,11 +628,24 @@ impl StreamOptimizedWriter {
                 "virtual size {size} is too large for a VMDK"
             )));
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("creating vmdk image {}", path.display()), e))?;
+        Ok(())
+    }
+
+    /// Writes the image front to back into `out` (a file, a pipe, an
+    /// upload), which is never seeked; `path` names the extent in the
+    /// embedded descriptor (its file name) and the image in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for sizes VMDK cannot describe or a name
+    /// too long for the descriptor.
+    pub fn to_stream(out: W, path: &Path, size: u64) -> Result<Self> {
+        Self::check_size(size)?;
+        let file = out;
+        let sectors = size.div_ceil(512);
+        let gd_entries = sectors
+            .div_ceil(STREAM_GRAIN / 512)
+            .div_ceil(STREAM_GT_ENTRIES);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -721,7 +762,6 @@ impl StreamOptimizedWriter {
     }
 
     fn flush(&mut self) -> Result<()> {
-        use std::io::Write as _;
         if !self.out.is_empty() {
             self.file
                 .write_all(&self.out)
@@ -732,13 +772,18 @@ impl StreamOptimizedWriter {
         Ok(())
     }
 
+    /// The output, as it is (for aborting an upload).
+    pub fn into_inner(self) -> W {
+        self.file
+    }
+
     /// Writes the last grain table, the grain directory, the footer and
-    /// the end-of-stream marker; syncs if `sync`. Returns the file size.
+    /// the end-of-stream marker; returns the output and the image size.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if writing or syncing fails.
-    pub fn finish(mut self, sync: bool) -> Result<u64> {
+    /// [`Error::Io`] if writing fails.
+    pub fn finish_stream(mut self) -> Result<(W, u64)> {
         self.flush_gt();
         let gd_sectors = (self.gd.len() as u64 * 4).div_ceil(512);
         self.marker(gd_sectors, MARKER_GD);
@@ -753,12 +798,7 @@ impl StreamOptimizedWriter {
         self.out.extend_from_slice(&footer);
         self.out.extend_from_slice(&[0u8; 512]); // end of stream
         self.flush()?;
-        if sync {
-            self.file
-                .sync_all()
-                .map_err(|e| Error::io(format!("syncing vmdk image {}", self.path.display()), e))?;
-        }
-        Ok(self.flushed)
+        Ok((self.file, self.flushed))
     }
 }
 
