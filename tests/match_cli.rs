@@ -229,3 +229,38 @@ fn bad_constraints_and_options_are_reported_clearly() {
     );
     assert!(err.contains("unknown site `nowhere`"), "{err}");
 }
+
+#[test]
+fn a_measured_rtt_replaces_the_estimate_and_is_named_measured() {
+    let estimated = matched(&[]);
+    assert_eq!(site_of(&estimated, "web"), "cloud-frankfurt");
+    let p = matched(&["--rtt", "cloud-frankfurt=400"]);
+    assert_ne!(site_of(&p, "web"), "cloud-frankfurt", "{p:#}");
+    let fra = alternative(&p, "web", "cloud-frankfurt");
+    assert_eq!(fra["score"]["latency_ms"], 400.0, "{fra:#}");
+    assert_eq!(fra["score"]["latency_measured"], true, "{fra:#}");
+    assert_eq!(fra["mainly"], "latency (measured)", "{fra:#}");
+
+    let cfg = demo_config();
+    let text = ok(&run(&[
+        "--config", &cfg, "match", "--from", "dc-paris", "--service", "shop", "--rtt",
+        "edge-nantes=0.5",
+    ]));
+    assert!(text.contains("0.5 ms to users (measured)"), "{text}");
+    let err = fails(
+        &run(&[
+            "--config", &cfg, "match", "--from", "dc-paris", "--service", "shop", "--rtt",
+            "atlantis=3",
+        ]),
+        3,
+    );
+    assert!(err.contains("atlantis"), "{err}");
+    let err = fails(
+        &run(&[
+            "--config", &cfg, "match", "--from", "dc-paris", "--service", "shop", "--rtt",
+            "edge-nantes=fast",
+        ]),
+        2,
+    );
+    assert!(err.contains("SITE=MS") || err.contains("milliseconds"), "{err}");
+}

@@ -175,7 +175,62 @@ fn warn(broken: &[Broken]) {
     }
 }
 
+fn print_list(all: &[Entry]) {
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.origin.clone(),
+                e.version.clone(),
+                kinds(&e.consumes),
+                kinds(&e.produces),
+                e.summary.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "NAME", "ORIGIN", "VERSION", "CONSUMES", "PRODUCES", "SUMMARY"
+            ],
+            &rows
+        )
+    );
+}
+
 pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        let MigratorsCommand::List = c else {
+            anyhow::bail!(crate::ExitWith(
+                2,
+                "with --server only `migrators list` runs".into()
+            ));
+        };
+        let all: Vec<MigratorDescriptor> =
+            remote.get("/migrators", "listing migrators").await?;
+        if g.json {
+            return print_json(&all);
+        }
+        let all: Vec<Entry> = all
+            .into_iter()
+            .map(|d| Entry {
+                name: d.name,
+                origin: "service".into(),
+                path: None,
+                version: d.version,
+                summary: d.summary,
+                consumes: d.consumes,
+                produces: d.produces,
+                secrets: Vec::new(),
+                protocol: None,
+                features: Vec::new(),
+            })
+            .collect();
+        print_list(&all);
+        return Ok(());
+    }
     let (all, broken) = catalogue();
     warn(&broken);
     match c {
@@ -183,28 +238,7 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
             if g.json {
                 return print_json(&all);
             }
-            let rows: Vec<Vec<String>> = all
-                .iter()
-                .map(|e| {
-                    vec![
-                        e.name.clone(),
-                        e.origin.clone(),
-                        e.version.clone(),
-                        kinds(&e.consumes),
-                        kinds(&e.produces),
-                        e.summary.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(
-                    &[
-                        "NAME", "ORIGIN", "VERSION", "CONSUMES", "PRODUCES", "SUMMARY"
-                    ],
-                    &rows
-                )
-            );
+            print_list(&all);
             Ok(())
         }
         MigratorsCommand::Show { name } => {
