@@ -13,8 +13,6 @@ use serde::de::DeserializeOwned;
 
 use crate::ExitWith;
 
-/// Environment variable naming the service (same as `--server`).
-pub(crate) const SERVER_ENV: &str = "FLUIDCLOUD_SERVER";
 /// Environment variable holding the bearer token.
 pub(crate) const TOKEN_ENV: &str = "FLUIDCLOUD_TOKEN";
 
