@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use fluidcloud_broker::runner::{
     RelocationRequest, RelocationView, Relocations, RunnerError, StepView, Watch,
 };
-use fluidcloud_conduit::relocate::report::Report;
+use fluidcloud_conduit::relocate::report::{self, Report};
 use fluidcloud_conduit::relocate::store::Store;
 use fluidcloud_conduit::relocate::{self as reloc, Relocation};
 use fluidcloud_conduit::{SitesFile, drivers, introspect};
@@ -157,8 +157,16 @@ impl Runner {
     }
 
     fn view_of(&self, r: &Relocation, full: bool) -> Result<RelocationView, RunnerError> {
-        let rep = build_report(&self.0.store, r).map_err(|e| failed(format!("{e:#}")))?;
         let active = self.active().get(&r.id).map(|a| a.rollback);
+        let rep = match build_report(&self.0.store, r) {
+            Ok(rep) => rep,
+            // A run that just started may not have created its journal's
+            // tables yet: nothing has happened, the plan is the state.
+            Err(_) if active.is_some() => report::build(r, &[], &|path, old, new| {
+                fluidcloud_migrators::config::unified_diff(path, old, new)
+            }),
+            Err(e) => return Err(failed(format!("{e:#}"))),
+        };
         Ok(view(r, &rep, active, full))
     }
 
