@@ -244,7 +244,7 @@ fn a_measured_rtt_replaces_the_estimate_and_is_named_measured() {
     let cfg = demo_config();
     let text = ok(&run(&[
         "--config", &cfg, "match", "--from", "dc-paris", "--service", "shop", "--rtt",
-        "edge-nantes=0.5",
+        "cloud-frankfurt=0.5",
     ]));
     assert!(text.contains("0.5 ms to users (measured)"), "{text}");
     let err = fails(
