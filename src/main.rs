@@ -105,7 +105,9 @@ impl Globals {
         if self.server.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             anyhow::bail!(ExitWith(
                 2,
-                format!("`{what}` runs only on the machine of the sites file; drop --server (or unset $FLUIDCLOUD_SERVER)")
+                format!(
+                    "`{what}` runs only on the machine of the sites file; drop --server (or unset $FLUIDCLOUD_SERVER)"
+                )
             ));
         }
         Ok(())

@@ -147,10 +147,7 @@ impl Remote {
         what: &str,
     ) -> Result<T> {
         let resp = self
-            .send(
-                self.request(reqwest::Method::POST, path).json(body),
-                what,
-            )
+            .send(self.request(reqwest::Method::POST, path).json(body), what)
             .await?;
         resp.json()
             .await
@@ -228,6 +225,9 @@ mod tests {
         assert_eq!(e.data["step"], "verify");
         assert!(parse_event(":\n\n").is_none());
         let e = parse_event("data: plain\n\n").unwrap();
-        assert_eq!((e.name.as_str(), e.data.as_str()), ("message", Some("plain")));
+        assert_eq!(
+            (e.name.as_str(), e.data.as_str()),
+            ("message", Some("plain"))
+        );
     }
 }

@@ -199,7 +199,10 @@ async fn wait_for_chunks(url: &str, id: &str, dir: &Path, target_site: &str, n: 
     let start = Instant::now();
     while chunks_logged(&log) < n {
         let (_, _, v) = call(url, "GET", &format!("/relocations/{id}"), Some(TOKEN), None).await;
-        assert_eq!(v["status"], "running", "finished before the test could act: {v:#}");
+        assert_eq!(
+            v["status"], "running",
+            "finished before the test could act: {v:#}"
+        );
         assert!(start.elapsed() < Duration::from_secs(120), "no progress");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -275,13 +278,28 @@ fn a_relocation_started_over_http_streams_its_progress_moves_the_data_and_rolls_
         assert_eq!(status, 200);
         let list = list.as_array().unwrap();
         assert_eq!(list.len(), 1);
-        assert_eq!((list[0]["id"].as_str(), list[0]["status"].as_str()), (Some(id.as_str()), Some("succeeded")));
-        let (status, _, one) =
-            call(&url, "GET", &format!("/relocations/{id}"), Some(TOKEN), None).await;
+        assert_eq!(
+            (list[0]["id"].as_str(), list[0]["status"].as_str()),
+            (Some(id.as_str()), Some("succeeded"))
+        );
+        let (status, _, one) = call(
+            &url,
+            "GET",
+            &format!("/relocations/{id}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 200);
         assert_eq!(one["report"]["status"], "succeeded");
         assert!(one["report"]["downtime_seconds"].as_f64().unwrap() > 0.0);
-        assert!(one["steps"].as_array().unwrap().iter().all(|s| s["state"] == "succeeded"));
+        assert!(
+            one["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["state"] == "succeeded")
+        );
         // The CLI on the same sites file sees it too: one store.
         let st = ok(&run(&["--config", &config, "status"]));
         assert!(st.contains(&id) && st.contains("succeeded"), "{st}");
@@ -292,13 +310,25 @@ fn a_relocation_started_over_http_streams_its_progress_moves_the_data_and_rolls_
         assert_eq!(late[0].1["status"], "succeeded");
 
         // Cancelling a finished relocation is a conflict.
-        let (status, _, p) =
-            call(&url, "POST", &format!("/relocations/{id}/cancel"), Some(TOKEN), None).await;
+        let (status, _, p) = call(
+            &url,
+            "POST",
+            &format!("/relocations/{id}/cancel"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 409, "{p:#}");
 
         // Roll back through the API: the target holds nothing, the source runs.
-        let (status, headers, v) =
-            call(&url, "POST", &format!("/relocations/{id}/rollback"), Some(TOKEN), None).await;
+        let (status, headers, v) = call(
+            &url,
+            "POST",
+            &format!("/relocations/{id}/rollback"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 202, "{v:#}");
         assert_eq!(headers["location"], format!("/relocations/{id}").as_str());
         let ev = events(&url, &id).await;
@@ -352,17 +382,35 @@ fn a_relocation_survives_a_killed_service_and_resumes_through_the_api() {
             .collect();
         assert!(!done_before.contains(&"cutover"), "{one:#}");
         // Nothing runs it now: cancel has nothing to stop.
-        let (status, _, _) =
-            call(url, "POST", &format!("/relocations/{id}/cancel"), Some(TOKEN), None).await;
+        let (status, _, _) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/cancel"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 409);
 
-        let (status, _, v) =
-            call(url, "POST", &format!("/relocations/{id}/resume"), Some(TOKEN), None).await;
+        let (status, _, v) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/resume"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 202, "{v:#}");
         assert_eq!(v["status"], "running");
         // A second resume while it runs is refused.
-        let (status, _, _) =
-            call(url, "POST", &format!("/relocations/{id}/resume"), Some(TOKEN), None).await;
+        let (status, _, _) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/resume"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 409);
         let ev = events(url, &id).await;
         assert_eq!(ev.last().unwrap().1["status"], "succeeded", "{ev:#?}");
@@ -374,7 +422,10 @@ fn a_relocation_survives_a_killed_service_and_resumes_through_the_api() {
 #[test]
 fn a_cancelled_relocation_ends_cancelled_and_rolls_back_clean() {
     let (dir, config) = fresh("cancel");
-    random_file(&site(&dir, "dc-paris").join("volumes/db-data.raw"), 512 * MIB);
+    random_file(
+        &site(&dir, "dc-paris").join("volumes/db-data.raw"),
+        512 * MIB,
+    );
     let server = serve(&config);
     rt().block_on(async {
         let url = &server.url;
@@ -436,12 +487,27 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
             (json!({ "from": 5 }), "/from"),
             (json!({ "service": "shop" }), ""),
             (json!({ "from": "nowhere", "service": "shop" }), "/from"),
-            (json!({ "from": "dc-paris", "service": "shop", "to": "mars" }), "/to"),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "to": "mars" }),
+                "/to",
+            ),
             (json!({ "from": "dc-paris", "service": "nope" }), "/service"),
-            (json!({ "from": "dc-paris", "service": "shop", "constraints": ["bogus"] }), "/constraints/0"),
-            (json!({ "from": "dc-paris", "service": "shop", "buckets": "teleport" }), "/buckets"),
-            (json!({ "from": "dc-paris", "service": "shop", "colour": "red" }), "/colour"),
-            (json!({ "from": "dc-paris", "service": "shop", "retry_budget_secs": -1 }), "/retry_budget_secs"),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "constraints": ["bogus"] }),
+                "/constraints/0",
+            ),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "buckets": "teleport" }),
+                "/buckets",
+            ),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "colour": "red" }),
+                "/colour",
+            ),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "retry_budget_secs": -1 }),
+                "/retry_budget_secs",
+            ),
         ];
         for (body, pointer) in cases {
             let (status, _, p) =
@@ -454,9 +520,23 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
                 assert!(p["detail"].as_str().unwrap().contains("`from`"), "{p:#}");
             }
         }
-        let (status, _, p) = call(url, "GET", "/relocations/shop-19700101-000000", Some(TOKEN), None).await;
+        let (status, _, p) = call(
+            url,
+            "GET",
+            "/relocations/shop-19700101-000000",
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 404, "{p:#}");
-        let (status, _, _) = call(url, "GET", "/relocations/..%2F..%2Fetc/events", Some(TOKEN), None).await;
+        let (status, _, _) = call(
+            url,
+            "GET",
+            "/relocations/..%2F..%2Fetc/events",
+            Some(TOKEN),
+            None,
+        )
+        .await;
         assert_eq!(status, 404);
         // Nothing was started by any of these.
         let (_, _, list) = call(url, "GET", "/relocations", Some(TOKEN), None).await;
@@ -490,21 +570,43 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
         assert!(sites.contains(s), "{sites}");
     }
     assert!(sites.contains("CAPABILITIES"), "{sites}");
-    let json: Value = serde_json::from_str(&ok(&remote(url, t, &["--json", "sites", "list"]))).unwrap();
+    let json: Value =
+        serde_json::from_str(&ok(&remote(url, t, &["--json", "sites", "list"]))).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 5);
     let migrators = ok(&remote(url, t, &["migrators", "list"]));
     assert!(migrators.contains("volume-copy"), "{migrators}");
 
     // The service introspects and places; same text as the local command.
-    let m = ok(&remote(url, t, &["match", "--from", "dc-paris", "--service", "shop"]));
-    let local = ok(&run(&["--config", &config, "match", "--from", "dc-paris", "--service", "shop"]));
+    let m = ok(&remote(
+        url,
+        t,
+        &["match", "--from", "dc-paris", "--service", "shop"],
+    ));
+    let local = ok(&run(&[
+        "--config",
+        &config,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+    ]));
     assert_eq!(m, local);
     assert!(m.contains("placement of shop from dc-paris"), "{m}");
 
     let out = remote(
         url,
         t,
-        &["relocate", "--from", "dc-paris", "--service", "shop", "--to", "edge-nantes", "--yes"],
+        &[
+            "relocate",
+            "--from",
+            "dc-paris",
+            "--service",
+            "shop",
+            "--to",
+            "edge-nantes",
+            "--yes",
+        ],
     );
     let text = ok(&out);
     let id = text
@@ -523,8 +625,12 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
     let st = ok(&remote(url, t, &["status"]));
     assert!(st.contains(&id) && st.contains("succeeded"), "{st}");
     let one = ok(&remote(url, t, &["status", &id]));
-    assert!(one.contains("cutover") && one.contains("succeeded"), "{one}");
-    let rep: Value = serde_json::from_str(&ok(&remote(url, t, &["--json", "report", &id]))).unwrap();
+    assert!(
+        one.contains("cutover") && one.contains("succeeded"),
+        "{one}"
+    );
+    let rep: Value =
+        serde_json::from_str(&ok(&remote(url, t, &["--json", "report", &id]))).unwrap();
     assert_eq!(rep["status"], "succeeded");
     let local: Value =
         serde_json::from_str(&ok(&run(&["--config", &config, "--json", "report", &id]))).unwrap();
@@ -532,13 +638,27 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
 
     // Errors: one line each, naming what to do.
     let err = fails(&remote(url, None, &["status"]), 1);
-    assert!(err.contains("needs a token") && err.contains("FLUIDCLOUD_TOKEN"), "{err}");
+    assert!(
+        err.contains("needs a token") && err.contains("FLUIDCLOUD_TOKEN"),
+        "{err}"
+    );
     let err = fails(&remote(url, Some("wrong"), &["status"]), 1);
     assert!(err.contains("refused the token"), "{err}");
     let err = fails(&remote(url, t, &["status", "nope-1"]), 4);
     assert!(err.contains("nope-1"), "{err}");
     let err = fails(
-        &remote(url, t, &["relocate", "--from", "atlantis", "--service", "shop", "--yes"]),
+        &remote(
+            url,
+            t,
+            &[
+                "relocate",
+                "--from",
+                "atlantis",
+                "--service",
+                "shop",
+                "--yes",
+            ],
+        ),
         3,
     );
     assert!(err.contains("/from") && err.contains("atlantis"), "{err}");

@@ -1652,7 +1652,10 @@ mod tests {
             .iter()
             .find_map(|x| match x {
                 Alternative::Worse {
-                    site, score, mainly, ..
+                    site,
+                    score,
+                    mainly,
+                    ..
                 } if site == "mid" => Some((score, mainly)),
                 _ => None,
             })

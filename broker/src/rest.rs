@@ -686,7 +686,8 @@ pub fn openapi() -> serde_json::Value {
         serde_json::Value::Object(r)
     };
     let auth = [("401", "missing or invalid bearer token")];
-    let id_param = json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let id_param =
+        json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
     let accepted = |codes: &[(&str, &str)]| {
         let mut r = errors(codes);
         r.insert(
@@ -700,7 +701,11 @@ pub fn openapi() -> serde_json::Value {
         serde_json::Value::Object(r)
     };
     let by_id = |op: &str, codes: &[(&str, &str)]| {
-        let mut c = vec![auth[0], ("404", "no such relocation"), ("409", "not possible in the relocation's state")];
+        let mut c = vec![
+            auth[0],
+            ("404", "no such relocation"),
+            ("409", "not possible in the relocation's state"),
+        ];
         c.extend_from_slice(codes);
         json!({ "post": { "operationId": op, "parameters": id_param, "responses": accepted(&c) } })
     };

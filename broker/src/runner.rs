@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 /// What to do with the service's buckets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum BucketsMode {
     /// Copy every object to the target site.

@@ -347,7 +347,8 @@ async fn run_remote(g: &Globals, remote: &crate::remote::Remote, a: MatchArgs) -
     if a.manifest.is_some() {
         anyhow::bail!(crate::ExitWith(
             2,
-            "--manifest names a local file; with --server the service reads its own manifests".into()
+            "--manifest names a local file; with --server the service reads its own manifests"
+                .into()
         ));
     }
     let mut request = Request::new(&a.from);

@@ -208,8 +208,7 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
                 "with --server only `migrators list` runs".into()
             ));
         };
-        let all: Vec<MigratorDescriptor> =
-            remote.get("/migrators", "listing migrators").await?;
+        let all: Vec<MigratorDescriptor> = remote.get("/migrators", "listing migrators").await?;
         if g.json {
             return print_json(&all);
         }

@@ -138,7 +138,10 @@ pub(crate) fn executor_config() -> ExecutorConfig {
 }
 
 /// Plans a relocation from the command line's arguments.
-pub(crate) async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Workflow)> {
+pub(crate) async fn make_plan(
+    file: &SitesFile,
+    a: &RelocateArgs,
+) -> Result<(Relocation, Workflow)> {
     let source_cfg = file.site(&a.from)?;
     let driver = drivers::open(&a.from, source_cfg)?;
     let manifest = match &a.manifest {
@@ -776,7 +779,10 @@ async fn follow(g: &Globals, remote: &Remote, id: &str) -> Result<RelocationView
         })
         .await?;
     remote
-        .get(&format!("/relocations/{id}"), &format!("reading relocation {id}"))
+        .get(
+            &format!("/relocations/{id}"),
+            &format!("reading relocation {id}"),
+        )
         .await
 }
 
@@ -959,7 +965,10 @@ pub(crate) async fn status_remote(g: &Globals, remote: &Remote, a: StatusArgs) -
         return Ok(());
     };
     let v: RelocationView = remote
-        .get(&format!("/relocations/{id}"), &format!("reading relocation {id}"))
+        .get(
+            &format!("/relocations/{id}"),
+            &format!("reading relocation {id}"),
+        )
         .await?;
     if g.json {
         return match report_of(&v)? {
