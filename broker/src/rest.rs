@@ -530,14 +530,14 @@ async fn start_relocation(
             "/constraints",
         ));
     }
-    if let Some(b) = body.retry_budget_secs {
-        if !(b.is_finite() && (0.0..=86_400.0).contains(&b)) {
-            return Err(invalid(
-                "invalid-field",
-                "retry_budget_secs takes 0 to 86400 seconds",
-                "/retry_budget_secs",
-            ));
-        }
+    if let Some(b) = body.retry_budget_secs
+        && !(b.is_finite() && (0.0..=86_400.0).contains(&b))
+    {
+        return Err(invalid(
+            "invalid-field",
+            "retry_budget_secs takes 0 to 86400 seconds",
+            "/retry_budget_secs",
+        ));
     }
     Ok(accepted(r.start(body).await.map_err(runner_problem)?))
 }

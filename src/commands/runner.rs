@@ -230,7 +230,7 @@ impl Runner {
     }
 
     /// Resumes or rolls back `id` from its journal.
-    fn from_journal(&self, id: &str, rollback: bool) -> Result<RelocationView, RunnerError> {
+    fn continue_run(&self, id: &str, rollback: bool) -> Result<RelocationView, RunnerError> {
         let r = self.load(id)?;
         let current = self.view_of(&r, false)?;
         let what = if rollback { "roll back" } else { "resume" };
@@ -331,11 +331,11 @@ impl Relocations for Runner {
     }
 
     async fn rollback(&self, id: &str) -> Result<RelocationView, RunnerError> {
-        self.from_journal(id, true)
+        self.continue_run(id, true)
     }
 
     async fn resume(&self, id: &str) -> Result<RelocationView, RunnerError> {
-        self.from_journal(id, false)
+        self.continue_run(id, false)
     }
 
     async fn introspect(&self, site: &str, service: &str) -> Result<TopologyDoc, RunnerError> {
