@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fails, ok, qemu_img, run, stdout, tree_digest};
+use common::{fails, instance_state, ok, qemu_img, run, same_bytes, stdout, tree_digest};
 
 /// A fresh demo environment of its own for one test.
 fn fresh(name: &str) -> (PathBuf, String) {
@@ -32,17 +32,6 @@ fn data_digest(dir: &Path, skip: &[&str]) -> Vec<(PathBuf, u64, u64)> {
         .collect()
 }
 
-fn same_bytes(a: &Path, b: &Path) {
-    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} and {} differ: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 fn relocation_id(out: &str) -> String {
     let line = out
         .lines()
@@ -53,16 +42,6 @@ fn relocation_id(out: &str) -> String {
         .next()
         .unwrap()
         .to_owned()
-}
-
-fn instance_state(dir: &Path, site_name: &str, instance: &str) -> String {
-    let text =
-        std::fs::read_to_string(site(dir, site_name).join(format!("instances/{instance}.toml")))
-            .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("state = "))
-        .map(|v| v.trim_matches('"').to_owned())
-        .unwrap()
 }
 
 #[test]

@@ -4,12 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fails, ok, run, stderr, stdout};
+use common::{
+    chunks_logged, fails, instance_state, ok, random_file, run, same_bytes, stderr, stdout,
+};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "relocation-test-token";
@@ -147,49 +149,6 @@ fn names(ev: &[(String, Value)]) -> Vec<&str> {
 
 fn site(dir: &Path, name: &str) -> PathBuf {
     dir.join("sites").join(name)
-}
-
-fn same_bytes(a: &Path, b: &Path) {
-    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} and {} differ",
-        a.display(),
-        b.display()
-    );
-}
-
-fn instance_state(dir: &Path, site_name: &str, instance: &str) -> String {
-    let text =
-        std::fs::read_to_string(site(dir, site_name).join(format!("instances/{instance}.toml")))
-            .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("state = "))
-        .map(|v| v.trim_matches('"').to_owned())
-        .unwrap()
-}
-
-/// Fills `path` with `len` bytes of non-repeating data (xorshift), fast.
-fn random_file(path: &Path, len: u64) {
-    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..len / (1 << 20) {
-        for word in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f.flush().unwrap();
-}
-
-fn chunks_logged(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .map(|t| t.lines().skip(1).filter(|l| !l.ends_with(" ?")).count() as u64)
-        .unwrap_or(0)
 }
 
 /// Waits until the volume copy to `target_site` has durably logged `n`

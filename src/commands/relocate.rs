@@ -433,41 +433,66 @@ pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
                 let r = store.load(&id)?;
                 all.push(build_report(&store, &r)?);
             }
-            if g.json {
-                let rows: Vec<serde_json::Value> = all
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.id, "service": r.service, "from": r.from,
-                            "targets": r.targets, "status": r.status,
-                        })
-                    })
-                    .collect();
-                return print_json(&rows);
-            }
-            if all.is_empty() {
-                println!("no relocations yet (fluidcloud relocate --from SITE)");
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = all
+            let lines: Vec<Line<'_>> = all
                 .iter()
-                .map(|r| {
-                    vec![
-                        r.id.clone(),
-                        r.status.clone(),
-                        r.service.clone(),
-                        r.from.clone(),
-                        r.targets.join(","),
-                    ]
+                .map(|r| Line {
+                    id: &r.id,
+                    status: &r.status,
+                    service: &r.service,
+                    from: &r.from,
+                    targets: &r.targets,
                 })
                 .collect();
-            print!(
-                "{}",
-                crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
-            );
+            print_relocations(g, &lines)?;
             Ok(())
         }
     }
+}
+
+/// One relocation in `status`'s list.
+struct Line<'a> {
+    id: &'a str,
+    status: &'a str,
+    service: &'a str,
+    from: &'a str,
+    targets: &'a [String],
+}
+
+/// `status` without an id: JSON rows or a table.
+fn print_relocations(g: &Globals, all: &[Line<'_>]) -> Result<()> {
+    if g.json {
+        let rows: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "service": r.service, "from": r.from,
+                    "targets": r.targets, "status": r.status,
+                })
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    if all.is_empty() {
+        println!("no relocations yet (fluidcloud relocate --from SITE)");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_owned(),
+                r.status.to_owned(),
+                r.service.to_owned(),
+                r.from.to_owned(),
+                r.targets.join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
+    );
+    Ok(())
 }
 
 pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
@@ -930,38 +955,17 @@ pub(crate) async fn rollback_remote(g: &Globals, remote: &Remote, a: IdArgs) -> 
 pub(crate) async fn status_remote(g: &Globals, remote: &Remote, a: StatusArgs) -> Result<()> {
     let Some(id) = a.id else {
         let all: Vec<RelocationView> = remote.get("/relocations", "listing relocations").await?;
-        if g.json {
-            let rows: Vec<serde_json::Value> = all
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "id": r.id, "service": r.service, "from": r.from,
-                        "targets": r.targets, "status": r.status,
-                    })
-                })
-                .collect();
-            return print_json(&rows);
-        }
-        if all.is_empty() {
-            println!("no relocations yet (fluidcloud relocate --from SITE)");
-            return Ok(());
-        }
-        let rows: Vec<Vec<String>> = all
+        let lines: Vec<Line<'_>> = all
             .iter()
-            .map(|r| {
-                vec![
-                    r.id.clone(),
-                    r.status.clone(),
-                    r.service.clone(),
-                    r.from.clone(),
-                    r.targets.join(","),
-                ]
+            .map(|r| Line {
+                id: &r.id,
+                status: &r.status,
+                service: &r.service,
+                from: &r.from,
+                targets: &r.targets,
             })
             .collect();
-        print!(
-            "{}",
-            crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
-        );
+        print_relocations(g, &lines)?;
         return Ok(());
     };
     let v: RelocationView = remote
