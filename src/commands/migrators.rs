@@ -140,21 +140,27 @@ fn catalogue() -> (Vec<Entry>, Vec<Broken>) {
     let (plugins, broken) = plugins(&builtin);
     let mut all: Vec<Entry> = builtin
         .into_iter()
-        .map(|d| Entry {
-            name: d.name,
-            origin: "built-in".into(),
-            path: None,
-            version: d.version,
-            summary: d.summary,
-            consumes: d.consumes,
-            produces: d.produces,
-            secrets: Vec::new(),
-            protocol: None,
-            features: Vec::new(),
-        })
+        .map(|d| described(d, "built-in"))
         .collect();
     all.extend(plugins);
     (all, broken)
+}
+
+/// An entry known only by its descriptor (a built-in, or one the service
+/// lists).
+fn described(d: MigratorDescriptor, origin: &str) -> Entry {
+    Entry {
+        name: d.name,
+        origin: origin.into(),
+        path: None,
+        version: d.version,
+        summary: d.summary,
+        consumes: d.consumes,
+        produces: d.produces,
+        secrets: Vec::new(),
+        protocol: None,
+        features: Vec::new(),
+    }
 }
 
 fn kinds(k: &[ArtifactKind]) -> String {
@@ -212,21 +218,7 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
         if g.json {
             return print_json(&all);
         }
-        let all: Vec<Entry> = all
-            .into_iter()
-            .map(|d| Entry {
-                name: d.name,
-                origin: "service".into(),
-                path: None,
-                version: d.version,
-                summary: d.summary,
-                consumes: d.consumes,
-                produces: d.produces,
-                secrets: Vec::new(),
-                protocol: None,
-                features: Vec::new(),
-            })
-            .collect();
+        let all: Vec<Entry> = all.into_iter().map(|d| described(d, "service")).collect();
         print_list(&all);
         return Ok(());
     }
