@@ -595,6 +595,23 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
         serde_json::from_str(&ok(&run(&["--config", &config, "--json", "report", &id]))).unwrap();
     assert_eq!(rep, local);
 
+    // Rollback through the service, followed to its end.
+    let rb = ok(&remote(url, t, &["rollback", &id]));
+    assert!(
+        rb.contains(&format!("rolling back relocation {id}")),
+        "{rb}"
+    );
+    assert!(
+        rb.contains("rolled back") && rb.contains("the source runs it"),
+        "{rb}"
+    );
+    assert_eq!(instance_state(&dir, "dc-paris", "db"), "running");
+    assert!(
+        !site(&dir, "edge-nantes")
+            .join("volumes/db-data.raw")
+            .exists()
+    );
+
     // Errors: one line each, naming what to do.
     let err = fails(&remote(url, None, &["status"]), 1);
     assert!(

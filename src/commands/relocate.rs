@@ -894,33 +894,35 @@ pub(crate) async fn relocate_remote(g: &Globals, remote: &Remote, a: RelocateArg
     finish_remote(g, &v)
 }
 
-pub(crate) async fn resume_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
+/// `POST /relocations/ID/ACTION` (resume or rollback), then its events to
+/// the end; the final state.
+async fn act_and_follow(
+    g: &Globals,
+    remote: &Remote,
+    id: &str,
+    action: &str,
+    doing: &str,
+) -> Result<RelocationView> {
     let v: RelocationView = remote
         .post(
-            &format!("/relocations/{}/resume", a.id),
+            &format!("/relocations/{id}/{action}"),
             &serde_json::json!({}),
-            &format!("resuming {}", a.id),
+            &format!("{doing} {id}"),
         )
         .await?;
     if !g.json {
-        println!("resuming relocation {}", v.id);
+        println!("{doing} relocation {}", v.id);
     }
-    let v = follow(g, remote, &v.id).await?;
+    follow(g, remote, &v.id).await
+}
+
+pub(crate) async fn resume_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
+    let v = act_and_follow(g, remote, &a.id, "resume", "resuming").await?;
     finish_remote(g, &v)
 }
 
 pub(crate) async fn rollback_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
-    let v: RelocationView = remote
-        .post(
-            &format!("/relocations/{}/rollback", a.id),
-            &serde_json::json!({}),
-            &format!("rolling back {}", a.id),
-        )
-        .await?;
-    if !g.json {
-        println!("rolling back relocation {}", v.id);
-    }
-    let v = follow(g, remote, &v.id).await?;
+    let v = act_and_follow(g, remote, &a.id, "rollback", "rolling back").await?;
     if g.json {
         match report_of(&v)? {
             Some(rep) => print_json(&rep)?,
