@@ -7,6 +7,7 @@
 
 mod commands;
 mod output;
+mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,11 @@ struct Cli {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Run against a `fluidcloud serve` at URL instead of the local sites
+    /// file (sites list, migrators list, match, relocate, status, resume,
+    /// rollback, report); the token comes from $FLUIDCLOUD_TOKEN.
+    #[arg(long, global = true, value_name = "URL", env = "FLUIDCLOUD_SERVER")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,6 +86,32 @@ impl std::error::Error for ExitWith {}
 pub(crate) struct Globals {
     pub(crate) config: Option<PathBuf>,
     pub(crate) json: bool,
+    /// `--server URL`: the service to ask instead of the local sites file.
+    pub(crate) server: Option<String>,
+}
+
+impl Globals {
+    /// The remote service, when `--server` (or `$FLUIDCLOUD_SERVER`) names one.
+    pub(crate) fn remote(&self) -> anyhow::Result<Option<remote::Remote>> {
+        self.server
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(remote::Remote::new)
+            .transpose()
+    }
+
+    /// Refuses `--server` for commands that only run locally.
+    fn local_only(&self, what: &str) -> anyhow::Result<()> {
+        if self.server.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+            anyhow::bail!(ExitWith(
+                2,
+                format!(
+                    "`{what}` runs only on the machine of the sites file; drop --server (or unset $FLUIDCLOUD_SERVER)"
+                )
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -88,6 +120,7 @@ fn main() -> ExitCode {
     let globals = Globals {
         config: cli.config,
         json: cli.json,
+        server: cli.server,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -99,18 +132,33 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Sites(c) => commands::sites::run(&globals, c).await,
-            Command::Introspect(a) => commands::introspect::run(&globals, a).await,
+            Command::Introspect(a) => {
+                globals.local_only("introspect")?;
+                commands::introspect::run(&globals, a).await
+            }
             Command::Match(a) => commands::matching::run(&globals, a).await,
             Command::Migrators(c) => commands::migrators::run(&globals, c).await,
-            Command::Serve(a) => commands::serve::run(&globals, a).await,
-            Command::Image(c) => commands::image::run(&globals, c).await,
+            Command::Serve(a) => {
+                globals.local_only("serve")?;
+                commands::serve::run(&globals, a).await
+            }
+            Command::Image(c) => {
+                globals.local_only("image")?;
+                commands::image::run(&globals, c).await
+            }
             Command::Relocate(a) => commands::relocate::relocate(&globals, a).await,
-            Command::Plan(a) => commands::relocate::plan(&globals, a).await,
+            Command::Plan(a) => {
+                globals.local_only("plan")?;
+                commands::relocate::plan(&globals, a).await
+            }
             Command::Status(a) => commands::relocate::status(&globals, a).await,
             Command::Resume(a) => commands::relocate::resume(&globals, a).await,
             Command::Rollback(a) => commands::relocate::rollback(&globals, a).await,
             Command::Report(a) => commands::relocate::report_cmd(&globals, a).await,
-            Command::Demo(c) => commands::demo::run(&globals, c).await,
+            Command::Demo(c) => {
+                globals.local_only("demo")?;
+                commands::demo::run(&globals, c).await
+            }
         }
     });
     match result {

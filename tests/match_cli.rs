@@ -229,3 +229,128 @@ fn bad_constraints_and_options_are_reported_clearly() {
     );
     assert!(err.contains("unknown site `nowhere`"), "{err}");
 }
+
+#[test]
+fn a_measured_rtt_replaces_the_estimate_and_is_named_measured() {
+    let estimated = matched(&[]);
+    assert_eq!(site_of(&estimated, "web"), "cloud-frankfurt");
+    let p = matched(&["--rtt", "cloud-frankfurt=400"]);
+    assert_ne!(site_of(&p, "web"), "cloud-frankfurt", "{p:#}");
+    let fra = alternative(&p, "web", "cloud-frankfurt");
+    assert_eq!(fra["score"]["latency_ms"], 400.0, "{fra:#}");
+    assert_eq!(fra["score"]["latency_measured"], true, "{fra:#}");
+    assert_eq!(fra["mainly"], "latency (measured)", "{fra:#}");
+
+    let cfg = demo_config();
+    let text = ok(&run(&[
+        "--config",
+        &cfg,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--rtt",
+        "cloud-frankfurt=0.5",
+    ]));
+    assert!(text.contains("0.5 ms to users (measured)"), "{text}");
+    let err = fails(
+        &run(&[
+            "--config",
+            &cfg,
+            "match",
+            "--from",
+            "dc-paris",
+            "--service",
+            "shop",
+            "--rtt",
+            "atlantis=3",
+        ]),
+        3,
+    );
+    assert!(err.contains("atlantis"), "{err}");
+    let err = fails(
+        &run(&[
+            "--config",
+            &cfg,
+            "match",
+            "--from",
+            "dc-paris",
+            "--service",
+            "shop",
+            "--rtt",
+            "edge-nantes=fast",
+        ]),
+        2,
+    );
+    assert!(
+        err.contains("SITE=MS") || err.contains("milliseconds"),
+        "{err}"
+    );
+}
+
+#[test]
+fn measure_rtt_times_tcp_connects_to_site_endpoints() {
+    // Frankfurt's endpoint answers on loopback; Rennes' refuses.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let text = std::fs::read_to_string(demo_config()).unwrap();
+    let text = text
+        .replace(
+            "[sites.cloud-frankfurt]\nkind = \"local\"\n",
+            &format!("[sites.cloud-frankfurt]\nkind = \"local\"\nendpoint = \"http://127.0.0.1:{port}/api\"\n"),
+        )
+        .replace(
+            "[sites.edge-rennes]\nkind = \"local\"\n",
+            &format!("[sites.edge-rennes]\nkind = \"local\"\nendpoint = \"127.0.0.1:{closed}\"\n"),
+        );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("endpoint = "))
+            .count(),
+        2,
+        "{text}"
+    );
+    let cfg = demo().join("fluidcloud-rtt.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--measure-rtt",
+    ]);
+    let p: Value = serde_json::from_str(&ok(&out)).unwrap();
+    let web = p["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["unit"]["name"] == "web")
+        .unwrap();
+    assert_eq!(web["site"], "cloud-frankfurt");
+    assert_eq!(web["score"]["latency_measured"], true, "{web:#}");
+    let ms = web["score"]["latency_ms"].as_f64().unwrap();
+    assert!(
+        ms < 8.0,
+        "a loopback connect took {ms} ms (the estimate is 8.2)"
+    );
+    let rennes = alternative(&p, "web", "edge-rennes");
+    assert!(
+        rennes["score"].get("latency_measured").is_none(),
+        "{rennes:#}"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("edge-rennes") && err.contains("estimated"),
+        "{err}"
+    );
+    drop(listener);
+}

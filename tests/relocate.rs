@@ -8,7 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fails, fresh_demo as fresh, ok, qemu_img, relocation_id, run, stdout, tree_digest};
+use common::{
+    fails, fresh_demo as fresh, instance_state, ok, qemu_img, relocation_id, run, same_bytes,
+    stdout, tree_digest,
+};
 
 fn site(dir: &Path, name: &str) -> PathBuf {
     dir.join("sites").join(name)
@@ -21,27 +24,6 @@ fn data_digest(dir: &Path, skip: &[&str]) -> Vec<(PathBuf, u64, u64)> {
         .filter(|(p, ..)| !skip.iter().any(|s| p.to_string_lossy().contains(s)))
         .map(|(p, size, _, _, h)| (p, size, h))
         .collect()
-}
-
-fn same_bytes(a: &Path, b: &Path) {
-    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} and {} differ: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-fn instance_state(dir: &Path, site_name: &str, instance: &str) -> String {
-    let text =
-        std::fs::read_to_string(site(dir, site_name).join(format!("instances/{instance}.toml")))
-            .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("state = "))
-        .map(|v| v.trim_matches('"').to_owned())
-        .unwrap()
 }
 
 #[test]

@@ -5,40 +5,16 @@
 
 mod common;
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ok, run};
+use common::{chunks_logged, ok, random_file, run};
 
 const MIB: u64 = 1 << 20;
 /// The volume's size: big enough that the copy takes seconds.
 const VOLUME: u64 = 1536 * MIB;
 const CHUNK: u64 = 4 * MIB;
-
-/// Fills `path` with `len` bytes of non-repeating data (xorshift), fast.
-fn random_file(path: &Path, len: u64) {
-    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..len / (1 << 20) {
-        for word in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f.flush().unwrap();
-}
-
-fn chunks_logged(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .map(|t| t.lines().skip(1).filter(|l| !l.ends_with(" ?")).count() as u64)
-        .unwrap_or(0)
-}
 
 #[test]
 fn kill_9_during_a_volume_copy_then_resume_completes_without_recopying() {

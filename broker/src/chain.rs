@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use fluidcloud_plugins::{ArtifactKind, MigratorDescriptor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One step of a chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChainStep {
     /// The migrator.
     pub migrator: String,

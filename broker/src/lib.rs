@@ -18,13 +18,15 @@
 //!   conflicting constraints when nothing fits.
 //!
 //! The broker never touches a site: the conduit hands it facts, and its
-//! REST service (to come) runs relocations through an injected runner.
+//! REST service runs relocations through an injected runner
+//! ([`runner::Relocations`]).
 
 pub mod chain;
 pub mod constraint;
 pub mod error;
 pub mod placement;
 pub mod rest;
+pub mod runner;
 
 pub use constraint::Constraint;
 pub use error::{Error, Result};

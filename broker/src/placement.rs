@@ -10,7 +10,7 @@
 //!
 //! | component | unit of one point | estimate |
 //! |---|---|---|
-//! | latency | 1 ms | weighted mean RTT from the service's users to the site: `1 ms + distance × 2 × 1.5 / (200 km/ms)` (light in fibre, 1.5× route stretch) |
+//! | latency | 1 ms | weighted mean RTT from the service's users to the site: measured when the request carries a figure for the site ([`Request::measured_rtt_ms`]), else estimated as `1 ms + distance × 2 × 1.5 / (200 km/ms)` (light in fibre, 1.5× route stretch) |
 //! | cost | 1 currency unit | a month of compute and storage at the site, plus the one-time egress of the bytes to move |
 //! | time | 1 minute | bytes to move over the link bandwidth, plus each conversion step at the conversion speed |
 //! | carbon | 1 kg CO₂e | a month of the unit's vCPUs at 10 W each, at the site's declared intensity (0 when undeclared; weight 0 by default so undeclared sites are not favoured) |
@@ -277,6 +277,10 @@ pub struct Request {
     /// Whether staying on the source site is an option.
     #[serde(default)]
     pub include_source: bool,
+    /// Measured round trip from the users to a site, ms, by site name: it
+    /// replaces the estimate from coordinates for that site.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub measured_rtt_ms: BTreeMap<String, f64>,
 }
 
 fn default_bandwidth() -> f64 {
@@ -298,6 +302,7 @@ impl Request {
             bandwidth_mbps: default_bandwidth(),
             convert_mb_s: default_convert(),
             include_source: false,
+            measured_rtt_ms: BTreeMap::new(),
         }
     }
 }
@@ -308,10 +313,13 @@ pub fn rtt_ms(a: &Location, b: &Location) -> f64 {
 }
 
 /// Score components of one unit on one site.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Score {
     /// Weighted mean RTT from users, ms.
     pub latency_ms: f64,
+    /// Whether `latency_ms` was measured rather than estimated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latency_measured: bool,
     /// Monthly compute and storage cost.
     pub cost_month: f64,
     /// One-time egress cost of moving the bytes.
@@ -340,7 +348,7 @@ impl Score {
 }
 
 /// Why a site lost for a unit.
-#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "verdict", rename_all = "kebab-case")]
 pub enum Alternative {
     /// A constraint forbids it.
@@ -366,7 +374,7 @@ pub enum Alternative {
 }
 
 /// Where one unit goes and why.
-#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Assignment {
     /// The unit.
     pub unit: Unit,
@@ -381,7 +389,7 @@ pub struct Assignment {
 }
 
 /// The answer to a matching request.
-#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Placement {
     /// One per unit, in unit order.
     pub assignments: Vec<Assignment>,
@@ -1221,6 +1229,23 @@ fn check_names(units: &[Unit], sites: &[SiteInfo], req: &Request) -> Result<()> 
     let mut diags = Vec::new();
     let unit_names: BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
     let site_names: BTreeSet<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+    for (name, ms) in &req.measured_rtt_ms {
+        if !site_names.contains(name.as_str()) {
+            diags.push(
+                fluidcloud_plugins::Diagnostic::error(format!(
+                    "measured RTT for unknown site `{name}`"
+                ))
+                .at_key(format!("measured_rtt_ms[{name}]")),
+            );
+        } else if !(ms.is_finite() && *ms >= 0.0) {
+            diags.push(
+                fluidcloud_plugins::Diagnostic::error(format!(
+                    "measured RTT for `{name}` must be a non-negative number of ms, not {ms}"
+                ))
+                .at_key(format!("measured_rtt_ms[{name}]")),
+            );
+        }
+    }
     for (i, c) in req.constraints.iter().enumerate() {
         if let Some(sel) = c.selector() {
             for n in sel.names() {
@@ -1341,6 +1366,13 @@ fn explain(m: &Model<'_>, sol: &[usize], total: f64, optimal: bool, explored: u6
                             .max_by(|a, b| (a.1.1 - a.0.1).total_cmp(&(b.1.1 - b.0.1)))
                             .map(|(c, _)| c.0)
                             .unwrap_or("total");
+                        let mainly = if mainly == "latency"
+                            && (score.latency_measured || alt.latency_measured)
+                        {
+                            "latency (measured)"
+                        } else {
+                            mainly
+                        };
                         alternatives.push(Alternative::Worse {
                             site: site.name.clone(),
                             score: alt,
@@ -1393,8 +1425,12 @@ fn all_constraints(user: &[Constraint]) -> Vec<Constraint> {
     v
 }
 
-/// Weighted mean RTT from the users (default: the source site) to `s`.
+/// Weighted mean RTT from the users (default: the source site) to `s`:
+/// the measured figure when there is one.
 fn user_latency(s: &SiteInfo, req: &Request, source: &SiteInfo) -> f64 {
+    if let Some(ms) = req.measured_rtt_ms.get(&s.name) {
+        return *ms;
+    }
     let users: Vec<(Location, f64)> = if req.users.is_empty() {
         vec![(source.location.clone(), 1.0)]
     } else {
@@ -1453,6 +1489,7 @@ fn unit_score(
         s.cost.carbon_g_per_kwh.unwrap_or(0.0) * f64::from(u.vcpus) * 10.0 * HOURS_PER_MONTH / 1e6;
     let mut score = Score {
         latency_ms,
+        latency_measured: req.measured_rtt_ms.contains_key(&s.name),
         cost_month,
         egress,
         time_s,
@@ -1598,6 +1635,42 @@ mod tests {
             near.is_some(),
             "near is allowed through the qcow2->raw chain: {a:#?}"
         );
+    }
+
+    #[test]
+    fn a_measured_rtt_replaces_the_estimate_and_the_explanation_says_so() {
+        let units = [unit("web", 2, Some(Qcow2))];
+        // Estimated, mid (Frankfurt) wins; measured, its route is slow.
+        let mut r = req(&[]);
+        r.measured_rtt_ms.insert("mid".into(), 400.0);
+        let p = solve(&units, &world(), &r, &convert()).unwrap();
+        let a = &p.assignments[0];
+        assert_ne!(a.site, "mid", "{p:#?}");
+        assert!(!a.score.latency_measured);
+        let mid = a
+            .alternatives
+            .iter()
+            .find_map(|x| match x {
+                Alternative::Worse {
+                    site,
+                    score,
+                    mainly,
+                    ..
+                } if site == "mid" => Some((score, mainly)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(mid.0.latency_ms, 400.0);
+        assert!(mid.0.latency_measured);
+        assert_eq!(mid.1, "latency (measured)");
+        // A figure for a site that does not exist is refused, by name.
+        let mut r = req(&[]);
+        r.measured_rtt_ms.insert("atlantis".into(), 3.0);
+        let e = solve(&units, &world(), &r, &convert()).unwrap_err();
+        assert!(e.to_string().contains("atlantis"), "{e}");
+        let mut r = req(&[]);
+        r.measured_rtt_ms.insert("mid".into(), -1.0);
+        assert!(solve(&units, &world(), &r, &convert()).is_err());
     }
 
     #[test]

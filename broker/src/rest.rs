@@ -8,7 +8,14 @@
 //! | GET | `/sites` | every site of the catalog |
 //! | GET | `/sites/{name}` | one site |
 //! | GET | `/migrators` | every migrator the broker may chain |
-//! | POST | `/match` | topology + request → placement with explanations |
+//! | POST | `/match` | topology (or a service name) + request → placement with explanations |
+//! | POST | `/relocations` | plan a relocation, start it in the background: 202 + `Location` |
+//! | GET | `/relocations` | every relocation |
+//! | GET | `/relocations/{id}` | state, steps, and the report once no run is going on |
+//! | GET | `/relocations/{id}/events` | server-sent events: the state now, then progress, then `end` |
+//! | POST | `/relocations/{id}/cancel` | stop the run going on |
+//! | POST | `/relocations/{id}/resume` | continue an interrupted, cancelled or failed one |
+//! | POST | `/relocations/{id}/rollback` | undo it: clean the target, restart the source |
 //!
 //! Every other route needs `Authorization: Bearer TOKEN`; tokens are
 //! compared in constant time (SHA-256 digests compared with `subtle`).
@@ -17,7 +24,8 @@
 //! offending field by JSON pointer.
 //!
 //! The service holds no site drivers: the catalog is injected through the
-//! [`Catalog`] trait, so the broker never depends on the conduit.
+//! [`Catalog`] trait and relocations through [`Relocations`], so the broker
+//! never depends on the conduit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +45,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::placement::{self, Request as MatchOptions};
+use crate::runner::{RelocationRequest, RelocationView, Relocations, RunnerError};
 
 /// Where the service gets its sites and migrators.
 #[async_trait]
@@ -90,6 +99,7 @@ impl Default for ServiceConfig {
 #[derive(Clone)]
 struct AppState {
     catalog: Arc<dyn Catalog>,
+    relocations: Option<Arc<dyn Relocations>>,
     token_digest: Option<[u8; 32]>,
 }
 
@@ -269,8 +279,14 @@ async fn auth(
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchBody {
-    /// The service's topology, as `fluidcloud introspect --format json` prints it.
-    pub topology: TopologyDoc,
+    /// The service's topology, as `fluidcloud introspect --format json`
+    /// prints it; or leave it out and name the `service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologyDoc>,
+    /// A service on the source site, introspected by the service (when
+    /// `topology` is left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Source site, constraints, users, weights.
     pub request: MatchOptions,
 }
@@ -328,7 +344,45 @@ async fn match_service(
     State(s): State<AppState>,
     JsonBody(body): JsonBody<MatchBody>,
 ) -> Result<axum::Json<placement::Placement>, Problem> {
-    let topology = Topology::from_doc(body.topology).map_err(|e| {
+    let doc = match (body.topology, &body.service, &s.relocations) {
+        (Some(t), None, _) => t,
+        (None, Some(service), Some(r)) => r
+            .introspect(&body.request.source, service)
+            .await
+            .map_err(|e| match e {
+                RunnerError::Invalid { pointer, detail } => invalid(
+                    "invalid-field",
+                    &detail,
+                    match pointer.as_str() {
+                        "/site" => "/request/source",
+                        _ => "/service",
+                    },
+                ),
+                e => runner_problem(e),
+            })?,
+        (None, Some(_), None) => {
+            return Err(invalid(
+                "invalid-field",
+                "this service cannot introspect: send the `topology`",
+                "/service",
+            ));
+        }
+        (Some(_), Some(_), _) => {
+            return Err(invalid(
+                "invalid-field",
+                "send either `topology` or `service`, not both",
+                "/service",
+            ));
+        }
+        (None, None, _) => {
+            return Err(invalid(
+                "invalid-field",
+                "send the `topology`, or the `service` to introspect on the source site",
+                "/topology",
+            ));
+        }
+    };
+    let topology = Topology::from_doc(doc).map_err(|e| {
         let errors = match &e {
             fluidcloud_plugins::Error::Invalid(d) => d
                 .iter()
@@ -418,6 +472,182 @@ async fn match_service(
     }
 }
 
+/// A 422 problem naming one field.
+fn invalid(kind: &str, detail: &str, pointer: &str) -> Problem {
+    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, kind, detail).with_errors(vec![FieldError {
+        pointer: pointer.to_owned(),
+        detail: detail.to_owned(),
+    }])
+}
+
+fn runner_problem(e: RunnerError) -> Problem {
+    match e {
+        RunnerError::NotFound(d) => Problem::new(StatusCode::NOT_FOUND, "unknown-relocation", d),
+        RunnerError::Invalid { pointer, detail } => invalid("invalid-field", &detail, &pointer),
+        RunnerError::Conflict(d) => Problem::new(StatusCode::CONFLICT, "conflict", d),
+        RunnerError::Failed(d) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", d),
+    }
+}
+
+fn runner(s: &AppState) -> Result<&Arc<dyn Relocations>, Problem> {
+    s.relocations.as_ref().ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "this service does not run relocations",
+        )
+    })
+}
+
+/// 202 Accepted with `Location: /relocations/ID` and the relocation.
+fn accepted(view: RelocationView) -> Response {
+    let location = format!("/relocations/{}", view.id);
+    let mut resp = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+async fn start_relocation(
+    State(s): State<AppState>,
+    JsonBody(body): JsonBody<RelocationRequest>,
+) -> Result<Response, Problem> {
+    let r = runner(&s)?;
+    for (i, c) in body.constraints.iter().enumerate() {
+        if let Err(d) = c.parse::<crate::Constraint>() {
+            return Err(invalid(
+                "invalid-constraint",
+                &d.to_string(),
+                &format!("/constraints/{i}"),
+            ));
+        }
+    }
+    if !body.constraints.is_empty() && body.to != "auto" {
+        return Err(invalid(
+            "invalid-field",
+            "constraints apply to `to: auto`; with an explicit target site there is nothing to choose",
+            "/constraints",
+        ));
+    }
+    if let Some(b) = body.retry_budget_secs
+        && !(b.is_finite() && (0.0..=86_400.0).contains(&b))
+    {
+        return Err(invalid(
+            "invalid-field",
+            "retry_budget_secs takes 0 to 86400 seconds",
+            "/retry_budget_secs",
+        ));
+    }
+    Ok(accepted(r.start(body).await.map_err(runner_problem)?))
+}
+
+async fn list_relocations(
+    State(s): State<AppState>,
+) -> Result<axum::Json<Vec<RelocationView>>, Problem> {
+    Ok(axum::Json(
+        runner(&s)?.list().await.map_err(runner_problem)?,
+    ))
+}
+
+async fn get_relocation(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<RelocationView>, Problem> {
+    Ok(axum::Json(
+        runner(&s)?.get(&id).await.map_err(runner_problem)?,
+    ))
+}
+
+async fn cancel_relocation(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<RelocationView>, Problem> {
+    Ok(axum::Json(
+        runner(&s)?.cancel(&id).await.map_err(runner_problem)?,
+    ))
+}
+
+async fn rollback_relocation(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    Ok(accepted(
+        runner(&s)?.rollback(&id).await.map_err(runner_problem)?,
+    ))
+}
+
+async fn resume_relocation(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    Ok(accepted(
+        runner(&s)?.resume(&id).await.map_err(runner_problem)?,
+    ))
+}
+
+/// `state` (the relocation now), then one event per progress event of the
+/// run going on (named like its `event` field: `step-started`,
+/// `step-progress`, `step-finished`, …), then `end` with the final state
+/// once the runner closes the run's channel (after it recorded the end).
+async fn relocation_events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt as _;
+    use tokio::sync::broadcast::error::RecvError;
+
+    let r = runner(&s)?.clone();
+    let watch = r.watch(&id).await.map_err(runner_problem)?;
+    let json_event = |name: &str, v: &RelocationView| {
+        Event::default()
+            .event(name)
+            .json_data(v)
+            .unwrap_or_else(|_| Event::default().event(name))
+    };
+    let first = futures::stream::once({
+        let e = json_event("state", &watch.current);
+        async move { e }
+    });
+    let rest = futures::stream::unfold(
+        (watch.events, r, id, false),
+        move |(events, r, id, done)| async move {
+            if done {
+                return None;
+            }
+            let end = |r: Arc<dyn Relocations>, id: String| async move {
+                match r.get(&id).await {
+                    Ok(v) => Some((json_event("end", &v), (None, r, id, true))),
+                    Err(_) => None,
+                }
+            };
+            let Some(mut rx) = events else {
+                return end(r, id).await;
+            };
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let v = serde_json::to_value(&ev).unwrap_or_default();
+                        let name = v["event"].as_str().unwrap_or("progress").to_owned();
+                        let e = Event::default()
+                            .event(name)
+                            .json_data(&v)
+                            .unwrap_or_else(|_| Event::default());
+                        return Some((e, (Some(rx), r, id, false)));
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return end(r, id).await,
+                }
+            }
+        },
+    );
+    let stream = first.chain(rest).map(Ok::<_, std::convert::Infallible>);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 /// The OpenAPI 3.1 document of the service, built from the types the
 /// handlers (de)serialize, so it cannot drift from them.
 pub fn openapi() -> serde_json::Value {
@@ -436,6 +666,9 @@ pub fn openapi() -> serde_json::Value {
     let match_body = schema(generator.subschema_for::<MatchBody>());
     let placement = schema(generator.subschema_for::<placement::Placement>());
     let problem = schema(generator.subschema_for::<Problem>());
+    let reloc_req = schema(generator.subschema_for::<RelocationRequest>());
+    let reloc = schema(generator.subschema_for::<RelocationView>());
+    let relocs = schema(generator.subschema_for::<Vec<RelocationView>>());
     let defs = generator.take_definitions(true);
 
     let json_ok = |s: &serde_json::Value| json!({ "description": "OK", "content": { "application/json": { "schema": s } } });
@@ -453,12 +686,35 @@ pub fn openapi() -> serde_json::Value {
         serde_json::Value::Object(r)
     };
     let auth = [("401", "missing or invalid bearer token")];
+    let id_param =
+        json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let accepted = |codes: &[(&str, &str)]| {
+        let mut r = errors(codes);
+        r.insert(
+            "202".into(),
+            json!({
+                "description": "started in the background; `Location` names the relocation",
+                "headers": { "Location": { "schema": { "type": "string" } } },
+                "content": { "application/json": { "schema": reloc } }
+            }),
+        );
+        serde_json::Value::Object(r)
+    };
+    let by_id = |op: &str, codes: &[(&str, &str)]| {
+        let mut c = vec![
+            auth[0],
+            ("404", "no such relocation"),
+            ("409", "not possible in the relocation's state"),
+        ];
+        c.extend_from_slice(codes);
+        json!({ "post": { "operationId": op, "parameters": id_param, "responses": accepted(&c) } })
+    };
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "fluidcloud broker",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Matches services to sites: catalog, migrators and explained placement."
+            "description": "Matches services to sites (catalog, migrators, explained placement) and relocates them."
         },
         "security": [{ "bearer": [] }],
         "paths": {
@@ -483,7 +739,44 @@ pub fn openapi() -> serde_json::Value {
                     ("415", "not JSON"),
                     ("422", "invalid field, topology or constraint"),
                 ])
-            } }
+            } },
+            "/relocations": {
+                "get": { "operationId": "listRelocations", "responses": with(json_ok(&relocs), &auth) },
+                "post": {
+                    "operationId": "startRelocation",
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": reloc_req } } },
+                    "responses": accepted(&[
+                        auth[0],
+                        ("400", "malformed JSON"),
+                        ("409", "no placement satisfies the constraints, or the source is busy"),
+                        ("413", "body too large"),
+                        ("415", "not JSON"),
+                        ("422", "invalid field: unknown site or service, bad constraint"),
+                        ("500", "a site failed while planning"),
+                    ])
+                }
+            },
+            "/relocations/{id}": { "get": {
+                "operationId": "getRelocation",
+                "parameters": id_param,
+                "responses": with(json_ok(&reloc), &[auth[0], ("404", "no such relocation")])
+            } },
+            "/relocations/{id}/events": { "get": {
+                "operationId": "relocationEvents",
+                "description": "Server-sent events: `state` (the relocation now), then the run's progress events (`step-started`, `step-progress` with bytes, `step-finished`, `step-rolled-back`, `run-finished`, …), then `end` with the final state.",
+                "parameters": id_param,
+                "responses": with(
+                    json!({ "description": "an event stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } }),
+                    &[auth[0], ("404", "no such relocation")]
+                )
+            } },
+            "/relocations/{id}/cancel": { "post": {
+                "operationId": "cancelRelocation",
+                "parameters": id_param,
+                "responses": with(json_ok(&reloc), &[auth[0], ("404", "no such relocation"), ("409", "no run is going on")])
+            } },
+            "/relocations/{id}/resume": by_id("resumeRelocation", &[("500", "the state directory failed")]),
+            "/relocations/{id}/rollback": by_id("rollbackRelocation", &[("500", "the state directory failed")])
         },
         "components": {
             "schemas": defs,
@@ -500,10 +793,29 @@ async fn not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "not-found", "no such route")
 }
 
-/// The service's routes with authentication, limits and timeouts.
+/// The service's routes with authentication, limits and timeouts; without
+/// relocations (their routes answer 404).
 pub fn router(catalog: Arc<dyn Catalog>, config: &ServiceConfig) -> Router {
+    build(catalog, None, config)
+}
+
+/// The service's routes, relocations run by `relocations`.
+pub fn router_with(
+    catalog: Arc<dyn Catalog>,
+    relocations: Arc<dyn Relocations>,
+    config: &ServiceConfig,
+) -> Router {
+    build(catalog, Some(relocations), config)
+}
+
+fn build(
+    catalog: Arc<dyn Catalog>,
+    relocations: Option<Arc<dyn Relocations>>,
+    config: &ServiceConfig,
+) -> Router {
     let state = AppState {
         catalog,
+        relocations,
         token_digest: config.token.as_deref().map(digest),
     };
     let protected = Router::new()
@@ -512,6 +824,12 @@ pub fn router(catalog: Arc<dyn Catalog>, config: &ServiceConfig) -> Router {
         .route("/sites/{name}", get(site))
         .route("/migrators", get(migrators))
         .route("/match", post(match_service))
+        .route("/relocations", get(list_relocations).post(start_relocation))
+        .route("/relocations/{id}", get(get_relocation))
+        .route("/relocations/{id}/events", get(relocation_events))
+        .route("/relocations/{id}/cancel", post(cancel_relocation))
+        .route("/relocations/{id}/resume", post(resume_relocation))
+        .route("/relocations/{id}/rollback", post(rollback_relocation))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))

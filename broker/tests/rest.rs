@@ -320,6 +320,12 @@ async fn the_openapi_document_describes_what_the_service_really_sends() {
         "/migrators",
         "/match",
         "/openapi.json",
+        "/relocations",
+        "/relocations/{id}",
+        "/relocations/{id}/events",
+        "/relocations/{id}/cancel",
+        "/relocations/{id}/resume",
+        "/relocations/{id}/rollback",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} is not documented");
     }
@@ -397,4 +403,51 @@ async fn the_openapi_document_describes_what_the_service_really_sends() {
         .unwrap();
     assert_eq!(r.status(), 409);
     check("/match", "post", "409", &r.json::<Value>().await.unwrap());
+}
+
+#[tokio::test]
+async fn match_by_service_name_needs_a_runner_and_a_body_needs_one_or_the_other() {
+    let base = start().await;
+    let post = |body: Value| {
+        client()
+            .post(format!("{base}/match"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+    };
+    let p = problem(
+        post(json!({ "request": { "source": "paris" } }))
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p.errors[0].pointer, "/topology", "{p:?}");
+    // This service was built without relocations: it cannot introspect.
+    let p = problem(
+        post(json!({ "service": "shop", "request": { "source": "paris" } }))
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p.errors[0].pointer, "/service", "{p:?}");
+    let p = problem(
+        post(
+            json!({ "topology": topology(), "service": "shop", "request": { "source": "paris" } }),
+        )
+        .await
+        .unwrap(),
+        422,
+    )
+    .await;
+    assert!(p.detail.contains("not both"), "{p:?}");
+    // And its relocation routes are unknown.
+    let r = client()
+        .get(format!("{base}/relocations"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404).await;
 }

@@ -65,6 +65,7 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
                 &Globals {
                     config: None,
                     json: g.json,
+                    server: None,
                 },
                 dir.clone(),
                 !fresh,
@@ -74,6 +75,7 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
             let inner = Globals {
                 config: Some(config),
                 json: g.json,
+                server: None,
             };
             super::relocate::relocate(
                 &inner,

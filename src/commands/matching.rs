@@ -38,6 +38,15 @@ pub(crate) struct MatchArgs {
     /// Let resources stay on the source site.
     #[arg(long)]
     include_source: bool,
+    /// A measured round trip from the users to a site, in ms; it replaces
+    /// the estimate from coordinates for that site. Repeatable.
+    #[arg(long = "rtt", value_name = "SITE=MS", value_parser = parse_rtt)]
+    rtts: Vec<(String, f64)>,
+    /// Measure the round trip to every site with an `endpoint` by timing
+    /// TCP connects from this machine (the best of three); figures given
+    /// with --rtt win.
+    #[arg(long)]
+    measure_rtt: bool,
     /// Declared service manifest to merge (default: the site's services/NAME.toml).
     #[arg(long, value_name = "FILE")]
     manifest: Option<PathBuf>,
@@ -103,6 +112,53 @@ fn parse_weights(s: &str) -> std::result::Result<Weights, String> {
     Ok(w)
 }
 
+/// `SITE=MS`, for clap.
+fn parse_rtt(s: &str) -> std::result::Result<(String, f64), String> {
+    let (site, ms) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not SITE=MS"))?;
+    let ms: f64 = ms
+        .trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| format!("`{s}` needs a non-negative number of milliseconds"))?;
+    Ok((site.trim().to_owned(), ms))
+}
+
+/// The round trip to `endpoint` (`scheme://host:port/...` or `host:port`):
+/// the fastest of three TCP connects, ms; `None` when it does not answer
+/// within two seconds.
+pub(crate) async fn measure_rtt(endpoint: &str) -> Option<f64> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok() && !authority.ends_with(']'));
+    let target = if has_port {
+        authority.to_owned()
+    } else if endpoint.starts_with("https://") {
+        format!("{authority}:443")
+    } else {
+        format!("{authority}:80")
+    };
+    let mut best: Option<f64> = None;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let c = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tokio::net::TcpStream::connect(&target),
+        )
+        .await;
+        if let Ok(Ok(_)) = c {
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            best = Some(best.map_or(ms, |b: f64| b.min(ms)));
+        }
+    }
+    best
+}
+
 fn parse_positive(s: &str) -> std::result::Result<f64, String> {
     s.parse::<f64>()
         .ok()
@@ -166,6 +222,9 @@ pub(crate) async fn place(
 }
 
 pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        return run_remote(g, &remote, a).await;
+    }
     let file = sites_file(g)?;
     let source_cfg = file.site(&a.from)?;
     let driver = drivers::open(&a.from, source_cfg)?;
@@ -174,7 +233,21 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
         None => None,
     };
     let found = introspect(driver.as_ref(), source_cfg, Some(&a.service), manifest).await?;
+    let mut measured = std::collections::BTreeMap::new();
+    if a.measure_rtt {
+        for (name, cfg) in &file.sites {
+            let Some(ep) = &cfg.endpoint else { continue };
+            match measure_rtt(ep).await {
+                Some(ms) => {
+                    measured.insert(name.clone(), ms);
+                }
+                None => eprintln!("note: {name} ({ep}) did not answer; its RTT is estimated"),
+            }
+        }
+    }
+    measured.extend(a.rtts.iter().cloned());
     let placement = place(&file, &a.from, &found.topology, &a.constraints, |r| {
+        r.measured_rtt_ms = measured;
         r.users = a.users;
         if let Some(w) = a.weights {
             r.weights = w;
@@ -186,11 +259,20 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
     if g.json {
         return print_json(&placement);
     }
-    let currency = source_cfg.cost.currency.clone();
+    print_placement(&placement, &a.service, &a.from, &source_cfg.cost.currency);
+    Ok(())
+}
+
+fn print_placement(
+    placement: &fluidcloud_broker::Placement,
+    service: &str,
+    from: &str,
+    currency: &str,
+) {
     println!(
         "placement of {} from {} ({}, {} search nodes)\n",
-        a.service,
-        a.from,
+        service,
+        from,
         if placement.optimal {
             "optimal"
         } else {
@@ -209,8 +291,13 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
             asg.unit.name, asg.site, s.total
         );
         println!(
-            "  {:.1} ms to users, {:.1} ms to its peers ({}), {:.2} {currency}/month, egress {:.2} {currency}, {} to move ({:.0} s)",
+            "  {:.1} ms to users{}, {:.1} ms to its peers ({}), {:.2} {currency}/month, egress {:.2} {currency}, {} to move ({:.0} s)",
             s.latency_ms,
+            if s.latency_measured {
+                " (measured)"
+            } else {
+                ""
+            },
             s.peers_ms,
             if asg.unit.peers.is_empty() {
                 "none".to_owned()
@@ -253,5 +340,47 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
         "total score {:.1} (lower is better; see docs/broker.md)",
         placement.total
     );
+}
+
+/// `match --server URL`: the service introspects and places.
+async fn run_remote(g: &Globals, remote: &crate::remote::Remote, a: MatchArgs) -> Result<()> {
+    if a.manifest.is_some() {
+        anyhow::bail!(crate::ExitWith(
+            2,
+            "--manifest names a local file; with --server the service reads its own manifests"
+                .into()
+        ));
+    }
+    let mut request = Request::new(&a.from);
+    for c in &a.constraints {
+        let c: Constraint = c
+            .parse()
+            .map_err(|d| fluidcloud_broker::Error::Invalid(vec![d]))?;
+        request.constraints.push(c);
+    }
+    request.users = a.users;
+    if let Some(w) = a.weights {
+        request.weights = w;
+    }
+    request.bandwidth_mbps = a.bandwidth_mbps;
+    request.include_source = a.include_source;
+    if a.measure_rtt {
+        anyhow::bail!(crate::ExitWith(
+            2,
+            "--measure-rtt measures from the machine of the sites file; with --server give figures with --rtt SITE=MS".into()
+        ));
+    }
+    request.measured_rtt_ms = a.rtts.into_iter().collect();
+    let body = serde_json::json!({ "service": a.service, "request": request });
+    let placement: fluidcloud_broker::Placement = remote
+        .post("/match", &body, &format!("matching {}", a.service))
+        .await?;
+    if g.json {
+        return print_json(&placement);
+    }
+    let source: SiteInfo = remote
+        .get(&format!("/sites/{}", a.from), "reading the source site")
+        .await?;
+    print_placement(&placement, &a.service, &a.from, &source.cost.currency);
     Ok(())
 }

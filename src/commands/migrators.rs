@@ -128,21 +128,27 @@ fn catalogue() -> (Vec<Entry>, Vec<Broken>) {
     let (plugins, broken) = plugins(&builtin);
     let mut all: Vec<Entry> = builtin
         .into_iter()
-        .map(|d| Entry {
-            name: d.name,
-            origin: "built-in".into(),
-            path: None,
-            version: d.version,
-            summary: d.summary,
-            consumes: d.consumes,
-            produces: d.produces,
-            secrets: Vec::new(),
-            protocol: None,
-            features: Vec::new(),
-        })
+        .map(|d| described(d, "built-in"))
         .collect();
     all.extend(plugins);
     (all, broken)
+}
+
+/// An entry known only by its descriptor (a built-in, or one the service
+/// lists).
+fn described(d: MigratorDescriptor, origin: &str) -> Entry {
+    Entry {
+        name: d.name,
+        origin: origin.into(),
+        path: None,
+        version: d.version,
+        summary: d.summary,
+        consumes: d.consumes,
+        produces: d.produces,
+        secrets: Vec::new(),
+        protocol: None,
+        features: Vec::new(),
+    }
 }
 
 fn kinds(k: &[ArtifactKind]) -> String {
@@ -163,7 +169,47 @@ fn warn(broken: &[Broken]) {
     }
 }
 
+fn print_list(all: &[Entry]) {
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.origin.clone(),
+                e.version.clone(),
+                kinds(&e.consumes),
+                kinds(&e.produces),
+                e.summary.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "NAME", "ORIGIN", "VERSION", "CONSUMES", "PRODUCES", "SUMMARY"
+            ],
+            &rows
+        )
+    );
+}
+
 pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        let MigratorsCommand::List = c else {
+            anyhow::bail!(crate::ExitWith(
+                2,
+                "with --server only `migrators list` runs".into()
+            ));
+        };
+        let all: Vec<MigratorDescriptor> = remote.get("/migrators", "listing migrators").await?;
+        if g.json {
+            return print_json(&all);
+        }
+        let all: Vec<Entry> = all.into_iter().map(|d| described(d, "service")).collect();
+        print_list(&all);
+        return Ok(());
+    }
     let (all, broken) = catalogue();
     warn(&broken);
     match c {
@@ -171,28 +217,7 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
             if g.json {
                 return print_json(&all);
             }
-            let rows: Vec<Vec<String>> = all
-                .iter()
-                .map(|e| {
-                    vec![
-                        e.name.clone(),
-                        e.origin.clone(),
-                        e.version.clone(),
-                        kinds(&e.consumes),
-                        kinds(&e.produces),
-                        e.summary.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(
-                    &[
-                        "NAME", "ORIGIN", "VERSION", "CONSUMES", "PRODUCES", "SUMMARY"
-                    ],
-                    &rows
-                )
-            );
+            print_list(&all);
             Ok(())
         }
         MigratorsCommand::Show { name } => {

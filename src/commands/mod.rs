@@ -6,6 +6,7 @@ pub(crate) mod introspect;
 pub(crate) mod matching;
 pub(crate) mod migrators;
 pub(crate) mod relocate;
+pub(crate) mod runner;
 pub(crate) mod serve;
 pub(crate) mod sites;
 

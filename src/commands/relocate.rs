@@ -87,6 +87,25 @@ impl RelocateArgs {
             retry_budget: None,
         }
     }
+
+    /// What `POST /relocations` asks for.
+    pub(crate) fn from_api(r: &fluidcloud_broker::runner::RelocationRequest) -> Self {
+        use fluidcloud_broker::runner::BucketsMode;
+        Self {
+            from: r.from.clone(),
+            to: r.to.clone(),
+            service: r.service.clone(),
+            constraints: r.constraints.clone(),
+            buckets: match r.buckets {
+                BucketsMode::Copy => BucketsArg::Copy,
+                BucketsMode::Repoint => BucketsArg::Repoint,
+            },
+            manifest: None,
+            dry_run: false,
+            yes: true,
+            retry_budget: r.retry_budget_secs,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -107,12 +126,12 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn store_of(file: &SitesFile) -> Store {
+pub(crate) fn store_of(file: &SitesFile) -> Store {
     let path = std::fs::canonicalize(&file.path).unwrap_or_else(|_| file.path.clone());
     Store::for_sites_file(&path)
 }
 
-fn executor_config() -> ExecutorConfig {
+pub(crate) fn executor_config() -> ExecutorConfig {
     ExecutorConfig {
         max_concurrency: 4,
         ..ExecutorConfig::default()
@@ -120,7 +139,10 @@ fn executor_config() -> ExecutorConfig {
 }
 
 /// Plans a relocation from the command line's arguments.
-async fn make_plan(file: &SitesFile, a: &RelocateArgs) -> Result<(Relocation, Workflow, Registry)> {
+pub(crate) async fn make_plan(
+    file: &SitesFile,
+    a: &RelocateArgs,
+) -> Result<(Relocation, Workflow, Registry)> {
     let source_cfg = file.site(&a.from)?;
     let driver = drivers::open(&a.from, source_cfg)?;
     let manifest = match &a.manifest {
@@ -260,6 +282,9 @@ fn print_plan(r: &Relocation, plan: &Plan) {
 }
 
 pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        return relocate_remote(g, &remote, a).await;
+    }
     let file = sites_file(g)?;
     let (relocation, workflow, registry) = make_plan(&file, &a).await?;
     let plan = Plan::new(&workflow, &registry).await;
@@ -307,6 +332,9 @@ pub(crate) async fn plan(g: &Globals, mut a: RelocateArgs) -> Result<()> {
 }
 
 pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        return resume_remote(g, &remote, a).await;
+    }
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
@@ -324,6 +352,9 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
 }
 
 pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        return rollback_remote(g, &remote, a).await;
+    }
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
@@ -371,6 +402,9 @@ pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
 }
 
 pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        return status_remote(g, &remote, a).await;
+    }
     let file = sites_file(g)?;
     let store = store_of(&file);
     match a.id {
@@ -412,44 +446,72 @@ pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
                 let r = store.load(&id)?;
                 all.push(build_report(&store, &r)?);
             }
-            if g.json {
-                let rows: Vec<serde_json::Value> = all
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.id, "service": r.service, "from": r.from,
-                            "targets": r.targets, "status": r.status,
-                        })
-                    })
-                    .collect();
-                return print_json(&rows);
-            }
-            if all.is_empty() {
-                println!("no relocations yet (fluidcloud relocate --from SITE)");
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = all
+            let lines: Vec<Line<'_>> = all
                 .iter()
-                .map(|r| {
-                    vec![
-                        r.id.clone(),
-                        r.status.clone(),
-                        r.service.clone(),
-                        r.from.clone(),
-                        r.targets.join(","),
-                    ]
+                .map(|r| Line {
+                    id: &r.id,
+                    status: &r.status,
+                    service: &r.service,
+                    from: &r.from,
+                    targets: &r.targets,
                 })
                 .collect();
-            print!(
-                "{}",
-                crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
-            );
+            print_relocations(g, &lines)?;
             Ok(())
         }
     }
 }
 
+/// One relocation in `status`'s list.
+struct Line<'a> {
+    id: &'a str,
+    status: &'a str,
+    service: &'a str,
+    from: &'a str,
+    targets: &'a [String],
+}
+
+/// `status` without an id: JSON rows or a table.
+fn print_relocations(g: &Globals, all: &[Line<'_>]) -> Result<()> {
+    if g.json {
+        let rows: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "service": r.service, "from": r.from,
+                    "targets": r.targets, "status": r.status,
+                })
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    if all.is_empty() {
+        println!("no relocations yet (fluidcloud relocate --from SITE)");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_owned(),
+                r.status.to_owned(),
+                r.service.to_owned(),
+                r.from.to_owned(),
+                r.targets.join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
+    );
+    Ok(())
+}
+
 pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
+    if let Some(remote) = g.remote()? {
+        return report_remote(g, &remote, a).await;
+    }
     let file = sites_file(g)?;
     let store = store_of(&file);
     let r = store.load(&a.id)?;
@@ -461,7 +523,7 @@ pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
     Ok(())
 }
 
-fn build_report(store: &Store, r: &Relocation) -> Result<Report> {
+pub(crate) fn build_report(store: &Store, r: &Relocation) -> Result<Report> {
     let entries = report::entries(&store.journal(&r.id))?;
     Ok(report::build(r, &entries, &unified_diff))
 }
@@ -736,4 +798,271 @@ async fn drive(
     drop(executor);
     let _ = tokio::time::timeout(Duration::from_secs(2), ui).await;
     Ok(result?)
+}
+
+// ---- `--server URL`: the same commands against `fluidcloud serve` ----
+
+use crate::remote::{Remote, SseEvent};
+use fluidcloud_broker::runner::{BucketsMode, RelocationRequest, RelocationView};
+
+/// Prints a run's step transitions as `drive` does, from the service's
+/// events.
+fn print_event(g: &Globals, ev: &SseEvent) {
+    if g.json {
+        return;
+    }
+    let d = &ev.data;
+    let step = d["step"].as_str().unwrap_or("");
+    match ev.name.as_str() {
+        "step-finished" => eprintln!(
+            "  {:<9} {step} ({:.2} s)",
+            d["state"].as_str().unwrap_or(""),
+            d["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+        ),
+        "step-rolled-back" => eprintln!("  rolled back {step}"),
+        "step-retrying" => eprintln!(
+            "  {step}: attempt {} failed ({}); retrying",
+            d["attempt"],
+            d["error"].as_str().unwrap_or("")
+        ),
+        "step-message" => eprintln!("  {step}: {}", d["text"].as_str().unwrap_or("")),
+        _ => {}
+    }
+}
+
+/// Follows the events of `id` to their end; the final state.
+async fn follow(g: &Globals, remote: &Remote, id: &str) -> Result<RelocationView> {
+    let what = format!("following relocation {id}");
+    remote
+        .events(&format!("/relocations/{id}/events"), &what, |ev| {
+            print_event(g, ev)
+        })
+        .await?;
+    remote
+        .get(
+            &format!("/relocations/{id}"),
+            &format!("reading relocation {id}"),
+        )
+        .await
+}
+
+fn report_of(v: &RelocationView) -> Result<Option<Report>> {
+    v.report
+        .clone()
+        .map(serde_json::from_value)
+        .transpose()
+        .context("the service sent a report this client cannot read")
+}
+
+/// The end of a remote run: the report, and the local commands' exit codes.
+fn finish_remote(g: &Globals, v: &RelocationView) -> Result<()> {
+    let rep = report_of(v)?;
+    match &rep {
+        Some(rep) if g.json => print_json(rep)?,
+        Some(rep) => {
+            println!();
+            print_report(rep);
+        }
+        None if g.json => print_json(v)?,
+        None => {}
+    }
+    let id = &v.id;
+    match v.status.as_str() {
+        "succeeded" | "rolled-back" => Ok(()),
+        "cancelled" | "interrupted" => bail!(ExitWith(
+            130,
+            format!(
+                "relocation {id} {}; `fluidcloud --server URL resume {id}` continues it, `fluidcloud --server URL rollback {id}` undoes it",
+                v.status
+            )
+        )),
+        _ => {
+            let failed = v
+                .steps
+                .iter()
+                .find(|s| s.state == "failed")
+                .map(|s| {
+                    format!(
+                        "step {} failed: {}",
+                        s.id,
+                        s.error.as_deref().unwrap_or("unknown error")
+                    )
+                })
+                .unwrap_or_else(|| format!("status {}", v.status));
+            bail!(ExitWith(1, format!("relocation {id} failed: {failed}")))
+        }
+    }
+}
+
+pub(crate) async fn relocate_remote(g: &Globals, remote: &Remote, a: RelocateArgs) -> Result<()> {
+    if a.manifest.is_some() || a.dry_run {
+        bail!(ExitWith(
+            2,
+            "--manifest and --dry-run run only locally; with --server the service plans and runs"
+                .into()
+        ));
+    }
+    let req = RelocationRequest {
+        from: a.from.clone(),
+        to: a.to.clone(),
+        service: a.service.clone(),
+        constraints: a.constraints.clone(),
+        buckets: match a.buckets {
+            BucketsArg::Copy => BucketsMode::Copy,
+            BucketsArg::Repoint => BucketsMode::Repoint,
+        },
+        retry_budget_secs: a.retry_budget,
+    };
+    let v: RelocationView = remote
+        .post("/relocations", &req, "starting the relocation")
+        .await?;
+    if !g.json {
+        println!(
+            "relocation {}: service {} from {} to {}, running on the service",
+            v.id,
+            v.service,
+            v.from,
+            v.targets.join(", ")
+        );
+    }
+    let v = follow(g, remote, &v.id).await?;
+    finish_remote(g, &v)
+}
+
+/// `POST /relocations/ID/ACTION` (resume or rollback), then its events to
+/// the end; the final state.
+async fn act_and_follow(
+    g: &Globals,
+    remote: &Remote,
+    id: &str,
+    action: &str,
+    doing: &str,
+) -> Result<RelocationView> {
+    let v: RelocationView = remote
+        .post(
+            &format!("/relocations/{id}/{action}"),
+            &serde_json::json!({}),
+            &format!("{doing} {id}"),
+        )
+        .await?;
+    if !g.json {
+        println!("{doing} relocation {}", v.id);
+    }
+    follow(g, remote, &v.id).await
+}
+
+pub(crate) async fn resume_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
+    let v = act_and_follow(g, remote, &a.id, "resume", "resuming").await?;
+    finish_remote(g, &v)
+}
+
+pub(crate) async fn rollback_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
+    let v = act_and_follow(g, remote, &a.id, "rollback", "rolling back").await?;
+    if g.json {
+        match report_of(&v)? {
+            Some(rep) => print_json(&rep)?,
+            None => print_json(&v)?,
+        }
+    } else {
+        let undone = v.steps.iter().filter(|s| s.state == "rolled-back").count();
+        println!(
+            "rolled back {undone} steps: the target holds nothing of {}, the source runs it",
+            v.service
+        );
+    }
+    if v.status != "rolled-back" {
+        let failed: Vec<String> = v
+            .steps
+            .iter()
+            .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.id)))
+            .collect();
+        bail!(ExitWith(
+            1,
+            format!(
+                "rollback of {} did not complete ({}): {}",
+                v.id,
+                v.status,
+                failed.join("; ")
+            )
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) async fn status_remote(g: &Globals, remote: &Remote, a: StatusArgs) -> Result<()> {
+    let Some(id) = a.id else {
+        let all: Vec<RelocationView> = remote.get("/relocations", "listing relocations").await?;
+        let lines: Vec<Line<'_>> = all
+            .iter()
+            .map(|r| Line {
+                id: &r.id,
+                status: &r.status,
+                service: &r.service,
+                from: &r.from,
+                targets: &r.targets,
+            })
+            .collect();
+        print_relocations(g, &lines)?;
+        return Ok(());
+    };
+    let v: RelocationView = remote
+        .get(
+            &format!("/relocations/{id}"),
+            &format!("reading relocation {id}"),
+        )
+        .await?;
+    if g.json {
+        return match report_of(&v)? {
+            Some(rep) => print_json(&rep),
+            None => print_json(&v),
+        };
+    }
+    println!(
+        "{}: {} ({} from {} to {})",
+        v.id,
+        v.status,
+        v.service,
+        v.from,
+        v.targets.join(", ")
+    );
+    let rows: Vec<Vec<String>> = v
+        .steps
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.state.clone(),
+                s.attempts.to_string(),
+                s.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::output::table(&["STEP", "STATE", "ATTEMPTS", "LAST ERROR"], &rows)
+    );
+    Ok(())
+}
+
+pub(crate) async fn report_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
+    let v: RelocationView = remote
+        .get(
+            &format!("/relocations/{}", a.id),
+            &format!("reading relocation {}", a.id),
+        )
+        .await?;
+    let Some(rep) = report_of(&v)? else {
+        bail!(ExitWith(
+            7,
+            format!(
+                "relocation {} is {}: the report comes when the run ends (`status` shows the steps)",
+                v.id, v.status
+            )
+        ));
+    };
+    if g.json {
+        return print_json(&rep);
+    }
+    print_report(&rep);
+    Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use fluidcloud_broker::rest::{ServiceConfig, StaticCatalog, router, serve};
+use fluidcloud_broker::rest::{ServiceConfig, StaticCatalog, router_with, serve};
 use fluidcloud_conduit::drivers;
 
 use super::sites_file;
@@ -79,7 +79,8 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
     } else {
         println!("listening on http://{addr}");
     }
-    let app = router(Arc::new(catalog), &config);
+    let runner = super::runner::Runner::new(file.clone());
+    let app = router_with(Arc::new(catalog), Arc::new(runner), &config);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -99,6 +99,33 @@ pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
     if let SitesCommand::Kinds = cmd {
         return kinds(g);
     }
+    if let Some(remote) = g.remote()? {
+        let SitesCommand::List = cmd else {
+            anyhow::bail!(crate::ExitWith(
+                2,
+                "with --server only `sites list` runs; `sites show` needs the sites file".into()
+            ));
+        };
+        let all: Vec<SiteInfo> = remote.get("/sites", "listing sites").await?;
+        if g.json {
+            return print_json(&all);
+        }
+        // The service lists a site that did not answer without capabilities.
+        let all: Vec<SiteStatus> = all
+            .into_iter()
+            .map(|info| SiteStatus {
+                status: if info.capabilities.is_empty() {
+                    "no answer".into()
+                } else {
+                    "ok".into()
+                },
+                info,
+                description: None,
+            })
+            .collect();
+        print_sites(&all);
+        return Ok(());
+    }
     let file = sites_file(g)?;
     match cmd {
         SitesCommand::List => {
@@ -109,41 +136,45 @@ pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
             if g.json {
                 return print_json(&all);
             }
-            let rows: Vec<Vec<String>> = all
-                .iter()
-                .map(|s| {
-                    let caps: Vec<&str> = s.info.capabilities.iter().map(|c| c.as_str()).collect();
-                    vec![
-                        s.info.name.clone(),
-                        s.info.kind.clone(),
-                        s.info.jurisdiction.clone(),
-                        s.info.location.region.clone(),
-                        formats(&s.info),
-                        caps.join(","),
-                        s.status.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(
-                    &[
-                        "SITE",
-                        "KIND",
-                        "JURISDICTION",
-                        "REGION",
-                        "IMAGES",
-                        "CAPABILITIES",
-                        "STATUS"
-                    ],
-                    &rows
-                )
-            );
+            print_sites(&all);
             Ok(())
         }
         SitesCommand::Show { name } => show(g, &file, &name).await,
         SitesCommand::Kinds => kinds(g),
     }
+}
+
+fn print_sites(all: &[SiteStatus]) {
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            let caps: Vec<&str> = s.info.capabilities.iter().map(|c| c.as_str()).collect();
+            vec![
+                s.info.name.clone(),
+                s.info.kind.clone(),
+                s.info.jurisdiction.clone(),
+                s.info.location.region.clone(),
+                formats(&s.info),
+                caps.join(","),
+                s.status.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "SITE",
+                "KIND",
+                "JURISDICTION",
+                "REGION",
+                "IMAGES",
+                "CAPABILITIES",
+                "STATUS"
+            ],
+            &rows
+        )
+    );
 }
 
 #[derive(Serialize)]

@@ -188,3 +188,54 @@ pub fn run_with_plugins(plugins: &[&Path], args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+/// Asserts that two files hold the same bytes (`cmp`).
+pub fn same_bytes(a: &Path, b: &Path) {
+    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} and {} differ: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The `state` of instance `instance` on local site `site_name` of the
+/// demo environment in `dir`.
+pub fn instance_state(dir: &Path, site_name: &str, instance: &str) -> String {
+    let path = dir
+        .join("sites")
+        .join(site_name)
+        .join(format!("instances/{instance}.toml"));
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("state = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap()
+}
+
+/// Fills `path` with `len` bytes of non-repeating data (xorshift), fast.
+pub fn random_file(path: &Path, len: u64) {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..len / (1 << 20) {
+        for word in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// Chunks a volume copy's progress log records as durably written.
+pub fn chunks_logged(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().skip(1).filter(|l| !l.ends_with(" ?")).count() as u64)
+        .unwrap_or(0)
+}

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use fluidcloud_viaduct::journal::{Entry, Outcome, Record};
 use fluidcloud_viaduct::{Journal as _, SqliteJournal, StepState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EndpointChange, Relocation};
 use crate::error::Result;
 
 /// One artifact a step produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArtifactReport {
     /// Output name.
     pub name: String,
@@ -31,7 +31,7 @@ pub struct ArtifactReport {
 }
 
 /// One step.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepLine {
     /// Step id.
     pub id: String,
@@ -60,7 +60,7 @@ pub struct StepLine {
 }
 
 /// A config file as rewritten.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigDiff {
     /// At the source.
     pub source: String,
@@ -71,7 +71,7 @@ pub struct ConfigDiff {
 }
 
 /// The whole report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Relocation id.
     pub id: String,

@@ -1,0 +1,647 @@
+//! Relocations through `fluidcloud serve`: the real binary on a real socket,
+//! each test on a fresh demo environment of its own; data checked on disk.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    chunks_logged, fails, instance_state, ok, random_file, run, same_bytes, stderr, stdout,
+};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "relocation-test-token";
+const MIB: u64 = 1 << 20;
+
+/// A fresh demo environment of its own for one test.
+fn fresh(name: &str) -> (PathBuf, String) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&run(&["demo", "init", dir.to_str().unwrap()]));
+    let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
+    (dir, config)
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// SIGKILL, as a crash or a power cut would stop it.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+fn serve(config: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(["--config", config, "serve", "--listen", "127.0.0.1:0"])
+        .env("FLUIDCLOUD_TOKEN", TOKEN)
+        .env_remove("FLUIDCLOUD_SERVER")
+        .env_remove("FLUIDCLOUD_STATE_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_owned();
+    Server { child, url }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// (status, headers, body as JSON or a string).
+async fn call(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let c = reqwest::Client::new();
+    let mut r = c.request(method.parse().unwrap(), format!("{url}{path}"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, headers, v)
+}
+
+/// Every server-sent event of `/relocations/{id}/events`, to the stream's
+/// end: (name, data).
+async fn events(url: &str, id: &str) -> Vec<(String, Value)> {
+    let mut resp = reqwest::Client::new()
+        .get(format!("{url}/relocations/{id}/events"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while let Some(chunk) = tokio::time::timeout_at(deadline.into(), resp.chunk())
+        .await
+        .expect("the event stream did not end in 5 minutes")
+        .unwrap()
+    {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for l in block.lines() {
+                if let Some(v) = l.strip_prefix("event: ") {
+                    name = v.to_owned();
+                } else if let Some(v) = l.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            if !data.is_empty() {
+                out.push((name, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn names(ev: &[(String, Value)]) -> Vec<&str> {
+    ev.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+fn site(dir: &Path, name: &str) -> PathBuf {
+    dir.join("sites").join(name)
+}
+
+/// Waits until the volume copy to `target_site` has durably logged `n`
+/// chunks; panics if the relocation ends first.
+async fn wait_for_chunks(url: &str, id: &str, dir: &Path, target_site: &str, n: u64) {
+    let log = site(dir, target_site).join("volumes/.db-data.raw.fcprogress");
+    let start = Instant::now();
+    while chunks_logged(&log) < n {
+        let (_, _, v) = call(url, "GET", &format!("/relocations/{id}"), Some(TOKEN), None).await;
+        assert_eq!(
+            v["status"], "running",
+            "finished before the test could act: {v:#}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn start(url: &str, body: Value) -> String {
+    let (status, headers, v) = call(url, "POST", "/relocations", Some(TOKEN), Some(body)).await;
+    assert_eq!(status, 202, "{v:#}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(headers["location"], format!("/relocations/{id}").as_str());
+    assert_eq!(v["status"], "running", "{v:#}");
+    id
+}
+
+#[test]
+fn a_relocation_started_over_http_streams_its_progress_moves_the_data_and_rolls_back() {
+    let (dir, config) = fresh("e2e");
+    let server = serve(&config);
+    let url = server.url.clone();
+    rt().block_on(async {
+        let id = start(
+            &url,
+            json!({ "from": "dc-paris", "service": "shop", "to": "cloud-frankfurt" }),
+        )
+        .await;
+        assert!(id.starts_with("shop-"), "{id}");
+
+        let ev = events(&url, &id).await;
+        let n = names(&ev);
+        assert_eq!(n.first(), Some(&"state"), "{n:?}");
+        assert_eq!(n.last(), Some(&"end"), "{n:?}");
+        assert!(n.contains(&"step-finished"), "{n:?}");
+        // Progress carries bytes: the volume's precopy reports what it wrote.
+        let vol_bytes = std::fs::metadata(site(&dir, "dc-paris").join("volumes/db-data.raw"))
+            .unwrap()
+            .len();
+        assert!(
+            ev.iter().any(|(name, d)| name == "step-progress"
+                && d["step"] == "precopy:db-data.raw"
+                && d["done"].as_u64().unwrap() > 0
+                && d["done"].as_u64().unwrap() <= vol_bytes),
+            "{ev:#?}"
+        );
+        let finished: Vec<&str> = ev
+            .iter()
+            .filter(|(name, _)| name == "step-finished")
+            .map(|(_, d)| d["step"].as_str().unwrap())
+            .collect();
+        assert!(finished.contains(&"cutover"), "{finished:?}");
+        let end = &ev.last().unwrap().1;
+        assert_eq!(end["status"], "succeeded", "{end:#}");
+
+        // The data is at the target: the volume byte for byte, the config
+        // rewritten, the instances running there and stopped at the source.
+        same_bytes(
+            &site(&dir, "dc-paris").join("volumes/db-data.raw"),
+            &site(&dir, "cloud-frankfurt").join("volumes/db-data.raw"),
+        );
+        let env =
+            std::fs::read_to_string(site(&dir, "cloud-frankfurt").join("config/shop/app/.env"))
+                .unwrap();
+        assert!(
+            env.contains("DATABASE_URL=postgres://shop@db.shop.fra.internal:5432/shop"),
+            "{env}"
+        );
+        for i in ["web", "app", "db"] {
+            assert_eq!(instance_state(&dir, "cloud-frankfurt", i), "running");
+            assert_eq!(instance_state(&dir, "dc-paris", i), "stopped");
+        }
+
+        // Listed, and shown with its report.
+        let (status, _, list) = call(&url, "GET", "/relocations", Some(TOKEN), None).await;
+        assert_eq!(status, 200);
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            (list[0]["id"].as_str(), list[0]["status"].as_str()),
+            (Some(id.as_str()), Some("succeeded"))
+        );
+        let (status, _, one) = call(
+            &url,
+            "GET",
+            &format!("/relocations/{id}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(one["report"]["status"], "succeeded");
+        assert!(one["report"]["downtime_seconds"].as_f64().unwrap() > 0.0);
+        assert!(
+            one["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["state"] == "succeeded")
+        );
+        // The CLI on the same sites file sees it too: one store.
+        let st = ok(&run(&["--config", &config, "status"]));
+        assert!(st.contains(&id) && st.contains("succeeded"), "{st}");
+
+        // A client connecting late gets the state, then the end at once.
+        let late = events(&url, &id).await;
+        assert_eq!(names(&late), ["state", "end"]);
+        assert_eq!(late[0].1["status"], "succeeded");
+
+        // Cancelling a finished relocation is a conflict.
+        let (status, _, p) = call(
+            &url,
+            "POST",
+            &format!("/relocations/{id}/cancel"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 409, "{p:#}");
+
+        // Roll back through the API: the target holds nothing, the source runs.
+        let (status, headers, v) = call(
+            &url,
+            "POST",
+            &format!("/relocations/{id}/rollback"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 202, "{v:#}");
+        assert_eq!(headers["location"], format!("/relocations/{id}").as_str());
+        let ev = events(&url, &id).await;
+        assert!(names(&ev).contains(&"step-rolled-back"), "{:?}", names(&ev));
+        assert_eq!(ev.last().unwrap().1["status"], "rolled-back");
+        let fra = site(&dir, "cloud-frankfurt");
+        for d in ["images", "volumes", "instances"] {
+            let left: Vec<_> = std::fs::read_dir(fra.join(d)).unwrap().collect();
+            assert!(left.is_empty(), "{d} still has {left:?}");
+        }
+        assert!(!fra.join("config/shop/app/.env").exists());
+        for i in ["web", "app", "db"] {
+            assert_eq!(instance_state(&dir, "dc-paris", i), "running");
+        }
+    });
+}
+
+#[test]
+fn a_relocation_survives_a_killed_service_and_resumes_through_the_api() {
+    let (dir, config) = fresh("restart");
+    let src = site(&dir, "dc-paris").join("volumes/db-data.raw");
+    random_file(&src, 512 * MIB);
+    let server = serve(&config);
+    let rt = rt();
+    let id = rt.block_on(async {
+        let id = start(
+            &server.url,
+            json!({ "from": "dc-paris", "service": "shop", "to": "edge-nantes" }),
+        )
+        .await;
+        wait_for_chunks(&server.url, &id, &dir, "edge-nantes", 16).await;
+        id
+    });
+    server.kill();
+
+    let server = serve(&config);
+    rt.block_on(async {
+        let url = &server.url;
+        let (status, _, list) = call(url, "GET", "/relocations", Some(TOKEN), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(list[0]["id"], id.as_str());
+        assert_eq!(list[0]["status"], "interrupted", "{list:#}");
+        let (_, _, one) = call(url, "GET", &format!("/relocations/{id}"), Some(TOKEN), None).await;
+        assert_eq!(one["status"], "interrupted");
+        let done_before: Vec<&str> = one["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "succeeded")
+            .map(|s| s["id"].as_str().unwrap())
+            .collect();
+        assert!(!done_before.contains(&"cutover"), "{one:#}");
+        // Nothing runs it now: cancel has nothing to stop.
+        let (status, _, _) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/cancel"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 409);
+
+        let (status, _, v) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/resume"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 202, "{v:#}");
+        assert_eq!(v["status"], "running");
+        // A second resume while it runs is refused.
+        let (status, _, _) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/resume"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 409);
+        let ev = events(url, &id).await;
+        assert_eq!(ev.last().unwrap().1["status"], "succeeded", "{ev:#?}");
+    });
+    same_bytes(&src, &site(&dir, "edge-nantes").join("volumes/db-data.raw"));
+    assert_eq!(instance_state(&dir, "edge-nantes", "db"), "running");
+}
+
+#[test]
+fn a_cancelled_relocation_ends_cancelled_and_rolls_back_clean() {
+    let (dir, config) = fresh("cancel");
+    random_file(
+        &site(&dir, "dc-paris").join("volumes/db-data.raw"),
+        512 * MIB,
+    );
+    let server = serve(&config);
+    rt().block_on(async {
+        let url = &server.url;
+        let id = start(
+            url,
+            json!({ "from": "dc-paris", "service": "shop", "to": "edge-nantes", "buckets": "repoint" }),
+        )
+        .await;
+        wait_for_chunks(url, &id, &dir, "edge-nantes", 8).await;
+        let (status, _, v) =
+            call(url, "POST", &format!("/relocations/{id}/cancel"), Some(TOKEN), None).await;
+        assert_eq!(status, 200, "{v:#}");
+        let ev = events(url, &id).await;
+        let end = &ev.last().unwrap().1;
+        assert_eq!(end["status"], "cancelled", "{end:#}");
+        assert!(
+            end["steps"].as_array().unwrap().iter().all(|s| s["id"] != "cutover" || s["state"] != "succeeded"),
+            "{end:#}"
+        );
+        // The source never stopped.
+        assert_eq!(instance_state(&dir, "dc-paris", "db"), "running");
+
+        let (status, _, _) =
+            call(url, "POST", &format!("/relocations/{id}/rollback"), Some(TOKEN), None).await;
+        assert_eq!(status, 202);
+        let ev = events(url, &id).await;
+        assert_eq!(ev.last().unwrap().1["status"], "rolled-back", "{ev:#?}");
+        let nantes = site(&dir, "edge-nantes");
+        for d in ["images", "instances"] {
+            let left: Vec<_> = std::fs::read_dir(nantes.join(d)).unwrap().collect();
+            assert!(left.is_empty(), "{d} still has {left:?}");
+        }
+        assert!(!nantes.join("volumes/db-data.raw").exists());
+    });
+}
+
+#[test]
+fn relocation_routes_need_the_token_and_name_the_offending_field() {
+    // Nothing here may start a relocation: the shared demo will do.
+    let server = serve(&common::demo_config());
+    rt().block_on(async {
+        let url = &server.url;
+        for (method, path) in [
+            ("GET", "/relocations"),
+            ("POST", "/relocations"),
+            ("GET", "/relocations/x"),
+            ("GET", "/relocations/x/events"),
+            ("POST", "/relocations/x/cancel"),
+            ("POST", "/relocations/x/rollback"),
+            ("POST", "/relocations/x/resume"),
+        ] {
+            let (status, h, _) = call(url, method, path, None, None).await;
+            assert_eq!(status, 401, "{method} {path}");
+            assert_eq!(h["content-type"], "application/problem+json");
+            let (status, _, _) = call(url, method, path, Some("wrong"), None).await;
+            assert_eq!(status, 401, "{method} {path}");
+        }
+        let cases = [
+            (json!({ "from": 5 }), "/from"),
+            (json!({ "service": "shop" }), ""),
+            (json!({ "from": "nowhere", "service": "shop" }), "/from"),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "to": "mars" }),
+                "/to",
+            ),
+            (json!({ "from": "dc-paris", "service": "nope" }), "/service"),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "constraints": ["bogus"] }),
+                "/constraints/0",
+            ),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "buckets": "teleport" }),
+                "/buckets",
+            ),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "colour": "red" }),
+                "/colour",
+            ),
+            (
+                json!({ "from": "dc-paris", "service": "shop", "retry_budget_secs": -1 }),
+                "/retry_budget_secs",
+            ),
+        ];
+        for (body, pointer) in cases {
+            let (status, _, p) =
+                call(url, "POST", "/relocations", Some(TOKEN), Some(body.clone())).await;
+            assert_eq!(status, 422, "{body} -> {p:#}");
+            let got = p["errors"][0]["pointer"].as_str().unwrap();
+            // A missing field is a fault of the whole body: the empty pointer.
+            assert_eq!(got, pointer, "{body} -> {p:#}");
+            if pointer.is_empty() {
+                assert!(p["detail"].as_str().unwrap().contains("`from`"), "{p:#}");
+            }
+        }
+        let (status, _, p) = call(
+            url,
+            "GET",
+            "/relocations/shop-19700101-000000",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404, "{p:#}");
+        let (status, _, _) = call(
+            url,
+            "GET",
+            "/relocations/..%2F..%2Fetc/events",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404);
+        // Nothing was started by any of these.
+        let (_, _, list) = call(url, "GET", "/relocations", Some(TOKEN), None).await;
+        assert_eq!(list, json!([]));
+    });
+}
+
+fn remote(url: &str, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluidcloud"));
+    cmd.args(args)
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+        .env("FLUIDCLOUD_SERVER", url)
+        .env_remove("FLUIDCLOUD_CONFIG")
+        .env_remove("FLUIDCLOUD_TOKEN");
+    if let Some(t) = token {
+        cmd.env("FLUIDCLOUD_TOKEN", t);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service() {
+    let (dir, config) = fresh("cli");
+    let server = serve(&config);
+    let url = server.url.clone();
+    let url = url.as_str();
+    let t = Some(TOKEN);
+
+    let sites = ok(&remote(url, t, &["sites", "list"]));
+    for s in ["dc-paris", "cloud-frankfurt", "edge-nantes"] {
+        assert!(sites.contains(s), "{sites}");
+    }
+    assert!(sites.contains("CAPABILITIES"), "{sites}");
+    let json: Value =
+        serde_json::from_str(&ok(&remote(url, t, &["--json", "sites", "list"]))).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 5);
+    let migrators = ok(&remote(url, t, &["migrators", "list"]));
+    assert!(migrators.contains("volume-copy"), "{migrators}");
+
+    // The service introspects and places; same text as the local command.
+    let m = ok(&remote(
+        url,
+        t,
+        &["match", "--from", "dc-paris", "--service", "shop"],
+    ));
+    let local = ok(&run(&[
+        "--config",
+        &config,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+    ]));
+    assert_eq!(m, local);
+    assert!(m.contains("placement of shop from dc-paris"), "{m}");
+
+    let out = remote(
+        url,
+        t,
+        &[
+            "relocate",
+            "--from",
+            "dc-paris",
+            "--service",
+            "shop",
+            "--to",
+            "edge-nantes",
+            "--yes",
+        ],
+    );
+    let text = ok(&out);
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("relocation "))
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .to_owned();
+    assert!(text.contains("succeeded"), "{text}");
+    assert!(stderr(&out).contains("cutover"), "{}", stderr(&out));
+    same_bytes(
+        &site(&dir, "dc-paris").join("volumes/db-data.raw"),
+        &site(&dir, "edge-nantes").join("volumes/db-data.raw"),
+    );
+
+    let st = ok(&remote(url, t, &["status"]));
+    assert!(st.contains(&id) && st.contains("succeeded"), "{st}");
+    let one = ok(&remote(url, t, &["status", &id]));
+    assert!(
+        one.contains("cutover") && one.contains("succeeded"),
+        "{one}"
+    );
+    let rep: Value =
+        serde_json::from_str(&ok(&remote(url, t, &["--json", "report", &id]))).unwrap();
+    assert_eq!(rep["status"], "succeeded");
+    let local: Value =
+        serde_json::from_str(&ok(&run(&["--config", &config, "--json", "report", &id]))).unwrap();
+    assert_eq!(rep, local);
+
+    // Rollback through the service, followed to its end.
+    let rb = ok(&remote(url, t, &["rollback", &id]));
+    assert!(
+        rb.contains(&format!("rolling back relocation {id}")),
+        "{rb}"
+    );
+    assert!(
+        rb.contains("rolled back") && rb.contains("the source runs it"),
+        "{rb}"
+    );
+    assert_eq!(instance_state(&dir, "dc-paris", "db"), "running");
+    assert!(
+        !site(&dir, "edge-nantes")
+            .join("volumes/db-data.raw")
+            .exists()
+    );
+
+    // Errors: one line each, naming what to do.
+    let err = fails(&remote(url, None, &["status"]), 1);
+    assert!(
+        err.contains("needs a token") && err.contains("FLUIDCLOUD_TOKEN"),
+        "{err}"
+    );
+    let err = fails(&remote(url, Some("wrong"), &["status"]), 1);
+    assert!(err.contains("refused the token"), "{err}");
+    let err = fails(&remote(url, t, &["status", "nope-1"]), 4);
+    assert!(err.contains("nope-1"), "{err}");
+    let err = fails(
+        &remote(
+            url,
+            t,
+            &[
+                "relocate",
+                "--from",
+                "atlantis",
+                "--service",
+                "shop",
+                "--yes",
+            ],
+        ),
+        3,
+    );
+    assert!(err.contains("/from") && err.contains("atlantis"), "{err}");
+    let err = fails(&remote(url, t, &["introspect", "dc-paris"]), 2);
+    assert!(err.contains("--server"), "{err}");
+    drop(server);
+    let err = fails(&remote(url, t, &["sites", "list"]), 1);
+    assert!(err.contains(url) && err.contains("cannot connect"), "{err}");
+    assert_eq!(stdout(&remote(url, t, &["sites", "list"])), "");
+}
