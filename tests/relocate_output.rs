@@ -104,6 +104,8 @@ fn plan_progress_and_report_read_as_the_golden_files_say() {
     check("report.txt", &normalize(&report, &dir));
     let status = ok(&run(&[&args[..], &["status"]].concat()));
     check("status.txt", &normalize(&status, &dir));
+    let one = ok(&run(&[&args[..], &["status", &id]].concat()));
+    check("status-id.txt", &normalize(&one, &dir));
 
     let rollback = ok(&run(&[&args[..], &["rollback", &id]].concat()));
     check("rollback.txt", &normalize(&rollback, &dir));

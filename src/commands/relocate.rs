@@ -414,29 +414,17 @@ pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
             if g.json {
                 return print_json(&rep);
             }
-            println!(
-                "{}: {} ({} from {} to {})",
-                rep.id,
-                rep.status,
-                rep.service,
-                rep.from,
-                rep.targets.join(", ")
-            );
-            let rows: Vec<Vec<String>> = rep
-                .steps
-                .iter()
-                .map(|s| {
+            print_status(
+                [&rep.id, rep.status.as_str(), &rep.service, &rep.from],
+                &rep.targets,
+                rep.steps.iter().map(|s| {
                     vec![
                         s.id.clone(),
                         s.state.as_str().to_owned(),
                         s.attempts.to_string(),
                         s.error.clone().unwrap_or_default(),
                     ]
-                })
-                .collect();
-            print!(
-                "{}",
-                crate::output::table(&["STEP", "STATE", "ATTEMPTS", "LAST ERROR"], &rows)
+                }),
             );
             Ok(())
         }
@@ -1017,31 +1005,34 @@ pub(crate) async fn status_remote(g: &Globals, remote: &Remote, a: StatusArgs) -
             None => print_json(&v),
         };
     }
-    println!(
-        "{}: {} ({} from {} to {})",
-        v.id,
-        v.status,
-        v.service,
-        v.from,
-        v.targets.join(", ")
-    );
-    let rows: Vec<Vec<String>> = v
-        .steps
-        .iter()
-        .map(|s| {
+    print_status(
+        [&v.id, &v.status, &v.service, &v.from],
+        &v.targets,
+        v.steps.iter().map(|s| {
             vec![
                 s.id.clone(),
                 s.state.clone(),
                 s.attempts.to_string(),
                 s.error.clone().unwrap_or_default(),
             ]
-        })
-        .collect();
+        }),
+    );
+    Ok(())
+}
+
+/// `status ID` in text, local or remote: `[id, status, service, from]`,
+/// the targets, and a row per step (id, state, attempts, last error).
+fn print_status(head: [&str; 4], targets: &[String], steps: impl Iterator<Item = Vec<String>>) {
+    let [id, status, service, from] = head;
+    println!(
+        "{id}: {status} ({service} from {from} to {})",
+        targets.join(", ")
+    );
+    let rows: Vec<Vec<String>> = steps.collect();
     print!(
         "{}",
         crate::output::table(&["STEP", "STATE", "ATTEMPTS", "LAST ERROR"], &rows)
     );
-    Ok(())
 }
 
 pub(crate) async fn report_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
