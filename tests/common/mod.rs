@@ -78,7 +78,7 @@ pub fn qemu_img() -> &'static str {
     let found = Command::new("qemu-img").arg("--version").output();
     assert!(
         found.is_ok_and(|o| o.status.success()),
-        "qemu-img is required (install Debian's qemu-utils: .ci/setup does)"
+        "qemu-img is required (install Debian's qemu-utils: scripts/setup does)"
     );
     "qemu-img"
 }
