@@ -125,17 +125,7 @@ fn constraints_move_units_and_are_named_in_the_explanations() {
 #[test]
 fn text_output_reads_as_an_explanation() {
     let cfg = demo_config();
-    let out = ok(&run(&[
-        "--config",
-        &cfg,
-        "match",
-        "--from",
-        "dc-paris",
-        "--service",
-        "shop",
-        "-c",
-        "jurisdiction(*; EU)",
-    ]));
+    let out = ok(&match_shop(&cfg, &["-c", "jurisdiction(*; EU)"]));
     assert!(
         out.starts_with("placement of shop from dc-paris (optimal, "),
         "{out}"
@@ -158,21 +148,17 @@ fn text_output_reads_as_an_explanation() {
 #[test]
 fn unsatisfiable_constraints_name_the_conflict() {
     let cfg = demo_config();
-    let out = run(&[
-        "--config",
+    let out = match_shop(
         &cfg,
-        "match",
-        "--from",
-        "dc-paris",
-        "--service",
-        "shop",
-        "-c",
-        "fence(db; edge-rennes)",
-        "-c",
-        "jurisdiction(*; EU/DE)",
-        "-c",
-        "ban(web; cloud-virginia)",
-    ]);
+        &[
+            "-c",
+            "fence(db; edge-rennes)",
+            "-c",
+            "jurisdiction(*; EU/DE)",
+            "-c",
+            "ban(web; cloud-virginia)",
+        ],
+    );
     let err = fails(&out, 9);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
@@ -242,47 +228,11 @@ fn a_measured_rtt_replaces_the_estimate_and_is_named_measured() {
     assert_eq!(fra["mainly"], "latency (measured)", "{fra:#}");
 
     let cfg = demo_config();
-    let text = ok(&run(&[
-        "--config",
-        &cfg,
-        "match",
-        "--from",
-        "dc-paris",
-        "--service",
-        "shop",
-        "--rtt",
-        "cloud-frankfurt=0.5",
-    ]));
+    let text = ok(&match_shop(&cfg, &["--rtt", "cloud-frankfurt=0.5"]));
     assert!(text.contains("0.5 ms to users (measured)"), "{text}");
-    let err = fails(
-        &run(&[
-            "--config",
-            &cfg,
-            "match",
-            "--from",
-            "dc-paris",
-            "--service",
-            "shop",
-            "--rtt",
-            "atlantis=3",
-        ]),
-        3,
-    );
+    let err = fails(&match_shop(&cfg, &["--rtt", "atlantis=3"]), 3);
     assert!(err.contains("atlantis"), "{err}");
-    let err = fails(
-        &run(&[
-            "--config",
-            &cfg,
-            "match",
-            "--from",
-            "dc-paris",
-            "--service",
-            "shop",
-            "--rtt",
-            "edge-nantes=fast",
-        ]),
-        2,
-    );
+    let err = fails(&match_shop(&cfg, &["--rtt", "edge-nantes=fast"]), 2);
     assert!(
         err.contains("SITE=MS") || err.contains("milliseconds"),
         "{err}"
@@ -353,4 +303,19 @@ fn measure_rtt_times_tcp_connects_to_site_endpoints() {
         "{err}"
     );
     drop(listener);
+}
+
+/// `--config CFG match --from dc-paris --service shop EXTRA...`.
+fn match_shop(cfg: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--config",
+        cfg,
+        "match",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
 }
