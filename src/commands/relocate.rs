@@ -331,6 +331,18 @@ pub(crate) async fn plan(g: &Globals, mut a: RelocateArgs) -> Result<()> {
     relocate(g, a).await
 }
 
+/// An executor over `relocation`'s journal, with the migrators (plugins
+/// included) its workflow needs: what `resume` and `rollback` start from.
+pub(crate) fn reopen(store: &Store, relocation: &Relocation) -> Result<Executor> {
+    let journal = SqliteJournal::open(store.journal(&relocation.id))
+        .with_context(|| format!("opening the journal of {}", relocation.id))?;
+    Ok(Executor::from_journal(
+        reloc::registry_for(&relocation.workflow)?,
+        Box::new(journal),
+        executor_config(),
+    )?)
+}
+
 pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     if let Some(remote) = g.remote()? {
         return resume_remote(g, &remote, a).await;
@@ -338,12 +350,7 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
-    let journal = SqliteJournal::open(store.journal(&a.id))?;
-    let executor = Executor::from_journal(
-        reloc::registry_for(&relocation.workflow)?,
-        Box::new(journal),
-        executor_config(),
-    )?;
+    let executor = reopen(&store, &relocation)?;
     if !g.json {
         println!("resuming relocation {}", relocation.id);
     }
@@ -358,12 +365,7 @@ pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
-    let journal = SqliteJournal::open(store.journal(&a.id))?;
-    let executor = Executor::from_journal(
-        reloc::registry_for(&relocation.workflow)?,
-        Box::new(journal),
-        executor_config(),
-    )?;
+    let executor = reopen(&store, &relocation)?;
     if !g.json {
         println!("rolling back relocation {}", relocation.id);
     }

@@ -16,15 +16,15 @@ use async_trait::async_trait;
 use fluidcloud_broker::runner::{
     RelocationRequest, RelocationView, Relocations, RunnerError, StepView, Watch,
 };
+use fluidcloud_conduit::relocate::Relocation;
 use fluidcloud_conduit::relocate::report::{self, Report};
 use fluidcloud_conduit::relocate::store::Store;
-use fluidcloud_conduit::relocate::{self as reloc, Relocation};
 use fluidcloud_conduit::{SitesFile, drivers, introspect};
 use fluidcloud_plugins::TopologyDoc;
 use fluidcloud_viaduct::{Canceller, Executor, ProgressEvent, SqliteJournal};
 use tokio::sync::broadcast;
 
-use super::relocate::{RelocateArgs, build_report, executor_config, make_plan, store_of};
+use super::relocate::{RelocateArgs, build_report, executor_config, make_plan, reopen, store_of};
 use crate::ExitWith;
 
 /// A run going on in this process.
@@ -253,12 +253,8 @@ impl Runner {
                     "relocation {id} is running already"
                 )));
             }
-            let journal = SqliteJournal::open(self.0.store.journal(id))
-                .map_err(|e| failed(format!("opening the journal of {id}: {e}")))?;
-            let registry = reloc::registry_for(&r.workflow)
-                .map_err(|e| failed(format!("cannot {what} {id}: {e}")))?;
-            let executor = Executor::from_journal(registry, Box::new(journal), executor_config())
-                .map_err(|e| failed(format!("cannot {what} {id}: {e}")))?;
+            let executor = reopen(&self.0.store, &r)
+                .map_err(|e| failed(format!("cannot {what} {id}: {e:#}")))?;
             self.launch(&mut active, r.clone(), executor, rollback);
         }
         self.view_of(&r, false)
