@@ -23,7 +23,7 @@ use fluidcloud_plugins::{
 
 use crate::image::qcow2::{Compression, Qcow2Options};
 use crate::image::vmdk::VmdkSubformat;
-use crate::image::{ConvertOptions, ExtentKind, extents, open};
+use crate::image::{ConvertOptions, data_bytes, open};
 
 /// Formats the migrator reads.
 const READS: [ImageFormat; 5] = [
@@ -192,18 +192,7 @@ impl Migrator for ImageConvert {
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let parsed = parse(request).map_err(SdkError::Invalid)?;
         let path = PathBuf::from(&parsed.input.locator);
-        let data = blocking(move || {
-            let reader = open(&path)?;
-            let mut data = 0u64;
-            for e in extents(reader.as_ref()) {
-                let e = e?;
-                if e.kind == ExtentKind::Data {
-                    data += e.length;
-                }
-            }
-            Ok(data)
-        })
-        .await?;
+        let data = blocking(move || Ok(data_bytes(open(&path)?.as_ref())?)).await?;
         Ok(Estimate {
             bytes_read: data,
             bytes_sent: 0,

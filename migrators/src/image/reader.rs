@@ -121,6 +121,22 @@ pub fn extents(reader: &dyn ImageReader) -> Extents<'_> {
     }
 }
 
+/// Bytes of `reader` that hold data (neither holes nor zero extents): what
+/// a copy reads and writes.
+///
+/// # Errors
+/// As [`extents`].
+pub fn data_bytes(reader: &dyn ImageReader) -> Result<u64> {
+    let mut data = 0;
+    for e in extents(reader) {
+        let e = e?;
+        if e.kind == ExtentKind::Data {
+            data += e.length;
+        }
+    }
+    Ok(data)
+}
+
 /// Iterator returned by [`extents`]: maximal runs of one [`ExtentKind`].
 #[derive(Debug)]
 pub struct Extents<'a> {

@@ -29,7 +29,7 @@ use fluidcloud_plugins::{
 use super::copy::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, VolumeCopyOptions, copy};
 use super::manifest::{manifest_path, sidecar};
 use super::progress::progress_path;
-use crate::image::{ExtentKind, extents, open};
+use crate::image::{data_bytes, open};
 
 /// Image formats accepted as an image-backed volume.
 const IMAGES: [ImageFormat; 5] = [
@@ -211,18 +211,7 @@ impl Migrator for VolumeCopy {
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let parsed = parse(request).map_err(SdkError::Invalid)?;
         let path = PathBuf::from(&parsed.input.locator);
-        let data = blocking(move || {
-            let reader = open(&path)?;
-            let mut data = 0u64;
-            for e in extents(reader.as_ref()) {
-                let e = e?;
-                if e.kind == ExtentKind::Data {
-                    data += e.length;
-                }
-            }
-            Ok(data)
-        })
-        .await?;
+        let data = blocking(move || Ok(data_bytes(open(&path)?.as_ref())?)).await?;
         // An upper bound: a re-sync writes only the chunks that changed,
         // which is unknown until the source is hashed.
         let cross_site = parsed.site != parsed.input.site;
