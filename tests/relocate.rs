@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    fails, fresh_demo as fresh, instance_state, ok, qemu_img, relocation_id, run, same_bytes,
-    stdout, tree_digest,
+    fails, fresh_demo as fresh, instance_state, ok, qemu_img, relocate_shop, relocation_id, run,
+    same_bytes, stdout, tree_digest,
 };
 
 fn site(dir: &Path, name: &str) -> PathBuf {
@@ -315,18 +315,7 @@ fn a_failed_relocation_names_the_step_and_rollback_cleans_the_target() {
     let foreign = "name = \"db\"\nstate = \"stopped\"\nvcpus = 1\nmemory_mib = 512\n";
     std::fs::write(nantes.join("instances/db.toml"), foreign).unwrap();
 
-    let o = run(&[
-        "--config",
-        &config,
-        "relocate",
-        "--from",
-        "dc-paris",
-        "--service",
-        "shop",
-        "--to",
-        "edge-nantes",
-        "--yes",
-    ]);
+    let o = run(&relocate_shop(&config, "dc-paris", "edge-nantes"));
     let err = fails(&o, 1);
     assert!(err.contains("step provision:db failed"), "{err}");
     assert!(err.contains("fluidcloud rollback"), "{err}");

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::{fails, ok, relocation_id, stdout};
+use common::{fails, ok, relocate_shop, relocation_id, stdout};
 use fluidcloud_migrators::objects::{self, BucketLocation, Manifest};
 
 fn workspace() -> PathBuf {
@@ -235,18 +235,7 @@ fn the_shop_moves_from_a_directory_to_garage_then_between_garages() {
     // dc-paris (directory) → garage-a (Garage A).
     let out = ok(&run_with(
         g,
-        &[
-            "--config",
-            &config,
-            "relocate",
-            "--from",
-            "dc-paris",
-            "--service",
-            "shop",
-            "--to",
-            "garage-a",
-            "--yes",
-        ],
+        &relocate_shop(&config, "dc-paris", "garage-a"),
         &[],
     ));
     assert!(out.contains("succeeded"), "{out}");
@@ -273,18 +262,7 @@ fn the_shop_moves_from_a_directory_to_garage_then_between_garages() {
     // garage-a → garage-b: Garage A to Garage B.
     let out = ok(&run_with(
         g,
-        &[
-            "--config",
-            &config,
-            "relocate",
-            "--from",
-            "garage-a",
-            "--service",
-            "shop",
-            "--to",
-            "garage-b",
-            "--yes",
-        ],
+        &relocate_shop(&config, "garage-a", "garage-b"),
         &[],
     ));
     assert!(out.contains("succeeded"), "{out}");
@@ -383,18 +361,7 @@ fn a_missing_credential_variable_stops_the_relocation_before_it_writes() {
 
     let o = run_with(
         g,
-        &[
-            "--config",
-            &config,
-            "relocate",
-            "--from",
-            "dc-paris",
-            "--service",
-            "shop",
-            "--to",
-            "garage-a",
-            "--yes",
-        ],
+        &relocate_shop(&config, "dc-paris", "garage-a"),
         &["GA_SECRET"],
     );
     let err = fails(&o, 3);

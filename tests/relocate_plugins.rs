@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{
-    dns_zone_plugin, fails, fresh_demo, ok, relocation_id, run_with_plugins, sqlite_plugin, stdout,
-    tree_digest,
+    dns_zone_plugin, fails, fresh_demo, ok, relocate_shop, relocation_id, run_with_plugins,
+    sqlite_plugin, stdout, tree_digest,
 };
 
 const ZONE: &str = "\
@@ -61,22 +61,6 @@ to = "${target_root}/dns/shop.zone"
 /// Runs the CLI with both example plugins discoverable.
 fn run_plugins(args: &[&str]) -> Output {
     run_with_plugins(&[dns_zone_plugin(), &sqlite_plugin()], args)
-}
-
-/// `--config CONFIG relocate` the shop from Paris to Frankfurt.
-fn relocate_args(config: &str) -> Vec<&str> {
-    vec![
-        "--config",
-        config,
-        "relocate",
-        "--from",
-        "dc-paris",
-        "--to",
-        "cloud-frankfurt",
-        "--service",
-        "shop",
-        "--yes",
-    ]
 }
 
 fn python(script: &str, args: &[&Path]) -> String {
@@ -141,7 +125,7 @@ fn both_example_plugins_run_inside_a_relocation_and_roll_back() {
     let source_before = tree_digest(&paris.join("data"));
 
     // The plan shows the plugin steps where their phases put them.
-    let mut args = relocate_args(&config);
+    let mut args = relocate_shop(&config, "dc-paris", "cloud-frankfurt");
     args.extend(["--dry-run", "--json"]);
     let plan = ok(&run_plugins(&args));
     let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
@@ -166,7 +150,11 @@ fn both_example_plugins_run_inside_a_relocation_and_roll_back() {
     );
     assert_eq!(step("step:dns")["after"], serde_json::json!(["cutover"]));
 
-    let out = ok(&run_plugins(&relocate_args(&config)));
+    let out = ok(&run_plugins(&relocate_shop(
+        &config,
+        "dc-paris",
+        "cloud-frankfurt",
+    )));
     let id = relocation_id(&out);
     assert!(out.contains("step:orders-db"), "{out}");
     assert!(out.contains("step:dns"), "{out}");
@@ -229,7 +217,7 @@ fn a_step_whose_migrator_is_nowhere_fails_before_anything_is_written() {
     let (dir, config) = with_plugin_steps("plugins-missing");
     let before = tree_digest(&dir.join("sites"));
     // Without the plugins on the search path.
-    let out = run_with_plugins(&[], &relocate_args(&config));
+    let out = run_with_plugins(&[], &relocate_shop(&config, "dc-paris", "cloud-frankfurt"));
     let err = fails(&out, 3);
     assert!(
         err.contains("step step:orders-db uses migrator `sqlite-dump`"),
@@ -274,7 +262,7 @@ fn a_bad_manifest_step_names_the_file_and_key() {
     for (bad, key, msg) in cases {
         std::fs::write(&manifest, &bad).unwrap();
         let before = tree_digest(&dir.join("sites/cloud-frankfurt"));
-        let out = run_plugins(&relocate_args(&config));
+        let out = run_plugins(&relocate_shop(&config, "dc-paris", "cloud-frankfurt"));
         let err = fails(&out, 3);
         assert!(err.contains("shop.toml"), "{key}: {err}");
         assert!(err.contains(key), "{key}: {err}");
@@ -311,7 +299,10 @@ fn the_readme_plugin_works_in_a_relocation_as_the_readme_says() {
     manifest
         .write_all(readme_block("## Use it in a relocation", "toml").as_bytes())
         .unwrap();
-    let out = ok(&run_with_plugins(&[&plugin], &relocate_args(&config)));
+    let out = ok(&run_with_plugins(
+        &[&plugin],
+        &relocate_shop(&config, "dc-paris", "cloud-frankfurt"),
+    ));
     assert!(out.contains("step:greet"), "{out}");
     let greeting = dir.join("sites/cloud-frankfurt/greeting.txt");
     assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello\n");

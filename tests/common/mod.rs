@@ -171,6 +171,22 @@ pub fn fresh_demo(name: &str) -> (PathBuf, String) {
     (dir, config)
 }
 
+/// `--config CONFIG relocate --from FROM --service shop --to TO --yes`.
+pub fn relocate_shop<'a>(config: &'a str, from: &'a str, to: &'a str) -> Vec<&'a str> {
+    vec![
+        "--config",
+        config,
+        "relocate",
+        "--from",
+        from,
+        "--service",
+        "shop",
+        "--to",
+        to,
+        "--yes",
+    ]
+}
+
 /// Runs the binary with `plugins` (executables or directories) as
 /// `$FLUIDCLOUD_PLUGIN_PATH` and an empty plugins directory, so only they
 /// are discovered.
