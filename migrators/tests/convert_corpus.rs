@@ -646,3 +646,54 @@ fn vhdx_output_matches_the_source_and_passes_qemu_img_check() {
         assert_eq!(qemu_virtual_size(&out, "vhdx"), expected);
     }
 }
+
+/// A source file cut short while it is being converted (its pages gone
+/// from under the converter's map of it) fails the conversion with an
+/// error naming the source, never a crash or a silently zero-filled
+/// output; the partial output is removed. Raw and qcow2 sources, raw and
+/// qcow2 outputs.
+#[test]
+fn a_source_truncated_during_the_conversion_fails_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut data = vec![0u8; (48 * MIB) as usize];
+    Rng::new(5).fill(&mut data);
+    let pristine_raw = d.join("pristine.raw");
+    std::fs::write(&pristine_raw, &data).unwrap();
+    let pristine_qcow2 = d.join("pristine.qcow2");
+    convert(
+        open(&pristine_raw).unwrap().as_ref(),
+        &pristine_qcow2,
+        &qcow2(65536, None),
+        &|_, _| {},
+    )
+    .unwrap();
+    for (pristine, tag) in [(&pristine_raw, "raw"), (&pristine_qcow2, "qcow2")] {
+        for opts in [raw(), qcow2(65536, None)] {
+            let src = d.join(format!("victim.{tag}"));
+            std::fs::copy(pristine, &src).unwrap();
+            let reader = open(&src).unwrap();
+            let out = d.join("out.img");
+            let cut = std::sync::atomic::AtomicBool::new(false);
+            let e = convert(reader.as_ref(), &out, &opts, &|done, _| {
+                if done > 0 && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&src)
+                        .unwrap()
+                        .set_len(MIB)
+                        .unwrap();
+                }
+            })
+            .unwrap_err();
+            let msg = format!("{e}: {:?}", std::error::Error::source(&e));
+            assert!(cut.load(std::sync::atomic::Ordering::SeqCst));
+            assert!(
+                msg.contains("victim") && msg.contains("shrank"),
+                "{tag} source, {} output: {msg}",
+                opts.format
+            );
+            assert!(!out.exists(), "{tag} source: the partial output is left");
+        }
+    }
+}

@@ -8,6 +8,10 @@
 //! read. Worker threads (one per core by default) read the chunks, which is
 //! where compressed source clusters are decompressed, find the all-zero
 //! blocks, and, for compressed qcow2 output, compress each target cluster.
+//! A chunk stored unchanged and contiguously in the source file (every
+//! chunk of a raw source, most of a qcow2 one) is not read into a buffer:
+//! the source file is mapped ([`super::mapped`]) and the chunk's bytes are
+//! scanned and written straight from the map, one copy instead of two.
 //! The calling thread puts the chunks back in order and writes them: both
 //! writers append sequentially. At most `4 × threads` chunks are in flight,
 //! so memory is bounded (tens of MiB) whatever the image size.
@@ -27,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
+use super::mapped::FileMap;
 use super::qcow2::{Compression, Qcow2Options, Qcow2Writer, compress_cluster};
 use super::reader::{Extent, ImageReader, extents, open};
 use super::upload::{PartUploader, part_size};
@@ -119,11 +124,57 @@ struct Job {
 
 /// A worker's result for one chunk.
 #[derive(Debug)]
-struct Done {
+struct Done<'m> {
     seq: u64,
     offset: u64,
-    data: Vec<u8>,
+    data: Bytes<'m>,
     pieces: Vec<Piece>,
+}
+
+/// A chunk's guest bytes: read into a buffer, or where they are stored in
+/// the source's map (no copy; see [`super::mapped`]).
+#[derive(Debug)]
+enum Bytes<'m> {
+    Owned(Vec<u8>),
+    Mapped { host: u64, bytes: &'m [u8] },
+}
+
+impl Bytes<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Mapped { bytes, .. } => bytes,
+        }
+    }
+}
+
+/// The source's data file, mapped, with what is needed to notice it
+/// shrinking during the conversion.
+struct SourceMap<'a> {
+    map: FileMap,
+    path: &'a Path,
+}
+
+impl SourceMap<'_> {
+    /// An error if a page of the map could not be read.
+    fn check(&self) -> Result<()> {
+        if self.map.faulted() {
+            Err(source_changed(self.path))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The error for a source file that shrank (or could not be read) while
+/// it was being converted.
+fn source_changed(path: &Path) -> Error {
+    Error::io(
+        format!("reading image {}", path.display()),
+        std::io::Error::other(
+            "the file shrank, or part of it could not be read, during the conversion",
+        ),
+    )
 }
 
 /// What to write of a chunk.
@@ -523,8 +574,15 @@ fn pump(
         _ => None,
     };
     let direct_written = std::sync::atomic::AtomicU64::new(0);
+    let data_file = source.data_file();
+    let data_len_before = data_file.and_then(|f| f.metadata().ok()).map(|m| m.len());
+    let map = data_file.and_then(FileMap::new).map(|map| SourceMap {
+        map,
+        path: source.path(),
+    });
     let work = Work {
         raw_out: raw_file.as_ref().map(|(f, p)| (f, p.as_path())),
+        map: map.as_ref(),
         written: &direct_written,
         source,
         backing,
@@ -562,7 +620,7 @@ fn pump(
         drop(done_tx);
         let mut sent = 0u64;
         let mut next = 0u64;
-        let mut ready: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut ready: BTreeMap<u64, Done<'_>> = BTreeMap::new();
         let mut exhausted = false;
         loop {
             while !exhausted && sent - next < max_in_flight {
@@ -587,9 +645,18 @@ fn pump(
                 .map_err(|_| Error::InvalidArgument("conversion workers stopped".into()))??;
             ready.insert(done.seq, done);
             while let Some(done) = ready.remove(&next) {
-                bytes_written += write_done(sink, &done)?;
-                progress(done.offset + done.data.len() as u64, size);
-                recycle(&pool, done.data);
+                bytes_written += write_done(sink, &done, map.as_ref())?;
+                let len = done.data.as_slice().len() as u64;
+                progress(done.offset + len, size);
+                match done.data {
+                    Bytes::Owned(buf) => recycle(&pool, buf),
+                    Bytes::Mapped { host, bytes } => {
+                        if let Some(m) = &map {
+                            m.check()?;
+                            m.map.release(host, bytes.len());
+                        }
+                    }
+                }
                 next += 1;
             }
         }
@@ -597,6 +664,14 @@ fn pump(
         Ok(())
     });
     outcome?;
+    // Through a buffer, a source that shrinks reads as zeros past its new
+    // end (as QEMU's file driver reads it): refuse that output too.
+    let data_len_after = data_file.and_then(|f| f.metadata().ok()).map(|m| m.len());
+    if let (Some(before), Some(after)) = (data_len_before, data_len_after)
+        && after < before
+    {
+        return Err(source_changed(source.path()));
+    }
     bytes_written += direct_written.load(std::sync::atomic::Ordering::Relaxed);
     Ok((bytes_read, bytes_written))
 }
@@ -610,13 +685,29 @@ fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
 }
 
 /// Writes one finished chunk; returns the data bytes written.
-fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
+fn write_done(sink: &mut Sink, done: &Done<'_>, map: Option<&SourceMap<'_>>) -> Result<u64> {
+    let result = write_chunk(sink, done);
+    // A write from a map page removed underneath fails with EFAULT: say
+    // what happened to the source rather than "bad address".
+    if let (Some(m), Bytes::Mapped { .. }) = (map, &done.data) {
+        m.check()?;
+        if let Err(Error::Io { source, .. }) = &result
+            && source.raw_os_error() == Some(libc::EFAULT)
+        {
+            return Err(source_changed(m.path));
+        }
+    }
+    result
+}
+
+fn write_chunk(sink: &mut Sink, done: &Done<'_>) -> Result<u64> {
+    let data = done.data.as_slice();
     if let Sink::Stream(st) = sink {
         use std::io::Write as _;
         st.zeros_to(done.offset)?;
-        st.w.write_all(&done.data)
+        st.w.write_all(data)
             .map_err(|e| Error::io(format!("uploading bytes at {}", done.offset), e))?;
-        st.pos = done.offset + done.data.len() as u64;
+        st.pos = done.offset + data.len() as u64;
         return Ok(done
             .pieces
             .iter()
@@ -630,7 +721,7 @@ fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
     for piece in &done.pieces {
         match (piece, &mut *sink) {
             (Piece::Data { at, len }, Sink::Raw(r)) => {
-                let data = done.data.get(*at..at + len).unwrap_or_default();
+                let data = data.get(*at..at + len).unwrap_or_default();
                 let offset = done.offset + *at as u64;
                 r.file.write_all_at(data, offset).map_err(|e| {
                     Error::io(format!("writing {} at {offset}", r.path.display()), e)
@@ -638,7 +729,7 @@ fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
                 written += *len as u64;
             }
             (Piece::Data { at, len }, Sink::Qcow2(w)) => {
-                let data = done.data.get(*at..at + len).unwrap_or_default();
+                let data = data.get(*at..at + len).unwrap_or_default();
                 w.write_uncompressed_run(done.offset + *at as u64, data)?;
                 written += *len as u64;
             }
@@ -658,17 +749,17 @@ fn write_done(sink: &mut Sink, done: &Done) -> Result<u64> {
                 written += bytes.len() as u64;
             }
             (Piece::Data { at, len }, Sink::VmdkSparse(w)) => {
-                let data = done.data.get(*at..at + len).unwrap_or_default();
+                let data = data.get(*at..at + len).unwrap_or_default();
                 w.write_grains(done.offset + *at as u64, data)?;
                 written += *len as u64;
             }
             (Piece::Data { at, len }, Sink::VhdDynamic(w)) => {
-                let data = done.data.get(*at..at + len).unwrap_or_default();
+                let data = data.get(*at..at + len).unwrap_or_default();
                 w.write_at(done.offset + *at as u64, data)?;
                 written += *len as u64;
             }
             (Piece::Data { at, len }, Sink::Vhdx(w)) => {
-                let data = done.data.get(*at..at + len).unwrap_or_default();
+                let data = data.get(*at..at + len).unwrap_or_default();
                 w.write_at(done.offset + *at as u64, data)?;
                 written += *len as u64;
             }
@@ -688,6 +779,8 @@ struct Work<'a> {
     /// Raw and fixed-VHD output: position-independent, so the workers
     /// write their chunks themselves, in parallel and in any order.
     raw_out: Option<(&'a File, &'a Path)>,
+    /// The source's data file, mapped, when it has one.
+    map: Option<&'a SourceMap<'a>>,
     /// Data bytes the workers wrote themselves.
     written: &'a std::sync::atomic::AtomicU64,
     source: &'a dyn ImageReader,
@@ -699,7 +792,7 @@ struct Work<'a> {
     pool: &'a Mutex<Vec<Vec<u8>>>,
 }
 
-impl Work<'_> {
+impl<'a> Work<'a> {
     fn buffer(&self, len: usize) -> Vec<u8> {
         let mut buf = self
             .pool
@@ -711,10 +804,24 @@ impl Work<'_> {
         buf
     }
 
-    fn process(&self, job: Job) -> Result<Done> {
+    fn process(&self, job: Job) -> Result<Done<'a>> {
         let len = job.len as usize;
-        let mut data = self.buffer(len);
-        self.source.read_at(job.offset, &mut data)?;
+        let mapped = match self.map {
+            Some(m) => self
+                .source
+                .stored_at(job.offset, job.len)?
+                .and_then(|host| m.map.get(host, len).map(|bytes| (host, bytes))),
+            None => None,
+        };
+        let data = match mapped {
+            Some((host, bytes)) => Bytes::Mapped { host, bytes },
+            None => {
+                let mut buf = self.buffer(len);
+                self.source.read_at(job.offset, &mut buf)?;
+                Bytes::Owned(buf)
+            }
+        };
+        let bytes = data.as_slice();
         let grain = self.grain as usize;
         let mut pieces = Vec::new();
         let mut base = Vec::new();
@@ -735,7 +842,7 @@ impl Work<'_> {
         let mut at = 0usize;
         while at < len {
             let n = grain.min(len - at);
-            let block = data.get(at..at + n).unwrap_or_default();
+            let block = bytes.get(at..at + n).unwrap_or_default();
             if self.with_backing && base.get(at..at + n) == Some(block) {
                 // Same as the backing file: leave unallocated.
             } else if is_zero(block) {
@@ -760,13 +867,17 @@ impl Work<'_> {
         if !base.is_empty() {
             recycle(self.pool, base);
         }
+        if let (Some(m), Bytes::Mapped { .. }) = (self.map, &data) {
+            m.check()?;
+        }
         if let Some((file, path)) = self.raw_out {
             for piece in pieces.drain(..) {
                 if let Piece::Data { at, len } = piece {
                     let offset = job.offset + at as u64;
-                    let bytes = data.get(at..at + len).unwrap_or_default();
-                    file.write_all_at(bytes, offset).map_err(|e| {
-                        Error::io(format!("writing {} at {offset}", path.display()), e)
+                    let run = bytes.get(at..at + len).unwrap_or_default();
+                    file.write_all_at(run, offset).map_err(|e| match self.map {
+                        Some(m) if e.raw_os_error() == Some(libc::EFAULT) => source_changed(m.path),
+                        _ => Error::io(format!("writing {} at {offset}", path.display()), e),
                     })?;
                     self.written
                         .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);

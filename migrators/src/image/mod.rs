@@ -5,6 +5,7 @@ use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
 pub mod convert;
+mod mapped;
 mod probe;
 pub mod qcow2;
 pub mod reader;

@@ -109,6 +109,26 @@ pub trait ImageReader: Send + Sync + fmt::Debug {
     fn qcow2_details(&self) -> Option<&super::qcow2::Qcow2Details> {
         None
     }
+
+    /// The file that [`stored_at`](Self::stored_at) offsets refer to, for
+    /// formats that store guest bytes unchanged (raw, qcow2), so that a
+    /// converter can map it instead of reading through a buffer.
+    fn data_file(&self) -> Option<&File> {
+        None
+    }
+
+    /// Where the guest bytes `offset..offset + len` are stored unchanged
+    /// and contiguously in [`data_file`](Self::data_file): their offset in
+    /// that file. `None` when any of them is not (compressed, zero,
+    /// unallocated, in a backing image, or a format without a data file).
+    ///
+    /// # Errors
+    ///
+    /// As for [`read_at`](Self::read_at).
+    fn stored_at(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 }
 
 /// The merged extent map of `reader`, front to back.
@@ -415,6 +435,17 @@ impl ImageReader for RawReader {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn data_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
+    fn stored_at(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+        Ok(offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size)
+            .then_some(offset))
     }
 }
 

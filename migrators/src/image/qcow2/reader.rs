@@ -765,6 +765,30 @@ impl ImageReader for Qcow2Reader {
     fn qcow2_details(&self) -> Option<&Qcow2Details> {
         Some(&self.details)
     }
+
+    fn data_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
+    fn stored_at(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.virtual_size) else {
+            return Ok(None);
+        };
+        let mut first = None;
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, run) = self.map(pos, end)?;
+            let Mapping::Data(host) = mapping else {
+                return Ok(None);
+            };
+            let start = *first.get_or_insert(host);
+            if host != start + (pos - offset) {
+                return Ok(None);
+            }
+            pos += run.max(1);
+        }
+        Ok(first)
+    }
 }
 
 /// Reads the snapshot table (bounded by QEMU's limits).
