@@ -619,3 +619,176 @@ fn sites_kinds_lists_the_local_driver_without_a_sites_file() {
     assert_eq!(v[0]["kind"], "local");
     assert_eq!(v[0]["options"][0]["key"], "path");
 }
+
+#[test]
+fn demo_targets_differ_in_capacity_location_jurisdiction_and_cost() {
+    let cfg = demo_config();
+    let list: Value =
+        serde_json::from_str(&ok(&run(&["--config", &cfg, "--json", "sites", "list"]))).unwrap();
+    let targets: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] != "dc-paris")
+        .collect();
+    assert_eq!(targets.len(), 4);
+    let distinct = |f: &dyn Fn(&Value) -> String| -> BTreeSet<String> {
+        targets.iter().map(|s| f(s)).collect()
+    };
+
+    // Capacity: every figure declared, and no two targets alike.
+    for s in &targets {
+        for key in ["vcpus", "memory_mib", "storage_gib"] {
+            assert!(s["capacity"][key].as_u64().unwrap() > 0, "{key} of {s}");
+        }
+    }
+    let capacities = distinct(&|s| s["capacity"].to_string());
+    assert_eq!(capacities.len(), targets.len(), "{capacities:?}");
+    let vcpus = distinct(&|s| s["capacity"]["vcpus"].to_string());
+    assert!(vcpus.len() >= 3, "{vcpus:?}");
+    let storage: Vec<u64> = targets
+        .iter()
+        .map(|s| s["capacity"]["storage_gib"].as_u64().unwrap())
+        .collect();
+    assert!(
+        storage.iter().max().unwrap() / storage.iter().min().unwrap() >= 100,
+        "small edges and large clouds: {storage:?}"
+    );
+
+    // Location: a distinct region and point for every site, Paris included.
+    let all: Vec<&Value> = list.as_array().unwrap().iter().collect();
+    let points: BTreeSet<String> = all
+        .iter()
+        .map(|s| {
+            let (lat, lon) = (
+                s["location"]["latitude"].as_f64().unwrap(),
+                s["location"]["longitude"].as_f64().unwrap(),
+            );
+            assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon));
+            format!("{lat},{lon}")
+        })
+        .collect();
+    assert_eq!(points.len(), all.len(), "{points:?}");
+    let regions: BTreeSet<&str> = all
+        .iter()
+        .map(|s| s["location"]["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(regions.len(), all.len(), "{regions:?}");
+
+    // Jurisdiction: French edges, a German and a US cloud.
+    let jurisdictions = distinct(&|s| s["jurisdiction"].as_str().unwrap().to_owned());
+    assert!(jurisdictions.len() >= 3, "{jurisdictions:?}");
+    assert!(
+        jurisdictions.iter().any(|j| !j.starts_with("EU/")),
+        "one target outside the EU: {jurisdictions:?}"
+    );
+
+    // Cost: every price declared, and each target priced differently.
+    for s in &targets {
+        for key in [
+            "vcpu_hour",
+            "memory_gib_hour",
+            "storage_gib_month",
+            "egress_gib",
+        ] {
+            assert!(s["cost"][key].as_f64().unwrap() > 0.0, "{key} of {s}");
+        }
+    }
+    let vcpu_prices = distinct(&|s| s["cost"]["vcpu_hour"].to_string());
+    assert_eq!(vcpu_prices.len(), targets.len(), "{vcpu_prices:?}");
+    let storage_prices = distinct(&|s| s["cost"]["storage_gib_month"].to_string());
+    assert!(storage_prices.len() >= 3, "{storage_prices:?}");
+}
+
+#[test]
+fn demo_media_objects_have_mixed_sizes() {
+    let bucket = demo().join("sites/dc-paris/buckets/shop-media");
+    let mut sizes = Vec::new();
+    let mut stack = vec![bucket.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let body = std::fs::read(&p).unwrap();
+                assert!(
+                    body.iter().any(|&b| b != 0),
+                    "{} holds only zeros",
+                    p.display()
+                );
+                sizes.push(body.len() as u64);
+            }
+        }
+    }
+    assert_eq!(sizes.len(), 521, "objects in {}", bucket.display());
+    let small = sizes.iter().filter(|&&s| s < 64 << 10).count();
+    let medium = sizes
+        .iter()
+        .filter(|&&s| (64 << 10..=1 << 20).contains(&s))
+        .count();
+    let large = sizes.iter().filter(|&&s| s > 1 << 20).count();
+    assert!(small >= 100, "{small} objects under 64 KiB");
+    assert!(medium >= 100, "{medium} objects of 64 KiB..1 MiB");
+    assert!(large >= 2, "{large} objects over 1 MiB");
+    let distinct: BTreeSet<u64> = sizes.iter().copied().collect();
+    assert!(
+        distinct.len() >= 400,
+        "only {} distinct sizes among {}",
+        distinct.len(),
+        sizes.len()
+    );
+}
+
+#[test]
+fn demo_web_image_holds_hundreds_of_mib_of_real_data_and_holes() {
+    let qemu = qemu_img();
+    let image = demo().join("sites/dc-paris/images/shop-web.qcow2");
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let raw = tmp.path().join("web.raw");
+    let out = std::process::Command::new(qemu)
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&image)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1 << 30);
+
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(&raw).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut data_blocks, mut zero_blocks) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::new();
+    // 1 GiB is a whole number of 4 MiB reads.
+    for _ in 0..(1u64 << 30) / buf.len() as u64 {
+        f.read_exact(&mut buf).unwrap();
+        for block in buf.chunks(4096) {
+            if block.iter().all(|&b| b == 0) {
+                zero_blocks += 1;
+            } else {
+                data_blocks += 1;
+                let mut h = DefaultHasher::new();
+                block.hash(&mut h);
+                seen.insert(h.finish());
+            }
+        }
+    }
+    let mib = |blocks: u64| blocks * 4096 >> 20;
+    assert!(
+        mib(data_blocks) >= 256,
+        "{} MiB of non-zero 4 KiB blocks",
+        mib(data_blocks)
+    );
+    assert!(mib(zero_blocks) >= 512, "{} MiB of holes", mib(zero_blocks));
+    assert!(
+        seen.len() as u64 * 10 >= data_blocks * 9,
+        "real data, not a repeated pattern: {} distinct of {data_blocks} blocks",
+        seen.len()
+    );
+}
