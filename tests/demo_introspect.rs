@@ -792,3 +792,150 @@ fn demo_web_image_holds_hundreds_of_mib_of_real_data_and_holes() {
         seen.len()
     );
 }
+
+/// A manifest for the shop declaring what discovery cannot see: a cache
+/// instance that runs elsewhere, an edge from it to the media bucket, and a
+/// logs bucket the site does not have; it also declares `web` (as the site
+/// shows it), the media bucket and Paris's backup bucket, which the site has.
+const DECLARED_SHOP: &str = r#"name = "shop"
+external = ["shop.example.com", "www.shop.example.com", "cdn.shop.example.com", "pay.example.org"]
+buckets = ["shop-media", "paris-backups", "shop-logs"]
+
+[[instances]]
+name = "cache"
+service = "shop"
+state = "running"
+vcpus = 1
+memory_mib = 512
+hostname = "cache.shop.paris.internal"
+addresses = ["10.10.0.14"]
+
+[[instances]]
+name = "web"
+service = "shop"
+state = "running"
+vcpus = 2
+memory_mib = 2048
+hostname = "web.shop.paris.internal"
+addresses = ["10.10.0.11"]
+
+[[depends]]
+from = "instance:cache"
+to = "bucket:shop-media"
+relation = "reads"
+
+[[depends]]
+from = "instance:web"
+to = "bucket:shop-logs"
+relation = "reads"
+"#;
+
+#[test]
+fn a_manifest_given_on_the_command_line_merges_with_discovery() {
+    let cfg = demo_config();
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let manifest = tmp.path().join("shop-declared.toml");
+    std::fs::write(&manifest, DECLARED_SHOP).unwrap();
+    let out = ok(&run(&[
+        "--config",
+        &cfg,
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--format",
+        "json",
+    ]));
+    let merged: Value = serde_json::from_str(&out).unwrap();
+    // The same introspection with the site's own manifest (shop-media only).
+    let plain = topology();
+
+    let origins = |t: &Value| -> std::collections::BTreeMap<String, String> {
+        t["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_owned(),
+                    r["origin"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (mut got, before) = (origins(&merged), origins(&plain));
+    // Declared only: nothing on the site shows them.
+    assert_eq!(got.remove("instance:cache").as_deref(), Some("declared"));
+    assert_eq!(got.remove("bucket:shop-logs").as_deref(), Some("declared"));
+    // Declared, and the site has them.
+    assert_eq!(got.remove("instance:web").as_deref(), Some("both"));
+    assert_eq!(got.remove("bucket:shop-media").as_deref(), Some("both"));
+    assert_eq!(got.remove("bucket:paris-backups").as_deref(), Some("both"));
+    // Everything else is as discovered: web's image, the db, the configs...
+    assert_eq!(got.get("image:shop-web.qcow2").unwrap(), "discovered");
+    assert_eq!(got.get("instance:db").unwrap(), "discovered");
+    let rest: std::collections::BTreeMap<String, String> = before
+        .into_iter()
+        .filter(|(id, _)| id != "instance:web" && id != "bucket:shop-media")
+        .collect();
+    assert_eq!(got, rest);
+
+    let find = |id: &str| {
+        merged["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let cache = find("instance:cache");
+    assert_eq!(cache["spec"]["memory_mib"], 512);
+    assert_eq!(cache["spec"]["hostname"], "cache.shop.paris.internal");
+    assert_eq!(find("bucket:shop-media")["spec"]["objects"], 521);
+    let backups = find("bucket:paris-backups")["spec"]["objects"]
+        .as_u64()
+        .unwrap();
+    assert!(backups > 0, "the site's bucket is read: {backups} objects");
+    assert_eq!(find("bucket:shop-logs")["spec"]["objects"], 0);
+
+    // The declared edges are added to the discovered ones.
+    let edges = |t: &Value| -> BTreeSet<String> {
+        t["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    };
+    let (got, before) = (edges(&merged), edges(&plain));
+    let added: Vec<&String> = got.difference(&before).collect();
+    let reads = |from: &str, to: &str| {
+        serde_json::json!({"from": from, "to": to, "relation": "reads"}).to_string()
+    };
+    assert_eq!(
+        added,
+        [
+            &reads("instance:cache", "bucket:shop-media"),
+            &reads("instance:web", "bucket:shop-logs"),
+        ],
+        "declared edges"
+    );
+    assert!(before.is_subset(&got), "no discovered edge is lost");
+
+    // The one thing declared that the site lacks is noted, with its place.
+    let notes = merged["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0]["severity"], "warning");
+    assert_eq!(notes[0]["key"], "buckets[2]");
+    assert_eq!(notes[0]["file"], manifest.to_str().unwrap());
+    assert!(
+        notes[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("declared bucket `shop-logs` does not exist on site dc-paris"),
+        "{notes:?}"
+    );
+}
