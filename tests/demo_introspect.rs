@@ -779,7 +779,7 @@ fn demo_web_image_holds_hundreds_of_mib_of_real_data_and_holes() {
             }
         }
     }
-    let mib = |blocks: u64| blocks * 4096 >> 20;
+    let mib = |blocks: u64| (blocks * 4096) >> 20;
     assert!(
         mib(data_blocks) >= 256,
         "{} MiB of non-zero 4 KiB blocks",
