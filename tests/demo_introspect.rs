@@ -619,3 +619,323 @@ fn sites_kinds_lists_the_local_driver_without_a_sites_file() {
     assert_eq!(v[0]["kind"], "local");
     assert_eq!(v[0]["options"][0]["key"], "path");
 }
+
+#[test]
+fn demo_targets_differ_in_capacity_location_jurisdiction_and_cost() {
+    let cfg = demo_config();
+    let list: Value =
+        serde_json::from_str(&ok(&run(&["--config", &cfg, "--json", "sites", "list"]))).unwrap();
+    let targets: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] != "dc-paris")
+        .collect();
+    assert_eq!(targets.len(), 4);
+    let distinct = |f: &dyn Fn(&Value) -> String| -> BTreeSet<String> {
+        targets.iter().map(|s| f(s)).collect()
+    };
+
+    // Capacity: every figure declared, and no two targets alike.
+    for s in &targets {
+        for key in ["vcpus", "memory_mib", "storage_gib"] {
+            assert!(s["capacity"][key].as_u64().unwrap() > 0, "{key} of {s}");
+        }
+    }
+    let capacities = distinct(&|s| s["capacity"].to_string());
+    assert_eq!(capacities.len(), targets.len(), "{capacities:?}");
+    let vcpus = distinct(&|s| s["capacity"]["vcpus"].to_string());
+    assert!(vcpus.len() >= 3, "{vcpus:?}");
+    let storage: Vec<u64> = targets
+        .iter()
+        .map(|s| s["capacity"]["storage_gib"].as_u64().unwrap())
+        .collect();
+    assert!(
+        storage.iter().max().unwrap() / storage.iter().min().unwrap() >= 100,
+        "small edges and large clouds: {storage:?}"
+    );
+
+    // Location: a distinct region and point for every site, Paris included.
+    let all: Vec<&Value> = list.as_array().unwrap().iter().collect();
+    let points: BTreeSet<String> = all
+        .iter()
+        .map(|s| {
+            let (lat, lon) = (
+                s["location"]["latitude"].as_f64().unwrap(),
+                s["location"]["longitude"].as_f64().unwrap(),
+            );
+            assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon));
+            format!("{lat},{lon}")
+        })
+        .collect();
+    assert_eq!(points.len(), all.len(), "{points:?}");
+    let regions: BTreeSet<&str> = all
+        .iter()
+        .map(|s| s["location"]["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(regions.len(), all.len(), "{regions:?}");
+
+    // Jurisdiction: French edges, a German and a US cloud.
+    let jurisdictions = distinct(&|s| s["jurisdiction"].as_str().unwrap().to_owned());
+    assert!(jurisdictions.len() >= 3, "{jurisdictions:?}");
+    assert!(
+        jurisdictions.iter().any(|j| !j.starts_with("EU/")),
+        "one target outside the EU: {jurisdictions:?}"
+    );
+
+    // Cost: every price declared, and each target priced differently.
+    for s in &targets {
+        for key in [
+            "vcpu_hour",
+            "memory_gib_hour",
+            "storage_gib_month",
+            "egress_gib",
+        ] {
+            assert!(s["cost"][key].as_f64().unwrap() > 0.0, "{key} of {s}");
+        }
+    }
+    let vcpu_prices = distinct(&|s| s["cost"]["vcpu_hour"].to_string());
+    assert_eq!(vcpu_prices.len(), targets.len(), "{vcpu_prices:?}");
+    let storage_prices = distinct(&|s| s["cost"]["storage_gib_month"].to_string());
+    assert!(storage_prices.len() >= 3, "{storage_prices:?}");
+}
+
+#[test]
+fn demo_media_objects_have_mixed_sizes() {
+    let bucket = demo().join("sites/dc-paris/buckets/shop-media");
+    let mut sizes = Vec::new();
+    let mut stack = vec![bucket.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let body = std::fs::read(&p).unwrap();
+                assert!(
+                    body.iter().any(|&b| b != 0),
+                    "{} holds only zeros",
+                    p.display()
+                );
+                sizes.push(body.len() as u64);
+            }
+        }
+    }
+    assert_eq!(sizes.len(), 521, "objects in {}", bucket.display());
+    let small = sizes.iter().filter(|&&s| s < 64 << 10).count();
+    let medium = sizes
+        .iter()
+        .filter(|&&s| (64 << 10..=1 << 20).contains(&s))
+        .count();
+    let large = sizes.iter().filter(|&&s| s > 1 << 20).count();
+    assert!(small >= 100, "{small} objects under 64 KiB");
+    assert!(medium >= 100, "{medium} objects of 64 KiB..1 MiB");
+    assert!(large >= 2, "{large} objects over 1 MiB");
+    let distinct: BTreeSet<u64> = sizes.iter().copied().collect();
+    assert!(
+        distinct.len() >= 400,
+        "only {} distinct sizes among {}",
+        distinct.len(),
+        sizes.len()
+    );
+}
+
+#[test]
+fn demo_web_image_holds_hundreds_of_mib_of_real_data_and_holes() {
+    let qemu = qemu_img();
+    let image = demo().join("sites/dc-paris/images/shop-web.qcow2");
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let raw = tmp.path().join("web.raw");
+    let out = std::process::Command::new(qemu)
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&image)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1 << 30);
+
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(&raw).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut data_blocks, mut zero_blocks) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::new();
+    // 1 GiB is a whole number of 4 MiB reads.
+    for _ in 0..(1u64 << 30) / buf.len() as u64 {
+        f.read_exact(&mut buf).unwrap();
+        for block in buf.chunks(4096) {
+            if block.iter().all(|&b| b == 0) {
+                zero_blocks += 1;
+            } else {
+                data_blocks += 1;
+                let mut h = DefaultHasher::new();
+                block.hash(&mut h);
+                seen.insert(h.finish());
+            }
+        }
+    }
+    let mib = |blocks: u64| (blocks * 4096) >> 20;
+    assert!(
+        mib(data_blocks) >= 256,
+        "{} MiB of non-zero 4 KiB blocks",
+        mib(data_blocks)
+    );
+    assert!(mib(zero_blocks) >= 512, "{} MiB of holes", mib(zero_blocks));
+    assert!(
+        seen.len() as u64 * 10 >= data_blocks * 9,
+        "real data, not a repeated pattern: {} distinct of {data_blocks} blocks",
+        seen.len()
+    );
+}
+
+/// A manifest for the shop declaring what discovery cannot see: a cache
+/// instance that runs elsewhere, an edge from it to the media bucket, and a
+/// logs bucket the site does not have; it also declares `web` (as the site
+/// shows it), the media bucket and Paris's backup bucket, which the site has.
+const DECLARED_SHOP: &str = r#"name = "shop"
+external = ["shop.example.com", "www.shop.example.com", "cdn.shop.example.com", "pay.example.org"]
+buckets = ["shop-media", "paris-backups", "shop-logs"]
+
+[[instances]]
+name = "cache"
+service = "shop"
+state = "running"
+vcpus = 1
+memory_mib = 512
+hostname = "cache.shop.paris.internal"
+addresses = ["10.10.0.14"]
+
+[[instances]]
+name = "web"
+service = "shop"
+state = "running"
+vcpus = 2
+memory_mib = 2048
+hostname = "web.shop.paris.internal"
+addresses = ["10.10.0.11"]
+
+[[depends]]
+from = "instance:cache"
+to = "bucket:shop-media"
+relation = "reads"
+
+[[depends]]
+from = "instance:web"
+to = "bucket:shop-logs"
+relation = "reads"
+"#;
+
+#[test]
+fn a_manifest_given_on_the_command_line_merges_with_discovery() {
+    let cfg = demo_config();
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let manifest = tmp.path().join("shop-declared.toml");
+    std::fs::write(&manifest, DECLARED_SHOP).unwrap();
+    let out = ok(&run(&[
+        "--config",
+        &cfg,
+        "introspect",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--format",
+        "json",
+    ]));
+    let merged: Value = serde_json::from_str(&out).unwrap();
+    // The same introspection with the site's own manifest (shop-media only).
+    let plain = topology();
+
+    let origins = |t: &Value| -> std::collections::BTreeMap<String, String> {
+        t["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_owned(),
+                    r["origin"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (mut got, before) = (origins(&merged), origins(&plain));
+    // Declared only: nothing on the site shows them.
+    assert_eq!(got.remove("instance:cache").as_deref(), Some("declared"));
+    assert_eq!(got.remove("bucket:shop-logs").as_deref(), Some("declared"));
+    // Declared, and the site has them.
+    assert_eq!(got.remove("instance:web").as_deref(), Some("both"));
+    assert_eq!(got.remove("bucket:shop-media").as_deref(), Some("both"));
+    assert_eq!(got.remove("bucket:paris-backups").as_deref(), Some("both"));
+    // Everything else is as discovered: web's image, the db, the configs...
+    assert_eq!(got.get("image:shop-web.qcow2").unwrap(), "discovered");
+    assert_eq!(got.get("instance:db").unwrap(), "discovered");
+    let rest: std::collections::BTreeMap<String, String> = before
+        .into_iter()
+        .filter(|(id, _)| id != "instance:web" && id != "bucket:shop-media")
+        .collect();
+    assert_eq!(got, rest);
+
+    let find = |id: &str| {
+        merged["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let cache = find("instance:cache");
+    assert_eq!(cache["spec"]["memory_mib"], 512);
+    assert_eq!(cache["spec"]["hostname"], "cache.shop.paris.internal");
+    assert_eq!(find("bucket:shop-media")["spec"]["objects"], 521);
+    let backups = find("bucket:paris-backups")["spec"]["objects"]
+        .as_u64()
+        .unwrap();
+    assert!(backups > 0, "the site's bucket is read: {backups} objects");
+    assert_eq!(find("bucket:shop-logs")["spec"]["objects"], 0);
+
+    // The declared edges are added to the discovered ones.
+    let edges = |t: &Value| -> BTreeSet<String> {
+        t["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    };
+    let (got, before) = (edges(&merged), edges(&plain));
+    let added: Vec<&String> = got.difference(&before).collect();
+    let reads = |from: &str, to: &str| {
+        serde_json::json!({"from": from, "to": to, "relation": "reads"}).to_string()
+    };
+    assert_eq!(
+        added,
+        [
+            &reads("instance:cache", "bucket:shop-media"),
+            &reads("instance:web", "bucket:shop-logs"),
+        ],
+        "declared edges"
+    );
+    assert!(before.is_subset(&got), "no discovered edge is lost");
+
+    // The one thing declared that the site lacks is noted, with its place.
+    let notes = merged["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0]["severity"], "warning");
+    assert_eq!(notes[0]["key"], "buckets[2]");
+    assert_eq!(notes[0]["file"], manifest.to_str().unwrap());
+    assert!(
+        notes[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("declared bucket `shop-logs` does not exist on site dc-paris"),
+        "{notes:?}"
+    );
+}

@@ -51,3 +51,37 @@ impl Retryable for Error {
 
 /// Result alias of the broker.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::constraint::Selector;
+
+    // Every broker error comes from the request itself (malformed input, a
+    // constraint set that cannot hold, a search that gave up): the same
+    // request fails the same way again, so none of them is worth a retry.
+    #[test]
+    fn every_variant_is_never_retried() {
+        let invalid = Error::Invalid(vec![Diagnostic::error("unknown site `nowhere`")]);
+        assert_eq!(invalid.retry(), Retry::Never);
+        assert_eq!(Error::Invalid(Vec::new()).retry(), Retry::Never);
+        let infeasible = Error::Infeasible {
+            conflict: vec![
+                Constraint::Spread {
+                    resources: Selector::Names(vec!["web".into(), "db".into()]),
+                },
+                Constraint::Gather {
+                    resources: Selector::Names(vec!["web".into(), "db".into()]),
+                },
+            ],
+        };
+        assert_eq!(infeasible.retry(), Retry::Never);
+        let not_found = Error::NotFound {
+            units: 40,
+            explored: 1_000_000,
+        };
+        assert_eq!(not_found.retry(), Retry::Never);
+    }
+}

@@ -109,3 +109,105 @@ impl Retryable for Error {
 
 /// Result alias of the conduit.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::ErrorKind;
+    use std::time::Duration;
+
+    use fluidcloud_plugins::Error as Sdk;
+
+    use super::*;
+
+    #[test]
+    fn a_site_error_keeps_the_retry_class_of_what_it_wraps() {
+        let wrapped = |e: Sdk| Error::site("edge-rennes", e).retry();
+        // Transient faults stay transient through the wrapper.
+        assert_eq!(
+            wrapped(Sdk::Transient("listing bucket shop-media".into())),
+            Retry::Transient
+        );
+        assert_eq!(
+            wrapped(Sdk::io(
+                "reading images/web.qcow2",
+                ErrorKind::TimedOut.into()
+            )),
+            Retry::Transient
+        );
+        assert_eq!(
+            wrapped(Sdk::io(
+                "writing buckets/shop-media",
+                ErrorKind::ConnectionReset.into()
+            )),
+            Retry::Transient
+        );
+        // A site asking to wait keeps its delay.
+        let after = Retry::After(Duration::from_secs(7));
+        assert_eq!(
+            wrapped(Sdk::Plugin {
+                plugin: "dns-zone".into(),
+                message: "rate limited".into(),
+                retry: after,
+                diagnostics: Vec::new(),
+            }),
+            after
+        );
+        // Permanent faults stay permanent.
+        assert_eq!(
+            wrapped(Sdk::io(
+                "reading images/web.qcow2",
+                ErrorKind::NotFound.into()
+            )),
+            Retry::Never
+        );
+        assert_eq!(
+            wrapped(Sdk::NotFound {
+                what: "instance \"web\"".into(),
+                site: Some("edge-rennes".into()),
+            }),
+            Retry::Never
+        );
+        assert_eq!(
+            wrapped(Sdk::PermissionDenied {
+                what: "images/".into(),
+                site: None,
+            }),
+            Retry::Never
+        );
+    }
+
+    #[test]
+    fn errors_of_the_sites_file_and_of_introspection_are_never_retried() {
+        let never = [
+            Error::NoConfig,
+            Error::Config {
+                diagnostics: vec![
+                    Diagnostic::error("unknown key `pth`")
+                        .in_file("fluidcloud.toml")
+                        .at_line(3),
+                ],
+            },
+            Error::UnknownSite {
+                name: "edge-lyon".into(),
+                known: "dc-paris, edge-rennes".into(),
+                file: PathBuf::from("fluidcloud.toml"),
+            },
+            Error::MissingCredential {
+                site: "cloud-frankfurt".into(),
+                key: "access_key_id_env".into(),
+                variable: "FRANKFURT_ACCESS_KEY_ID".into(),
+            },
+            Error::UnresolvedReference {
+                site: "dc-paris".into(),
+                file: "shop/app/app.yaml".into(),
+                key: "database.host".into(),
+                value: "db2.shop.paris.internal".into(),
+            },
+        ];
+        for e in never {
+            assert_eq!(e.retry(), Retry::Never, "{e}");
+        }
+    }
+}
