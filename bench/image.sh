@@ -101,12 +101,13 @@ conversion() {
     local name=$1 in=$2 fmt=$3 qopts=$4 fcargs=$5 compressed=$6
     local target=1.2
     [[ $compressed == yes ]] && target=2.0
-    local out="$work/out" tq1="" tq2="" tf="" t r
+    local out="$work/out" tq1="" tq2="" tf="" t r runs1="" runs2="" runsf=""
     local rss_file="$work/rss" rss_kib=0 verdict=ok qalloc=0
     for ((r = 0; r < reps; r++)); do
         # shellcheck disable=SC2086 # options are word lists
         t=$(timed "$in" qemu-img convert -O "$fmt" $qopts "$in" "$out")
         tq1=$(min "${tq1:-$t}" "$t")
+        runs1+=" $t"
         if ((r == 0)); then
             qemu-img compare -q -F "$fmt" "$in" "$out" || { echo "$name: qemu-img's own output differs?" >&2; exit 3; }
             qalloc=$(alloc "$out")
@@ -114,10 +115,12 @@ conversion() {
         # shellcheck disable=SC2086
         t=$(timed "$in" qemu-img convert -m 16 -W -O "$fmt" $qopts "$in" "$out")
         tq2=$(min "${tq2:-$t}" "$t")
+        runs2+=" $t"
         [[ -n $fcargs ]] || continue
         # shellcheck disable=SC2086
         t=$(timed "$in" /usr/bin/time -f %M -o "$rss_file" "$fc" image convert $fcargs "$in" "$out")
         tf=$(min "${tf:-$t}" "$t")
+        runsf+=" $t"
         local kib; kib=$(tail -1 "$rss_file")
         ((kib > rss_kib)) && rss_kib=$kib
         if ! qemu-img compare -q -F "$fmt" "$in" "$out"; then
@@ -149,6 +152,7 @@ conversion() {
     [[ $verdict == ok || $verdict == MISSED* ]] || ratio=0
     printf '%-28s qemu-img %6.2fs  -m16 -W %6.2fs  fluidcloud %6.2fs  %5.2fx  rss %4d MiB  %s\n' \
         "$name" "$tq1" "$tq2" "$tf" "$ratio" $((rss_kib / 1024)) "$verdict"
+    printf '%-28s every run (s): qemu-img%s | -m16 -W%s | fluidcloud%s\n' "" "$runs1" "$runs2" "$runsf"
     if [[ -z $worst ]] || lt "$ratio" "$worst"; then worst=$ratio; fi
 }
 

@@ -12,8 +12,9 @@
 //! chunk of a raw source, most of a qcow2 one) is not read into a buffer:
 //! the source file is mapped ([`super::mapped`]) and the chunk's bytes are
 //! scanned and written straight from the map, one copy instead of two.
-//! The calling thread puts the chunks back in order and writes them: both
-//! writers append sequentially. At most `4 × threads` chunks are in flight,
+//! The calling thread puts the chunks back in order and writes them (raw
+//! output from a map excepted, see [`Work::process`]): the writers append
+//! sequentially. At most `4 × threads` chunks are in flight,
 //! so memory is bounded (tens of MiB) whatever the image size.
 //!
 //! With a backing file for the output (`qemu-img convert -B`), every chunk
@@ -777,7 +778,8 @@ fn write_chunk(sink: &mut Sink, done: &Done<'_>) -> Result<u64> {
 /// What the workers share.
 struct Work<'a> {
     /// Raw and fixed-VHD output: position-independent, so the workers
-    /// write their chunks themselves, in parallel and in any order.
+    /// write the chunks they took from the source's map themselves, in
+    /// any order (see [`Work::process`]).
     raw_out: Option<(&'a File, &'a Path)>,
     /// The source's data file, mapped, when it has one.
     map: Option<&'a SourceMap<'a>>,
@@ -870,7 +872,12 @@ impl<'a> Work<'a> {
         if let (Some(m), Bytes::Mapped { .. }) = (self.map, &data) {
             m.check()?;
         }
-        if let Some((file, path)) = self.raw_out {
+        // A mapped chunk costs its worker nothing but this write, so the
+        // worker writes it (both cores copy, taking turns on the file's
+        // lock); a chunk read through a buffer (decompressed) goes to the
+        // calling thread, so that a worker never waits on the lock when it
+        // could be decompressing the next chunk.
+        if let (Some((file, path)), Bytes::Mapped { .. }) = (self.raw_out, &data) {
             for piece in pieces.drain(..) {
                 if let Piece::Data { at, len } = piece {
                     let offset = job.offset + at as u64;
