@@ -8,6 +8,17 @@ use std::collections::BTreeSet;
 use common::*;
 use serde_json::Value;
 
+/// The resource `id` of an introspection's JSON; panics if it is absent.
+fn resource(topology: &Value, id: &str) -> Value {
+    topology["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no resource {id}"))
+        .clone()
+}
+
 fn topology() -> Value {
     let cfg = demo_config();
     let out = ok(&run(&[
@@ -76,15 +87,7 @@ fn introspection_finds_every_resource_of_the_shop() {
     );
     assert!(t["notes"].as_array().unwrap().is_empty(), "{}", t["notes"]);
 
-    let get = |id: &str| {
-        t["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()
-            .clone()
-    };
+    let get = |id: &str| resource(&t, id);
     let web = get("image:shop-web.qcow2");
     assert_eq!(web["spec"]["format"], "qcow2");
     assert_eq!(web["spec"]["virtual_size"], 1u64 << 30);
@@ -882,15 +885,7 @@ fn a_manifest_given_on_the_command_line_merges_with_discovery() {
         .collect();
     assert_eq!(got, rest);
 
-    let find = |id: &str| {
-        merged["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()
-            .clone()
-    };
+    let find = |id: &str| resource(&merged, id);
     let cache = find("instance:cache");
     assert_eq!(cache["spec"]["memory_mib"], 512);
     assert_eq!(cache["spec"]["hostname"], "cache.shop.paris.internal");
