@@ -19,9 +19,11 @@ fn resource(topology: &Value, id: &str) -> Value {
         .clone()
 }
 
-fn topology() -> Value {
+/// The demo shop's topology as `introspect --format json` prints it, with
+/// `extra` arguments (e.g. `--manifest FILE`).
+fn topology_with(extra: &[&str]) -> Value {
     let cfg = demo_config();
-    let out = ok(&run(&[
+    let mut args = vec![
         "--config",
         &cfg,
         "introspect",
@@ -30,8 +32,13 @@ fn topology() -> Value {
         "shop",
         "--format",
         "json",
-    ]));
-    serde_json::from_str(&out).unwrap()
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ok(&run(&args))).unwrap()
+}
+
+fn topology() -> Value {
+    topology_with(&[])
 }
 
 #[test]
@@ -835,23 +842,10 @@ relation = "reads"
 
 #[test]
 fn a_manifest_given_on_the_command_line_merges_with_discovery() {
-    let cfg = demo_config();
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let manifest = tmp.path().join("shop-declared.toml");
     std::fs::write(&manifest, DECLARED_SHOP).unwrap();
-    let out = ok(&run(&[
-        "--config",
-        &cfg,
-        "introspect",
-        "dc-paris",
-        "--service",
-        "shop",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--format",
-        "json",
-    ]));
-    let merged: Value = serde_json::from_str(&out).unwrap();
+    let merged = topology_with(&["--manifest", manifest.to_str().unwrap()]);
     // The same introspection with the site's own manifest (shop-media only).
     let plain = topology();
 
