@@ -165,6 +165,17 @@ impl SourceMap<'_> {
             Ok(())
         }
     }
+
+    /// A write from a map page removed underneath fails with `EFAULT`: say
+    /// what happened to the source rather than "bad address".
+    fn explain(&self, e: Error) -> Error {
+        match &e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFAULT) => {
+                source_changed(self.path)
+            }
+            _ => e,
+        }
+    }
 }
 
 /// The error for a source file that shrank (or could not be read) while
@@ -652,8 +663,8 @@ fn pump(
                 match done.data {
                     Bytes::Owned(buf) => recycle(&pool, buf),
                     Bytes::Mapped { host, bytes } => {
+                        // (write_done checked the map.)
                         if let Some(m) = &map {
-                            m.check()?;
                             m.map.release(host, bytes.len());
                         }
                     }
@@ -688,17 +699,13 @@ fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
 /// Writes one finished chunk; returns the data bytes written.
 fn write_done(sink: &mut Sink, done: &Done<'_>, map: Option<&SourceMap<'_>>) -> Result<u64> {
     let result = write_chunk(sink, done);
-    // A write from a map page removed underneath fails with EFAULT: say
-    // what happened to the source rather than "bad address".
-    if let (Some(m), Bytes::Mapped { .. }) = (map, &done.data) {
-        m.check()?;
-        if let Err(Error::Io { source, .. }) = &result
-            && source.raw_os_error() == Some(libc::EFAULT)
-        {
-            return Err(source_changed(m.path));
+    match (map, &done.data) {
+        (Some(m), Bytes::Mapped { .. }) => {
+            m.check()?;
+            result.map_err(|e| m.explain(e))
         }
+        _ => result,
     }
-    result
 }
 
 fn write_chunk(sink: &mut Sink, done: &Done<'_>) -> Result<u64> {
@@ -882,9 +889,12 @@ impl<'a> Work<'a> {
                 if let Piece::Data { at, len } = piece {
                     let offset = job.offset + at as u64;
                     let run = bytes.get(at..at + len).unwrap_or_default();
-                    file.write_all_at(run, offset).map_err(|e| match self.map {
-                        Some(m) if e.raw_os_error() == Some(libc::EFAULT) => source_changed(m.path),
-                        _ => Error::io(format!("writing {} at {offset}", path.display()), e),
+                    file.write_all_at(run, offset).map_err(|e| {
+                        let e = Error::io(format!("writing {} at {offset}", path.display()), e);
+                        match self.map {
+                            Some(m) => m.explain(e),
+                            None => e,
+                        }
                     })?;
                     self.written
                         .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
