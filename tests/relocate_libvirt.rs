@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{fails, ok, run};
+use common::{fails, ok, relocation_id, run};
 
 const SUM_RE: &str = "FLUIDCLOUD-SUM ([0-9a-f]{64})";
 
@@ -319,18 +319,6 @@ location = { region = "lab", latitude = 48.1, longitude = -1.7 }
         );
         (relocation_id(&out), out)
     }
-}
-
-fn relocation_id(out: &str) -> String {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("relocation "))
-        .unwrap_or_else(|| panic!("no relocation line in:\n{out}"));
-    line["relocation ".len()..]
-        .split(':')
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 fn qemu_format(p: &Path) -> String {
