@@ -697,3 +697,85 @@ fn a_source_truncated_during_the_conversion_fails_and_leaves_no_output() {
         }
     }
 }
+
+/// How many of the pages of `path` are in the page cache.
+#[allow(unsafe_code)]
+fn resident_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = usize::try_from(file.metadata().unwrap().len()).unwrap();
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a private read-only map of a file we hold open, only passed
+    // to mincore and unmapped before returning.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[test]
+fn decompressed_data_goes_to_raw_output_past_the_page_cache() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = source_raw(d);
+    // Whether this file system takes O_DIRECT at all.
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(d.join("probe"))
+        .is_ok();
+    for (tag, opts) in [
+        ("zlib", "cluster_size=65536"),
+        ("zstd", "compression_type=zstd"),
+    ] {
+        let img = d.join(format!("{tag}.qcow2"));
+        qemu_ok(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            opts,
+            s(&src),
+            s(&img),
+        ]);
+        let ours = d.join(format!("{tag}.raw"));
+        let summary = convert(open(&img).unwrap().as_ref(), &ours, &raw(), &|_, _| {}).unwrap();
+        let resident = resident_pages(&ours);
+        let data_pages = usize::try_from(summary.allocated_bytes / 4096).unwrap();
+        if direct {
+            // Chunks that were decompressed are written with O_DIRECT, so
+            // they are not left in the page cache; what is, is chunks
+            // stored uncompressed, mapped before the first compressed one,
+            // and the image's unaligned tail.
+            assert!(
+                resident * 4 < data_pages,
+                "{tag}: {resident} of {data_pages} data pages of the output are cached"
+            );
+        }
+        compare(&src, &ours);
+        let theirs = d.join(format!("{tag}-theirs.raw"));
+        qemu_ok(&["convert", "-O", "raw", s(&img), s(&theirs)]);
+        let theirs_alloc = std::fs::metadata(&theirs).unwrap().blocks() * 512;
+        assert!(
+            summary.allocated_bytes <= theirs_alloc,
+            "{tag}: ours uses {} bytes, qemu-img's {theirs_alloc}",
+            summary.allocated_bytes
+        );
+    }
+}

@@ -17,6 +17,13 @@
 //! sequentially. At most `4 × threads` chunks are in flight,
 //! so memory is bounded (tens of MiB) whatever the image size.
 //!
+//! Raw output (and fixed VHD) of a source whose chunks have to be computed
+//! (compressed qcow2 clusters, VMDK grains) is written with `O_DIRECT`
+//! from the first such chunk on, by the calling thread: the cores then
+//! only decompress, the device copies the bytes, and the output does not
+//! fill the page cache. A file system without `O_DIRECT` gets buffered
+//! writes (see [`RawSink::write_at`]).
+//!
 //! With a backing file for the output (`qemu-img convert -B`), every chunk
 //! is read from both the source and the backing image and only the target
 //! clusters that differ are written; clusters that became zero are stored
@@ -26,6 +33,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +55,9 @@ use crate::error::{Error, Result};
 pub const CHUNK: u64 = 1024 * 1024;
 /// Zero detection granularity of raw output (as `qemu-img convert -S 4k`).
 const RAW_BLOCK: u64 = 4096;
+/// Alignment of memory, file offsets and lengths for `O_DIRECT` writes
+/// (the file system's block; a device's logical block is at most this).
+const DIRECT_ALIGN: usize = 4096;
 
 /// How to convert.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,16 +147,51 @@ struct Done<'m> {
 /// the source's map (no copy; see [`super::mapped`]).
 #[derive(Debug)]
 enum Bytes<'m> {
-    Owned(Vec<u8>),
+    Owned(Buf),
     Mapped { host: u64, bytes: &'m [u8] },
 }
 
 impl Bytes<'_> {
     fn as_slice(&self) -> &[u8] {
         match self {
-            Self::Owned(v) => v,
+            Self::Owned(b) => b.as_slice(),
             Self::Mapped { bytes, .. } => bytes,
         }
+    }
+}
+
+/// A chunk buffer whose bytes start on a [`DIRECT_ALIGN`] boundary, so
+/// that it can be written with `O_DIRECT`: an over-allocated `Vec` and the
+/// offset of the first aligned byte in it.
+#[derive(Debug, Default)]
+struct Buf {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Buf {
+    /// This buffer (its old bytes, or zeros) resized to `len` bytes.
+    fn sized(mut self, len: usize) -> Self {
+        if self.vec.len() < len + DIRECT_ALIGN {
+            self.vec.resize(len + DIRECT_ALIGN, 0);
+        }
+        let addr = self.vec.as_ptr().addr();
+        self.start = addr.next_multiple_of(DIRECT_ALIGN) - addr;
+        self.len = len;
+        self
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.vec
+            .get(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.vec
+            .get_mut(self.start..self.start + self.len)
+            .unwrap_or_default()
     }
 }
 
@@ -243,9 +289,46 @@ impl StreamSink {
 /// the same with a footer after the data.
 struct RawSink {
     file: File,
+    /// The same file opened with `O_DIRECT`, where the file system allows
+    /// it (see [`Work::process`]).
+    direct: Option<File>,
     path: PathBuf,
     size: u64,
     vhd_footer: bool,
+}
+
+impl RawSink {
+    /// Writes `data` at `offset`: with `O_DIRECT` when asked, possible and
+    /// when memory, offset and length are whole blocks; through the page
+    /// cache otherwise. A file system that refuses a direct write
+    /// (`EINVAL`) gets every later write through the page cache.
+    ///
+    /// Why direct: once the cores are busy decompressing, copying each
+    /// byte into the page cache costs them a third of their time, and on
+    /// this project's benchmark machine (a VM whose host takes back free
+    /// memory) filling fresh page-cache pages costs 2–5x more again; the
+    /// device's DMA copies a direct write instead (docs/images.md, "Speed").
+    fn write_at(&mut self, data: &[u8], offset: u64, direct: bool) -> Result<()> {
+        let block = DIRECT_ALIGN as u64;
+        let aligned = offset.is_multiple_of(block)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+            && data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN);
+        if let Some(d) = self.direct.as_ref().filter(|_| direct && aligned) {
+            match d.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("writing {} at {offset}", self.path.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(format!("writing {} at {offset}", self.path.display()), e))
+    }
 }
 
 /// Converts `source` into a new image at `output`; `progress(done, total)`
@@ -493,9 +576,18 @@ fn run(
             };
             file.set_len(len)
                 .map_err(|e| Error::io(format!("sizing {}", output.display()), e))?;
+            let direct = {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(output)
+                    .ok()
+            };
             (
                 Sink::Raw(RawSink {
                     file,
+                    direct,
                     path: output.to_owned(),
                     size: target,
                     vhd_footer: vhd,
@@ -575,17 +667,19 @@ fn pump(
     let chunk = CHUNK.max(grain);
     let mut jobs = JobGen::new(source, backing.is_some(), grain, chunk);
     let size = source.virtual_size();
-    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let pool: Mutex<Vec<Buf>> = Mutex::new(Vec::new());
     let raw_file = match &*sink {
-        Sink::Raw(r) => Some((
-            r.file
-                .try_clone()
-                .map_err(|e| Error::io(format!("opening {}", r.path.display()), e))?,
-            r.path.clone(),
-        )),
+        Sink::Raw(r) => {
+            let clone = |f: &File| {
+                f.try_clone()
+                    .map_err(|e| Error::io(format!("opening {}", r.path.display()), e))
+            };
+            Some((clone(&r.file)?, r.direct.is_some(), r.path.clone()))
+        }
         _ => None,
     };
     let direct_written = std::sync::atomic::AtomicU64::new(0);
+    let direct = std::sync::atomic::AtomicBool::new(false);
     let data_file = source.data_file();
     let data_len_before = data_file.and_then(|f| f.metadata().ok()).map(|m| m.len());
     let map = data_file.and_then(FileMap::new).map(|map| SourceMap {
@@ -593,7 +687,12 @@ fn pump(
         path: source.path(),
     });
     let work = Work {
-        raw_out: raw_file.as_ref().map(|(f, p)| (f, p.as_path())),
+        raw_out: raw_file.as_ref().map(|(file, direct, path)| RawOut {
+            file,
+            direct: *direct,
+            path,
+        }),
+        direct: &direct,
         map: map.as_ref(),
         written: &direct_written,
         source,
@@ -657,7 +756,8 @@ fn pump(
                 .map_err(|_| Error::InvalidArgument("conversion workers stopped".into()))??;
             ready.insert(done.seq, done);
             while let Some(done) = ready.remove(&next) {
-                bytes_written += write_done(sink, &done, map.as_ref())?;
+                let direct = direct.load(Relaxed);
+                bytes_written += write_done(sink, &done, map.as_ref(), direct)?;
                 let len = done.data.as_slice().len() as u64;
                 progress(done.offset + len, size);
                 match done.data {
@@ -688,7 +788,7 @@ fn pump(
     Ok((bytes_read, bytes_written))
 }
 
-fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
+fn recycle(pool: &Mutex<Vec<Buf>>, buf: Buf) {
     if let Ok(mut p) = pool.lock()
         && p.len() < 64
     {
@@ -697,8 +797,13 @@ fn recycle(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
 }
 
 /// Writes one finished chunk; returns the data bytes written.
-fn write_done(sink: &mut Sink, done: &Done<'_>, map: Option<&SourceMap<'_>>) -> Result<u64> {
-    let result = write_chunk(sink, done);
+fn write_done(
+    sink: &mut Sink,
+    done: &Done<'_>,
+    map: Option<&SourceMap<'_>>,
+    direct: bool,
+) -> Result<u64> {
+    let result = write_chunk(sink, done, direct);
     match (map, &done.data) {
         (Some(m), Bytes::Mapped { .. }) => {
             m.check()?;
@@ -708,7 +813,8 @@ fn write_done(sink: &mut Sink, done: &Done<'_>, map: Option<&SourceMap<'_>>) -> 
     }
 }
 
-fn write_chunk(sink: &mut Sink, done: &Done<'_>) -> Result<u64> {
+/// `direct`: write raw output with `O_DIRECT` where possible.
+fn write_chunk(sink: &mut Sink, done: &Done<'_>, direct: bool) -> Result<u64> {
     let data = done.data.as_slice();
     if let Sink::Stream(st) = sink {
         use std::io::Write as _;
@@ -731,9 +837,7 @@ fn write_chunk(sink: &mut Sink, done: &Done<'_>) -> Result<u64> {
             (Piece::Data { at, len }, Sink::Raw(r)) => {
                 let data = data.get(*at..at + len).unwrap_or_default();
                 let offset = done.offset + *at as u64;
-                r.file.write_all_at(data, offset).map_err(|e| {
-                    Error::io(format!("writing {} at {offset}", r.path.display()), e)
-                })?;
+                r.write_at(data, offset, direct)?;
                 written += *len as u64;
             }
             (Piece::Data { at, len }, Sink::Qcow2(w)) => {
@@ -787,7 +891,11 @@ struct Work<'a> {
     /// Raw and fixed-VHD output: position-independent, so the workers
     /// write the chunks they took from the source's map themselves, in
     /// any order (see [`Work::process`]).
-    raw_out: Option<(&'a File, &'a Path)>,
+    raw_out: Option<RawOut<'a>>,
+    /// Set by the first chunk that had to be computed when the raw output
+    /// can be written with `O_DIRECT`: from then on the calling thread
+    /// writes every chunk (see [`RawSink::write_at`]).
+    direct: &'a std::sync::atomic::AtomicBool,
     /// The source's data file, mapped, when it has one.
     map: Option<&'a SourceMap<'a>>,
     /// Data bytes the workers wrote themselves.
@@ -798,19 +906,26 @@ struct Work<'a> {
     compression: Option<Compression>,
     with_backing: bool,
     vmdk: bool,
-    pool: &'a Mutex<Vec<Vec<u8>>>,
+    pool: &'a Mutex<Vec<Buf>>,
+}
+
+/// Raw (or fixed VHD) output, for the workers.
+#[derive(Clone, Copy)]
+struct RawOut<'a> {
+    file: &'a File,
+    /// The output was opened with `O_DIRECT` too.
+    direct: bool,
+    path: &'a Path,
 }
 
 impl<'a> Work<'a> {
-    fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut buf = self
-            .pool
+    fn buffer(&self, len: usize) -> Buf {
+        self.pool
             .lock()
             .ok()
             .and_then(|mut p| p.pop())
-            .unwrap_or_default();
-        buf.resize(len, 0);
-        buf
+            .unwrap_or_default()
+            .sized(len)
     }
 
     fn process(&self, job: Job) -> Result<Done<'a>> {
@@ -826,16 +941,17 @@ impl<'a> Work<'a> {
             Some((host, bytes)) => Bytes::Mapped { host, bytes },
             None => {
                 let mut buf = self.buffer(len);
-                self.source.read_at(job.offset, &mut buf)?;
+                self.source.read_at(job.offset, buf.as_mut_slice())?;
                 Bytes::Owned(buf)
             }
         };
         let bytes = data.as_slice();
         let grain = self.grain as usize;
         let mut pieces = Vec::new();
-        let mut base = Vec::new();
+        let mut base = Buf::default();
         if let Some(b) = self.backing {
             base = self.buffer(len);
+            let base = base.as_mut_slice();
             let inside = usize::try_from(b.virtual_size().saturating_sub(job.offset))
                 .unwrap_or(usize::MAX)
                 .min(len);
@@ -852,7 +968,7 @@ impl<'a> Work<'a> {
         while at < len {
             let n = grain.min(len - at);
             let block = bytes.get(at..at + n).unwrap_or_default();
-            if self.with_backing && base.get(at..at + n) == Some(block) {
+            if self.with_backing && base.as_slice().get(at..at + n) == Some(block) {
                 // Same as the backing file: leave unallocated.
             } else if is_zero(block) {
                 if self.with_backing {
@@ -873,33 +989,40 @@ impl<'a> Work<'a> {
             }
             at += n;
         }
-        if !base.is_empty() {
+        if !base.vec.is_empty() {
             recycle(self.pool, base);
         }
         if let (Some(m), Bytes::Mapped { .. }) = (self.map, &data) {
             m.check()?;
         }
-        // A mapped chunk costs its worker nothing but this write, so the
-        // worker writes it (both cores copy, taking turns on the file's
-        // lock); a chunk read through a buffer (decompressed) goes to the
-        // calling thread, so that a worker never waits on the lock when it
-        // could be decompressing the next chunk.
-        if let (Some((file, path)), Bytes::Mapped { .. }) = (self.raw_out, &data) {
+        // Raw output is position-independent. A chunk from the source's map
+        // costs its worker nothing but the write, so the worker writes it
+        // itself, through the page cache (both cores copy, taking turns on
+        // the file's lock). Once chunks have to be computed (decompressed),
+        // the calling thread writes everything with `O_DIRECT` instead (see
+        // [`RawSink::write_at`]).
+        if let (Some(out), Bytes::Mapped { .. }) = (self.raw_out, &data)
+            && !self.direct.load(Relaxed)
+        {
             for piece in pieces.drain(..) {
                 if let Piece::Data { at, len } = piece {
                     let offset = job.offset + at as u64;
                     let run = bytes.get(at..at + len).unwrap_or_default();
-                    file.write_all_at(run, offset).map_err(|e| {
-                        let e = Error::io(format!("writing {} at {offset}", path.display()), e);
+                    out.file.write_all_at(run, offset).map_err(|e| {
+                        let e = Error::io(format!("writing {} at {offset}", out.path.display()), e);
                         match self.map {
                             Some(m) => m.explain(e),
                             None => e,
                         }
                     })?;
-                    self.written
-                        .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.written.fetch_add(len as u64, Relaxed);
                 }
             }
+        }
+        if let (Some(out), Bytes::Owned(_)) = (self.raw_out, &data)
+            && out.direct
+        {
+            self.direct.store(true, Relaxed);
         }
         Ok(Done {
             seq: job.seq,
@@ -1004,5 +1127,82 @@ impl<'a> JobGen<'a> {
         self.seq += 1;
         self.pos = end;
         job
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn buffers_start_on_a_block_and_keep_their_bytes_when_resized() {
+        let mut buf = Buf::default().sized(10_000);
+        assert_eq!(buf.as_slice().len(), 10_000);
+        assert_eq!(buf.as_slice().as_ptr().addr() % DIRECT_ALIGN, 0);
+        buf.as_mut_slice().fill(7);
+        let buf = buf.sized(5000);
+        assert_eq!(buf.as_slice(), &[7u8; 5000][..]);
+        let buf = buf.sized(3 << 20);
+        assert_eq!(buf.as_slice().len(), 3 << 20);
+        assert_eq!(buf.as_slice().as_ptr().addr() % DIRECT_ALIGN, 0);
+    }
+
+    fn sink(path: &Path) -> RawSink {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file = File::create(path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        RawSink {
+            file,
+            direct,
+            path: path.to_owned(),
+            size: 1 << 20,
+            vhd_footer: false,
+        }
+    }
+
+    #[test]
+    fn raw_writes_that_are_not_whole_blocks_go_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.raw");
+        let mut s = sink(&path);
+        let could_direct = s.direct.is_some();
+        let mut buf = Buf::default().sized(3 * DIRECT_ALIGN);
+        buf.as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i % 251) as u8);
+        let whole = buf.as_slice();
+        // Whole blocks (direct when the file system allows it), then an
+        // odd offset, an odd length and memory off a block boundary: each
+        // would be EINVAL with O_DIRECT.
+        s.write_at(whole, 0, true).unwrap();
+        s.write_at(&whole[..DIRECT_ALIGN], 4 * DIRECT_ALIGN as u64 + 512, true)
+            .unwrap();
+        s.write_at(&whole[..1000], 8 * DIRECT_ALIGN as u64, true)
+            .unwrap();
+        s.write_at(&whole[1..=DIRECT_ALIGN], 12 * DIRECT_ALIGN as u64, true)
+            .unwrap();
+        // None of them made the sink give up direct writes.
+        assert_eq!(s.direct.is_some(), could_direct);
+        drop(s);
+        let back = std::fs::read(&path).unwrap();
+        let at = |o: usize, n: usize| &back[o..o + n];
+        assert_eq!(at(0, whole.len()), whole);
+        assert_eq!(
+            at(4 * DIRECT_ALIGN + 512, DIRECT_ALIGN),
+            &whole[..DIRECT_ALIGN]
+        );
+        assert_eq!(at(8 * DIRECT_ALIGN, 1000), &whole[..1000]);
+        assert_eq!(
+            at(12 * DIRECT_ALIGN, DIRECT_ALIGN),
+            &whole[1..=DIRECT_ALIGN]
+        );
+        assert!(at(3 * DIRECT_ALIGN, DIRECT_ALIGN).iter().all(|&b| b == 0));
     }
 }
