@@ -69,6 +69,7 @@
 
 pub mod config;
 pub mod error;
+mod fsx;
 pub mod image;
 pub mod image_convert;
 pub mod objects;

@@ -109,6 +109,15 @@ fn convert_all_ways(src: &Path, d: &Path, tag: &str) {
         .unwrap();
         assert_eq!(*last.lock().unwrap(), reader.virtual_size());
         assert_eq!(summary.virtual_size, reader.virtual_size());
+        // Nothing allocated past the end (runs are preallocated before
+        // they are written: a misplaced one would show here).
+        assert!(
+            summary.allocated_bytes <= summary.file_size.next_multiple_of(4096) + 16 * KIB,
+            "{}: {} bytes allocated for a file of {}",
+            out.display(),
+            summary.allocated_bytes,
+            summary.file_size
+        );
         compare(src, &out);
         if opts.format == ImageFormat::Qcow2 {
             assert_check_clean(&out);

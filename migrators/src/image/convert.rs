@@ -1008,6 +1008,7 @@ impl<'a> Work<'a> {
                 if let Piece::Data { at, len } = piece {
                     let offset = job.offset + at as u64;
                     let run = bytes.get(at..at + len).unwrap_or_default();
+                    crate::fsx::preallocate(out.file, offset, len as u64);
                     out.file.write_all_at(run, offset).map_err(|e| {
                         let e = Error::io(format!("writing {} at {offset}", out.path.display()), e);
                         match self.map {

@@ -661,6 +661,7 @@ impl Qcow2Writer {
             }
             self.flush_out()?;
             let run = data.get(start..i).unwrap_or_default();
+            crate::fsx::preallocate(&self.file, self.flushed, run.len() as u64);
             if let Err(e) = self.file.write_all(run) {
                 return Err(self.io_error("writing", e));
             }

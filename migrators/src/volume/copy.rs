@@ -214,27 +214,12 @@ fn hash_chunk(
 
 /// `fallocate(PUNCH_HOLE)`; `false` when the file system cannot punch.
 fn punch(file: &File, off: u64, len: u64) -> std::io::Result<bool> {
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return Ok(false);
-    };
-    // SAFETY: fallocate on a descriptor we own, with in-range arguments; it
-    // touches no memory of ours.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            o,
-            l,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
-        _ => Err(e),
-    }
+    crate::fsx::fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
 }
 
 /// Starts writing `off..off + len` of `file` back to disk without waiting,
