@@ -17,12 +17,12 @@
 //! sequentially. At most `4 × threads` chunks are in flight,
 //! so memory is bounded (tens of MiB) whatever the image size.
 //!
-//! Raw output (and fixed VHD) of a source whose chunks have to be computed
-//! (compressed qcow2 clusters, VMDK grains) is written with `O_DIRECT`
-//! from the first such chunk on, by the calling thread: the cores then
-//! only decompress, the device copies the bytes, and the output does not
-//! fill the page cache. A file system without `O_DIRECT` gets buffered
-//! writes (see [`RawSink::write_at`]).
+//! In raw output (and fixed VHD), chunks that had to be computed
+//! (decompressed qcow2 clusters, VMDK grains) are written with `O_DIRECT`
+//! by the calling thread: the cores only decompress, the device copies the
+//! bytes, and they do not fill the page cache. Chunks from the map go
+//! through the page cache, each run preallocated first. A file system
+//! without `O_DIRECT` gets buffered writes (see [`RawSink::write_at`]).
 //!
 //! With a backing file for the output (`qemu-img convert -B`), every chunk
 //! is read from both the source and the backing image and only the target
@@ -674,12 +674,11 @@ fn pump(
                 f.try_clone()
                     .map_err(|e| Error::io(format!("opening {}", r.path.display()), e))
             };
-            Some((clone(&r.file)?, r.direct.is_some(), r.path.clone()))
+            Some((clone(&r.file)?, r.path.clone()))
         }
         _ => None,
     };
     let direct_written = std::sync::atomic::AtomicU64::new(0);
-    let direct = std::sync::atomic::AtomicBool::new(false);
     let data_file = source.data_file();
     let data_len_before = data_file.and_then(|f| f.metadata().ok()).map(|m| m.len());
     let map = data_file.and_then(FileMap::new).map(|map| SourceMap {
@@ -687,12 +686,7 @@ fn pump(
         path: source.path(),
     });
     let work = Work {
-        raw_out: raw_file.as_ref().map(|(file, direct, path)| RawOut {
-            file,
-            direct: *direct,
-            path,
-        }),
-        direct: &direct,
+        raw_out: raw_file.as_ref().map(|(file, path)| RawOut { file, path }),
         map: map.as_ref(),
         written: &direct_written,
         source,
@@ -756,8 +750,7 @@ fn pump(
                 .map_err(|_| Error::InvalidArgument("conversion workers stopped".into()))??;
             ready.insert(done.seq, done);
             while let Some(done) = ready.remove(&next) {
-                let direct = direct.load(Relaxed);
-                bytes_written += write_done(sink, &done, map.as_ref(), direct)?;
+                bytes_written += write_done(sink, &done, map.as_ref())?;
                 let len = done.data.as_slice().len() as u64;
                 progress(done.offset + len, size);
                 match done.data {
@@ -797,13 +790,8 @@ fn recycle(pool: &Mutex<Vec<Buf>>, buf: Buf) {
 }
 
 /// Writes one finished chunk; returns the data bytes written.
-fn write_done(
-    sink: &mut Sink,
-    done: &Done<'_>,
-    map: Option<&SourceMap<'_>>,
-    direct: bool,
-) -> Result<u64> {
-    let result = write_chunk(sink, done, direct);
+fn write_done(sink: &mut Sink, done: &Done<'_>, map: Option<&SourceMap<'_>>) -> Result<u64> {
+    let result = write_chunk(sink, done);
     match (map, &done.data) {
         (Some(m), Bytes::Mapped { .. }) => {
             m.check()?;
@@ -813,8 +801,7 @@ fn write_done(
     }
 }
 
-/// `direct`: write raw output with `O_DIRECT` where possible.
-fn write_chunk(sink: &mut Sink, done: &Done<'_>, direct: bool) -> Result<u64> {
+fn write_chunk(sink: &mut Sink, done: &Done<'_>) -> Result<u64> {
     let data = done.data.as_slice();
     if let Sink::Stream(st) = sink {
         use std::io::Write as _;
@@ -837,7 +824,8 @@ fn write_chunk(sink: &mut Sink, done: &Done<'_>, direct: bool) -> Result<u64> {
             (Piece::Data { at, len }, Sink::Raw(r)) => {
                 let data = data.get(*at..at + len).unwrap_or_default();
                 let offset = done.offset + *at as u64;
-                r.write_at(data, offset, direct)?;
+                // (Chunks from the map were written by the workers.)
+                r.write_at(data, offset, matches!(done.data, Bytes::Owned(_)))?;
                 written += *len as u64;
             }
             (Piece::Data { at, len }, Sink::Qcow2(w)) => {
@@ -892,10 +880,6 @@ struct Work<'a> {
     /// write the chunks they took from the source's map themselves, in
     /// any order (see [`Work::process`]).
     raw_out: Option<RawOut<'a>>,
-    /// Set by the first chunk that had to be computed when the raw output
-    /// can be written with `O_DIRECT`: from then on the calling thread
-    /// writes every chunk (see [`RawSink::write_at`]).
-    direct: &'a std::sync::atomic::AtomicBool,
     /// The source's data file, mapped, when it has one.
     map: Option<&'a SourceMap<'a>>,
     /// Data bytes the workers wrote themselves.
@@ -913,8 +897,6 @@ struct Work<'a> {
 #[derive(Clone, Copy)]
 struct RawOut<'a> {
     file: &'a File,
-    /// The output was opened with `O_DIRECT` too.
-    direct: bool,
     path: &'a Path,
 }
 
@@ -998,12 +980,11 @@ impl<'a> Work<'a> {
         // Raw output is position-independent. A chunk from the source's map
         // costs its worker nothing but the write, so the worker writes it
         // itself, through the page cache (both cores copy, taking turns on
-        // the file's lock). Once chunks have to be computed (decompressed),
-        // the calling thread writes everything with `O_DIRECT` instead (see
-        // [`RawSink::write_at`]).
-        if let (Some(out), Bytes::Mapped { .. }) = (self.raw_out, &data)
-            && !self.direct.load(Relaxed)
-        {
+        // the file's lock). A chunk that had to be computed (decompressed)
+        // goes to the calling thread, which writes it with `O_DIRECT` (see
+        // [`RawSink::write_at`]), so that a worker never waits on the disk
+        // when it could be decompressing the next chunk.
+        if let (Some(out), Bytes::Mapped { .. }) = (self.raw_out, &data) {
             for piece in pieces.drain(..) {
                 if let Piece::Data { at, len } = piece {
                     let offset = job.offset + at as u64;
@@ -1019,11 +1000,6 @@ impl<'a> Work<'a> {
                     self.written.fetch_add(len as u64, Relaxed);
                 }
             }
-        }
-        if let (Some(out), Bytes::Owned(_)) = (self.raw_out, &data)
-            && out.direct
-        {
-            self.direct.store(true, Relaxed);
         }
         Ok(Done {
             seq: job.seq,
