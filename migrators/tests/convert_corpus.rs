@@ -770,8 +770,8 @@ fn decompressed_data_goes_to_raw_output_past_the_page_cache() {
         if direct {
             // Chunks that were decompressed are written with O_DIRECT, so
             // they are not left in the page cache; what is, is chunks
-            // stored uncompressed, mapped before the first compressed one,
-            // and the image's unaligned tail.
+            // stored uncompressed (from the source's map) and the image's
+            // unaligned tail.
             assert!(
                 resident * 4 < data_pages,
                 "{tag}: {resident} of {data_pages} data pages of the output are cached"
