@@ -3,9 +3,11 @@
 //!
 //! Request: input `image` (a `disk-image` artifact whose locator is a
 //! path; raw, qcow2, VMDK, VHD or VHDX), params `format` (`raw`, `qcow2`,
-//! `vhd`, `vmdk`), `output` (path),
-//! and optionally `cluster_size`, `compression` (`zlib`/`zstd`, qcow2) and
-//! `azure` (VHD rounded up to a whole MiB).
+//! `vhd`, `vhdx`, `vmdk`), `output` (path),
+//! and optionally `cluster_size`, `compression` (`zlib`/`zstd`, qcow2),
+//! `subformat` (VMDK: `streamOptimized`, the default, or
+//! `monolithicSparse`; VHD: `fixed`, the default, or `dynamic`) and
+//! `azure` (fixed VHD rounded up to a whole MiB).
 //!
 //! Idempotent by construction: the image is written to
 //! `OUTPUT.partial-STEP_ID` and renamed to `OUTPUT` only when complete and
@@ -23,7 +25,7 @@ use fluidcloud_plugins::{
 
 use crate::image::qcow2::{Compression, Qcow2Options};
 use crate::image::vmdk::VmdkSubformat;
-use crate::image::{ConvertOptions, data_bytes, open};
+use crate::image::{ConvertOptions, VhdSubformat, data_bytes, open};
 
 /// Formats the migrator reads.
 const READS: [ImageFormat; 5] = [
@@ -33,12 +35,14 @@ const READS: [ImageFormat; 5] = [
     ImageFormat::Vhd,
     ImageFormat::Vhdx,
 ];
-/// Formats it writes (VMDK as streamOptimized, VHD as fixed).
-const WRITES: [ImageFormat; 4] = [
+/// Formats it writes (VMDK streamOptimized or monolithicSparse, VHD fixed
+/// or dynamic, VHDX dynamic).
+const WRITES: [ImageFormat; 5] = [
     ImageFormat::Raw,
     ImageFormat::Qcow2,
     ImageFormat::Vmdk,
     ImageFormat::Vhd,
+    ImageFormat::Vhdx,
 ];
 /// Planning assumes this conversion speed.
 const PLAN_BYTES_PER_SECOND: f64 = 400e6;
@@ -124,6 +128,35 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
         .get("azure")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let mut vmdk_subformat = VmdkSubformat::default();
+    let mut vhd_subformat = VhdSubformat::default();
+    if let Some(sub) = p.get("subformat") {
+        match (format, sub.as_str()) {
+            (Some(ImageFormat::Vmdk), Some("streamOptimized")) => {}
+            (Some(ImageFormat::Vmdk), Some("monolithicSparse")) => {
+                vmdk_subformat = VmdkSubformat::MonolithicSparse;
+            }
+            (Some(ImageFormat::Vhd), Some("fixed")) => {}
+            (Some(ImageFormat::Vhd), Some("dynamic")) if azure => problems.push(
+                Diagnostic::error(
+                    "Azure imports fixed VHDs only: leave out `azure` or `subformat`",
+                )
+                .at_key("params.subformat"),
+            ),
+            (Some(ImageFormat::Vhd), Some("dynamic")) => vhd_subformat = VhdSubformat::Dynamic,
+            (Some(ImageFormat::Vmdk | ImageFormat::Vhd), _) => problems.push(
+                Diagnostic::error(
+                    "`subformat` is `streamOptimized` or `monolithicSparse` for vmdk, \
+                     `fixed` or `dynamic` for vhd",
+                )
+                .at_key("params.subformat"),
+            ),
+            _ => problems.push(
+                Diagnostic::error("`subformat` applies to vmdk and vhd output only")
+                    .at_key("params.subformat"),
+            ),
+        }
+    }
     match (input, format, output) {
         (Some(input), Some(format), Some(output)) if problems.is_empty() => Ok(Parsed {
             input: input.clone(),
@@ -131,8 +164,8 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             opts: ConvertOptions {
                 format,
                 azure,
-                vmdk_subformat: VmdkSubformat::default(),
-                vhd_subformat: crate::image::VhdSubformat::default(),
+                vmdk_subformat,
+                vhd_subformat,
                 qcow2,
                 threads: 0,
                 overwrite: true,

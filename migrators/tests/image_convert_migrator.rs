@@ -73,11 +73,41 @@ fn describe_and_validate_without_io() {
     assert!(m.validate(&ok).is_empty());
     let bad = request(
         Path::new("/x"),
-        json!({"format": "vhdx", "cluster_size": 1000, "compression": "lz4"}),
+        json!({"format": "iso", "cluster_size": 1000, "compression": "lz4"}),
     );
     let problems = m.validate(&bad);
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
     assert_eq!(problems.len(), 4, "{text:?}");
+    // Subformats: each named at its key.
+    for params in [
+        json!({"format": "vmdk", "output": "/x", "subformat": "dynamic"}),
+        json!({"format": "vhd", "output": "/x", "subformat": "streamOptimized"}),
+        json!({"format": "vhd", "output": "/x", "subformat": "dynamic", "azure": true}),
+        json!({"format": "raw", "output": "/x", "subformat": "fixed"}),
+    ] {
+        let problems = m.validate(&request(Path::new("/x"), params.clone()));
+        assert_eq!(problems.len(), 1, "{params}: {problems:?}");
+        assert!(
+            problems[0].to_string().contains("params.subformat"),
+            "{params}: {}",
+            problems[0]
+        );
+    }
+    for (format, sub) in [
+        ("vmdk", "monolithicSparse"),
+        ("vmdk", "streamOptimized"),
+        ("vhd", "dynamic"),
+        ("vhd", "fixed"),
+    ] {
+        let req = request(
+            Path::new("/x"),
+            json!({"format": format, "output": "/x", "subformat": sub}),
+        );
+        assert!(m.validate(&req).is_empty(), "{format} {sub}");
+    }
+    assert!(d.produces.contains(&ArtifactKind::DiskImage {
+        format: ImageFormat::Vhdx
+    }));
     let mut missing = bad.clone();
     missing.inputs.clear();
     assert!(
@@ -93,12 +123,21 @@ async fn plan_execute_rerun_and_rollback() {
     let d = dir.path();
     let img = source(d);
     let m = ImageConvert;
-    for (format, qemu_format) in [("vmdk", "vmdk"), ("qcow2", "qcow2"), ("vhd", "vpc")] {
+    for (format, qemu_format, extra) in [
+        ("vmdk", "vmdk", json!({})),
+        ("qcow2", "qcow2", json!({"compression": "zstd"})),
+        ("vhd", "vpc", json!({"azure": true})),
+        ("vhdx", "vhdx", json!({})),
+        ("vhd", "vpc", json!({"subformat": "dynamic"})),
+        ("vmdk", "vmdk", json!({"subformat": "monolithicSparse"})),
+    ] {
         let out = d.join(format!("web.{format}"));
-        let req = request(
-            &img,
-            json!({"format": format, "output": s(&out), "compression": "zstd", "azure": true}),
-        );
+        let mut params = json!({"format": format, "output": s(&out)});
+        params
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let req = request(&img, params);
         let plan = m.plan(&req).await.unwrap();
         // 3 MiB + one 64 KiB cluster... the compressed 1 MiB: 4 MiB of data.
         assert_eq!(plan.bytes_read, 4 << 20);
