@@ -54,11 +54,12 @@ use crate::error::{Error, Result};
 
 /// Formats `image-convert` writes, in order of preference after the
 /// source's own format (raw is the cheapest to produce and to boot).
-const WRITABLE: [ImageFormat; 4] = [
+const WRITABLE: [ImageFormat; 5] = [
     ImageFormat::Raw,
     ImageFormat::Qcow2,
     ImageFormat::Vmdk,
     ImageFormat::Vhd,
+    ImageFormat::Vhdx,
 ];
 
 /// What to do with the service's buckets.
@@ -985,8 +986,11 @@ mod tests {
         assert_eq!(target_format(Qcow2, &[Qcow2, Raw]), Some(Qcow2));
         assert_eq!(target_format(Qcow2, &[Vmdk, Raw]), Some(Raw));
         assert_eq!(target_format(Qcow2, &[Vmdk]), Some(Vmdk));
-        assert_eq!(target_format(Vhdx, &[Vhdx]), None);
-        assert_eq!(target_format(Vhdx, &[Vhd, Vhdx]), Some(Vhd));
+        assert_eq!(target_format(Vhdx, &[Vhdx]), Some(Vhdx));
+        assert_eq!(target_format(Vhdx, &[Vhd, Vhdx]), Some(Vhdx));
+        assert_eq!(target_format(Qcow2, &[Vhdx]), Some(Vhdx));
+        assert_eq!(target_format(Qcow2, &[Vhdx, Vhd]), Some(Vhd));
+        assert_eq!(target_format(Qcow2, &[]), None);
     }
 
     #[test]
