@@ -290,7 +290,7 @@ impl StreamSink {
 struct RawSink {
     file: File,
     /// The same file opened with `O_DIRECT`, where the file system allows
-    /// it (see [`Work::process`]).
+    /// it (see [`RawSink::write_at`]).
     direct: Option<File>,
     path: PathBuf,
     size: u64,
@@ -304,10 +304,11 @@ impl RawSink {
     /// (`EINVAL`) gets every later write through the page cache.
     ///
     /// Why direct: once the cores are busy decompressing, copying each
-    /// byte into the page cache costs them a third of their time, and on
-    /// this project's benchmark machine (a VM whose host takes back free
-    /// memory) filling fresh page-cache pages costs 2–5x more again; the
-    /// device's DMA copies a direct write instead (docs/images.md, "Speed").
+    /// byte into the page cache costs them a quarter of their time or more
+    /// (perf), and on a VM whose host takes back free memory (this
+    /// project's benchmark machine) filling fresh page-cache pages costs
+    /// 2–5x more again; the device's DMA copies a direct write instead
+    /// (docs/images.md, "Speed").
     fn write_at(&mut self, data: &[u8], offset: u64, direct: bool) -> Result<()> {
         let block = DIRECT_ALIGN as u64;
         let aligned = offset.is_multiple_of(block)
