@@ -47,6 +47,14 @@ fn source_raw(dir: &Path) -> PathBuf {
     path
 }
 
+/// `qemu-img convert -f raw -O FORMAT ARGS... SRC DST`.
+fn qemu_convert(src: &Path, dst: &Path, format: &str, args: &[&str]) {
+    let mut all = vec!["convert", "-f", "raw", "-O", format];
+    all.extend(args);
+    all.extend([s(src), s(dst)]);
+    qemu_ok(&all);
+}
+
 fn compare(a: &Path, b: &Path) {
     let out = qemu(&["compare", s(a), s(b)]);
     assert!(
@@ -145,10 +153,9 @@ fn raw_and_qcow2_sources_convert_every_way() {
         ("xl2", "extended_l2=on", None),
     ] {
         let img = d.join(format!("{tag}.qcow2"));
-        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
+        let mut args = vec!["-o", opts];
         args.extend(extra);
-        args.extend([s(&src), s(&img)]);
-        qemu_ok(&args);
+        qemu_convert(&src, &img, "qcow2", &args);
         convert_all_ways(&img, d, tag);
     }
 }
@@ -337,16 +344,7 @@ fn fixed_vhd_output_and_azure_rounding() {
     let d = dir.path();
     let src = source_raw(d);
     let img = d.join("s.qcow2");
-    qemu_ok(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-c",
-        s(&src),
-        s(&img),
-    ]);
+    qemu_convert(&src, &img, "qcow2", &["-c"]);
     let reader = open(&img).unwrap();
     for azure in [false, true] {
         let out = d.join(format!("out-{azure}.vhd"));
@@ -446,17 +444,7 @@ fn vmdk_vhd_and_vhdx_sources_convert() {
         ("d.vhdx", "vhdx", "subformat=dynamic"),
     ] {
         let img = d.join(name);
-        qemu_ok(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            fmt,
-            "-o",
-            opts,
-            s(&src),
-            s(&img),
-        ]);
+        qemu_convert(&src, &img, fmt, &["-o", opts]);
         let reader = open(&img).unwrap();
         for (i, opts) in [raw(), qcow2(65536, Some(Compression::Zstd))]
             .iter()
@@ -751,18 +739,7 @@ fn decompressed_data_goes_to_raw_output_past_the_page_cache() {
         ("zstd", "compression_type=zstd"),
     ] {
         let img = d.join(format!("{tag}.qcow2"));
-        qemu_ok(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-c",
-            "-o",
-            opts,
-            s(&src),
-            s(&img),
-        ]);
+        qemu_convert(&src, &img, "qcow2", &["-c", "-o", opts]);
         let ours = d.join(format!("{tag}.raw"));
         let summary = convert(open(&img).unwrap().as_ref(), &ours, &raw(), &|_, _| {}).unwrap();
         let resident = resident_pages(&ours);
