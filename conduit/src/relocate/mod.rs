@@ -540,18 +540,21 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         tcfg.image_formats.clone()
                     };
                     let to = target_format(*format, &accepted).ok_or_else(|| {
-                        not_supported(
+                        let why = if accepted.is_empty() {
                             format!(
-                                "image {} ({format}): no format {target} accepts ({}) can be written by image-convert",
-                                dep.name,
+                                "{target} accepts no disk image format (`image_formats` is empty)"
+                            )
+                        } else {
+                            format!(
+                                "no format {target} accepts ({}) can be written by image-convert",
                                 accepted
                                     .iter()
                                     .map(|f| f.as_str())
                                     .collect::<Vec<_>>()
                                     .join(", ")
-                            ),
-                            target,
-                        )
+                            )
+                        };
+                        not_supported(format!("image {} ({format}): {why}", dep.name), target)
                     })?;
                     let stem = Path::new(&dep.name)
                         .file_stem()
