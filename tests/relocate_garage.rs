@@ -10,46 +10,28 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use common::{fails, ok, relocate_shop, relocation_id, stdout};
 use fluidcloud_migrators::objects::{self, BucketLocation, Manifest};
+use fluidcloud_testkit::{Garage, Lock};
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// A Garage pair as these tests use it: its variables exported into this
+/// process under `prefix` (`{prefix}_A_ACCESS_KEY_ID`, ...).
+struct Pair<'a> {
+    g: &'a Garage,
+    prefix: &'static str,
 }
 
-fn script(args: &[&str]) -> Output {
-    let out = Command::new(workspace().join("scripts/garage"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/garage {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The Garage pair of this test binary.
-struct Garage {
-    dir: PathBuf,
-    env: BTreeMap<String, String>,
-}
-
-impl Garage {
-    fn dir(&self) -> &str {
-        self.dir.to_str().unwrap()
+impl<'a> Pair<'a> {
+    fn new(g: &'a Garage, prefix: &'static str) -> Self {
+        g.export(prefix);
+        Self { g, prefix }
     }
 
     fn endpoint(&self, inst: &str) -> &str {
-        &self.env[&format!("GARAGE_{inst}_ENDPOINT")]
+        self.g.endpoint(inst)
     }
 
     /// The variables the binary gets: `GA_KEY`, `GA_SECRET`, `GB_KEY`,
@@ -59,73 +41,27 @@ impl Garage {
         for inst in ["A", "B"] {
             v.push((
                 format!("G{inst}_KEY"),
-                self.env[&format!("GARAGE_{inst}_ACCESS_KEY_ID")].clone(),
+                self.g.access_key_id(inst).to_owned(),
             ));
             v.push((
                 format!("G{inst}_SECRET"),
-                self.env[&format!("GARAGE_{inst}_SECRET_ACCESS_KEY")].clone(),
+                self.g.secret_access_key(inst).to_owned(),
             ));
         }
         v
     }
 
-    /// Bucket `bucket` of instance `inst` as this process reads it (its
-    /// variables are exported by [`garage`]).
+    /// Bucket `bucket` of instance `inst` as this process reads it.
     fn location(&self, inst: &str, bucket: &str) -> BucketLocation {
-        BucketLocation::parse(&format!(
-            "s3://{bucket}?endpoint={}&region=garage&access_key_id_env=GARAGE_{inst}_ACCESS_KEY_ID&secret_access_key_env=GARAGE_{inst}_SECRET_ACCESS_KEY",
-            self.endpoint(inst)
-        ))
-        .unwrap()
+        BucketLocation::parse(&self.g.url(self.prefix, inst, bucket)).unwrap()
     }
 }
 
-static PAIR: OnceLock<Garage> = OnceLock::new();
-static SERIAL: Mutex<()> = Mutex::new(());
-
-unsafe extern "C" {
-    fn atexit(callback: extern "C" fn()) -> std::os::raw::c_int;
-}
-
-extern "C" fn stop_pair() {
-    if let Some(g) = PAIR.get() {
-        let _ = Command::new(workspace().join("scripts/garage"))
-            .args(["stop", g.dir()])
-            .output();
-        // Its buckets hold copies of the demo's objects: do not pile them up.
-        let _ = std::fs::remove_dir_all(&g.dir);
-    }
-}
-
-/// The pair, started on first use and stopped when the test binary exits.
-fn garage() -> &'static Garage {
-    PAIR.get_or_init(|| {
-        let dir = workspace()
-            .join("target/tmp")
-            .join(format!("garage-relocate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        script(&["start", dir.to_str().unwrap()]);
-        let text = std::fs::read_to_string(dir.join("env")).unwrap();
-        let mut env = BTreeMap::new();
-        for line in text.lines() {
-            let (k, v) = line.trim_start_matches("export ").split_once('=').unwrap();
-            // SAFETY: set once, before any test reads these variables.
-            unsafe { std::env::set_var(k, v) };
-            env.insert(k.to_owned(), v.to_owned());
-        }
-        // SAFETY: registers a plain function taking no arguments.
-        unsafe { atexit(stop_pair) };
-        Garage { dir, env }
-    })
-}
-
-/// One test at a time owns the pair (they share bucket names and stop B).
-/// The pair is started again if an earlier test left B stopped.
-fn exclusive() -> (MutexGuard<'static, ()>, &'static Garage) {
-    let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = garage();
-    script(&["start", g.dir()]);
-    (lock, g)
+/// The run's shared pair, for one test at a time: these tests use the
+/// demo's bucket name (`shop-media`) on both servers.
+fn exclusive() -> (Lock, Pair<'static>) {
+    let lock = Lock::take("relocate-garage-shop-media");
+    (lock, Pair::new(Garage::shared(), "GARAGE"))
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -140,7 +76,7 @@ fn manifest(loc: &BucketLocation) -> Manifest {
     block_on(objects::manifest(loc)).unwrap_or_else(|e| panic!("manifest of {loc}: {e}"))
 }
 
-fn buckets(g: &Garage, inst: &str) -> Vec<String> {
+fn buckets(g: &Pair<'_>, inst: &str) -> Vec<String> {
     let BucketLocation::S3(l) = g.location(inst, "probe") else {
         unreachable!()
     };
@@ -148,7 +84,7 @@ fn buckets(g: &Garage, inst: &str) -> Vec<String> {
 }
 
 /// Removes bucket `bucket` and its objects from instance `inst`.
-fn wipe(g: &Garage, inst: &str, bucket: &str) {
+fn wipe(g: &Pair<'_>, inst: &str, bucket: &str) {
     if !buckets(g, inst).contains(&bucket.to_owned()) {
         return;
     }
@@ -159,7 +95,7 @@ fn wipe(g: &Garage, inst: &str, bucket: &str) {
 }
 
 /// A fresh demo environment plus sites `garage-a` and `garage-b`.
-fn fresh(g: &Garage, name: &str) -> (PathBuf, String) {
+fn fresh(g: &Pair<'_>, name: &str) -> (PathBuf, String) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("relocate-garage-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     ok(&common::run(&["demo", "init", dir.to_str().unwrap()]));
@@ -201,7 +137,7 @@ credentials = {{ access_key_id_env = "G{inst}_KEY", secret_access_key_env = "G{i
 
 /// Runs the binary with the Garage credentials in its environment, except
 /// the variables named in `without`.
-fn run_with(g: &Garage, args: &[&str], without: &[&str]) -> Output {
+fn run_with(g: &Pair<'_>, args: &[&str], without: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluidcloud"));
     cmd.args(args)
         .current_dir(env!("CARGO_TARGET_TMPDIR"))
@@ -225,7 +161,7 @@ fn paris_media(dir: &Path) -> Manifest {
 
 #[test]
 fn the_shop_moves_from_a_directory_to_garage_then_between_garages() {
-    let (_lock, g) = exclusive();
+    let (_lock, g) = &exclusive();
     wipe(g, "A", "shop-media");
     wipe(g, "B", "shop-media");
     let (dir, config) = fresh(g, "chain");
@@ -288,10 +224,11 @@ fn the_shop_moves_from_a_directory_to_garage_then_between_garages() {
 
 #[test]
 fn a_stopped_target_fails_the_bucket_step_and_resume_completes_it() {
-    let (_lock, g) = exclusive();
-    wipe(g, "B", "shop-media");
+    // A pair of its own: it stops B.
+    let pair = Garage::private("relocate-down");
+    let g = &Pair::new(&pair, "DOWNGARAGE");
     let (dir, config) = fresh(g, "down");
-    script(&["stop-one", g.dir(), "B"]);
+    pair.stop_one("B");
 
     let started = std::time::Instant::now();
     let o = run_with(
@@ -338,7 +275,7 @@ fn a_stopped_target_fails_the_bucket_step_and_resume_completes_it() {
     assert_eq!(step["state"], "failed", "{step:#}");
     assert!(step["attempts"].as_u64().unwrap() > 1, "{step:#}");
 
-    script(&["start-one", g.dir(), "B"]);
+    pair.start_one("B");
     let out = ok(&run_with(g, &["--config", &config, "resume", &id], &[]));
     assert!(out.contains("succeeded"), "{out}");
     assert_eq!(
@@ -350,7 +287,7 @@ fn a_stopped_target_fails_the_bucket_step_and_resume_completes_it() {
 
 #[test]
 fn a_missing_credential_variable_stops_the_relocation_before_it_writes() {
-    let (_lock, g) = exclusive();
+    let (_lock, g) = &exclusive();
     let (dir, config) = fresh(g, "nocreds");
     let site = dir.join("sites/garage-a");
     let before_dir = common::tree_digest(&site);

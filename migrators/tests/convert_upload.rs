@@ -8,10 +8,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use common::{Rng, qemu, qemu_ok, s};
@@ -20,80 +18,30 @@ use fluidcloud_migrators::image::vmdk::VmdkSubformat;
 use fluidcloud_migrators::image::{ConvertOptions, VhdSubformat, convert_to_object, open};
 use fluidcloud_migrators::objects::{BucketLocation, open_store};
 use fluidcloud_plugins::ImageFormat;
+use fluidcloud_testkit::Garage;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as OPath;
 
 const MIB: u64 = 1 << 20;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn script(args: &[&str]) {
-    let out = Command::new(workspace().join("scripts/garage"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/garage {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Garage {
-    dir: PathBuf,
-    env: BTreeMap<String, String>,
-}
-
-static SHARED: OnceLock<Garage> = OnceLock::new();
-
-extern "C" fn stop_shared() {
-    if let Some(g) = SHARED.get() {
-        let _ = Command::new(workspace().join("scripts/garage"))
-            .args(["stop", g.dir.to_str().unwrap()])
-            .output();
-    }
-}
-
-/// One Garage pair for this test binary, stopped when the process exits;
-/// the bucket `images` on instance A.
-fn garage() -> &'static Garage {
-    SHARED.get_or_init(|| {
-        let dir = workspace()
-            .join("target/tmp")
-            .join(format!("garage-upload-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        script(&["start", dir.to_str().unwrap()]);
-        let text = std::fs::read_to_string(dir.join("env")).unwrap();
-        let mut env = BTreeMap::new();
-        for line in text.lines() {
-            let (k, v) = line.trim_start_matches("export ").split_once('=').unwrap();
-            let k = k.replacen("GARAGE", "UPLOAD", 1);
-            // SAFETY: set once, before any test reads these names.
-            unsafe { std::env::set_var(&k, v) };
-            env.insert(k, v.to_owned());
-        }
-        script(&["bucket", dir.to_str().unwrap(), "A", "images"]);
-        // SAFETY: registers a plain function with no arguments.
-        unsafe { libc::atexit(stop_shared) };
-        Garage { dir, env }
+/// The run's shared Garage pair, its variables exported as `UPLOAD_*`,
+/// and this process's bucket on instance A.
+fn garage() -> &'static (String, &'static Garage) {
+    static READY: OnceLock<(String, &'static Garage)> = OnceLock::new();
+    READY.get_or_init(|| {
+        let g = Garage::shared();
+        g.export("UPLOAD");
+        let bucket = format!("images-{}", std::process::id());
+        g.bucket("A", &bucket);
+        (bucket, g)
     })
 }
 
-/// The location of object `key` in the `images` bucket.
+/// The location of object `key` in this process's bucket.
 fn url(key: &str) -> String {
-    let g = garage();
-    let endpoint = &g.env["UPLOAD_A_ENDPOINT"];
-    format!(
-        "s3://images/{key}?endpoint={endpoint}&region=garage&access_key_id_env=UPLOAD_A_ACCESS_KEY_ID&secret_access_key_env=UPLOAD_A_SECRET_ACCESS_KEY"
-    )
+    let (bucket, g) = garage();
+    g.url("UPLOAD", "A", &format!("{bucket}/{key}"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {

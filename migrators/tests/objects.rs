@@ -6,8 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -20,105 +19,39 @@ use fluidcloud_plugins::{
     Artifact, ArtifactKind, ExecContext, Migrator, NoProgress, ProgressSink, Retry, Retryable,
     StepRequest,
 };
+use fluidcloud_testkit::Garage;
 use object_store::path::Path as OPath;
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// A pair of Garage servers (A and B) started by `scripts/garage`.
-struct Garage {
-    dir: PathBuf,
-    env: BTreeMap<String, String>,
-}
-
-fn script(args: &[&str]) -> std::process::Output {
-    let out = Command::new(workspace().join("scripts/garage"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/garage {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-impl Garage {
-    /// Starts a pair in `target/tmp/garage-NAME-PID` and exports its
-    /// variables into this process, prefixed `PREFIX` instead of `GARAGE`.
-    fn start(name: &str, prefix: &str) -> Self {
-        let dir = workspace()
-            .join("target/tmp")
-            .join(format!("garage-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        script(&["start", dir.to_str().unwrap()]);
-        let text = std::fs::read_to_string(dir.join("env")).unwrap();
-        let mut env = BTreeMap::new();
-        for line in text.lines() {
-            let (k, v) = line.trim_start_matches("export ").split_once('=').unwrap();
-            let k = k.replacen("GARAGE", prefix, 1);
-            // SAFETY: set once per pair, before any test uses these names;
-            // the other tests read only other variables meanwhile.
-            unsafe { std::env::set_var(&k, v) };
-            env.insert(k, v.to_owned());
-        }
-        Self { dir, env }
-    }
-
-    fn dir(&self) -> &str {
-        self.dir.to_str().unwrap()
-    }
-
-    fn bucket(&self, inst: &str, name: &str) {
-        script(&["bucket", self.dir(), inst, name]);
-    }
-
-    /// The location URL of `bucket` on instance `inst` (A or B).
-    fn url(&self, prefix: &str, inst: &str, bucket: &str) -> String {
-        let endpoint = &self.env[&format!("{prefix}_{inst}_ENDPOINT")];
-        format!(
-            "s3://{bucket}?endpoint={endpoint}&region=garage&access_key_id_env={prefix}_{inst}_ACCESS_KEY_ID&secret_access_key_env={prefix}_{inst}_SECRET_ACCESS_KEY"
-        )
-    }
-}
-
-static SHARED: OnceLock<Garage> = OnceLock::new();
-
-extern "C" fn stop_shared() {
-    if let Some(g) = SHARED.get() {
-        let _ = Command::new(workspace().join("scripts/garage"))
-            .args(["stop", g.dir()])
-            .output();
-    }
-}
-
-/// The pair shared by this test binary, started on first use and stopped
-/// when the process exits.
+/// The run's shared Garage pair, its variables exported as `GARAGE_*`.
 fn garage() -> &'static Garage {
-    SHARED.get_or_init(|| {
+    static READY: OnceLock<&'static Garage> = OnceLock::new();
+    READY.get_or_init(|| {
         // Our clients must not depend on CA bundle settings (plain http).
         // SAFETY: runs once, before any test reads these.
         unsafe {
             std::env::set_var("AWS_CA_BUNDLE", "/nonexistent/ca.pem");
             std::env::set_var("SSL_CERT_FILE", "/nonexistent/ca.pem");
         }
-        let g = Garage::start("objects", "GARAGE");
-        // SAFETY: registers a plain function with no arguments.
-        unsafe { libc::atexit(stop_shared) };
+        let g = Garage::shared();
+        g.export("GARAGE");
         g
     })
 }
 
+/// Bucket `name` of this test process: the pair is shared by every test
+/// of the run, so names carry the process id.
+fn bucket_name(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Creates bucket `name` (of this process) on `inst`.
+fn make_bucket(inst: &str, name: &str) {
+    garage().bucket(inst, &bucket_name(name));
+}
+
 fn url(inst: &str, bucket: &str) -> String {
-    garage().url("GARAGE", inst, bucket)
+    garage().url("GARAGE", inst, &bucket_name(bucket))
 }
 
 fn loc(url: &str) -> BucketLocation {
@@ -234,7 +167,7 @@ async fn attributes_of(location: &str, key: &str) -> Attributes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garage_a_to_garage_b_preserves_content_type_and_metadata() {
-    garage().bucket("A", "meta-src");
+    make_bucket("A", "meta-src");
     put_with_attributes(&url("A", "meta-src"), "logo.png", data(7, 5000)).await;
     fill(&url("A", "meta-src"), 10).await;
     let (s, d) = (loc(&url("A", "meta-src")), loc(&url("B", "meta-dst")));
@@ -281,7 +214,7 @@ async fn garage_a_to_garage_b_preserves_content_type_and_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_server_copies_server_side() {
-    garage().bucket("A", "ss-src");
+    make_bucket("A", "ss-src");
     put_with_attributes(&url("A", "ss-src"), "logo.png", data(9, 3000)).await;
     fill(&url("A", "ss-src"), 12).await;
     // 20 MiB with a low part-copy threshold exercises UploadPartCopy too.
@@ -426,7 +359,8 @@ impl ProgressSink for Trigger {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_restarting_mid_copy_still_gets_every_object_verified() {
     // Its own pair: stopping B must not disturb the other tests.
-    let g = Garage::start("objects-fault", "FAULTGARAGE");
+    let g = Arc::new(Garage::private("objects-fault"));
+    g.export("FAULTGARAGE");
     g.bucket("A", "fault-src");
     let src_url = g.url("FAULTGARAGE", "A", "fault-src");
     fill(&src_url, 300).await;
@@ -434,17 +368,17 @@ async fn a_target_restarting_mid_copy_still_gets_every_object_verified() {
     let d = loc(&g.url("FAULTGARAGE", "B", "fault-dst"));
     // The target bucket exists up front so the restart hits object copies.
     g.bucket("B", "fault-dst");
-    let dir = g.dir().to_owned();
+    let pair = Arc::clone(&g);
     let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = Arc::clone(&restarted);
     let trigger = Arc::new(Trigger {
         done: AtomicU64::new(0),
         at: 40,
         fire: std::sync::Mutex::new(Some(Box::new(move || {
-            script(&["stop-one", &dir, "B"]);
+            pair.stop_one("B");
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(3));
-                script(&["start-one", &dir, "B"]);
+                pair.start_one("B");
                 flag.store(true, Ordering::SeqCst);
             });
         }))),
@@ -469,7 +403,6 @@ async fn a_target_restarting_mid_copy_still_gets_every_object_verified() {
         manifest(&d).await.unwrap().digest,
         manifest(&s).await.unwrap().digest
     );
-    script(&["stop", g.dir()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,7 +501,7 @@ async fn the_migrator_copies_plans_and_rolls_back_only_what_it_wrote() {
     std::fs::create_dir_all(&src).unwrap();
     fill(&tempdir_url(&src), 12).await;
     // The target bucket exists and already holds one identical object.
-    garage().bucket("B", "mig-existing");
+    make_bucket("B", "mig-existing");
     let t_url = url("B", "mig-existing");
     let pre = copy_bucket(
         &loc(&tempdir_url(&src)),
@@ -596,10 +529,7 @@ async fn the_migrator_copies_plans_and_rolls_back_only_what_it_wrote() {
     let art = &out.artifacts["bucket"];
     assert_eq!(art.kind, ArtifactKind::Bucket);
     assert_eq!(art.locator, t_url);
-    assert!(
-        !art.locator
-            .contains(&garage().env["GARAGE_B_SECRET_ACCESS_KEY"])
-    );
+    assert!(!art.locator.contains(garage().secret_access_key("B")));
     assert_eq!(art.checksum.as_deref(), Some(src_manifest.digest.as_str()));
     assert_eq!(art.size, Some(src_manifest.bytes()));
     assert!(out.measured.bytes_written > 0 && out.measured.bytes_written < src_manifest.bytes());

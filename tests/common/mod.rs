@@ -53,19 +53,18 @@ pub fn fails(o: &Output, code: i32) -> String {
     stderr(o)
 }
 
-/// One demo environment per test binary, created by the real CLI.
+/// One demo environment per test binary and test run, created by the real
+/// CLI and shared read-only by the binary's tests (each in its own process
+/// under cargo-nextest).
 pub fn demo() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // One directory per test binary, replaced on every run, so repeated
-        // runs do not pile up demo environments.
         let exe = std::env::current_exe().unwrap();
         let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
         let name = stem.split('-').next().unwrap_or("tests").to_owned();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        ok(&run(&["demo", "init", dir.to_str().unwrap()]));
-        dir
+        fluidcloud_testkit::once_per_run(&format!("demo-{name}"), |dir| {
+            ok(&run(&["demo", "init", dir.to_str().unwrap()]));
+        })
     })
 }
 

@@ -1,0 +1,109 @@
+//! Test support shared by fluidcloud's test trees.
+//!
+//! cargo-nextest (scripts/test) runs every test in its own process, and
+//! several processes at once. Whatever a test binary used to set up once per
+//! process (a Garage pair, a demo environment) would then be set up once per
+//! *test*, and two processes would tear down each other's copy. This crate
+//! gives the two shapes that work across processes:
+//!
+//! - [`Garage::shared`]: the run's one Garage pair, started by scripts/test
+//!   (or by the first test that asks), never stopped by a test; tests keep
+//!   apart by bucket name ([`unique`]) or by [`Lock`].
+//! - [`once_per_run`]: a directory made once per test run, under a lock,
+//!   and reused read-only by every test process of that run.
+//!
+//! Servers are never optional: a missing one fails the test with the
+//! command to run, it never skips.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+mod garage;
+
+pub use garage::Garage;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `target/tmp` of the workspace: scratch space that outlives a test.
+pub fn tmp_root() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+        .join("tmp");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What identifies this test run: nextest's run id (the same in every
+/// process of one `cargo nextest run`), else this process (`cargo test`
+/// runs a binary's tests in one process).
+pub fn run_id() -> String {
+    std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("pid-{}", std::process::id()))
+}
+
+/// A name no other test of this run uses: `prefix-PID-N`, lowercase
+/// (valid as an S3 bucket name for short prefixes).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An exclusive `flock` on a file, held until dropped: keeps tests of
+/// different processes apart where they share a name (a bucket, a
+/// libvirt domain).
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    /// Waits for the lock named `name` (a file under `target/tmp/locks`).
+    pub fn take(name: &str) -> Self {
+        let dir = tmp_root().join("locks");
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::on(&dir.join(name))
+    }
+
+    fn on(path: &Path) -> Self {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("lock file {}: {e}", path.display()));
+        // SAFETY: flock on a descriptor this File owns; no memory involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {}", path.display());
+        Self { _file: file }
+    }
+}
+
+/// The directory `target/tmp/NAME`, made by `init` once per test run (see
+/// [`run_id`]) and shared by every test process of the run. A directory
+/// left by an earlier run, or by an `init` that failed, is made again.
+/// Tests must only read it.
+pub fn once_per_run(name: &str, init: impl FnOnce(&Path)) -> PathBuf {
+    let dir = tmp_root().join(name);
+    let _lock = Lock::on(&tmp_root().join(format!(".{name}.lock")));
+    let marker = tmp_root().join(format!(".{name}.run"));
+    let id = run_id();
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) && dir.is_dir() {
+        return dir;
+    }
+    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_dir_all(&dir);
+    init(&dir);
+    std::fs::write(&marker, &id).unwrap();
+    dir
+}
