@@ -94,7 +94,7 @@ apt_qemu_version() {
     local v
     v=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
     if [ -z "$v" ] || ! apt_installed qemu-utils; then
-        v=$(apt-cache madison qemu-utils | awk -v s="$APT_BACKPORTS" '$0 ~ s {print $3; exit}')
+        v=$(apt-cache madison qemu-utils | awk -v s="$APT_BACKPORTS" '$0 ~ s && !p {print $3; p = 1}')
     fi
     [ -n "$v" ] || { apt_say "no qemu-utils in $APT_BACKPORTS"; exit 1; }
     echo "$v"
@@ -177,15 +177,19 @@ apt_check() {
     rm -rf "$status" "$parts" "$log"
 }
 
+# (Readers consume all of a pipe's input: under `pipefail`, one that quits
+# early kills the writer with SIGPIPE and fails the pipeline at random.)
 apt_kernel_package() {
-    apt-cache depends "$APT_KERNEL" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'
+    apt-cache depends "$APT_KERNEL" 2>/dev/null | awk '/Depends: linux-image-/ && !p {print $2; p = 1}'
 }
 
 apt_check_kernel() {
     local pkg
     pkg=$(apt_kernel_package)
-    [ -n "$pkg" ] && apt-cache show "$pkg" 2>/dev/null | grep -q '^Filename: ' ||
-        { apt_say "cannot resolve $APT_KERNEL (the test guest's kernel) in the apt sources"; exit 1; }
+    if [ -z "$pkg" ] || ! apt-cache show "$pkg" 2>/dev/null | grep '^Filename: ' >/dev/null; then
+        apt_say "cannot resolve $APT_KERNEL (the test guest's kernel) in the apt sources"
+        exit 1
+    fi
 }
 
 # Installs the groups (all without arguments): nothing when every package is

@@ -126,23 +126,18 @@ pub fn relocation_id(out: &str) -> String {
         .to_owned()
 }
 
-/// The Rust example plugin, built on first use (a binary of another
-/// package, so cargo does not build it for these tests by itself).
+/// The Rust example plugin. `scripts/test` builds it (`cargo build
+/// --workspace --bins`); this runs the same command, which is a no-op
+/// then. (`cargo build -p fluidcloud-plugins` would not be: its features
+/// differ from the workspace's, and it rebuilds the crate and its deps.)
 pub fn dns_zone_plugin() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "fluidcloud-plugins",
-            "--bin",
-            "fluidcloud-migrator-dns-zone",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        cmd.args(["build", "-q", "--workspace", "--bins"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
