@@ -209,6 +209,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         S::Precondition(_) => 7,
         S::Corrupt { .. } => 8,
         S::Invalid(_) => 3,
+        S::PermissionDenied { .. } => 10,
         _ => 1,
     };
     for cause in e.chain() {

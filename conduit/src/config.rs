@@ -158,6 +158,12 @@ pub struct SiteConfig {
     /// arriving at this site, before the source is stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_check: Option<BootCheck>,
+    /// Directories outside the site's image store that backing files and
+    /// VMDK extents of its disks may be in (absolute names allowed there).
+    /// Without it a disk's chain stays inside the store: a guest that
+    /// writes a header naming `/etc/shadow` gets an error, not the file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_backing_dirs: Vec<PathBuf>,
 }
 
 /// What happens to MAC addresses of relocated instances.
@@ -289,6 +295,11 @@ impl SitesFile {
                 && p.is_relative()
             {
                 site.path = Some(base.join(p));
+            }
+            for d in &mut site.allow_backing_dirs {
+                if d.is_relative() {
+                    *d = base.join(&*d);
+                }
             }
             sites.insert(name, site);
         }

@@ -25,6 +25,7 @@
 use std::path::{Path, PathBuf};
 
 use fluidcloud_migrators::{Qcow2Options, Qcow2Writer};
+use fluidcloud_plugins::ImageFormat;
 use object_store::{ObjectStoreExt as _, PutPayload, path::Path as ObjPath};
 use serde::Serialize;
 
@@ -442,6 +443,11 @@ fn instances() -> Vec<InstanceRecord> {
         boot_image: Some(image.to_owned()),
         volumes: volumes.iter().map(|s| (*s).to_owned()).collect(),
         config_files: configs.iter().map(|s| (*s).to_owned()).collect(),
+        // Declared, as a cloud's image store records them: a relocation
+        // never takes a disk's format from its content.
+        formats: std::iter::once((image.to_owned(), ImageFormat::Qcow2))
+            .chain(volumes.iter().map(|v| ((*v).to_owned(), ImageFormat::Raw)))
+            .collect(),
         ..InstanceRecord::new(name, vcpus, mem)
     };
     vec![

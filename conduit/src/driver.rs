@@ -12,7 +12,7 @@
 //! offsets with allocation maps (so copies skip holes), buckets are
 //! `object_store::ObjectStore`s (so any backend works the same way).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -89,6 +89,13 @@ pub struct InstanceRecord {
     /// Network interfaces, in guest order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicRecord>,
+    /// The format of each disk (boot image and volumes, by name) as the
+    /// site declares it: a libvirt domain's `<driver type>` (raw when
+    /// absent, as libvirt reads it), a local manifest's `[format]` table.
+    /// A disk's own bytes never decide its format: a raw disk may begin
+    /// with anything, including a qcow2 header naming a host file.
+    #[serde(default, rename = "format", skip_serializing_if = "BTreeMap::is_empty")]
+    pub formats: BTreeMap<String, ImageFormat>,
 }
 
 impl InstanceRecord {
@@ -110,6 +117,7 @@ impl InstanceRecord {
             cmdline: None,
             disk_bus: None,
             nics: Vec::new(),
+            formats: BTreeMap::new(),
         }
     }
 }

@@ -23,8 +23,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use fluidcloud_plugins::{
-    ConfigFormat, Diagnostic, EndpointKind, Error as SdkError, Origin, Relation, Resource,
-    ResourceId, ResourceKind, ResourceSpec, Severity, Topology,
+    ConfigFormat, Diagnostic, EndpointKind, Error as SdkError, ImageFormat, Origin, Relation,
+    Resource, ResourceId, ResourceKind, ResourceSpec, Severity, Topology,
 };
 use futures::TryStreamExt as _;
 use serde::Deserialize;
@@ -392,10 +392,17 @@ impl Builder<'_> {
         for image in rec.boot_image.iter().chain(&rec.kernel).chain(&rec.initrd) {
             let store = crate::driver::require_image_store(self.driver)?;
             let info = store.image_info(image).await?;
+            // Kernels and initrds are files the hypervisor reads, copied
+            // byte for byte; disks have the format their site declares.
+            let format = if rec.boot_image.as_ref() == Some(image) {
+                self.declared_format(rec, image, info.format)?
+            } else {
+                ImageFormat::Raw
+            };
             let r = Resource::new(
                 image,
                 ResourceSpec::Image {
-                    format: info.format,
+                    format,
                     virtual_size: info.virtual_size,
                     allocated: info.allocated,
                     locator: info.locator,
@@ -411,10 +418,11 @@ impl Builder<'_> {
         for vol in &rec.volumes {
             let store = crate::driver::require_block_store(self.driver)?;
             let info = store.volume_info(vol).await?;
+            let format = self.declared_format(rec, vol, info.format)?;
             let r = Resource::new(
                 vol,
                 ResourceSpec::Volume {
-                    format: info.format,
+                    format,
                     virtual_size: info.virtual_size,
                     allocated: info.allocated,
                     locator: info.locator,
@@ -443,6 +451,42 @@ impl Builder<'_> {
             self.topology.link(&inst_id, &id, Relation::Reads, None)?;
         }
         Ok(())
+    }
+
+    /// The format disk `disk` of `rec` is relocated as: what its site
+    /// declares, checked against what its content looks like. A declared
+    /// raw disk stays raw whatever its bytes hold (a guest can write a
+    /// qcow2 header naming a host file into its raw disk: CVE-2008-2004's
+    /// class); a declared format its content contradicts is an error, never
+    /// a reinterpretation. Without a declaration only raw-looking content
+    /// is taken as raw.
+    fn declared_format(
+        &self,
+        rec: &InstanceRecord,
+        disk: &str,
+        content: ImageFormat,
+    ) -> fluidcloud_plugins::Result<ImageFormat> {
+        let where_ = || {
+            format!(
+                "disk {disk} of instance {} on site {}",
+                rec.name,
+                self.driver.name()
+            )
+        };
+        match rec.formats.get(disk).copied() {
+            Some(ImageFormat::Raw) => Ok(ImageFormat::Raw),
+            Some(declared) if declared == content => Ok(declared),
+            Some(declared) => Err(SdkError::Precondition(format!(
+                "{} is declared {declared} but its content is {content}: fix the declaration (fluidcloud never reinterprets a disk)",
+                where_()
+            ))),
+            None if content == ImageFormat::Raw => Ok(ImageFormat::Raw),
+            None => Err(SdkError::Precondition(format!(
+                "{} has no declared format and its content looks like {content}; declare it (a local site: `[format]` in instances/{}.toml; libvirt: the disk's `<driver type>`): a disk's own bytes never choose how it is read",
+                where_(),
+                rec.name
+            ))),
+        }
     }
 
     fn looks_internal(&self, host: &str) -> bool {

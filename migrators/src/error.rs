@@ -4,6 +4,8 @@
 //! tells a person where to look. Retry classification follows the variant:
 //! only I/O errors of a passing kind are worth another attempt.
 
+use std::path::PathBuf;
+
 use fluidcloud_plugins::{Retry, Retryable};
 
 /// Errors of the image tooling and migrators.
@@ -34,6 +36,21 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// An image names a backing file or extent outside what it may read:
+    /// an absolute path or a `..` escape out of its directory, a symlink
+    /// leading out, or a device or other non-regular file. Guest-written
+    /// bytes must never choose which host file is read.
+    #[error("image {image} names {what} `{path}`: {why}")]
+    Refused {
+        /// The image whose header or descriptor names the path.
+        image: PathBuf,
+        /// `backing file` or `extent`.
+        what: &'static str,
+        /// The path as the image names it.
+        path: String,
+        /// Why it is refused, and how to allow it where that is meant.
+        why: String,
     },
     /// The caller passed a value the operation cannot accept (a cluster size
     /// that is not a power of two, a write out of order or past the end...).
@@ -169,6 +186,7 @@ impl Retryable for Error {
             Self::Corrupt { .. }
             | Self::Unsupported { .. }
             | Self::InvalidArgument(_)
+            | Self::Refused { .. }
             | Self::BadLocation { .. }
             | Self::MissingCredential { .. } => Retry::Never,
         }
@@ -220,6 +238,10 @@ impl From<Error> for fluidcloud_plugins::Error {
                 site: None,
             },
             Error::InvalidArgument(msg) => Self::Precondition(msg),
+            Error::Refused { .. } => Self::PermissionDenied {
+                what: text,
+                site: None,
+            },
         }
     }
 }

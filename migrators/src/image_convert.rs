@@ -7,7 +7,12 @@
 //! and optionally `cluster_size`, `compression` (`zlib`/`zstd`, qcow2),
 //! `subformat` (VMDK: `streamOptimized`, the default, or
 //! `monolithicSparse`; VHD: `fixed`, the default, or `dynamic`) and
-//! `azure` (fixed VHD rounded up to a whole MiB).
+//! `azure` (fixed VHD rounded up to a whole MiB), and `backing`
+//! (`{root, allow_dirs}`: where the input's backing files and extents may
+//! be; default: the input's own directory).
+//!
+//! The input is read in the format its artifact declares, never in one its
+//! bytes suggest: a raw disk whose guest wrote a qcow2 header stays raw.
 //!
 //! Idempotent by construction: the image is written to
 //! `OUTPUT.partial-STEP_ID` and renamed to `OUTPUT` only when complete and
@@ -25,7 +30,9 @@ use fluidcloud_plugins::{
 
 use crate::image::qcow2::{Compression, Qcow2Options};
 use crate::image::vmdk::VmdkSubformat;
-use crate::image::{ConvertOptions, VhdSubformat, data_bytes, open};
+use crate::image::{
+    BackingPolicy, ConvertOptions, OpenOptions, VhdSubformat, data_bytes, open_with,
+};
 
 /// Formats the migrator reads.
 const READS: [ImageFormat; 5] = [
@@ -55,8 +62,17 @@ pub struct ImageConvert;
 #[derive(Debug)]
 struct Parsed {
     input: Artifact,
+    /// How the input is opened: in the format its artifact declares (never
+    /// probed), its backing chain confined by the `backing` param.
+    source: OpenOptions,
     output: PathBuf,
     opts: ConvertOptions,
+}
+
+impl Parsed {
+    fn open_source(&self) -> crate::Result<Box<dyn crate::image::ImageReader>> {
+        open_with(Path::new(&self.input.locator), &self.source)
+    }
 }
 
 fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
@@ -157,9 +173,30 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             ),
         }
     }
+    let backing = match p.get("backing") {
+        None => BackingPolicy::default(),
+        Some(v) => match serde_json::from_value(v.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(
+                    Diagnostic::error(format!("`backing` is {{root, allow_dirs}}: {e}"))
+                        .at_key("params.backing"),
+                );
+                BackingPolicy::default()
+            }
+        },
+    };
     match (input, format, output) {
         (Some(input), Some(format), Some(output)) if problems.is_empty() => Ok(Parsed {
             input: input.clone(),
+            source: OpenOptions {
+                format: match input.kind {
+                    ArtifactKind::DiskImage { format } => Some(format),
+                    _ => None,
+                },
+                snapshot: None,
+                backing,
+            },
             output,
             opts: ConvertOptions {
                 format,
@@ -224,8 +261,7 @@ impl Migrator for ImageConvert {
 
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let parsed = parse(request).map_err(SdkError::Invalid)?;
-        let path = PathBuf::from(&parsed.input.locator);
-        let data = blocking(move || Ok(data_bytes(open(&path)?.as_ref())?)).await?;
+        let data = blocking(move || Ok(data_bytes(parsed.open_source()?.as_ref())?)).await?;
         Ok(Estimate {
             bytes_read: data,
             bytes_sent: 0,
@@ -242,12 +278,18 @@ impl Migrator for ImageConvert {
         let format = parsed.opts.format;
         let output = parsed.output.clone();
         let (summary, file_size) = blocking(move || {
-            let reader = open(Path::new(&parsed.input.locator))?;
+            let reader = parsed.open_source()?;
             if parsed.output.exists() {
                 // A finished output of an earlier run of this step is
                 // returned as is; anything else is not ours to replace.
-                let existing = open(&parsed.output)?;
-                if existing.format() == format
+                let existing = open_with(
+                    &parsed.output,
+                    &OpenOptions {
+                        format: Some(format),
+                        ..OpenOptions::default()
+                    },
+                );
+                if let Ok(existing) = existing
                     && existing.virtual_size() >= reader.virtual_size()
                     && existing.virtual_size() - reader.virtual_size() < 1 << 20
                 {

@@ -229,7 +229,8 @@ fn image_sources_match_qemu_img_compare() {
         "-f",
         "qcow2",
         "-b",
-        s(&base),
+        // Relative: a backing file stays in its image's directory.
+        "base.qcow2",
         "-F",
         "qcow2",
         s(&top),

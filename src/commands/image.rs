@@ -1,9 +1,14 @@
 //! `fluidcloud image info|convert|check|compare`: the disk-image tooling of
 //! `fluidcloud-migrators` on the command line.
 //!
-//! Formats are detected from the content, never the file name. Library
-//! errors are turned into the SDK's error so the exit code says what went
-//! wrong: corrupt image 8, unsupported feature 6, bad argument 7.
+//! Formats are detected from the content, never the file name, as
+//! `qemu-img` does, unless `-f FORMAT` names it; a probed image that names
+//! a backing file gets a warning (an image a guest wrote may be a raw disk
+//! that merely begins with a header). Backing files and VMDK extents must
+//! lie in the image's own directory, or in one given with
+//! `--allow-backing-dir`. Library errors are turned into the SDK's error so
+//! the exit code says what went wrong: corrupt image 8, unsupported
+//! feature 6, bad argument 7, a refused backing path 10.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,8 +18,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use fluidcloud_migrators::image::qcow2::{Compression, Qcow2Options};
 use fluidcloud_migrators::image::vmdk::VmdkSubformat;
 use fluidcloud_migrators::image::{
-    self as img, ConvertOptions, ExtentKind, ImageReader, OpenOptions, VhdSubformat, extents,
-    verify,
+    self as img, BackingPolicy, ConvertOptions, ExtentKind, ImageReader, OpenOptions, VhdSubformat,
+    extents, verify,
 };
 use fluidcloud_plugins::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,6 +38,8 @@ pub(crate) enum ImageCommand {
         /// Describe this internal snapshot (qcow2; id or name).
         #[arg(long, short = 's')]
         snapshot: Option<String>,
+        #[command(flatten)]
+        how: HowToOpen,
     },
     /// Convert an image to another format (raw, qcow2, VHD, VHDX, VMDK).
     Convert(ConvertArgs),
@@ -40,6 +47,8 @@ pub(crate) enum ImageCommand {
     Check {
         /// The image file.
         path: PathBuf,
+        #[command(flatten)]
+        how: HowToOpen,
     },
     /// Compare the guest content of two images (any formats); exit 1 if
     /// they differ.
@@ -48,13 +57,39 @@ pub(crate) enum ImageCommand {
         a: PathBuf,
         /// Second image.
         b: PathBuf,
+        /// Format of the first image (skips probing it).
+        #[arg(short = 'f', long = "format", value_name = "FORMAT")]
+        format_a: Option<ImageFormat>,
+        /// Format of the second image (skips probing it).
+        #[arg(short = 'F', long = "format-b", value_name = "FORMAT")]
+        format_b: Option<ImageFormat>,
+        /// A directory backing files and extents may be in, besides each
+        /// image's own (repeatable).
+        #[arg(long = "allow-backing-dir", value_name = "DIR")]
+        allow_backing_dirs: Vec<PathBuf>,
     },
+}
+
+/// How an image is opened: its format, and where its chain may reach.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct HowToOpen {
+    /// The image's format (raw, qcow2, vmdk, vhd, vhdx): skips probing. Use
+    /// it for disks a guest wrote: `-f raw` reads a raw disk as raw even
+    /// when it begins with an image header.
+    #[arg(short = 'f', long = "format", value_name = "FORMAT")]
+    input_format: Option<ImageFormat>,
+    /// A directory backing files and extents may be in, besides the
+    /// image's own (repeatable; absolute names are accepted there).
+    #[arg(long = "allow-backing-dir", value_name = "DIR")]
+    allow_backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct ConvertArgs {
-    /// Source image (format detected from its content).
+    /// Source image (format detected from its content unless `-f`).
     source: PathBuf,
+    #[command(flatten)]
+    how: HowToOpen,
     /// Output image: a file, or an object
     /// `s3://BUCKET/KEY?endpoint=URL&region=R&access_key_id_env=VAR&secret_access_key_env=VAR`
     /// uploaded in parts as it is produced (raw, fixed VHD, streamOptimized
@@ -143,25 +178,59 @@ fn sdk(e: fluidcloud_migrators::Error) -> anyhow::Error {
     anyhow::Error::new(fluidcloud_plugins::Error::from(e))
 }
 
-fn open(path: &Path, snapshot: Option<String>) -> Result<Box<dyn ImageReader>> {
-    img::open_with(
+/// Opens `path` as `how` says; warns on stderr when a probed image names
+/// a backing file.
+fn open(path: &Path, snapshot: Option<String>, how: &HowToOpen) -> Result<Box<dyn ImageReader>> {
+    let reader = img::open_with(
         path,
         &OpenOptions {
+            format: how.input_format,
             snapshot,
-            ..OpenOptions::default()
+            backing: BackingPolicy {
+                root: None,
+                allow_dirs: how.allow_backing_dirs.clone(),
+            },
         },
     )
-    .map_err(sdk)
+    .map_err(sdk)?;
+    if how.input_format.is_none()
+        && let Some(b) = reader.backing()
+    {
+        eprintln!(
+            "warning: {} was probed as {} and reads backing file {}; if a guest wrote this image, \
+             pass -f raw (probing lets an image's own bytes choose which files are read)",
+            path.display(),
+            reader.format(),
+            b.path().display()
+        );
+    }
+    Ok(reader)
 }
 
 pub(crate) async fn run(g: &Globals, c: ImageCommand) -> Result<()> {
     let json = g.json;
     // Image work is blocking I/O and CPU: keep it off the async workers.
     tokio::task::spawn_blocking(move || match c {
-        ImageCommand::Info { path, snapshot } => info(json, &path, snapshot),
+        ImageCommand::Info {
+            path,
+            snapshot,
+            how,
+        } => info(json, &path, snapshot, &how),
         ImageCommand::Convert(a) => convert(json, a),
-        ImageCommand::Check { path } => check(json, &path),
-        ImageCommand::Compare { a, b } => compare(json, &a, &b),
+        ImageCommand::Check { path, how } => check(json, &path, &how),
+        ImageCommand::Compare {
+            a,
+            b,
+            format_a,
+            format_b,
+            allow_backing_dirs,
+        } => {
+            let how = |input_format| HowToOpen {
+                input_format,
+                allow_backing_dirs: allow_backing_dirs.clone(),
+            };
+            compare(json, (&a, &how(format_a)), (&b, &how(format_b)))
+        }
     })
     .await?
 }
@@ -198,9 +267,9 @@ struct InfoDoc<'a> {
     qcow2: Option<&'a img::qcow2::Qcow2Details>,
 }
 
-fn info(json: bool, path: &Path, snapshot: Option<String>) -> Result<()> {
+fn info(json: bool, path: &Path, snapshot: Option<String>, how: &HowToOpen) -> Result<()> {
     let probed = img::probe(path).map_err(sdk)?;
-    let reader = open(path, snapshot)?;
+    let reader = open(path, snapshot, how)?;
     let (mut data, mut zero, mut unalloc) = (0, 0, 0);
     for e in extents(reader.as_ref()) {
         let e = e.map_err(sdk)?;
@@ -308,7 +377,7 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
             a.format
         ))));
     }
-    let reader = open(&a.source, a.snapshot.clone())?;
+    let reader = open(&a.source, a.snapshot.clone(), &a.how)?;
     let cluster_size = u32::try_from(a.cluster_size).map_err(|_| {
         anyhow!(fluidcloud_plugins::Error::Precondition(format!(
             "cluster size {} is too large",
@@ -340,7 +409,7 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
             }),
             backing_format: match &a.backing {
                 Some(b) => {
-                    let path = img::reader::resolve_backing(&a.output, b);
+                    let path = img::reader::backing_of_output(&a.output, b);
                     Some(img::probe(&path).map_err(sdk)?.format)
                 }
                 None => None,
@@ -392,8 +461,8 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-fn check(json: bool, path: &Path) -> Result<()> {
-    let reader = open(path, None)?;
+fn check(json: bool, path: &Path, how: &HowToOpen) -> Result<()> {
+    let reader = open(path, None, how)?;
     let bar = progress_bar(json, "check");
     let report = verify::check(reader.as_ref(), 0, &|done, total| {
         bar.set_length(total);
@@ -424,9 +493,13 @@ struct CompareDoc {
     b_virtual_size: u64,
 }
 
-fn compare(json: bool, a: &Path, b: &Path) -> Result<()> {
-    let ra = open(a, None)?;
-    let rb = open(b, None)?;
+fn compare(
+    json: bool,
+    (a, how_a): (&Path, &HowToOpen),
+    (b, how_b): (&Path, &HowToOpen),
+) -> Result<()> {
+    let ra = open(a, None, how_a)?;
+    let rb = open(b, None, how_b)?;
     let bar = progress_bar(json, "compare");
     let diff = verify::compare(ra.as_ref(), rb.as_ref(), 0, &|done, total| {
         bar.set_length(total);

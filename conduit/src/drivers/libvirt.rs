@@ -591,6 +591,17 @@ pub fn parse_domain(xml: &str, pool_path: &Path, site: &str) -> Result<InstanceR
                         .map(|p| vol_name(p, pool_path))
                         .or_else(|| src.and_then(|s| s.attribute("volume")).map(str::to_owned));
                     if let Some(p) = path {
+                        // libvirt reads a disk without `<driver type>` as
+                        // raw (it never probes); so do we.
+                        let declared = child(d, "driver").and_then(|t| t.attribute("type"));
+                        let format = match declared {
+                            None => ImageFormat::Raw,
+                            Some(t) => format_of_libvirt(t).ok_or_else(|| Error::NotSupported {
+                                operation: format!("disk {p} of domain {}: format `{t}`", rec.name),
+                                site: Some(site.to_owned()),
+                            })?,
+                        };
+                        rec.formats.insert(p.clone(), format);
                         disks.push(p);
                     }
                     if let Some(bus) = child(d, "target").and_then(|t| t.attribute("bus")) {
@@ -748,6 +759,18 @@ pub fn domain_xml(
 }
 
 /// libvirt's name of a disk format.
+/// The format libvirt's `<driver type>` names.
+fn format_of_libvirt(t: &str) -> Option<ImageFormat> {
+    match t {
+        "raw" => Some(ImageFormat::Raw),
+        "qcow2" => Some(ImageFormat::Qcow2),
+        "vmdk" => Some(ImageFormat::Vmdk),
+        "vpc" => Some(ImageFormat::Vhd),
+        "vhdx" => Some(ImageFormat::Vhdx),
+        _ => None,
+    }
+}
+
 fn libvirt_format(f: ImageFormat) -> &'static str {
     match f {
         ImageFormat::Raw => "raw",
@@ -1034,9 +1057,16 @@ impl Compute for LibvirtSite {
         let mut disks = Vec::new();
         for d in record.boot_image.iter().chain(&record.volumes) {
             let info = self.image_info(d).await?;
+            // The format the relocation wrote, never one read from the
+            // disk: a raw disk may begin with any header.
+            let format = record.formats.get(d).copied().ok_or_else(|| {
+                Error::Precondition(format!(
+                    "instance {name}: disk {d} has no declared format (`format` of the record)"
+                ))
+            })?;
             disks.push(DiskSpec {
                 path: PathBuf::from(&info.locator),
-                format: libvirt_format(info.format).to_owned(),
+                format: libvirt_format(format).to_owned(),
             });
         }
         let mut kernel = None;
@@ -1191,9 +1221,15 @@ mod tests {
             },
             DiskSpec {
                 path: "/pool/data.raw".into(),
-                format: "raw".into(),
+                format: "vpc".into(),
             },
         ];
+        // The declared formats come back from `<driver type>` (vpc is VHD).
+        rec.formats = [
+            ("web.raw".to_owned(), ImageFormat::Raw),
+            ("data.raw".to_owned(), ImageFormat::Vhd),
+        ]
+        .into();
         let xml = domain_xml(
             "fc-web",
             "qemu",
@@ -1207,6 +1243,31 @@ mod tests {
         assert_eq!(back.name, "fc-web");
         back.name = "web".into();
         assert_eq!(back, rec);
+    }
+
+    #[test]
+    fn a_disk_without_a_driver_type_is_raw_and_an_unknown_one_is_refused() {
+        let xml = |driver: &str| {
+            format!(
+                "<domain><name>d</name><devices><disk type='file' device='disk'>{driver}<source file='/pool/a.img'/><target dev='vda'/></disk></devices></domain>"
+            )
+        };
+        let r = parse_domain(&xml(""), Path::new("/pool"), "s").unwrap();
+        assert_eq!(r.formats.get("a.img"), Some(&ImageFormat::Raw));
+        let r = parse_domain(
+            &xml("<driver name='qemu' type='qcow2'/>"),
+            Path::new("/pool"),
+            "s",
+        )
+        .unwrap();
+        assert_eq!(r.formats.get("a.img"), Some(&ImageFormat::Qcow2));
+        let e = parse_domain(
+            &xml("<driver name='qemu' type='qed'/>"),
+            Path::new("/pool"),
+            "s",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("format `qed`"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fluidcloud_migrators::image::BackingPolicy;
 use fluidcloud_plugins::{
     Artifact, ArtifactKind, Diagnostic, EndpointKind, Error as SdkError, ImageFormat, Migrator,
     ResourceId, ResourceKind, ResourceSpec, Topology,
@@ -272,6 +273,16 @@ fn pool_path_blocking(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
         })
 }
 
+/// Where the backing files and extents of a source disk in `store` may be
+/// (an image-convert or volume-copy `backing` param): under the site's
+/// store, or in a directory the site allows with `allow_backing_dirs`.
+fn backing_policy(cfg: &SiteConfig, store: &Path) -> BackingPolicy {
+    BackingPolicy {
+        root: Some(store.to_owned()),
+        allow_dirs: cfg.allow_backing_dirs.clone(),
+    }
+}
+
 /// `record` adapted to a target site: network and bridge names mapped,
 /// MAC addresses kept or regenerated (stable for one relocation id), the
 /// disk bus set. A libvirt target always gets an explicit disk bus, so the
@@ -447,7 +458,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     let mut instances: Vec<InstancePlan> = Vec::new();
     let mut volume_steps: Vec<(String, String, StepSpec)> = Vec::new();
     let mut bucket_steps: Vec<String> = Vec::new();
-    let mut images_to_compare: Vec<(String, String)> = Vec::new();
+    let mut images_to_compare: Vec<steps::ImagePair> = Vec::new();
     let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
     let mut boot_checks: Vec<steps::BootCheckPlan> = Vec::new();
 
@@ -465,6 +476,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         let unit = r.id.as_str().to_owned();
         let (target, tcfg) = target_of(&unit)?;
         let tdirs = site_dirs(target, tcfg)?;
+        let from_dirs = site_dirs(input.from, from_cfg)?;
         let source_rec = input.source_instances.iter().find(|i| i.name == r.name);
         let to_domain = tcfg.internal_domains.first().cloned();
         let new_host = match (hostname, &to_domain) {
@@ -569,9 +581,11 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     let id = step_id("image", &dep.name);
                     if !wf_has(&wf, &id) {
                         bytes_to_move += allocated;
+                        let backing = backing_policy(from_cfg, &from_dirs.images);
                         let mut params = serde_json::json!({
                             "format": to.as_str(),
                             "output": out.display().to_string(),
+                            "backing": backing,
                         });
                         if to == ImageFormat::Vhd {
                             params["azure"] = serde_json::json!(true);
@@ -590,19 +604,29 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                                 )
                                 .output("image", ArtifactKind::DiskImage { format: to }),
                         );
-                        images_to_compare.push((locator.clone(), out.display().to_string()));
+                        images_to_compare.push(steps::ImagePair {
+                            source: locator.clone(),
+                            source_format: *format,
+                            target: out.display().to_string(),
+                            target_format: to,
+                            backing,
+                        });
                     }
                     if is_kernel {
                         plan.record.kernel = Some(new_name);
                     } else if is_initrd {
                         plan.record.initrd = Some(new_name);
                     } else {
+                        plan.record.formats.insert(new_name.clone(), to);
                         plan.record.boot_image = Some(new_name);
                     }
                     plan.images.push(id);
                 }
                 ResourceSpec::Volume {
-                    allocated, locator, ..
+                    allocated,
+                    locator,
+                    format,
+                    ..
                 } => {
                     let stem = Path::new(&dep.name)
                         .file_stem()
@@ -615,6 +639,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     let params = serde_json::json!({
                         "output": out.display().to_string(),
                         "site": target,
+                        "source_format": format.as_str(),
+                        "backing": backing_policy(from_cfg, &from_dirs.volumes),
                     });
                     let source = given(
                         ArtifactKind::Volume,
@@ -634,6 +660,9 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         .output("volume", ArtifactKind::Volume)
                         .after(&pre);
                     volume_steps.push((pre.clone(), dep.name.clone(), sync));
+                    plan.record
+                        .formats
+                        .insert(new_name.clone(), ImageFormat::Raw);
                     plan.record.volumes.push(new_name);
                     plan.volumes.push(pre);
                 }

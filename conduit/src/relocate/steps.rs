@@ -17,11 +17,13 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use fluidcloud_plugins::{
-    Artifact, ArtifactKind, Diagnostic, Error as SdkError, Estimate, ExecContext, Migrator,
-    MigratorDescriptor, Result as SdkResult, StepOutput, StepRequest,
+    Artifact, ArtifactKind, Diagnostic, Error as SdkError, Estimate, ExecContext, ImageFormat,
+    Migrator, MigratorDescriptor, Result as SdkResult, StepOutput, StepRequest,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+
+use fluidcloud_migrators::image::{BackingPolicy, OpenOptions};
 
 use super::EndpointChange;
 use crate::config::SitesFile;
@@ -182,10 +184,28 @@ struct VerifyParams {
     from: String,
     manifest: Option<PathBuf>,
     targets: Vec<String>,
-    images: Vec<(String, String)>,
+    images: Vec<ImagePair>,
     endpoint_map: Vec<EndpointChange>,
     #[serde(default)]
     boot_checks: Vec<BootCheckPlan>,
+}
+
+/// An image the verify step compares with its source, guest byte for guest
+/// byte, each read in its declared format.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePair {
+    /// The source image.
+    pub source: String,
+    /// Its format, as the source site declares it.
+    pub source_format: ImageFormat,
+    /// The image at the target.
+    pub target: String,
+    /// The format the relocation wrote.
+    pub target_format: ImageFormat,
+    /// Where the source's backing files may be.
+    #[serde(default)]
+    pub backing: BackingPolicy,
 }
 
 /// A boot check the verify step runs (from the target site's
@@ -307,7 +327,7 @@ impl Migrator for Verify {
         let bytes: u64 = p
             .images
             .iter()
-            .filter_map(|(s, _)| std::fs::metadata(s).ok())
+            .filter_map(|p| std::fs::metadata(&p.source).ok())
             .map(|m| m.len())
             .sum();
         Ok(Estimate {
@@ -322,11 +342,26 @@ impl Migrator for Verify {
         let mut out = StepOutput::default();
         // 1. Every image equal, guest byte for guest byte.
         let total = p.images.len() as u64;
-        for (i, (src, dst)) in p.images.iter().enumerate() {
-            let (s, d) = (src.clone(), dst.clone());
+        for (i, pair) in p.images.iter().enumerate() {
+            let (src, dst) = (&pair.source, &pair.target);
+            let pair = pair.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let a = fluidcloud_migrators::image::open(Path::new(&s))?;
-                let b = fluidcloud_migrators::image::open(Path::new(&d))?;
+                // Both sides read as declared: no probing of guest bytes.
+                let a = fluidcloud_migrators::image::open_with(
+                    Path::new(&pair.source),
+                    &OpenOptions {
+                        format: Some(pair.source_format),
+                        backing: pair.backing.clone(),
+                        ..OpenOptions::default()
+                    },
+                )?;
+                let b = fluidcloud_migrators::image::open_with(
+                    Path::new(&pair.target),
+                    &OpenOptions {
+                        format: Some(pair.target_format),
+                        ..OpenOptions::default()
+                    },
+                )?;
                 let size = a.virtual_size();
                 fluidcloud_migrators::image::compare(a.as_ref(), b.as_ref(), 0, &|_, _| {})
                     .map(|r| (r, size))

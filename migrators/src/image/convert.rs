@@ -371,7 +371,7 @@ pub fn convert(
     }
     let backing = match (&opts.format, &opts.qcow2.backing_file) {
         (ImageFormat::Qcow2, Some(name)) => {
-            let path = super::reader::resolve_backing(output, name);
+            let path = super::reader::backing_of_output(output, name);
             Some(open(&path)?)
         }
         _ => None,

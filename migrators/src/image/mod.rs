@@ -18,8 +18,8 @@ pub mod vmdk;
 pub use convert::{ConvertOptions, ConvertSummary, VhdSubformat, convert, convert_to_object};
 pub use probe::probe;
 pub use reader::{
-    Extent, ExtentKind, Extents, ImageReader, OpenOptions, RawReader, data_bytes, extents, open,
-    open_with,
+    BackingPolicy, Extent, ExtentKind, Extents, ImageReader, OpenOptions, RawReader, data_bytes,
+    extents, open, open_with,
 };
 pub use verify::{ChainEntry, CheckReport, check, compare};
 

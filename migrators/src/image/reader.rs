@@ -210,11 +210,107 @@ impl Iterator for Extents<'_> {
 /// How to open an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenOptions {
-    /// Read the top image as this format instead of detecting it.
+    /// Read the top image as this format instead of detecting it. In a
+    /// relocation this is always set: the format the site declares, never
+    /// one the guest's bytes suggest.
     pub format: Option<ImageFormat>,
     /// Read this internal snapshot (qcow2; matched by id, then by name)
     /// instead of the current state.
     pub snapshot: Option<String>,
+    /// Where backing files and extents may be.
+    pub backing: BackingPolicy,
+}
+
+/// Where the backing files and extents an image names may be.
+///
+/// Image headers (a qcow2 backing file name, a VMDK descriptor's extent
+/// lines) are bytes a guest can write: a raw disk that begins with a qcow2
+/// header is indistinguishable from a qcow2 image by content. So a name
+/// from a header is followed only to a regular file that resolves, symlinks
+/// included, under [`root`](Self::root) (default: the directory of the image
+/// naming it) or under one of [`allow_dirs`](Self::allow_dirs). Absolute
+/// names are refused unless they lie in `allow_dirs`; devices, FIFOs and
+/// directories always are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackingPolicy {
+    /// The directory relative names must stay under (a site's image store);
+    /// `None`: the directory of the image that names them.
+    pub root: Option<PathBuf>,
+    /// Further directories backing files and extents may be in, also by
+    /// absolute name (a site's `allow_backing_dirs`).
+    pub allow_dirs: Vec<PathBuf>,
+}
+
+impl BackingPolicy {
+    /// Resolves `name`, which `image` names as its `what` (`backing file`
+    /// or `extent`), to the regular file it may read. Relative names are
+    /// relative to the image's directory, as in QEMU.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Refused`] naming the image and the path when the policy
+    /// forbids it; [`Error::Io`] when it does not exist.
+    pub fn resolve(&self, image: &Path, what: &'static str, name: &str) -> Result<PathBuf> {
+        let refuse = |why: String| Error::Refused {
+            image: image.to_owned(),
+            what,
+            path: name.to_owned(),
+            why,
+        };
+        let io = |p: &Path, e| {
+            Error::io(
+                format!(
+                    "resolving {what} `{name}` of image {} ({})",
+                    image.display(),
+                    p.display()
+                ),
+                e,
+            )
+        };
+        let image_dir = match image.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let image_dir = std::fs::canonicalize(image_dir).map_err(|e| io(image_dir, e))?;
+        let named = Path::new(name);
+        let joined = if named.is_absolute() {
+            named.to_owned()
+        } else {
+            image_dir.join(named)
+        };
+        let real = std::fs::canonicalize(&joined).map_err(|e| io(&joined, e))?;
+        let allowed = self
+            .allow_dirs
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .any(|d| real.starts_with(d));
+        if named.is_absolute() && !allowed {
+            return Err(refuse(
+                "absolute paths are refused (a site may allow a directory with `allow_backing_dirs`)"
+                    .into(),
+            ));
+        }
+        let root = match &self.root {
+            Some(r) => std::fs::canonicalize(r).map_err(|e| io(r, e))?,
+            None => image_dir,
+        };
+        if !allowed && !real.starts_with(&root) {
+            return Err(refuse(format!(
+                "it resolves to {}, outside {} (through `..` or a symlink)",
+                real.display(),
+                root.display()
+            )));
+        }
+        let meta = std::fs::metadata(&real).map_err(|e| io(&real, e))?;
+        if !meta.is_file() {
+            return Err(refuse(format!(
+                "{} is not a regular file (a device, directory, socket or FIFO)",
+                real.display()
+            )));
+        }
+        Ok(real)
+    }
 }
 
 /// Opens the image at `path`, detecting its format from the content, with
@@ -237,17 +333,26 @@ pub fn open(path: &Path) -> Result<Box<dyn ImageReader>> {
 ///
 /// As for [`open`].
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn ImageReader>> {
-    let mut chain = Chain::default();
+    let mut chain = Chain::new(opts.backing.clone());
     chain.open(path, opts.format, opts.snapshot.as_deref())
 }
 
-/// The files opened so far in one backing chain, for loop detection.
+/// The files opened so far in one backing chain, for loop detection, and
+/// where the chain may reach.
 #[derive(Debug, Default)]
 pub(crate) struct Chain {
     seen: HashSet<PathBuf>,
+    pub(crate) policy: BackingPolicy,
 }
 
 impl Chain {
+    pub(crate) fn new(policy: BackingPolicy) -> Self {
+        Self {
+            seen: HashSet::new(),
+            policy,
+        }
+    }
+
     /// Opens one image of the chain (and, through the format readers, the
     /// rest of the chain below it).
     pub(crate) fn open(
@@ -287,9 +392,9 @@ impl Chain {
                 Ok(Box::new(RawReader::open(path)?))
             }
             ImageFormat::Qcow2 => Ok(Box::new(Qcow2Reader::open_in_chain(path, snapshot, self)?)),
-            ImageFormat::Vmdk if snapshot.is_none() => {
-                Ok(Box::new(super::vmdk::VmdkReader::open(path)?))
-            }
+            ImageFormat::Vmdk if snapshot.is_none() => Ok(Box::new(
+                super::vmdk::VmdkReader::open_with_policy(path, &self.policy)?,
+            )),
             ImageFormat::Vhdx if snapshot.is_none() => {
                 Ok(Box::new(super::vhdx::VhdxReader::open(path)?))
             }
@@ -303,9 +408,10 @@ impl Chain {
     }
 }
 
-/// Resolves a backing file name the way QEMU does: relative names are
-/// relative to the directory of the image that names them.
-pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+/// Where a backing file name given by the *caller* for an output image
+/// (never one read from an image) resolves: relative names next to the
+/// image, as in QEMU.
+pub fn backing_of_output(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
         p.to_owned()
@@ -482,18 +588,85 @@ mod tests {
     }
 
     #[test]
-    fn backing_names_resolve_next_to_the_image() {
+    fn backing_names_of_outputs_resolve_next_to_the_image() {
         assert_eq!(
-            resolve_backing(Path::new("/a/b/top.qcow2"), "base.raw"),
+            backing_of_output(Path::new("/a/b/top.qcow2"), "base.raw"),
             Path::new("/a/b/base.raw")
         );
         assert_eq!(
-            resolve_backing(Path::new("/a/b/top.qcow2"), "/c/base.raw"),
+            backing_of_output(Path::new("/a/b/top.qcow2"), "/c/base.raw"),
             Path::new("/c/base.raw")
         );
+    }
+
+    fn refused(r: Result<PathBuf>) -> String {
+        match r {
+            Err(e @ Error::Refused { .. }) => e.to_string(),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_backing_name_stays_in_the_images_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("images");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("base.raw"), b"x").unwrap();
+        std::fs::write(dir.join("sub/deep.raw"), b"x").unwrap();
+        std::fs::write(tmp.path().join("secret"), b"s").unwrap();
+        let top = dir.join("top.qcow2");
+        let p = BackingPolicy::default();
+        let real = std::fs::canonicalize(&dir).unwrap();
         assert_eq!(
-            resolve_backing(Path::new("top.qcow2"), "../base"),
-            Path::new("../base")
+            p.resolve(&top, "backing file", "base.raw").unwrap(),
+            real.join("base.raw")
+        );
+        assert_eq!(
+            p.resolve(&top, "backing file", "sub/../sub/deep.raw")
+                .unwrap(),
+            real.join("sub/deep.raw")
+        );
+        let abs = tmp.path().join("secret");
+        let e = refused(p.resolve(&top, "backing file", abs.to_str().unwrap()));
+        assert!(
+            e.contains("absolute paths are refused") && e.contains("top.qcow2"),
+            "{e}"
+        );
+        let e = refused(p.resolve(&top, "backing file", "../secret"));
+        assert!(e.contains("outside"), "{e}");
+        std::os::unix::fs::symlink(tmp.path().join("secret"), dir.join("link")).unwrap();
+        let e = refused(p.resolve(&top, "extent", "link"));
+        assert!(
+            e.contains("names extent `link`") && e.contains("outside"),
+            "{e}"
+        );
+        // A device, even in an allowed directory.
+        let dev = BackingPolicy {
+            allow_dirs: vec!["/dev".into()],
+            ..BackingPolicy::default()
+        };
+        let e = refused(dev.resolve(&top, "backing file", "/dev/zero"));
+        assert!(e.contains("not a regular file"), "{e}");
+        // An allowed directory admits absolute names and `..` into it.
+        let allow = BackingPolicy {
+            allow_dirs: vec![tmp.path().to_owned()],
+            ..BackingPolicy::default()
+        };
+        assert!(
+            allow
+                .resolve(&top, "backing file", abs.to_str().unwrap())
+                .is_ok()
+        );
+        assert!(allow.resolve(&top, "backing file", "../secret").is_ok());
+        // A root wider than the image's own directory.
+        let rooted = BackingPolicy {
+            root: Some(tmp.path().to_owned()),
+            ..BackingPolicy::default()
+        };
+        assert!(
+            rooted
+                .resolve(&dir.join("sub/x.qcow2"), "backing file", "../base.raw")
+                .is_ok()
         );
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use fluidcloud_plugins::ImageFormat;
 
-use super::reader::{Extent, ExtentKind, ImageReader, check_range, pread_full, resolve_backing};
+use super::reader::{BackingPolicy, Extent, ExtentKind, ImageReader, check_range, pread_full};
 use crate::error::{Error, Result};
 
 /// `KDMV` in the little-endian magic field.
@@ -353,8 +353,18 @@ impl VmdkReader {
     /// # Errors
     ///
     /// [`Error::Corrupt`] for malformed headers, descriptors or tables;
-    /// [`Error::Unsupported`] for parents and extent types not read.
+    /// [`Error::Unsupported`] for parents and extent types not read;
+    /// [`Error::Refused`] for extents outside the descriptor's directory.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_policy(path, &BackingPolicy::default())
+    }
+
+    /// [`open`](Self::open), with extent files confined by `policy`.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub fn open_with_policy(path: &Path, policy: &BackingPolicy) -> Result<Self> {
         let file = File::open(path)
             .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
         let mut magic = [0u8; 4];
@@ -401,7 +411,7 @@ impl VmdkReader {
             let part = match (kind.as_str(), name) {
                 ("ZERO", _) => Part::Zero,
                 ("FLAT" | "VMFS", Some(name)) => {
-                    let p = resolve_backing(path, &name);
+                    let p = policy.resolve(path, "extent", &name)?;
                     let f = File::open(&p).map_err(|e| {
                         Error::io(format!("opening vmdk extent {}", p.display()), e)
                     })?;
@@ -412,7 +422,7 @@ impl VmdkReader {
                     }
                 }
                 ("SPARSE", Some(name)) => {
-                    let p = resolve_backing(path, &name);
+                    let p = policy.resolve(path, "extent", &name)?;
                     let (s, _) = Sparse::open(&p)?;
                     Part::Sparse(Box::new(s))
                 }

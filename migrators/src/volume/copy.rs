@@ -1,10 +1,11 @@
 //! The copy engine: chunked, hashed, parallel, resumable, incremental.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, Metadata, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,8 @@ use serde::Serialize;
 use super::manifest::{self, Leaf, Manifest, hex, manifest_path, stamp_matches};
 use super::progress::{self, Header, Log, progress_path};
 use crate::error::{Error, Result};
-use crate::image::{ExtentKind, ImageReader, RawReader, open};
+use crate::image::{BackingPolicy, ExtentKind, ImageReader, RawReader, open, open_with};
+use fluidcloud_plugins::ImageFormat;
 
 /// Default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
@@ -56,6 +58,23 @@ pub struct VolumeCopyOptions {
     /// Stop at the next chunk boundary when set; the work done so far is
     /// kept and the next run resumes from it.
     pub cancel: Option<CancelFlag>,
+    /// The source's format as its site declares it; `None` probes the
+    /// content (for `fluidcloud` commands run on a user's own files, never
+    /// in a relocation).
+    pub source_format: Option<ImageFormat>,
+    /// Where the source's backing files and extents may be.
+    pub backing: BackingPolicy,
+}
+
+impl VolumeCopyOptions {
+    /// How the source is opened.
+    pub fn source_open(&self) -> crate::image::OpenOptions {
+        crate::image::OpenOptions {
+            format: self.source_format,
+            snapshot: None,
+            backing: self.backing.clone(),
+        }
+    }
 }
 
 impl Default for VolumeCopyOptions {
@@ -67,6 +86,8 @@ impl Default for VolumeCopyOptions {
             verify_all: false,
             owner: String::new(),
             cancel: None,
+            source_format: None,
+            backing: BackingPolicy::default(),
         }
     }
 }
@@ -270,6 +291,50 @@ struct Done {
     written: u64,
 }
 
+/// What is known of the target, chunk by chunk. A chunk not in `known`
+/// reads as zeros (a new target, a hole of the target file, or a zero leaf
+/// of a trusted manifest): memory follows the data, not the volume size.
+#[derive(Debug, Default)]
+struct TargetState {
+    /// `Some(leaf)`: what the chunk holds; `None`: unknown (hash it).
+    known: BTreeMap<u64, Option<Leaf>>,
+    /// Chunks the progress log of an interrupted run recorded.
+    recorded: BTreeSet<u64>,
+}
+
+impl TargetState {
+    fn known(&self, index: u64) -> Option<Leaf> {
+        self.known.get(&index).copied().unwrap_or(Some(Leaf::Zero))
+    }
+
+    fn recorded(&self, index: u64) -> bool {
+        self.recorded.contains(&index)
+    }
+
+    /// Marks every chunk overlapping a data extent of `target` unknown.
+    fn unknown_where_data(&mut self, target: &dyn ImageReader, chunk_size: u64) -> Result<()> {
+        for i in data_chunks(target, chunk_size)? {
+            self.known.insert(i, None);
+        }
+        Ok(())
+    }
+}
+
+/// The chunks overlapping data extents of `reader`, in order: the only
+/// ones that can hold anything but zeros. Costs time and memory in
+/// proportion to the allocated data, whatever the virtual size.
+fn data_chunks(reader: &dyn ImageReader, chunk_size: u64) -> Result<BTreeSet<u64>> {
+    let mut out = BTreeSet::new();
+    for e in crate::image::extents(reader) {
+        let e = e?;
+        if e.kind == ExtentKind::Data {
+            let (first, last) = (e.offset / chunk_size, (e.end() - 1) / chunk_size);
+            out.extend(first..=last);
+        }
+    }
+    Ok(out)
+}
+
 /// What the workers share.
 struct Work<'a> {
     source: &'a dyn ImageReader,
@@ -278,26 +343,25 @@ struct Work<'a> {
     target_path: &'a Path,
     chunk_size: u64,
     virtual_size: u64,
-    known: &'a [Option<Leaf>],
-    recorded: &'a [bool],
+    state: &'a TargetState,
+    /// The chunks to look at, in order; every other chunk is zero on both
+    /// sides.
+    todo: &'a [u64],
     log: &'a Mutex<Log>,
-    next: AtomicU64,
+    next: AtomicUsize,
     stop: AtomicBool,
     cancel: Option<&'a CancelFlag>,
     can_punch: AtomicBool,
 }
 
 impl Work<'_> {
-    fn chunks(&self) -> u64 {
-        Manifest::chunks_for(self.virtual_size, self.chunk_size)
-    }
-
     fn claim(&self) -> Option<u64> {
         if self.stop.load(Ordering::Relaxed) || self.cancel.is_some_and(CancelFlag::is_cancelled) {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        (i < self.chunks()).then_some(i)
+        self.todo
+            .get(self.next.fetch_add(1, Ordering::Relaxed))
+            .copied()
     }
 
     fn io(&self, what: &str, off: u64, e: std::io::Error) -> Error {
@@ -330,10 +394,9 @@ impl Work<'_> {
         let mut ranges = Vec::new();
         let off = index * self.chunk_size;
         let len = (self.virtual_size - off).min(self.chunk_size) as usize;
-        let idx = index as usize;
-        let known = self.known.get(idx).copied().flatten();
+        let known = self.state.known(index);
         let mut written = 0;
-        let (source, read) = if known == Some(Leaf::Zero) && !self.recorded_at(idx) {
+        let (source, read) = if known == Some(Leaf::Zero) && !self.state.recorded(index) {
             // The target reads as zeros here: any non-zero piece will be
             // sent, so it is written at once, while in cache.
             hash_chunk(
@@ -408,7 +471,7 @@ impl Work<'_> {
             return Ok(done);
         }
         if !done.sent {
-            if self.recorded_at(idx) {
+            if self.state.recorded(index) {
                 // The log holds a record of this chunk from an interrupted
                 // run: withdraw it before the data changes under it.
                 self.log
@@ -456,33 +519,33 @@ impl Work<'_> {
         }
         Ok(done)
     }
-
-    fn recorded_at(&self, idx: usize) -> bool {
-        self.recorded.get(idx).copied().unwrap_or(false)
-    }
 }
 
-/// Hashes every chunk of `reader` on `threads` threads.
+/// Hashes `reader` on `threads` threads: the chunks overlapping its data
+/// extents are read, every other chunk is zero without reading.
 fn hash_all(
     reader: &dyn ImageReader,
     chunk_size: u64,
     threads: usize,
     cancel: Option<&CancelFlag>,
     progress: &dyn Fn(u64, u64),
-) -> Result<(Vec<Leaf>, u64)> {
+) -> Result<(Manifest, u64)> {
     let size = reader.virtual_size();
-    let n = Manifest::chunks_for(size, chunk_size);
-    let next = AtomicU64::new(0);
+    let todo: Vec<u64> = data_chunks(reader, chunk_size)?.into_iter().collect();
+    let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let mut leaves = vec![None; n as usize];
+    let mut m = Manifest::zero(chunk_size, size);
     let mut read = 0;
-    let mut done_bytes = 0;
+    let mut hashed = 0usize;
+    let todo_bytes: u64 = todo.iter().map(|&i| m.chunk_len(i)).sum();
+    let mut done_bytes = size - todo_bytes;
+    progress(done_bytes, size);
     let mut first_err = None;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel();
-        for _ in 0..threads.min(n as usize).max(1) {
+        for _ in 0..threads.min(todo.len()).max(1) {
             let tx = tx.clone();
-            let (next, stop) = (&next, &stop);
+            let (next, stop, todo) = (&next, &stop, &todo);
             scope.spawn(move || {
                 let (mut buf, mut ranges) = (Vec::new(), Vec::new());
                 loop {
@@ -490,10 +553,9 @@ fn hash_all(
                     {
                         return;
                     }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
+                    let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
-                    }
+                    };
                     let off = i * chunk_size;
                     let len = (size - off).min(chunk_size) as usize;
                     let r = hash_chunk(
@@ -518,9 +580,8 @@ fn hash_all(
         for (i, len, r) in rx {
             match r {
                 Ok((leaf, n)) => {
-                    if let Some(slot) = leaves.get_mut(i as usize) {
-                        *slot = Some(leaf);
-                    }
+                    m.set(i, leaf);
+                    hashed += 1;
                     read += n;
                     done_bytes += len as u64;
                     progress(done_bytes, size);
@@ -534,11 +595,10 @@ fn hash_all(
     if let Some(e) = first_err {
         return Err(e);
     }
-    let leaves: Option<Vec<Leaf>> = leaves.into_iter().collect();
-    match leaves {
-        Some(l) => Ok((l, read)),
-        None => Err(cancelled(reader.path(), "hashing")),
+    if hashed < todo.len() {
+        return Err(cancelled(reader.path(), "hashing"));
     }
+    Ok((m, read))
 }
 
 fn cancelled(path: &Path, what: &str) -> Error {
@@ -561,12 +621,8 @@ fn cancelled(path: &Path, what: &str) -> Error {
 pub fn manifest_of(path: &Path, chunk_size: u64) -> Result<Manifest> {
     check_chunk_size(chunk_size)?;
     let reader = open(path)?;
-    let (leaves, _) = hash_all(reader.as_ref(), chunk_size, threads(0), None, &|_, _| {})?;
-    Ok(Manifest {
-        chunk_size,
-        virtual_size: reader.virtual_size(),
-        leaves,
-    })
+    let (m, _) = hash_all(reader.as_ref(), chunk_size, threads(0), None, &|_, _| {})?;
+    Ok(m)
 }
 
 fn same_file(dev: u64, ino: u64, meta: &Metadata) -> bool {
@@ -597,9 +653,134 @@ pub fn copy(
     let started = Instant::now();
     let cs = opts.chunk_size;
     check_chunk_size(cs)?;
-    let reader = open(source)?;
+    let reader = open_with(source, &opts.source_open())?;
     let size = reader.virtual_size();
-    let n = Manifest::chunks_for(size, cs);
+    let prepared = prepare_target(source, target, opts, size)?;
+    let target_reader = RawReader::open(target)?;
+    let mut state = prepared.state;
+    if !prepared.manifest_trusted && !prepared.created {
+        // Only the target's data can differ from zeros: hash just those
+        // chunks (a resumed run's records stand).
+        let recorded = std::mem::take(&mut state.recorded);
+        let records: Vec<(u64, Option<Leaf>)> =
+            recorded.iter().map(|&i| (i, state.known(i))).collect();
+        state.unknown_where_data(&target_reader, cs)?;
+        for (i, l) in records {
+            state.known.insert(i, l);
+        }
+        state.recorded = recorded;
+    }
+    // Only chunks with data at the source, or anything but known zeros at
+    // the target, need work: the rest is zero on both sides.
+    let mut todo = data_chunks(reader.as_ref(), cs)?;
+    todo.extend(
+        state
+            .known
+            .iter()
+            .filter(|(_, l)| **l != Some(Leaf::Zero))
+            .map(|(i, _)| *i),
+    );
+    let todo: Vec<u64> = todo.into_iter().collect();
+    let log = Mutex::new(prepared.log);
+    let work = Work {
+        source: reader.as_ref(),
+        target_reader: &target_reader,
+        target: &prepared.file,
+        target_path: target,
+        chunk_size: cs,
+        virtual_size: size,
+        state: &state,
+        todo: &todo,
+        log: &log,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        cancel: opts.cancel.as_ref(),
+        can_punch: AtomicBool::new(true),
+    };
+    let mut summary = VolumeCopySummary {
+        root: String::new(),
+        virtual_size: size,
+        chunk_size: cs,
+        chunks: Manifest::chunks_for(size, cs),
+        chunks_sent: 0,
+        chunks_skipped: 0,
+        chunks_zero: 0,
+        bytes_sent: 0,
+        bytes_skipped: 0,
+        bytes_read: 0,
+        bytes_verified: 0,
+        bytes_written: 0,
+        chunks_resumed: state.recorded.len() as u64,
+        manifest_trusted: prepared.manifest_trusted,
+        created: prepared.created,
+        elapsed: Duration::ZERO,
+    };
+    let (src, mut tgt) = run_workers(&work, threads(opts.threads), &mut summary, progress)?;
+    summary.chunks_zero = src.zero_chunks();
+    summary.chunks_skipped = summary.chunks - summary.chunks_sent;
+    summary.bytes_skipped = size - summary.bytes_sent;
+    if opts.verify_all {
+        let (m, n) = hash_all(
+            &target_reader,
+            cs,
+            threads(opts.threads),
+            opts.cancel.as_ref(),
+            &|_, _| {},
+        )?;
+        summary.bytes_verified += n;
+        tgt = m;
+    }
+    let (src_root, tgt_root) = (src.root(), tgt.root());
+    if src_root != tgt_root {
+        let first = src.first_difference(&tgt).unwrap_or(0);
+        return Err(Error::Corrupt {
+            what: format!(
+                "target {} (root {} differs from the source's {}; first at chunk {first})",
+                target.display(),
+                hex(&tgt_root),
+                hex(&src_root)
+            ),
+            offset: first * cs,
+        });
+    }
+    manifest::store(target, &tgt, prepared.created_by)?;
+    drop(log);
+    // Not synced: a log that survives a crash still tells the truth.
+    let log_path = progress_path(target);
+    match std::fs::remove_file(&log_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("removing progress log {}", log_path.display()),
+                e,
+            ));
+        }
+    }
+    summary.root = hex(&tgt_root);
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// The target opened for the copy, and what is known of it.
+struct Prepared {
+    file: File,
+    created_by: Option<String>,
+    log: Log,
+    state: TargetState,
+    manifest_trusted: bool,
+    created: bool,
+}
+
+/// Opens or creates `target` and finds out what it holds: nothing (a new
+/// file, claimed in a log before it exists), what a trusted manifest says,
+/// what the log of an interrupted run recorded, or unknown.
+fn prepare_target(
+    source: &Path,
+    target: &Path,
+    opts: &VolumeCopyOptions,
+    size: u64,
+) -> Result<Prepared> {
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -614,208 +795,202 @@ pub fn copy(
             std::io::ErrorKind::NotFound.into(),
         ));
     }
-    let existing = match std::fs::metadata(target) {
-        Ok(m) => Some(m),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(Error::io(
-                format!("reading metadata of target {}", target.display()),
-                e,
-            ));
-        }
+    match std::fs::metadata(target) {
+        Ok(meta) => prepare_existing(source, target, opts, size, &meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_target(target, opts, size),
+        Err(e) => Err(Error::io(
+            format!("reading metadata of target {}", target.display()),
+            e,
+        )),
+    }
+}
+
+/// Creates `target`, claimed in a progress log first, so a crash in
+/// between still leaves it recognisably ours.
+fn create_target(target: &Path, opts: &VolumeCopyOptions, size: u64) -> Result<Prepared> {
+    let log_path = progress_path(target);
+    let mut header = Header {
+        chunk_size: opts.chunk_size,
+        virtual_size: size,
+        created_by: Some(opts.owner.clone()),
+        dev: 0,
+        ino: 0,
     };
+    Log::create(&log_path, &header, true)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .map_err(|e| {
+            // Someone else's file appeared: withdraw the claim.
+            let _ = std::fs::remove_file(&log_path);
+            Error::io(format!("creating target {}", target.display()), e)
+        })?;
+    let io = |what: &str, e| Error::io(format!("{what} target {}", target.display()), e);
+    file.set_len(size).map_err(|e| io("sizing", e))?;
+    file.sync_all().map_err(|e| io("syncing", e))?;
+    manifest::sync_parent(target)?;
+    let meta = file.metadata().map_err(|e| io("reading metadata of", e))?;
+    header.dev = meta.dev();
+    header.ino = meta.ino();
+    let log = Log::create(&log_path, &header, true)?;
+    Ok(Prepared {
+        file,
+        created_by: header.created_by,
+        log,
+        state: TargetState::default(),
+        manifest_trusted: false,
+        created: true,
+    })
+}
+
+/// An existing `target`: ours (a log or manifest of ours describes it),
+/// a copy's (a stale manifest), or refused unless `overwrite`.
+fn prepare_existing(
+    source: &Path,
+    target: &Path,
+    opts: &VolumeCopyOptions,
+    size: u64,
+    meta: &Metadata,
+) -> Result<Prepared> {
+    let cs = opts.chunk_size;
+    if !meta.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "target {} is not a regular file",
+            target.display()
+        )));
+    }
+    if let Ok(src_meta) = std::fs::metadata(source)
+        && same_file(src_meta.dev(), src_meta.ino(), meta)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "target {} is the source itself",
+            target.display()
+        )));
+    }
     let log_path = progress_path(target);
     let mpath = manifest_path(target);
     let old_log = progress::load(&log_path)?;
     let old_manifest = manifest::load_with_stamp(&mpath).ok();
-
-    let mut known: Vec<Option<Leaf>> = vec![None; n as usize];
-    let mut recorded = vec![false; n as usize];
+    let log_owns = old_log.as_ref().filter(|l| {
+        (l.header.ino == 0 && l.records.is_empty()) || same_file(l.header.dev, l.header.ino, meta)
+    });
+    let stamp = old_manifest
+        .as_ref()
+        .and_then(|(m, s)| s.as_ref().map(|s| (m, s)))
+        .filter(|(_, s)| same_file(s.dev, s.ino, meta));
+    let created_by = if let Some(l) = log_owns {
+        l.header.created_by.clone()
+    } else if let Some((_, s)) = stamp {
+        s.created_by.clone()
+    } else if opts.overwrite || mpath.exists() {
+        // A manifest that no longer describes the target (or cannot be
+        // read) still says a volume copy wrote here: hash the target, but
+        // claim no ownership.
+        None
+    } else {
+        return Err(Error::InvalidArgument(format!(
+            "target {} exists and no volume copy wrote it (no matching {}); \
+             remove it or set overwrite",
+            target.display(),
+            mpath.display()
+        )));
+    };
+    let mut state = TargetState::default();
     let mut manifest_trusted = false;
-    let mut chunks_resumed = 0;
-    let created = existing.is_none();
-    let (file, created_by, log) = match &existing {
-        None => {
-            // Claim the target in a log before creating it, so a crash in
-            // between still leaves it recognisably ours.
-            let mut header = Header {
+    if let Some((m, s)) = stamp
+        && m.chunk_size == cs
+        && m.virtual_size == size
+        && stamp_matches(s, meta, &mpath)
+    {
+        state.known = m
+            .data
+            .iter()
+            .map(|(i, h)| (*i, Some(Leaf::Data(*h))))
+            .collect();
+        manifest_trusted = true;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target)
+        .map_err(|e| Error::io(format!("opening target {}", target.display()), e))?;
+    if meta.len() != size {
+        file.set_len(size)
+            .map_err(|e| Error::io(format!("sizing target {}", target.display()), e))?;
+    }
+    let reusable = log_owns.filter(|l| {
+        l.header.ino != 0 && l.header.chunk_size == cs && l.header.virtual_size == size
+    });
+    let log = match reusable {
+        Some(l) => {
+            for &(i, leaf) in &l.records {
+                state.known.insert(i, leaf);
+                state.recorded.insert(i);
+            }
+            Log::reopen(&log_path, l.valid_len)?
+        }
+        // The manifest (if any) still records ownership, and a lost log
+        // only costs hashing the target: no sync here.
+        None => Log::create(
+            &log_path,
+            &Header {
                 chunk_size: cs,
                 virtual_size: size,
-                created_by: Some(opts.owner.clone()),
-                dev: 0,
-                ino: 0,
-            };
-            Log::create(&log_path, &header, true)?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(target)
-                .map_err(|e| {
-                    // Someone else's file appeared: withdraw the claim.
-                    let _ = std::fs::remove_file(&log_path);
-                    Error::io(format!("creating target {}", target.display()), e)
-                })?;
-            let io = |what: &str, e| Error::io(format!("{what} target {}", target.display()), e);
-            file.set_len(size).map_err(|e| io("sizing", e))?;
-            file.sync_all().map_err(|e| io("syncing", e))?;
-            manifest::sync_parent(target)?;
-            let meta = file.metadata().map_err(|e| io("reading metadata of", e))?;
-            header.dev = meta.dev();
-            header.ino = meta.ino();
-            let log = Log::create(&log_path, &header, true)?;
-            known.fill(Some(Leaf::Zero));
-            (file, header.created_by, log)
-        }
-        Some(meta) => {
-            if !meta.is_file() {
-                return Err(Error::InvalidArgument(format!(
-                    "target {} is not a regular file",
-                    target.display()
-                )));
-            }
-            if let Ok(src_meta) = std::fs::metadata(source)
-                && same_file(src_meta.dev(), src_meta.ino(), meta)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "target {} is the source itself",
-                    target.display()
-                )));
-            }
-            let log_owns = old_log.as_ref().filter(|l| {
-                (l.header.ino == 0 && l.records.is_empty())
-                    || same_file(l.header.dev, l.header.ino, meta)
-            });
-            let stamp = old_manifest
-                .as_ref()
-                .and_then(|(m, s)| s.as_ref().map(|s| (m, s)))
-                .filter(|(_, s)| same_file(s.dev, s.ino, meta));
-            let created_by = if let Some(l) = log_owns {
-                l.header.created_by.clone()
-            } else if let Some((_, s)) = stamp {
-                s.created_by.clone()
-            } else if opts.overwrite || mpath.exists() {
-                // A manifest that no longer describes the target (or cannot
-                // be read) still says a volume copy wrote here: hash the
-                // target, but claim no ownership.
-                None
-            } else {
-                return Err(Error::InvalidArgument(format!(
-                    "target {} exists and no volume copy wrote it (no matching {}); \
-                     remove it or set overwrite",
-                    target.display(),
-                    mpath.display()
-                )));
-            };
-            if let Some((m, s)) = stamp
-                && m.chunk_size == cs
-                && m.virtual_size == size
-                && stamp_matches(s, meta, &mpath)
-            {
-                for (k, l) in known.iter_mut().zip(&m.leaves) {
-                    *k = Some(*l);
-                }
-                manifest_trusted = true;
-            }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(target)
-                .map_err(|e| Error::io(format!("opening target {}", target.display()), e))?;
-            if meta.len() != size {
-                file.set_len(size)
-                    .map_err(|e| Error::io(format!("sizing target {}", target.display()), e))?;
-            }
-            let reusable = log_owns.filter(|l| {
-                l.header.ino != 0 && l.header.chunk_size == cs && l.header.virtual_size == size
-            });
-            let log = match reusable {
-                Some(l) => {
-                    for &(i, leaf) in &l.records {
-                        if let (Some(k), Some(r)) =
-                            (known.get_mut(i as usize), recorded.get_mut(i as usize))
-                        {
-                            *k = leaf;
-                            *r = true;
-                        }
-                    }
-                    chunks_resumed = recorded.iter().filter(|r| **r).count() as u64;
-                    Log::reopen(&log_path, l.valid_len)?
-                }
-                // The manifest (if any) still records ownership, and a
-                // lost log only costs hashing the target: no sync here.
-                None => Log::create(
-                    &log_path,
-                    &Header {
-                        chunk_size: cs,
-                        virtual_size: size,
-                        created_by: created_by.clone(),
-                        dev: meta.dev(),
-                        ino: meta.ino(),
-                    },
-                    stamp.is_none(),
-                )?,
-            };
-            (file, created_by, log)
-        }
+                created_by: created_by.clone(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+            stamp.is_none(),
+        )?,
     };
-    let target_reader = RawReader::open(target)?;
-    let log = Mutex::new(log);
-    let work = Work {
-        source: reader.as_ref(),
-        target_reader: &target_reader,
-        target: &file,
-        target_path: target,
-        chunk_size: cs,
-        virtual_size: size,
-        known: &known,
-        recorded: &recorded,
-        log: &log,
-        next: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        cancel: opts.cancel.as_ref(),
-        can_punch: AtomicBool::new(true),
-    };
-
-    let mut summary = VolumeCopySummary {
-        root: String::new(),
-        virtual_size: size,
-        chunk_size: cs,
-        chunks: n,
-        chunks_sent: 0,
-        chunks_skipped: 0,
-        chunks_zero: 0,
-        bytes_sent: 0,
-        bytes_skipped: 0,
-        bytes_read: 0,
-        bytes_verified: 0,
-        bytes_written: 0,
-        chunks_resumed,
+    Ok(Prepared {
+        file,
+        created_by,
+        log,
+        state,
         manifest_trusted,
-        created,
-        elapsed: Duration::ZERO,
-    };
-    let mut src_leaves: Vec<Option<Leaf>> = vec![None; n as usize];
-    let mut tgt_leaves: Vec<Option<Leaf>> = vec![None; n as usize];
+        created: false,
+    })
+}
+
+/// Runs the workers over `work.todo`; returns the source's and the
+/// target's manifests (chunks not in `todo` are zero on both sides).
+/// Progress records are synced and logged in batches as they come.
+fn run_workers(
+    work: &Work<'_>,
+    threads: usize,
+    summary: &mut VolumeCopySummary,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(Manifest, Manifest)> {
+    let (cs, size) = (work.chunk_size, work.virtual_size);
+    let mut src = Manifest::zero(cs, size);
+    let mut tgt = Manifest::zero(cs, size);
     let mut first_err: Option<Error> = None;
+    let mut processed = 0usize;
     let commit = |pending: &mut Vec<(u64, Option<Leaf>)>| -> Result<()> {
-        file.sync_data()
-            .map_err(|e| Error::io(format!("syncing target {}", target.display()), e))?;
-        log.lock()
+        work.target
+            .sync_data()
+            .map_err(|e| Error::io(format!("syncing target {}", work.target_path.display()), e))?;
+        work.log
+            .lock()
             .map_err(|_| Error::InvalidArgument("progress log lock poisoned".into()))?
             .append(pending)?;
         pending.clear();
         Ok(())
     };
+    let todo_bytes: u64 = work.todo.iter().map(|&i| src.chunk_len(i)).sum();
+    let mut done_bytes = size - todo_bytes;
+    progress(done_bytes, size);
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Result<Done>>();
-        for _ in 0..threads(opts.threads).min(n as usize).max(1) {
+        for _ in 0..threads.min(work.todo.len()).max(1) {
             let tx = tx.clone();
-            let work = &work;
             scope.spawn(move || {
-                let (mut src, mut tgt) = (Vec::new(), Vec::new());
+                let (mut sbuf, mut tbuf) = (Vec::new(), Vec::new());
                 while let Some(i) = work.claim() {
-                    let r = work.process(i, &mut src, &mut tgt);
+                    let r = work.process(i, &mut sbuf, &mut tbuf);
                     if r.is_err() {
                         work.stop.store(true, Ordering::Relaxed);
                     }
@@ -829,7 +1004,6 @@ pub fn copy(
         let mut pending = Vec::new();
         let mut unsynced = 0u64;
         let mut last = Instant::now();
-        let mut done_bytes = 0u64;
         for r in rx {
             let d = match r {
                 Ok(d) => d,
@@ -838,30 +1012,20 @@ pub fn copy(
                     continue;
                 }
             };
-            let len = (size - d.index * cs).min(cs);
-            let i = d.index as usize;
-            if let (Some(s), Some(t)) = (src_leaves.get_mut(i), tgt_leaves.get_mut(i)) {
-                *s = Some(d.source);
-                *t = Some(d.target);
-            }
+            processed += 1;
+            let len = src.chunk_len(d.index);
+            src.set(d.index, d.source);
+            tgt.set(d.index, d.target);
             summary.bytes_read += d.read;
             summary.bytes_verified += d.verified;
             summary.bytes_written += d.written;
-            if d.source == Leaf::Zero {
-                summary.chunks_zero += 1;
-            }
             if d.sent {
                 summary.chunks_sent += 1;
                 summary.bytes_sent += len;
-            } else {
-                summary.chunks_skipped += 1;
-                summary.bytes_skipped += len;
             }
             // Skipped chunks are logged too: a resumed run then trusts the
             // target there without hashing it again.
-            if !(recorded.get(i).copied().unwrap_or(false)
-                && known.get(i).copied().flatten() == Some(d.target))
-            {
+            if !(work.state.recorded(d.index) && work.state.known(d.index) == Some(d.target)) {
                 pending.push((d.index, Some(d.target)));
             }
             unsynced += d.written;
@@ -887,64 +1051,8 @@ pub fn copy(
     if let Some(e) = first_err {
         return Err(e);
     }
-    let (Some(src_leaves), Some(mut tgt_leaves)) = (
-        src_leaves.into_iter().collect::<Option<Vec<Leaf>>>(),
-        tgt_leaves.into_iter().collect::<Option<Vec<Leaf>>>(),
-    ) else {
-        return Err(cancelled(target, "copying to"));
-    };
-    if opts.verify_all {
-        let (leaves, n) = hash_all(
-            &target_reader,
-            cs,
-            threads(opts.threads),
-            opts.cancel.as_ref(),
-            &|_, _| {},
-        )?;
-        summary.bytes_verified += n;
-        tgt_leaves = leaves;
+    if processed < work.todo.len() {
+        return Err(cancelled(work.target_path, "copying to"));
     }
-    let src = Manifest {
-        chunk_size: cs,
-        virtual_size: size,
-        leaves: src_leaves,
-    };
-    let tgt = Manifest {
-        leaves: tgt_leaves,
-        ..src.clone()
-    };
-    let (src_root, tgt_root) = (src.root(), tgt.root());
-    if src_root != tgt_root {
-        let first = src
-            .leaves
-            .iter()
-            .zip(&tgt.leaves)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0) as u64;
-        return Err(Error::Corrupt {
-            what: format!(
-                "target {} (root {} differs from the source's {}; first at chunk {first})",
-                target.display(),
-                hex(&tgt_root),
-                hex(&src_root)
-            ),
-            offset: first * cs,
-        });
-    }
-    manifest::store(target, &tgt, created_by)?;
-    drop(log);
-    // Not synced: a log that survives a crash still tells the truth.
-    match std::fs::remove_file(&log_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("removing progress log {}", log_path.display()),
-                e,
-            ));
-        }
-    }
-    summary.root = hex(&tgt_root);
-    summary.elapsed = started.elapsed();
-    Ok(summary)
+    Ok((src, tgt))
 }

@@ -10,6 +10,7 @@
 //! virtual_size LE64 ‖ top)`, so two volumes with the same root have the
 //! same size, chunking and content. `docs/volumes.md` gives the file format.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -99,20 +100,39 @@ pub(crate) fn mtime_ns(m: &std::fs::Metadata) -> i128 {
 }
 
 /// The Merkle manifest of a volume. See the module docs.
+///
+/// Sparse: only chunks holding data have an entry, so a manifest costs
+/// memory in proportion to a volume's data, never to its size (a header
+/// may claim 2^61 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     /// Chunk size in bytes (a power of two); the last chunk may be shorter.
     pub chunk_size: u64,
     /// Size of the volume in bytes.
     pub virtual_size: u64,
-    /// One leaf per chunk, front to back.
-    pub leaves: Vec<Leaf>,
+    /// BLAKE3 of each chunk that is not all zero, by chunk index; every
+    /// other chunk is all zero.
+    pub data: BTreeMap<u64, [u8; 32]>,
 }
 
 impl Manifest {
+    /// An all-zero volume.
+    pub fn zero(chunk_size: u64, virtual_size: u64) -> Self {
+        Self {
+            chunk_size,
+            virtual_size,
+            data: BTreeMap::new(),
+        }
+    }
+
     /// Number of chunks of a volume of `virtual_size` bytes.
     pub fn chunks_for(virtual_size: u64, chunk_size: u64) -> u64 {
         virtual_size.div_ceil(chunk_size.max(1))
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        Self::chunks_for(self.virtual_size, self.chunk_size)
     }
 
     /// Length of chunk `index`.
@@ -121,14 +141,39 @@ impl Manifest {
         self.virtual_size.saturating_sub(start).min(self.chunk_size)
     }
 
-    /// How many chunks are all zero.
-    pub fn zero_chunks(&self) -> u64 {
-        self.leaves.iter().filter(|l| **l == Leaf::Zero).count() as u64
+    /// The leaf of chunk `index`.
+    pub fn leaf(&self, index: u64) -> Leaf {
+        self.data.get(&index).map_or(Leaf::Zero, |h| Leaf::Data(*h))
     }
 
-    /// The Merkle root. Zero leaves are hashed once per distinct length.
+    /// Records the leaf of chunk `index`.
+    pub fn set(&mut self, index: u64, leaf: Leaf) {
+        match leaf {
+            Leaf::Zero => self.data.remove(&index),
+            Leaf::Data(h) => self.data.insert(index, h),
+        };
+    }
+
+    /// How many chunks are all zero.
+    pub fn zero_chunks(&self) -> u64 {
+        self.chunks() - self.data.len() as u64
+    }
+
+    /// The first chunk whose leaf differs from `other`'s.
+    pub fn first_difference(&self, other: &Manifest) -> Option<u64> {
+        let a = self.data.iter().map(|(i, h)| (*i, Some(h)));
+        let b = other.data.iter().map(|(i, h)| (*i, Some(h)));
+        let mut all: Vec<(u64, Option<&[u8; 32]>)> = a.chain(b).collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.dedup_by_key(|(i, _)| *i);
+        all.into_iter()
+            .map(|(i, _)| i)
+            .find(|&i| self.leaf(i) != other.leaf(i))
+    }
+
+    /// The Merkle root. Runs of zero chunks are hashed once per tree level.
     pub fn root(&self) -> [u8; 32] {
-        merkle_root(self.chunk_size, self.virtual_size, &self.leaves)
+        merkle_root(self.chunk_size, self.virtual_size, &self.data)
     }
 
     /// The Merkle root in lowercase hex.
@@ -147,49 +192,94 @@ impl Manifest {
     }
 }
 
-/// The root over `leaves` (see the module docs).
-pub(crate) fn merkle_root(chunk_size: u64, virtual_size: u64, leaves: &[Leaf]) -> [u8; 32] {
-    let full = zero_hash(chunk_size.min(virtual_size));
-    let tail_len = virtual_size % chunk_size.max(1);
-    let tail = if tail_len == 0 {
-        full
+fn parent_hash(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[1]);
+    h.update(l);
+    h.update(r);
+    *h.finalize().as_bytes()
+}
+
+/// The tree over the leaves, computed sparsely: level by level the leaves
+/// pair up and an odd node at the end moves up unchanged (see the module
+/// docs), but a subtree of whole all-zero chunks is looked up, not hashed.
+struct Tree<'a> {
+    n: u64,
+    data: &'a BTreeMap<u64, [u8; 32]>,
+    /// Hash of a complete all-zero subtree per level (full-size chunks).
+    zero: Vec<[u8; 32]>,
+    /// Leaf hash of the last chunk when it is zero (it may be shorter).
+    tail: [u8; 32],
+    tail_is_full: bool,
+}
+
+impl Tree<'_> {
+    /// The node at `level` with index `i`: leaves `i << level` to
+    /// `(i + 1) << level` (cut at `n`).
+    fn node(&self, level: u32, i: u64) -> [u8; 32] {
+        let lo = i << level;
+        let hi = lo.saturating_add(1u64 << level).min(self.n);
+        if self.data.range(lo..hi).next().is_none() {
+            let complete = hi - lo == 1u64 << level && (hi < self.n || self.tail_is_full);
+            if complete {
+                return self.zero[level as usize];
+            }
+            if level == 0 {
+                return self.tail;
+            }
+        }
+        if level == 0 {
+            return self.data.get(&lo).copied().unwrap_or(self.zero[0]);
+        }
+        let left = self.node(level - 1, 2 * i);
+        if ((2 * i + 1) << (level - 1)) < self.n {
+            parent_hash(&left, &self.node(level - 1, 2 * i + 1))
+        } else {
+            left
+        }
+    }
+}
+
+/// The root over the leaves in `data` (see the module docs).
+pub(crate) fn merkle_root(
+    chunk_size: u64,
+    virtual_size: u64,
+    data: &BTreeMap<u64, [u8; 32]>,
+) -> [u8; 32] {
+    let n = Manifest::chunks_for(virtual_size, chunk_size);
+    let top = if n == 0 {
+        *blake3::hash(b"").as_bytes()
     } else {
-        zero_hash(tail_len)
+        let full = zero_hash(chunk_size.min(virtual_size));
+        let tail_len = virtual_size % chunk_size.max(1);
+        let height = if n == 1 {
+            0
+        } else {
+            u64::BITS - (n - 1).leading_zeros()
+        };
+        let mut zero = vec![full];
+        for l in 1..=height as usize {
+            let below = zero[l - 1];
+            zero.push(parent_hash(&below, &below));
+        }
+        let tree = Tree {
+            n,
+            data,
+            zero,
+            tail: if tail_len == 0 {
+                full
+            } else {
+                zero_hash(tail_len)
+            },
+            tail_is_full: tail_len == 0,
+        };
+        tree.node(height, 0)
     };
-    let last = leaves.len().saturating_sub(1);
-    let mut level: Vec<[u8; 32]> = leaves
-        .iter()
-        .enumerate()
-        .map(|(i, l)| match l {
-            Leaf::Data(h) => *h,
-            Leaf::Zero if i == last => tail,
-            Leaf::Zero => full,
-        })
-        .collect();
-    if level.is_empty() {
-        level.push(*blake3::hash(b"").as_bytes());
-    }
-    while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|pair| match pair {
-                [l, r] => {
-                    let mut h = blake3::Hasher::new();
-                    h.update(&[1]);
-                    h.update(l);
-                    h.update(r);
-                    *h.finalize().as_bytes()
-                }
-                [one] => *one,
-                _ => [0; 32],
-            })
-            .collect();
-    }
     let mut h = blake3::Hasher::new();
     h.update(ROOT_DOMAIN);
     h.update(&chunk_size.to_le_bytes());
     h.update(&virtual_size.to_le_bytes());
-    h.update(level.first().unwrap_or(&[0; 32]));
+    h.update(&top);
     *h.finalize().as_bytes()
 }
 
@@ -216,50 +306,47 @@ fn corrupt(path: &Path, why: &str) -> Error {
 
 /// Encodes leaves as JSON: a hex string per data chunk, a number `n` for a
 /// run of `n` zero chunks.
-fn encode_leaves(leaves: &[Leaf]) -> Vec<Value> {
+fn encode_leaves(m: &Manifest) -> Vec<Value> {
     let mut out = Vec::new();
-    let mut zeros = 0u64;
-    for l in leaves {
-        match l {
-            Leaf::Zero => zeros += 1,
-            Leaf::Data(h) => {
-                if zeros > 0 {
-                    out.push(json!(zeros));
-                    zeros = 0;
-                }
-                out.push(json!(hex(h)));
-            }
+    let mut next = 0u64;
+    for (&i, h) in &m.data {
+        if i > next {
+            out.push(json!(i - next));
         }
+        out.push(json!(hex(h)));
+        next = i + 1;
     }
-    if zeros > 0 {
-        out.push(json!(zeros));
+    if m.chunks() > next {
+        out.push(json!(m.chunks() - next));
     }
     out
 }
 
-fn decode_leaves(path: &Path, v: &Value, chunks: u64) -> Result<Vec<Leaf>> {
+fn decode_leaves(path: &Path, v: &Value, chunks: u64) -> Result<BTreeMap<u64, [u8; 32]>> {
     let arr = v
         .as_array()
         .ok_or_else(|| corrupt(path, "`leaves` is not a list"))?;
-    let mut out = Vec::new();
+    let mut out = BTreeMap::new();
+    let mut pos = 0u64;
     for item in arr {
         if let Some(n) = item.as_u64() {
-            if n == 0 || out.len() as u64 + n > chunks {
+            if n == 0 || pos.checked_add(n).is_none_or(|end| end > chunks) {
                 return Err(corrupt(path, "bad zero run in `leaves`"));
             }
-            out.resize(out.len() + n as usize, Leaf::Zero);
+            pos += n;
         } else {
             let h = item
                 .as_str()
                 .and_then(unhex32)
                 .ok_or_else(|| corrupt(path, "a leaf is neither a hash nor a zero run"))?;
-            out.push(Leaf::Data(h));
-        }
-        if out.len() as u64 > chunks {
-            return Err(corrupt(path, "more leaves than chunks"));
+            if pos >= chunks {
+                return Err(corrupt(path, "more leaves than chunks"));
+            }
+            out.insert(pos, h);
+            pos += 1;
         }
     }
-    if out.len() as u64 != chunks {
+    if pos != chunks {
         return Err(corrupt(path, "fewer leaves than chunks"));
     }
     Ok(out)
@@ -293,11 +380,11 @@ pub(crate) fn load_with_stamp(path: &Path) -> Result<(Manifest, Option<Stamp>)> 
     if num("chunks")? != chunks {
         return Err(corrupt(path, "chunk count does not match the sizes"));
     }
-    let leaves = decode_leaves(path, v.get("leaves").unwrap_or(&Value::Null), chunks)?;
+    let data = decode_leaves(path, v.get("leaves").unwrap_or(&Value::Null), chunks)?;
     let m = Manifest {
         chunk_size,
         virtual_size,
-        leaves,
+        data,
     };
     if v.get("root").and_then(Value::as_str) != Some(m.root_hex().as_str()) {
         return Err(corrupt(path, "root does not match the leaves"));
@@ -330,7 +417,7 @@ fn manifest_json(m: &Manifest, stamp: &Stamp) -> Vec<u8> {
         "hash": "blake3",
         "chunk_size": m.chunk_size,
         "virtual_size": m.virtual_size,
-        "chunks": m.leaves.len(),
+        "chunks": m.chunks(),
         "zero_chunks": m.zero_chunks(),
         "root": m.root_hex(),
         "target": {
@@ -341,7 +428,7 @@ fn manifest_json(m: &Manifest, stamp: &Stamp) -> Vec<u8> {
             "mtime_ns": stamp.mtime_ns.to_string(),
             "settled": stamp.settled,
         },
-        "leaves": encode_leaves(&m.leaves),
+        "leaves": encode_leaves(m),
     });
     let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
     out.push(b'\n');
@@ -442,41 +529,117 @@ mod tests {
         assert_eq!(unhex32(&"g".repeat(64)), None);
     }
 
+    /// The definition the sparse tree must match: every leaf hashed, then
+    /// pairs level by level, an odd node moving up.
+    fn dense_root(chunk_size: u64, virtual_size: u64, leaves: &[Leaf]) -> [u8; 32] {
+        let n = leaves.len();
+        let full = zero_hash(chunk_size.min(virtual_size));
+        let tail_len = virtual_size % chunk_size;
+        let tail = if tail_len == 0 {
+            full
+        } else {
+            zero_hash(tail_len)
+        };
+        let mut level: Vec<[u8; 32]> = leaves
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match l {
+                Leaf::Data(h) => *h,
+                Leaf::Zero if i + 1 == n => tail,
+                Leaf::Zero => full,
+            })
+            .collect();
+        if level.is_empty() {
+            level.push(*blake3::hash(b"").as_bytes());
+        }
+        while level.len() > 1 {
+            level = level
+                .chunks(2)
+                .map(|p| match p {
+                    [l, r] => parent_hash(l, r),
+                    [one] => *one,
+                    _ => unreachable!(),
+                })
+                .collect();
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(ROOT_DOMAIN);
+        h.update(&chunk_size.to_le_bytes());
+        h.update(&virtual_size.to_le_bytes());
+        h.update(&level[0]);
+        *h.finalize().as_bytes()
+    }
+
+    #[test]
+    fn the_sparse_root_equals_the_dense_definition() {
+        let cs = 4096u64;
+        let mut x = 7u64;
+        for n in [0u64, 1, 2, 3, 5, 8, 13, 31, 64, 100] {
+            for tail in [0u64, 1, 100] {
+                if n == 0 && tail > 0 {
+                    continue;
+                }
+                let size = if tail == 0 {
+                    n * cs
+                } else {
+                    (n - 1) * cs + tail
+                };
+                let mut leaves = vec![Leaf::Zero; n as usize];
+                let mut m = Manifest::zero(cs, size);
+                for (i, l) in leaves.iter_mut().enumerate() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if x.is_multiple_of(3) {
+                        *l = Leaf::Data(*blake3::hash(&x.to_le_bytes()).as_bytes());
+                        m.set(i as u64, *l);
+                    }
+                }
+                assert_eq!(m.root(), dense_root(cs, size, &leaves), "n {n} tail {tail}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_empty_volume_has_a_root_without_a_leaf_per_chunk() {
+        // 2^61 bytes in 4 KiB chunks: 2^49 leaves, none of them stored.
+        let mut m = Manifest::zero(4096, 1 << 61);
+        let empty = m.root();
+        m.set((1 << 49) - 1, Leaf::Data([9; 32]));
+        assert_ne!(m.root(), empty);
+        assert_eq!(m.zero_chunks(), (1 << 49) - 1);
+        assert_eq!(
+            m.first_difference(&Manifest::zero(4096, 1 << 61)),
+            Some((1 << 49) - 1)
+        );
+    }
+
     #[test]
     fn zero_leaves_hash_like_zero_bytes() {
         let cs = 4096u64;
         let data = vec![0u8; 4096 + 100];
-        let a = Manifest {
-            chunk_size: cs,
-            virtual_size: data.len() as u64,
-            leaves: vec![Leaf::Zero, Leaf::Zero],
-        };
-        let b = Manifest {
-            leaves: vec![
-                Leaf::Data(*blake3::hash(&data[..4096]).as_bytes()),
-                Leaf::Data(*blake3::hash(&data[4096..]).as_bytes()),
-            ],
-            ..a.clone()
-        };
+        let a = Manifest::zero(cs, data.len() as u64);
+        let mut b = a.clone();
+        b.data.insert(0, *blake3::hash(&data[..4096]).as_bytes());
+        b.data.insert(1, *blake3::hash(&data[4096..]).as_bytes());
         assert_eq!(a.root(), b.root());
-        let c = Manifest {
-            virtual_size: 4096 + 101,
-            ..a.clone()
-        };
+        let c = Manifest::zero(cs, 4096 + 101);
         assert_ne!(a.root(), c.root(), "the size is bound into the root");
     }
 
     #[test]
     fn leaves_encode_with_zero_runs() {
-        let h = Leaf::Data([7; 32]);
-        let leaves = vec![Leaf::Zero, Leaf::Zero, h, Leaf::Zero];
-        let enc = Value::Array(encode_leaves(&leaves));
+        let mut m = Manifest::zero(4096, 4 * 4096);
+        m.set(2, Leaf::Data([7; 32]));
+        let enc = Value::Array(encode_leaves(&m));
         assert_eq!(enc[0], json!(2));
         assert_eq!(enc[2], json!(1));
         let p = Path::new("m");
-        assert_eq!(decode_leaves(p, &enc, 4).unwrap(), leaves);
+        assert_eq!(decode_leaves(p, &enc, 4).unwrap(), m.data);
         assert!(decode_leaves(p, &enc, 3).is_err());
         assert!(decode_leaves(p, &enc, 5).is_err());
         assert!(decode_leaves(p, &json!([0, "x"]), 1).is_err());
+        // A run claiming more chunks than exist allocates nothing first.
+        assert!(decode_leaves(p, &json!([u64::MAX]), 4).is_err());
     }
 }

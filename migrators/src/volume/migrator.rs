@@ -4,8 +4,12 @@
 //! an image-backed volume; the locator is an absolute path), params
 //! `output` (absolute path of the target raw file, required), and
 //! optionally `chunk_size` (bytes, a power of two from 4 KiB to 64 MiB),
-//! `site` (the output artifact's site; the input's by default) and
-//! `overwrite` (accept a pre-existing target no volume copy wrote).
+//! `site` (the output artifact's site; the input's by default),
+//! `overwrite` (accept a pre-existing target no volume copy wrote),
+//! `source_format` (how the input is read, as its site declares it: raw by
+//! default for a `volume`, the artifact's format for a `disk-image`; never
+//! probed) and `backing` (`{root, allow_dirs}`: where the input's backing
+//! files may be).
 //!
 //! Output: artifact `volume` with the target path as locator, the virtual
 //! size, and `checksum = "blake3-merkle:<root>"`.
@@ -29,7 +33,7 @@ use fluidcloud_plugins::{
 use super::copy::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, VolumeCopyOptions, copy};
 use super::manifest::{manifest_path, sidecar};
 use super::progress::progress_path;
-use crate::image::{data_bytes, open};
+use crate::image::{data_bytes, open_with};
 
 /// Image formats accepted as an image-backed volume.
 const IMAGES: [ImageFormat; 5] = [
@@ -42,7 +46,14 @@ const IMAGES: [ImageFormat; 5] = [
 /// Planning assumes this copy speed (hashing, writing, reading back).
 const PLAN_BYTES_PER_SECOND: f64 = 500e6;
 /// Params the migrator knows.
-const PARAMS: [&str; 4] = ["output", "chunk_size", "site", "overwrite"];
+const PARAMS: [&str; 6] = [
+    "output",
+    "chunk_size",
+    "site",
+    "overwrite",
+    "source_format",
+    "backing",
+];
 
 /// The `volume-copy` migrator. See the module docs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -159,6 +170,29 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             ),
         },
     }
+    opts.source_format = match (p.get("source_format"), input.map(|a| &a.kind)) {
+        (Some(v), _) => match v.as_str().map(str::parse::<ImageFormat>) {
+            Some(Ok(f)) => Some(f),
+            _ => {
+                problems.push(
+                    Diagnostic::error("`source_format` is raw, qcow2, vmdk, vhd or vhdx")
+                        .at_key("params.source_format"),
+                );
+                None
+            }
+        },
+        (None, Some(ArtifactKind::DiskImage { format })) => Some(*format),
+        (None, _) => Some(ImageFormat::Raw),
+    };
+    if let Some(v) = p.get("backing") {
+        match serde_json::from_value(v.clone()) {
+            Ok(b) => opts.backing = b,
+            Err(e) => problems.push(
+                Diagnostic::error(format!("`backing` is {{root, allow_dirs}}: {e}"))
+                    .at_key("params.backing"),
+            ),
+        }
+    }
     match (input, output, site) {
         (Some(input), Some(output), Some(site)) if problems.is_empty() => Ok(Parsed {
             input: input.clone(),
@@ -211,7 +245,8 @@ impl Migrator for VolumeCopy {
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let parsed = parse(request).map_err(SdkError::Invalid)?;
         let path = PathBuf::from(&parsed.input.locator);
-        let data = blocking(move || Ok(data_bytes(open(&path)?.as_ref())?)).await?;
+        let how = parsed.opts.source_open();
+        let data = blocking(move || Ok(data_bytes(open_with(&path, &how)?.as_ref())?)).await?;
         // An upper bound: a re-sync writes only the chunks that changed,
         // which is unknown until the source is hashed.
         let cross_site = parsed.site != parsed.input.site;

@@ -58,8 +58,12 @@
 //! ## Memory
 //!
 //! Each worker thread holds two chunk buffers (source and read-back), so
-//! memory is about `2 × chunk size × threads` plus 33 bytes per chunk for
-//! the leaves: tens of MiB for any volume size with the defaults.
+//! memory is about `2 × chunk size × threads`, plus about 100 bytes per
+//! chunk *that holds data*: manifests, progress and the work list are
+//! sparse, and only chunks overlapping data extents (of the source, or of
+//! a target not known to be zero) are visited at all. A header claiming
+//! 2^61 bytes costs nothing until it has data; it fails when the target
+//! file cannot be that large, not by exhausting memory.
 //!
 //! ## Ownership
 //!

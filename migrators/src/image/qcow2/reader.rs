@@ -22,9 +22,7 @@ use serde::Serialize;
 
 use super::{KNOWN_INCOMPATIBLE_FEATURES, MAGIC};
 use crate::error::{Error, Result};
-use crate::image::reader::{
-    Chain, Extent, ExtentKind, ImageReader, check_range, pread_full, resolve_backing,
-};
+use crate::image::reader::{Chain, Extent, ExtentKind, ImageReader, check_range, pread_full};
 
 /// Bits 9..=55 of L1 and L2 entries: a host offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -366,7 +364,7 @@ impl Qcow2Reader {
         let backing = match &backing_file {
             None => None,
             Some(name) => {
-                let bpath = resolve_backing(path, name);
+                let bpath = chain.policy.resolve(path, "backing file", name)?;
                 let fmt = match backing_format.as_deref() {
                     None => None,
                     Some(f) => Some(
