@@ -180,6 +180,7 @@ impl World {
         libvirt_up();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
+        fluidcloud_testkit::scratch(&dir);
         for d in [
             "instances",
             "images",
@@ -480,6 +481,7 @@ fn a_failed_boot_check_leaves_the_source_running_and_rollback_cleans_the_target(
 fn a_raw_guest_disk_beginning_with_a_qcow2_header_naming_a_host_file_moves_as_raw_and_boots() {
     let secret_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libvirt-secret");
     std::fs::create_dir_all(&secret_dir).unwrap();
+    fluidcloud_testkit::scratch(&secret_dir);
     let secret = secret_dir.join("host-secret");
     let marker = b"FLUIDCLOUD-LIBVIRT-HOST-SECRET-91c2";
     std::fs::write(&secret, marker.repeat(8192)).unwrap();

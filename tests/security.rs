@@ -338,3 +338,112 @@ fn vmdk_extents_escaping_their_directory_are_refused() {
         );
     }
 }
+
+/// Values that must appear in no output of a relocation.
+const URL_PASSWORD: &str = "UrlPassw0rd-4b7c";
+const YAML_PASSWORD: &str = "YamlPassw0rd-91df";
+const CREDENTIAL_VALUE: &str = "CredentialValue-e5a0";
+
+/// Every file under `dir` whose bytes contain any of `needles`, with the
+/// needle.
+fn files_containing(dir: &Path, needles: &[&str]) -> Vec<(PathBuf, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() {
+                let bytes = std::fs::read(&p).unwrap();
+                for n in needles {
+                    if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
+                        found.push((p.clone(), (*n).to_owned()));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn config_passwords_and_credential_values_appear_in_no_output_report_journal_or_log() {
+    let (dir, config) = common::fresh_demo("secrets");
+    let app = dir.join("sites/dc-paris/config/shop/app");
+    // A URL password, a password key, and (under an innocent key) the value
+    // of a variable the sites file names as a credential.
+    let env = std::fs::read_to_string(app.join(".env")).unwrap().replace(
+        "postgres://shop@db",
+        &format!("postgres://shop:{URL_PASSWORD}@db"),
+    ) + &format!("MEDIA_ID={CREDENTIAL_VALUE}\n");
+    std::fs::write(app.join(".env"), env).unwrap();
+    let yaml = std::fs::read_to_string(app.join("app.yaml"))
+        .unwrap()
+        .replace(
+            "  name: shop\n",
+            &format!("  name: shop\n  password: {YAML_PASSWORD}\n"),
+        );
+    std::fs::write(app.join("app.yaml"), yaml).unwrap();
+    let sites = std::fs::read_to_string(&config).unwrap().replace(
+        "[sites.edge-nantes]\n",
+        "[sites.edge-nantes]\ncredentials = { token_env = \"NANTES_TOKEN\" }\n",
+    );
+    std::fs::write(&config, sites).unwrap();
+
+    let fc = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+            .args(args)
+            .current_dir(&dir)
+            .env("NANTES_TOKEN", CREDENTIAL_VALUE)
+            .env("RUST_LOG", "debug")
+            .env_remove("FLUIDCLOUD_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let o = fc(&relocate_shop(&config, "dc-paris", "edge-nantes"));
+    let out = ok(&o);
+    let id = common::relocation_id(&out);
+    let report = ok(&fc(&["--config", &config, "report", &id]));
+    let report_json = ok(&fc(&["--config", &config, "--json", "report", &id]));
+    let status = ok(&fc(&["--config", &config, "--json", "status"]));
+    let secrets = [URL_PASSWORD, YAML_PASSWORD, CREDENTIAL_VALUE];
+    for (what, text) in [
+        ("relocate stdout", out.clone()),
+        ("relocate stderr (debug log)", stderr(&o)),
+        ("report", report.clone()),
+        ("report --json", report_json.clone()),
+        ("status", status),
+    ] {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows {s}:\n{text}");
+        }
+    }
+    let leaked = files_containing(&dir.join(".fluidcloud"), &secrets);
+    assert!(leaked.is_empty(), "in the state directory: {leaked:?}");
+    // The report still shows that the secret lines changed (the database
+    // host moved), with the secret replaced.
+    assert!(
+        report.contains("-DATABASE_URL=postgres://shop:«redacted»@db.shop.paris.internal")
+            && report.contains("+DATABASE_URL=postgres://shop:«redacted»@db.shop.nantes.internal"),
+        "{report}"
+    );
+    // The credential's value sits in the diff's context, under a key that
+    // names nothing secret: it goes because the sites file names it.
+    assert!(report.contains(" MEDIA_ID=«redacted»"), "{report}");
+    // Only its owner reads the state.
+    let state = dir.join(".fluidcloud");
+    let rel = state.join("relocations").join(&id);
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("relocations")), 0o700);
+    assert_eq!(mode(&rel), 0o700);
+    for f in ["relocation.json", "report.json", "journal.sqlite"] {
+        assert_eq!(mode(&rel.join(f)), 0o600, "{f}");
+    }
+}
