@@ -20,7 +20,8 @@ use fluidcloud_migrators::Error;
 use fluidcloud_migrators::image::qcow2::Qcow2Options;
 use fluidcloud_migrators::image::vmdk::VmdkSubformat;
 use fluidcloud_migrators::image::{
-    ConvertOptions, ExtentKind, VhdSubformat, check, convert, data_bytes, extents, open,
+    ConvertOptions, ExtentKind, ImageReader, VhdSubformat, check, convert, data_bytes, extents,
+    open,
 };
 use fluidcloud_migrators::volume::{self, VolumeCopyOptions};
 use fluidcloud_plugins::ImageFormat;
@@ -231,38 +232,38 @@ fn a_vmdk_descriptor_of_zero_extents_past_2_pow_64_bytes_is_refused_and_64_tib_s
     };
     let huge = dir.path().join("huge.vmdk");
     std::fs::write(&huge, desc(1_152_921_504_606_846_976)).unwrap();
-    match open(&huge) {
+    match open(&huge).map(|r| r.virtual_size()) {
         Err(Error::Corrupt { what, .. }) => {
             assert!(
                 what.contains("huge.vmdk") && what.contains("64 TiB"),
                 "{what}"
             );
         }
-        other => panic!("{other:?}"),
+        other => panic!("expected Corrupt, got {other:?}"),
     }
     // Many lines of the largest extent do not add up past the cap either.
     let many = dir.path().join("many.vmdk");
     let lines: String = (0..1000).map(|_| "RW 137438953472 ZERO\n").collect();
     std::fs::write(&many, format!("{}{lines}", desc(1))).unwrap();
-    match open(&many) {
+    match open(&many).map(|r| r.virtual_size()) {
         Err(Error::Corrupt { what, .. }) => {
             assert!(
                 what.contains("many.vmdk") && what.contains("64 TiB"),
                 "{what}"
             )
         }
-        other => panic!("{other:?}"),
+        other => panic!("expected Corrupt, got {other:?}"),
     }
     // The reader says which line (`open` probes first, which refuses it
     // too).
-    match fluidcloud_migrators::image::vmdk::VmdkReader::open(&many) {
+    match fluidcloud_migrators::image::vmdk::VmdkReader::open(&many).map(|r| r.virtual_size()) {
         Err(Error::Corrupt { what, .. }) => {
             assert!(
                 what.contains("many.vmdk") && what.contains("extent line 2"),
                 "{what}"
             )
         }
-        other => panic!("{other:?}"),
+        other => panic!("expected Corrupt, got {other:?}"),
     }
 
     let img = dir.path().join("zero.vmdk");
@@ -297,12 +298,12 @@ fn a_flat_vmdk_extent_longer_than_its_file_is_refused_before_it_is_walked() {
         .unwrap();
         p
     };
-    let corrupt = |p: &Path, what: &str| match open(p) {
+    let corrupt = |p: &Path, what: &str| match open(p).map(|r| r.virtual_size()) {
         Err(Error::Corrupt { what: w, .. }) => {
             let name = p.file_name().unwrap().to_str().unwrap();
             assert!(w.contains(name) && w.contains(what), "{w}");
         }
-        other => panic!("{other:?}"),
+        other => panic!("expected Corrupt, got {other:?}"),
     };
     corrupt(
         &write("huge.vmdk", "RW 1099511627776 FLAT \"small.raw\" 0\n"),
@@ -360,7 +361,9 @@ fn a_vmdk_descriptor_repeating_a_sparse_extent_with_a_64_mib_grain_directory_sta
     )
     .unwrap();
     let r = open(&img).unwrap();
+    assert_bounded("opening 16 sparse extents with 64 MiB grain directories");
     assert_eq!(r.virtual_size(), 16 * 8 * 512);
+    drop(r);
     let (data, _) = read_convert_copy(&img, dir.path());
     assert_eq!(data, 0);
     // The extent alone: 4 TiB, every grain directory page read once.
@@ -502,7 +505,7 @@ fn a_dynamic_vhd_with_absurd_bat_counts_is_refused_or_read_within_bounded_memory
         p
     };
     let huge = with_entries("bat.vhd", u32::MAX, 1 << 20);
-    match open(&huge) {
+    match open(&huge).map(|r| r.virtual_size()) {
         Err(Error::Corrupt { what, offset }) => {
             assert!(
                 what.contains("bat.vhd") && what.contains("max table entries"),
@@ -510,7 +513,7 @@ fn a_dynamic_vhd_with_absurd_bat_counts_is_refused_or_read_within_bounded_memory
             );
             assert_eq!(offset, dyn_at as u64 + 28);
         }
-        other => panic!("{other:?}"),
+        other => panic!("expected Corrupt, got {other:?}"),
     }
     let img = with_entries("wide.vhd", 1 << 24, 1 << 20);
     let (data, done) = read_convert_copy(&img, dir.path());
@@ -543,16 +546,17 @@ fn a_qcow2_snapshot_table_of_256_mib_of_names_is_refused_within_bounded_memory()
     }
     f.set_len(at + 4096).unwrap();
     drop(f);
-    match open(&img) {
+    let opened = open(&img).map(|r| r.virtual_size());
+    assert_bounded("qcow2 with 2048 snapshots of 128 KiB of names");
+    match opened {
         Err(Error::Corrupt { what, .. }) => {
             assert!(
                 what.contains("snaps.qcow2") && what.contains("snapshot table"),
                 "{what}"
             );
         }
-        other => panic!("{other:?}"),
+        other => panic!("expected Corrupt, got {other:?}"),
     }
-    assert_bounded("qcow2 with 2048 snapshots of 128 KiB of names");
 }
 
 /// Writers refuse sizes past their format's limit before creating the
