@@ -23,7 +23,7 @@
 //! the limit, before it creates the file. A raw or fixed-VHD output has no
 //! table: a size the file system cannot hold fails at `set_len` (`EFBIG`).
 //!
-//! `docs/images.md` ("Limits") lists the same numbers.
+//! `docs/images.md` ("Limits and fuzzing") lists the same numbers.
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
