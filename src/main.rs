@@ -5,8 +5,10 @@
 //! chain of causes, and map to documented exit codes (see [`exit_code`] and
 //! `docs/cli.md`). `anyhow` lives only here, at the edge.
 
-mod commands;
+// First, so that its `outln!` and `out!` macros are seen by the others.
+#[macro_use]
 mod output;
+mod commands;
 mod remote;
 
 use std::path::PathBuf;
@@ -163,6 +165,8 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout stopped early (`| head`): not a failure.
+        Err(e) if e.chain().any(|c| c.is::<output::StdoutClosed>()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);
             report(&e, code, globals.json);
