@@ -25,6 +25,16 @@ pub(crate) struct ServeArgs {
     /// Largest accepted request body, in KiB.
     #[arg(long, default_value_t = 4096)]
     body_limit_kib: usize,
+    /// Requests going on at once from one client address.
+    #[arg(long, default_value_t = ServiceConfig::default().max_requests_per_client, value_name = "N")]
+    max_requests_per_client: usize,
+    /// Event streams (`GET /relocations/ID/events`) open at once from one
+    /// client address.
+    #[arg(long, default_value_t = ServiceConfig::default().max_streams_per_client, value_name = "N")]
+    max_streams_per_client: usize,
+    /// Event streams open at once in all.
+    #[arg(long, default_value_t = ServiceConfig::default().max_streams, value_name = "N")]
+    max_streams: usize,
 }
 
 pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
@@ -62,15 +72,19 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
         sites,
         migrators: super::matching::migrators(),
     };
-    let config = ServiceConfig {
-        token,
-        body_limit: a.body_limit_kib * 1024,
-        ..ServiceConfig::default()
-    };
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr()?;
+    let config = ServiceConfig {
+        token,
+        body_limit: a.body_limit_kib * 1024,
+        hosts: ServiceConfig::local_hosts(addr.port(), &[]),
+        max_requests_per_client: a.max_requests_per_client,
+        max_streams_per_client: a.max_streams_per_client,
+        max_streams: a.max_streams,
+        ..ServiceConfig::default()
+    };
     if g.json {
         println!(
             "{}",
