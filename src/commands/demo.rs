@@ -66,6 +66,7 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
                     config: None,
                     json: g.json,
                     server: None,
+                    trust: Default::default(),
                 },
                 dir.clone(),
                 !fresh,
@@ -76,6 +77,7 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
                 config: Some(config),
                 json: g.json,
                 server: None,
+                trust: Default::default(),
             };
             super::relocate::relocate(
                 &inner,
