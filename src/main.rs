@@ -134,6 +134,7 @@ impl Globals {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    register_process_secrets();
     init_logging(cli.verbose);
     let globals = Globals {
         config: cli.config,
@@ -195,6 +196,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// Values this process must never print, log or store: the service and
+/// agent tokens, plugin secrets, and the AWS variables object stores read.
+/// (Credentials a sites file names are registered when it is loaded.)
+fn register_process_secrets() {
+    fluidcloud_plugins::redact::register_env([
+        "FLUIDCLOUD_TOKEN",
+        "FLUIDCLOUD_AGENT_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ]);
+    for (k, v) in std::env::vars() {
+        if k.starts_with(fluidcloud_plugins::host::SECRET_ENV_PREFIX) {
+            fluidcloud_plugins::redact::register(&v);
+        }
+    }
+}
+
+/// Standard error for log lines, each redacted as a whole before it is
+/// written (a log event is buffered until the formatter drops the writer).
+#[derive(Default)]
+struct RedactedStderr(Vec<u8>);
+
+impl std::io::Write for RedactedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactedStderr {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.0);
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            fluidcloud_plugins::redact::text(&text).as_bytes(),
+        );
+    }
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -205,7 +249,7 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(RedactedStderr::default)
         .with_target(false)
         .try_init();
 }
@@ -275,16 +319,25 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn report(e: &anyhow::Error, code: u8, json: bool) {
-    let diagnostics = e
+    let mut diagnostics = e
         .chain()
         .find_map(|c| c.downcast_ref::<fluidcloud_conduit::Error>())
         .map(fluidcloud_conduit::Error::diagnostics)
         .unwrap_or_default();
-    let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
+    for d in &mut diagnostics {
+        d.summary = fluidcloud_plugins::redact::string(&d.summary);
+        if let Some(detail) = &mut d.detail {
+            *detail = fluidcloud_plugins::redact::string(detail);
+        }
+    }
+    // An error may quote a config line or a URL: redacted like any output.
+    let redact = |s: String| fluidcloud_plugins::redact::string(&s);
+    let causes: Vec<String> = e.chain().skip(1).map(|c| redact(c.to_string())).collect();
+    let message = redact(e.to_string());
     if json {
         let doc = serde_json::json!({
             "error": {
-                "message": e.to_string(),
+                "message": message,
                 "exit_code": code,
                 "causes": causes,
                 "diagnostics": diagnostics,
@@ -293,10 +346,10 @@ fn report(e: &anyhow::Error, code: u8, json: bool) {
         eprintln!("{doc}");
         return;
     }
-    eprintln!("error: {e}");
+    eprintln!("error: {message}");
     for c in &causes {
         // thiserror messages often repeat their source; skip exact repeats.
-        if !e.to_string().ends_with(c.as_str()) {
+        if !message.ends_with(c.as_str()) {
             eprintln!("  caused by: {c}");
         }
     }

@@ -98,6 +98,7 @@ fn wipe(g: &Pair<'_>, inst: &str, bucket: &str) {
 fn fresh(g: &Pair<'_>, name: &str) -> (PathBuf, String) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("relocate-garage-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
+    fluidcloud_testkit::scratch(&dir);
     ok(&common::run(&["demo", "init", dir.to_str().unwrap()]));
     let config = dir.join("fluidcloud.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();

@@ -162,11 +162,25 @@ fn console_log(domain: &str) -> PathBuf {
     PathBuf::from(format!("/var/log/libvirt/qemu/{domain}.console.log"))
 }
 
+/// The source guest's data disk.
+enum Disk {
+    /// Patterned data with holes, as qcow2.
+    Qcow2,
+    /// Raw, declared raw, and beginning with a qcow2 header whose backing
+    /// file is this host file: what a guest can write to its own disk.
+    RawWithHeaderNaming(PathBuf),
+}
+
 impl World {
     fn new(tag: &str, b_boot_check: &str) -> Self {
+        Self::with(tag, b_boot_check, Disk::Qcow2)
+    }
+
+    fn with(tag: &str, b_boot_check: &str, disk: Disk) -> Self {
         libvirt_up();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
+        fluidcloud_testkit::scratch(&dir);
         for d in [
             "instances",
             "images",
@@ -202,12 +216,30 @@ impl World {
                 }
             }
         }
+        let (disk_file, disk_type) = match &disk {
+            Disk::Qcow2 => ("guest.qcow2", "qcow2"),
+            Disk::RawWithHeaderNaming(_) => ("guest.raw", "raw"),
+        };
+        if let Disk::RawWithHeaderNaming(secret) = &disk {
+            let header = dir.join("header.qcow2");
+            let q = Command::new(common::qemu_img())
+                .args(["create", "-q", "-f", "qcow2", "-b"])
+                .arg(secret)
+                .args(["-F", "raw"])
+                .arg(&header)
+                .arg("6M")
+                .output()
+                .unwrap();
+            assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+            let h = std::fs::read(&header).unwrap();
+            data[..h.len()].copy_from_slice(&h);
+        }
         std::fs::write(&raw, &data).unwrap();
         let sum = sha256_file(&raw);
         let q = Command::new(common::qemu_img())
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .args(["convert", "-f", "raw", "-O", disk_type])
             .arg(&raw)
-            .arg(a.dir.join("guest.qcow2"))
+            .arg(a.dir.join(disk_file))
             .output()
             .unwrap();
         assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
@@ -232,8 +264,8 @@ impl World {
     <cmdline>console=ttyS0 quiet</cmdline></os>
   <features><acpi/></features>
   <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='{a}/guest.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='{disk_type}'/>
+      <source file='{a}/{disk_file}'/><target dev='vda' bus='virtio'/></disk>
     <interface type='user'><mac address='52:54:00:0a:0b:0c'/><model type='virtio'/></interface>
     <serial type='file'><source path='{log}' append='off'/><target port='0'/></serial>
   </devices>
@@ -443,4 +475,37 @@ fn a_failed_boot_check_leaves_the_source_running_and_rollback_cleans_the_target(
     assert_eq!(state(&target), "undefined");
     assert_eq!(state(&w.source), "running");
     let _ = run(&["--version"]);
+}
+
+#[test]
+fn a_raw_guest_disk_beginning_with_a_qcow2_header_naming_a_host_file_moves_as_raw_and_boots() {
+    let secret_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libvirt-secret");
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    fluidcloud_testkit::scratch(&secret_dir);
+    let secret = secret_dir.join("host-secret");
+    let marker = b"FLUIDCLOUD-LIBVIRT-HOST-SECRET-91c2";
+    std::fs::write(&secret, marker.repeat(8192)).unwrap();
+    let w = World::with("evil", SUM_RE, Disk::RawWithHeaderNaming(secret));
+    assert_eq!(
+        console_sum(&console_log(&w.source), Duration::from_secs(300)),
+        w.sum,
+        "the source guest reads its raw disk"
+    );
+    w.relocate("lv-a", "lv-b");
+    let target = format!("{}tiny", w.b.prefix());
+    let disk = w.b.dir.join("guest.raw");
+    // Moved as the raw bytes it is, declared raw to the target's libvirt,
+    // and the guest there reads the same disk.
+    assert_eq!(sha256_file(&disk), w.sum);
+    let xml = virsh(&["dumpxml", &target]);
+    assert!(xml.contains("<driver name='qemu' type='raw'/>"), "{xml}");
+    assert_eq!(
+        console_sum(&console_log(&target), Duration::from_secs(5)),
+        w.sum
+    );
+    let bytes = std::fs::read(&disk).unwrap();
+    assert!(
+        !bytes.windows(marker.len()).any(|x| x == marker),
+        "host file bytes in the relocated disk"
+    );
 }

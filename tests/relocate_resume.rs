@@ -20,6 +20,7 @@ const CHUNK: u64 = 4 * MIB;
 fn kill_9_during_a_volume_copy_then_resume_completes_without_recopying() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("relocate-kill9");
     let _ = std::fs::remove_dir_all(&dir);
+    fluidcloud_testkit::scratch(&dir);
     ok(&run(&["demo", "init", dir.to_str().unwrap()]));
     let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
     let src = dir.join("sites/dc-paris/volumes/db-data.raw");

@@ -24,6 +24,7 @@ const MIB: u64 = 1 << 20;
 fn fresh(name: &str) -> (PathBuf, String) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
+    fluidcloud_testkit::scratch(&dir);
     ok(&run(&["demo", "init", dir.to_str().unwrap()]));
     let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
     (dir, config)

@@ -370,7 +370,8 @@ impl Problem {
             kind: format!("https://fluidcloud.dev/problems/{kind}"),
             title: status.canonical_reason().unwrap_or("error").to_owned(),
             status: status.as_u16(),
-            detail: detail.into(),
+            // Errors may quote a config line or a URL.
+            detail: fluidcloud_plugins::redact::string(&detail.into()),
             errors: Vec::new(),
         }
     }
@@ -716,6 +717,14 @@ async fn match_service(
     }
 }
 
+/// A server-sent event carrying `v` as JSON, secrets redacted (the JSON
+/// stays valid: only quoted values and URL passwords are replaced).
+fn redacted_event(name: &str, v: &serde_json::Value) -> axum::response::sse::Event {
+    axum::response::sse::Event::default()
+        .event(name)
+        .data(fluidcloud_plugins::redact::text(&v.to_string()))
+}
+
 /// A 422 problem naming one field.
 fn invalid(kind: &str, detail: &str, pointer: &str) -> Problem {
     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, kind, detail).with_errors(vec![FieldError {
@@ -839,7 +848,7 @@ async fn relocation_events(
     Extension(client): Extension<Client>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    use axum::response::sse::{Event, KeepAlive, Sse};
+    use axum::response::sse::{KeepAlive, Sse};
     use futures::StreamExt as _;
     use tokio::sync::broadcast::error::RecvError;
 
@@ -864,10 +873,7 @@ async fn relocation_events(
     };
     let watch = r.watch(&id).await.map_err(runner_problem)?;
     let json_event = |name: &str, v: &RelocationView| {
-        Event::default()
-            .event(name)
-            .json_data(v)
-            .unwrap_or_else(|_| Event::default().event(name))
+        redacted_event(name, &serde_json::to_value(v).unwrap_or_default())
     };
     let first = futures::stream::once({
         let e = json_event("state", &watch.current);
@@ -893,11 +899,7 @@ async fn relocation_events(
                     Ok(ev) => {
                         let v = serde_json::to_value(&ev).unwrap_or_default();
                         let name = v["event"].as_str().unwrap_or("progress").to_owned();
-                        let e = Event::default()
-                            .event(name)
-                            .json_data(&v)
-                            .unwrap_or_else(|_| Event::default());
-                        return Some((e, (Some(rx), r, id, false)));
+                        return Some((redacted_event(&name, &v), (Some(rx), r, id, false)));
                     }
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return end(r, id).await,

@@ -223,6 +223,20 @@ fn default_boot_timeout() -> u64 {
 struct RawFile {
     #[serde(default)]
     sites: BTreeMap<String, SiteConfig>,
+    #[serde(default)]
+    plugins: BTreeMap<String, PluginConfig>,
+}
+
+/// A plugin's entry, `[plugins.NAME]` (NAME: its executable's name, with or
+/// without the `fluidcloud-migrator-` prefix).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Environment variables the plugin process gets from fluidcloud's,
+    /// besides PATH, HOME and LANG. Nothing else is passed: tokens and
+    /// cloud credentials stay with fluidcloud.
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 /// A parsed and validated sites file.
@@ -232,6 +246,18 @@ pub struct SitesFile {
     pub path: PathBuf,
     /// Sites by name, in name order.
     pub sites: BTreeMap<String, SiteConfig>,
+    /// Plugin entries by executable name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+impl SitesFile {
+    /// The variables each plugin may have, as the plugin host takes them.
+    pub fn plugin_env(&self) -> BTreeMap<String, Vec<String>> {
+        self.plugins
+            .iter()
+            .map(|(k, v)| (k.clone(), v.env.clone()))
+            .collect()
+    }
 }
 
 impl SitesFile {
@@ -309,9 +335,19 @@ impl SitesFile {
             );
         }
         if diags.is_empty() {
+            // Whatever this process prints or stores from now on hides the
+            // values of the credentials the sites file names.
+            for site in sites.values() {
+                if let Some(c) = &site.credentials {
+                    fluidcloud_plugins::redact::register_env(
+                        c.references().into_iter().map(|(_, var)| var),
+                    );
+                }
+            }
             Ok(Self {
                 path: path.to_path_buf(),
                 sites,
+                plugins: raw.plugins,
             })
         } else {
             for d in &mut diags {

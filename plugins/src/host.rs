@@ -123,7 +123,15 @@ pub struct HostConfig {
     pub max_message_bytes: usize,
     /// Secrets available to plugins that declare them.
     pub secrets: Secrets,
+    /// Environment variables a plugin gets besides [`BASE_ENV`], by its
+    /// executable's name (`fluidcloud-migrator-NAME`, or just `NAME`): a
+    /// plugin process starts with an empty environment otherwise, so the
+    /// host's tokens and cloud credentials never reach it.
+    pub pass_env: BTreeMap<String, Vec<String>>,
 }
+
+/// The variables every plugin process gets from the host's environment.
+pub const BASE_ENV: [&str; 3] = ["PATH", "HOME", "LANG"];
 
 impl Default for HostConfig {
     fn default() -> Self {
@@ -133,7 +141,34 @@ impl Default for HostConfig {
             cancel_grace: Duration::from_secs(10),
             max_message_bytes: MAX_MESSAGE_BYTES,
             secrets: Secrets::new(),
+            pass_env: BTreeMap::new(),
         }
+    }
+}
+
+impl HostConfig {
+    /// The environment of a plugin process started from `program`:
+    /// [`BASE_ENV`] and what [`pass_env`](Self::pass_env) names for it, as
+    /// far as the host has them.
+    pub fn plugin_env(&self, program: &std::path::Path) -> Vec<(String, OsString)> {
+        let file = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let short = file
+            .strip_prefix(crate::discover::EXECUTABLE_PREFIX)
+            .unwrap_or(&file)
+            .to_owned();
+        let extra = [file, short]
+            .into_iter()
+            .filter_map(|k| self.pass_env.get(&k).cloned())
+            .flatten();
+        BASE_ENV
+            .into_iter()
+            .map(str::to_owned)
+            .chain(extra)
+            .filter_map(|k| std::env::var_os(&k).map(|v| (k, v)))
+            .collect()
     }
 }
 
@@ -472,6 +507,8 @@ impl Connection {
                 let label = cmd.label();
                 let mut child = Command::new(&cmd.program)
                     .args(&cmd.args)
+                    .env_clear()
+                    .envs(config.plugin_env(&cmd.program))
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())

@@ -25,6 +25,7 @@ pub mod harness;
 pub mod host;
 pub mod migrator;
 pub mod protocol;
+pub mod redact;
 pub mod resource;
 pub mod serve;
 pub mod site;

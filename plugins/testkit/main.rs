@@ -5,7 +5,8 @@
 //! `crash_after` (exit 3 after that many progress steps), `garbage` (print
 //! a non-JSON line), `huge_mb` (print one line of that many MiB), `hang`
 //! (never answer), `fail` (`transient`/`precondition`), `panic`,
-//! `log_secret`. Arguments select raw modes that break the handshake:
+//! `log_secret`, `env_to` (write the process's environment there, as
+//! JSON). Arguments select raw modes that break the handshake:
 //! `--protocol VERSION`, `--silent`, `--garbage-hello`; `--secret NAME`
 //! declares a secret.
 #![allow(clippy::unwrap_used)]
@@ -71,6 +72,11 @@ impl Migrator for Testkit {
     }
 
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> Result<StepOutput> {
+        if let Some(path) = request.params.get("env_to").and_then(|v| v.as_str()) {
+            // What the host let this process see.
+            let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+            std::fs::write(path, serde_json::to_vec(&env).unwrap()).unwrap();
+        }
         if flag(request, "garbage") {
             {
                 let mut out = std::io::stdout().lock();

@@ -414,3 +414,49 @@ async fn secrets_go_only_to_plugins_that_declare_them_and_never_to_logs() {
         matches!(out.unwrap_err(), Error::Precondition(m) if m.contains("FLUIDCLOUD_SECRET_TOKEN"))
     );
 }
+
+#[tokio::test]
+async fn a_plugin_sees_none_of_the_hosts_secrets_only_path_home_lang_and_what_its_entry_names() {
+    // SAFETY: this test runs in a process of its own (cargo-nextest), and
+    // sets these before it starts the plugin.
+    unsafe {
+        std::env::set_var("FLUIDCLOUD_TOKEN", "host-token-must-not-leak");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "aws-secret-must-not-leak");
+        std::env::set_var("FLUIDCLOUD_SECRET_DB", "plugin-secret-by-protocol-only");
+        std::env::set_var("PARIS_SECRET", "credential-by-variable-must-not-leak");
+        std::env::set_var("TESTKIT_ENDPOINT", "https://named.example");
+        std::env::set_var("LANG", "C.UTF-8");
+    }
+    let cfg = HostConfig {
+        pass_env: [(
+            "fluidcloud-plugin-testkit".to_owned(),
+            vec!["TESTKIT_ENDPOINT".to_owned(), "NOT_SET_ANYWHERE".to_owned()],
+        )]
+        .into(),
+        ..fast()
+    };
+    let m = PluginMigrator::spawn(kit(), cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("env.json");
+    m.execute(
+        &req(json!({ "env_to": dump.to_str().unwrap() })),
+        &ExecContext::quiet(),
+    )
+    .await
+    .unwrap();
+    let env: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
+    let names: Vec<&str> = env.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["HOME", "LANG", "PATH", "TESTKIT_ENDPOINT"],
+        "{env:?}"
+    );
+    assert_eq!(env["TESTKIT_ENDPOINT"], "https://named.example");
+    for v in env.values() {
+        assert!(
+            !v.contains("leak") && !v.contains("protocol-only"),
+            "{env:?}"
+        );
+    }
+}

@@ -72,9 +72,24 @@ apt_fail() { # LOGFILE: the one-line reason, then exit 1
     exit 1
 }
 
+# One apt operation of ours at a time on this machine (two `apt-get
+# update` fail on the lists lock; tests run set-up checks concurrently).
+apt_lock() {
+    exec 7>>"${TMPDIR:-/tmp}/fluidcloud-apt.lock"
+    flock 7
+}
+
+# (Released as soon as the operation ends: a child script taking the lock
+# while a parent holds it would wait forever.)
+apt_unlock() {
+    flock -u 7
+    exec 7>&-
+}
+
 # bookworm-backports in the apt sources (added when missing), and the
 # package lists no older than an hour.
 apt_sources() {
+    apt_lock
     local changed=
     if ! grep -rqs "$APT_BACKPORTS" /etc/apt/sources.list /etc/apt/sources.list.d/; then
         echo "deb http://deb.debian.org/debian $APT_BACKPORTS main" | apt_as_root tee "$APT_BACKPORTS_LIST" >/dev/null
@@ -86,6 +101,7 @@ apt_sources() {
         apt_as_root apt-get update -qq >"$APT_LOG" 2>&1 || apt_fail "$APT_LOG"
         apt_as_root touch "$stamp"
     fi
+    apt_unlock
 }
 
 # The version every package of the QEMU family is pinned to: the installed
@@ -208,8 +224,10 @@ apt_install() {
     apt_as_root install -m 0644 "$parts/fluidcloud-qemu" "$APT_PIN_FILE"
     rm -rf "$status" "$parts"
     apt_say "installing ${missing[*]}"
+    apt_lock
     if ! DEBIAN_FRONTEND=noninteractive apt_as_root apt-get install -y --no-install-recommends \
         "${pkgs[@]}" >"$APT_LOG" 2>&1; then
         apt_fail "$APT_LOG"
     fi
+    apt_unlock
 }

@@ -245,7 +245,7 @@ pub(crate) async fn make_plan(
             }
         }
     }
-    let registry = reloc::registry_for(&relocation.workflow)?;
+    let registry = reloc::registry_for(&relocation.workflow, &file.plugin_env())?;
     let workflow = Workflow::freeze(relocation.workflow.clone(), &registry)?;
     Ok((relocation, workflow, registry))
 }
@@ -337,11 +337,11 @@ pub(crate) async fn plan(g: &Globals, mut a: RelocateArgs) -> Result<()> {
 
 /// An executor over `relocation`'s journal, with the migrators (plugins
 /// included) its workflow needs: what `resume` and `rollback` start from.
-pub(crate) fn reopen(store: &Store, relocation: &Relocation) -> Result<Executor> {
+pub(crate) fn reopen(file: &SitesFile, store: &Store, relocation: &Relocation) -> Result<Executor> {
     let journal = SqliteJournal::open(store.journal(&relocation.id))
         .with_context(|| format!("opening the journal of {}", relocation.id))?;
     Ok(Executor::from_journal(
-        reloc::registry_for(&relocation.workflow)?,
+        reloc::registry_for(&relocation.workflow, &file.plugin_env())?,
         Box::new(journal),
         executor_config(),
     )?)
@@ -354,7 +354,7 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
-    let executor = reopen(&store, &relocation)?;
+    let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
         outln!("resuming relocation {}", relocation.id)?;
     }
@@ -369,7 +369,7 @@ pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
-    let executor = reopen(&store, &relocation)?;
+    let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
         outln!("rolling back relocation {}", relocation.id)?;
     }

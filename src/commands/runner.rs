@@ -253,7 +253,7 @@ impl Runner {
                     "relocation {id} is running already"
                 )));
             }
-            let executor = reopen(&self.0.store, &r)
+            let executor = reopen(&self.0.file, &self.0.store, &r)
                 .map_err(|e| failed(format!("cannot {what} {id}: {e:#}")))?;
             self.launch(&mut active, r.clone(), executor, rollback);
         }

@@ -107,3 +107,39 @@ pub fn once_per_run(name: &str, init: impl FnOnce(&Path)) -> PathBuf {
     std::fs::write(&marker, &id).unwrap();
     dir
 }
+
+/// Directories [`scratch`] registered, removed when the process exits.
+static SCRATCH: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+/// Whether any test of this process panicked (failed).
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn remove_scratch() {
+    if PANICKED.load(Ordering::SeqCst) {
+        return;
+    }
+    if let Ok(dirs) = SCRATCH.lock() {
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Registers `dir` (a test's work directory, say a demo environment of
+/// 650 MiB) for removal when the test process exits, unless a test of the
+/// process failed: then it stays for the post-mortem. A full run would
+/// otherwise leave tens of GiB behind.
+pub fn scratch(dir: &Path) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, Ordering::SeqCst);
+            previous(info);
+        }));
+        // SAFETY: registers a plain function taking no arguments.
+        unsafe { libc::atexit(remove_scratch) };
+    });
+    if let Ok(mut dirs) = SCRATCH.lock() {
+        dirs.push(dir.to_owned());
+    }
+}

@@ -160,6 +160,7 @@ pub fn sqlite_plugin() -> PathBuf {
 pub fn fresh_demo(name: &str) -> (PathBuf, String) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("relocate-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
+    fluidcloud_testkit::scratch(&dir);
     ok(&run(&["demo", "init", dir.to_str().unwrap()]));
     let config = dir.join("fluidcloud.toml").to_str().unwrap().to_owned();
     (dir, config)

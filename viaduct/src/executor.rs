@@ -580,7 +580,9 @@ impl Executor {
                                 }
                             }
                             Err(e) => {
-                                let msg = e.to_string();
+                                // Errors are journalled, reported and sent
+                                // to clients: no secret may ride along.
+                                let msg = fluidcloud_plugins::redact::string(&e.to_string());
                                 errors.insert(i, msg.clone());
                                 let delay = if cancelled {
                                     None

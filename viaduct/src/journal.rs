@@ -250,6 +250,27 @@ impl SqliteJournal {
     /// As [`SqliteJournal::open`].
     pub fn open_with(path: impl Into<PathBuf>, durability: Durability) -> Result<Self> {
         let path = path.into();
+        // Readable by its owner only (SQLite gives its WAL and shared
+        // memory files the database file's mode): a journal records what a
+        // relocation did, on which sites.
+        if path != Path::new(":memory:") {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: format!("creating journal {}", path.display()),
+                        source: e,
+                    });
+                }
+            }
+        }
         let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -473,7 +494,13 @@ impl Journal for SqliteJournal {
                 .prepare_cached("INSERT INTO viaduct_events (at_ms, kind, step, body, sum) VALUES (?1, ?2, ?3, ?4, ?5)")
                 .map_err(wrap("prepare append"))?;
             for r in batch {
-                let body = serde_json::to_string(r).unwrap_or_default();
+                // Redacted before it is stored (and checksummed): the
+                // journal outlives the run and is read by reports and the
+                // REST service. Compact JSON stays valid: only quoted
+                // values and URL passwords are replaced.
+                let body = fluidcloud_plugins::redact::string(
+                    &serde_json::to_string(r).unwrap_or_default(),
+                );
                 let sum = checksum(&body);
                 st.execute(params![at, r.kind(), r.step(), body, sum])
                     .map_err(wrap("append"))?;

@@ -133,9 +133,10 @@ impl ProgressSink for StepSink {
     }
 
     fn message(&self, text: &str) {
+        // Messages reach terminals, logs and server-sent events.
         let _ = self.tx.send(ProgressEvent::StepMessage {
             step: self.step.clone(),
-            text: text.to_owned(),
+            text: fluidcloud_plugins::redact::string(text),
         });
     }
 }

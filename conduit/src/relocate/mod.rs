@@ -939,7 +939,10 @@ pub fn registry() -> Registry {
 /// `Config` naming the step and its migrator when neither a built-in nor
 /// a discovered plugin has that name (with why each broken plugin was left
 /// out).
-pub fn registry_for(def: &WorkflowDef) -> Result<Registry> {
+pub fn registry_for(
+    def: &WorkflowDef,
+    plugin_env: &BTreeMap<String, Vec<String>>,
+) -> Result<Registry> {
     let mut r = registry();
     let missing = |r: &Registry| -> Vec<(String, String)> {
         def.steps
@@ -955,6 +958,7 @@ pub fn registry_for(def: &WorkflowDef) -> Result<Registry> {
     let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
     let config = fluidcloud_plugins::host::HostConfig {
         secrets: fluidcloud_plugins::host::Secrets::from_env(),
+        pass_env: plugin_env.clone(),
         ..fluidcloud_plugins::host::HostConfig::default()
     };
     let started = fluidcloud_plugins::host::start_discovered(

@@ -71,8 +71,8 @@ impl Store {
     /// I/O errors; `Precondition` when the id is taken.
     pub fn create(&self, r: &Relocation) -> Result<()> {
         let dir = self.dir(&r.id);
-        std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, "creating", e))?;
-        std::fs::create_dir(&dir).map_err(|e| {
+        private_dirs(&self.root)?;
+        private_dir(&dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::Site {
                     site: "local state".into(),
@@ -175,13 +175,48 @@ fn id_time(id: &str) -> String {
     }
 }
 
-/// Writes `bytes` to `path` through a fsynced temporary file and a rename.
+/// Creates directory `dir`, readable by its owner only (0700).
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+/// Creates `dir` (`STATE/relocations`) and its missing parents 0700, and
+/// makes `dir` and the state directory above it 0700 if an older version
+/// left them readable by others.
+fn private_dirs(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io(dir, "creating", e))?;
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let m = std::fs::metadata(d).map_err(|e| io(d, "reading", e))?;
+        if m.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io(d, "restricting", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a fsynced temporary file and a rename;
+/// the file is readable by its owner only (0600): relocation records and
+/// reports name sites, hosts and what moved.
 ///
 /// # Errors
 /// I/O errors naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, "creating", e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io(&tmp, "creating", e))?;
     f.write_all(bytes).map_err(|e| io(&tmp, "writing", e))?;
     f.sync_all().map_err(|e| io(&tmp, "syncing", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io(path, "renaming into", e))

@@ -112,9 +112,12 @@ pub fn unified_diff(path: &str, old: &str, new: &str) -> String {
         return String::new();
     }
     let p = path.trim_start_matches('/');
-    similar::TextDiff::from_lines(old, new)
+    let diff = similar::TextDiff::from_lines(old, new)
         .unified_diff()
         .context_radius(3)
         .header(&format!("a/{p}"), &format!("b/{p}"))
-        .to_string()
+        .to_string();
+    // Config files hold credentials: a diff shows that a secret line
+    // changed, never the secret (line by line, so -/+ lines both stay).
+    fluidcloud_plugins::redact::string(&diff)
 }

@@ -273,31 +273,39 @@ impl BackingPolicy {
             _ => Path::new("."),
         };
         let image_dir = std::fs::canonicalize(image_dir).map_err(|e| io(image_dir, e))?;
-        let named = Path::new(name);
-        let joined = if named.is_absolute() {
-            named.to_owned()
-        } else {
-            image_dir.join(named)
+        let root = match &self.root {
+            Some(r) => std::fs::canonicalize(r).map_err(|e| io(r, e))?,
+            None => image_dir.clone(),
         };
-        let real = std::fs::canonicalize(&joined).map_err(|e| io(&joined, e))?;
-        let allowed = self
+        let allow: Vec<PathBuf> = self
             .allow_dirs
             .iter()
             .filter_map(|d| std::fs::canonicalize(d).ok())
-            .any(|d| real.starts_with(d));
-        if named.is_absolute() && !allowed {
+            .collect();
+        let inside = |p: &Path, own: bool| -> bool {
+            (own && p.starts_with(&root)) || allow.iter().any(|d| p.starts_with(d))
+        };
+        let named = Path::new(name);
+        // Decided on the name alone first, so a refused path is never
+        // looked up (its existence is not the image's business).
+        let lexical = lexical_join(&image_dir, named);
+        if named.is_absolute() && !inside(&lexical, false) {
             return Err(refuse(
                 "absolute paths are refused (a site may allow a directory with `allow_backing_dirs`)"
                     .into(),
             ));
         }
-        let root = match &self.root {
-            Some(r) => std::fs::canonicalize(r).map_err(|e| io(r, e))?,
-            None => image_dir,
-        };
-        if !allowed && !real.starts_with(&root) {
+        if !inside(&lexical, true) {
             return Err(refuse(format!(
-                "it resolves to {}, outside {} (through `..` or a symlink)",
+                "it leads outside {} (through `..`)",
+                root.display()
+            )));
+        }
+        // Then symlinks, resolved.
+        let real = std::fs::canonicalize(&lexical).map_err(|e| io(&lexical, e))?;
+        if !inside(&real, !named.is_absolute()) {
+            return Err(refuse(format!(
+                "it resolves to {}, outside {} (through a symlink)",
                 real.display(),
                 root.display()
             )));
@@ -406,6 +414,27 @@ impl Chain {
             }),
         }
     }
+}
+
+/// `base` joined with `name`, `.` and `..` resolved without looking at the
+/// file system (`..` at the root stays at the root).
+fn lexical_join(base: &Path, name: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = if name.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        base.to_owned()
+    };
+    for c in name.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 /// Where a backing file name given by the *caller* for an output image
