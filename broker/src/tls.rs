@@ -398,7 +398,7 @@ impl ServerIdentity {
         let cert = params.self_signed(&key).map_err(setup)?;
 
         let parent = dir.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+        create_private_dirs(parent)?;
         let name = dir
             .file_name()
             .map_or_else(|| "tls".into(), |n| n.to_string_lossy().into_owned());
@@ -508,6 +508,20 @@ fn check_private(_key: &Path) -> Result<(), TlsError> {
 /// so there is no moment when it is wider).
 fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
     let mut b = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(io_error("create", dir))
+}
+
+/// Creates `dir` and its missing parents, each only its owner may enter
+/// (the state directory holds relocation records as well); existing ones
+/// are left as they are.
+fn create_private_dirs(dir: &Path) -> Result<(), TlsError> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::DirBuilderExt as _;
@@ -998,6 +1012,7 @@ mod tests {
         assert_eq!(first.origin(), &IdentityOrigin::Generated(dir.clone()));
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&tmp.path().join("state")), 0o700);
         assert_eq!(mode(&dir.join(KEY_FILE)), 0o600);
         assert!(first.missing_names(&names).is_empty());
         assert_eq!(
