@@ -82,6 +82,16 @@ fn serve(config: &str) -> Server {
 
 /// `serve` over HTTPS with its generated certificate, and `extra` arguments.
 fn serve_with(config: &str, extra: &[&str]) -> Server {
+    serve_logged(config, extra, &[], None)
+}
+
+/// `serve_with`, with `env` added to its environment and its stderr (the
+/// log) written to `log`.
+fn serve_logged(config: &str, extra: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Server {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
         .args([
             "--config",
@@ -95,8 +105,10 @@ fn serve_with(config: &str, extra: &[&str]) -> Server {
         .env("FLUIDCLOUD_TOKEN", TOKEN)
         .env_remove("FLUIDCLOUD_SERVER")
         .env_remove("FLUIDCLOUD_STATE_DIR")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -916,4 +928,118 @@ fn event_streams_over_the_limits_get_429_with_retry_after() {
         .await;
         assert!(status == 200 || status == 409, "{status}");
     });
+}
+
+/// Values that must leave the service in no event, answer or log line.
+const URL_PASSWORD: &str = "UrlPassw0rd-5c1e";
+const YAML_PASSWORD: &str = "YamlPassw0rd-0b7a";
+const CREDENTIAL_VALUE: &str = "CredentialValue-77d3";
+
+#[test]
+fn a_relocation_through_the_service_shows_no_password_in_events_answers_or_its_log() {
+    let (dir, config) = fresh("secrets");
+    let app = site(&dir, "dc-paris").join("config/shop/app");
+    // A URL password, a password key, and (under an innocent key) the
+    // value of a variable the sites file names as a credential: all in
+    // lines the relocation rewrites or shows around a rewrite.
+    let env = std::fs::read_to_string(app.join(".env")).unwrap().replace(
+        "postgres://shop@db",
+        &format!("postgres://shop:{URL_PASSWORD}@db"),
+    ) + &format!("MEDIA_ID={CREDENTIAL_VALUE}\n");
+    assert!(env.contains(URL_PASSWORD), "{env}");
+    std::fs::write(app.join(".env"), env).unwrap();
+    let yaml = std::fs::read_to_string(app.join("app.yaml"))
+        .unwrap()
+        .replace(
+            "  name: shop\n",
+            &format!("  name: shop\n  password: {YAML_PASSWORD}\n"),
+        );
+    assert!(yaml.contains(YAML_PASSWORD), "{yaml}");
+    std::fs::write(app.join("app.yaml"), yaml).unwrap();
+    let sites = std::fs::read_to_string(&config).unwrap().replace(
+        "[sites.edge-nantes]\n",
+        "[sites.edge-nantes]\ncredentials = { token_env = \"NANTES_TOKEN\" }\n",
+    );
+    std::fs::write(&config, sites).unwrap();
+
+    let log = dir.join("serve.log");
+    let server = serve_logged(
+        &config,
+        &[],
+        &[("NANTES_TOKEN", CREDENTIAL_VALUE), ("RUST_LOG", "debug")],
+        Some(&log),
+    );
+    let secrets = [URL_PASSWORD, YAML_PASSWORD, CREDENTIAL_VALUE, TOKEN];
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let id = rt().block_on(async {
+        let url = server.url.as_str();
+        // Answers that quote what they were given: a problem document.
+        let bogus = format!("postgres://shop:{URL_PASSWORD}@db");
+        for body in [
+            json!({ "from": bogus, "service": "shop" }),
+            json!({ "from": "dc-paris", "service": "shop", "to": bogus }),
+        ] {
+            let (status, _, p) = call(url, "POST", "/relocations", Some(TOKEN), Some(body)).await;
+            assert_eq!(status, 422, "{p:#}");
+            seen.push(("problem document".into(), p.to_string()));
+        }
+        let path = format!("/sites/{}", bogus.replace('/', "%2F"));
+        let (status, _, p) = call(url, "GET", &path, Some(TOKEN), None).await;
+        assert_eq!(status, 404, "{p:#}");
+        seen.push(("problem document".into(), p.to_string()));
+
+        let id = start(
+            url,
+            json!({ "from": "dc-paris", "service": "shop", "to": "edge-nantes" }),
+        )
+        .await;
+        let ev = events(url, &id).await;
+        assert_eq!(names(&ev).last(), Some(&"end"), "{:?}", names(&ev));
+        assert_eq!(ev.last().unwrap().1["status"], "succeeded", "{ev:?}");
+        for (name, data) in &ev {
+            seen.push((format!("event {name}"), data.to_string()));
+        }
+        for path in [format!("/relocations/{id}"), "/relocations".to_owned()] {
+            let (status, _, v) = call(url, "GET", &path, Some(TOKEN), None).await;
+            assert_eq!(status, 200, "{v:#}");
+            seen.push((format!("GET {path}"), v.to_string()));
+        }
+        id
+    });
+    // The CLI through the service: what a person sees of the relocation.
+    for args in [
+        vec!["report", id.as_str()],
+        vec!["--json", "report", id.as_str()],
+        vec!["status", id.as_str()],
+    ] {
+        let out = remote(&server.url, Some(TOKEN), &args);
+        seen.push((format!("--server {args:?}"), ok(&out) + &stderr(&out)));
+    }
+    drop(server);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("DEBUG"),
+        "the log is not at debug level:\n{log_text}"
+    );
+    seen.push(("server log".into(), log_text));
+
+    for (what, text) in &seen {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows {s}:\n{text}");
+        }
+    }
+    // The relocation did rewrite the secret lines, and the report says so
+    // with the secret replaced: the test looked where secrets would be.
+    let report = &seen
+        .iter()
+        .find(|(w, _)| w.contains("\"report\""))
+        .unwrap()
+        .1;
+    assert!(
+        report.contains("-DATABASE_URL=postgres://shop:«redacted»@db.shop.paris.internal"),
+        "{report}"
+    );
+    let moved =
+        std::fs::read_to_string(site(&dir, "edge-nantes").join("config/shop/app/.env")).unwrap();
+    assert!(moved.contains(URL_PASSWORD), "{moved}");
 }

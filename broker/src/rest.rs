@@ -383,7 +383,12 @@ impl Problem {
 }
 
 impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+    fn into_response(mut self) -> Response {
+        // A field error quotes the value it refuses, which may be a URL
+        // with a password: redacted here, where every problem leaves.
+        for e in &mut self.errors {
+            e.detail = fluidcloud_plugins::redact::string(&e.detail);
+        }
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut resp = (status, body).into_response();
