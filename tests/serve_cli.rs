@@ -477,3 +477,17 @@ fn requests_over_the_per_client_limit_get_429_with_retry_after() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_body_over_the_limit_gets_413_as_a_problem_document() {
+    let server = start(Some("t0ken"), &["--body-limit-kib", "1"]);
+    let big = format!("{{\"topology\": \"{}\"}}", "x".repeat(4096));
+    let (status, head, body) = http(&server, "POST", "/match", Some("t0ken"), Some(&big));
+    assert_eq!(status, 413, "{body}");
+    assert!(head.contains("application/problem+json"), "{head}");
+    let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(p["status"], 413, "{p:#}");
+    // Under the limit, the same route reads the body (and finds it wrong).
+    let (status, _, body) = http(&server, "POST", "/match", Some("t0ken"), Some("{}"));
+    assert_eq!(status, 422, "{body}");
+}
