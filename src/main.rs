@@ -78,7 +78,7 @@ enum Command {
     /// Continue an interrupted or failed relocation.
     Resume(commands::relocate::IdArgs),
     /// Undo a relocation: clean the target, restart the source.
-    Rollback(commands::relocate::IdArgs),
+    Rollback(commands::relocate::RollbackArgs),
     /// The report of a relocation: times, bytes, checksums, diffs, downtime.
     Report(commands::relocate::IdArgs),
     /// The demo: local sites, no cloud account. Without a subcommand,

@@ -580,16 +580,31 @@ fn bare_demo_command_creates_then_relocates_the_shop_and_resets_on_a_second_run(
 }
 
 #[test]
-fn demo_init_force_replaces_and_the_demo_is_byte_identical_every_time() {
+fn demo_init_force_replaces_only_a_demo_and_the_demo_is_byte_identical_every_time() {
     let fresh = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dir = fresh.path();
-    std::fs::write(
-        dir.join("fluidcloud.toml"),
-        "# an old, broken sites file\n[sites\n",
-    )
-    .unwrap();
+    let foreign = "# somebody's sites file\n[sites\n";
+    std::fs::write(dir.join("fluidcloud.toml"), foreign).unwrap();
     std::fs::write(dir.join("keep.txt"), "not ours").unwrap();
-    fails(&run(&["demo", "init", dir.to_str().unwrap()]), 7);
+    // No demo made this directory: refused, with or without --force, and
+    // nothing is touched.
+    for force in [false, true] {
+        let mut args = vec!["demo", "init"];
+        if force {
+            args.push("--force");
+        }
+        args.push(dir.to_str().unwrap());
+        let err = fails(&run(&args), 7);
+        assert!(err.contains("no demo made"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("fluidcloud.toml")).unwrap(),
+            foreign
+        );
+    }
+    // A demo's own directory is replaced by --force; other files stay.
+    std::fs::remove_file(dir.join("fluidcloud.toml")).unwrap();
+    ok(&run(&["demo", "init", dir.to_str().unwrap()]));
+    std::fs::write(dir.join("sites/dc-paris/images/extra.raw"), "stale").unwrap();
     let summary: Value = serde_json::from_str(&ok(&run(&[
         "--json",
         "demo",
@@ -599,6 +614,7 @@ fn demo_init_force_replaces_and_the_demo_is_byte_identical_every_time() {
     ])))
     .unwrap();
     assert_eq!(summary["media_objects"], 521);
+    assert!(!dir.join("sites/dc-paris/images/extra.raw").exists());
     assert_eq!(
         std::fs::read_to_string(dir.join("keep.txt")).unwrap(),
         "not ours",

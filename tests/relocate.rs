@@ -176,7 +176,14 @@ fn the_demo_relocation_moves_every_byte_rewrites_config_and_leaves_the_source_un
         "{status}"
     );
 
-    let rb = ok(&run(&["--config", &config, "rollback", &id]));
+    // A succeeded relocation is rolled back only when asked twice: it
+    // discards what the target wrote since cut-over.
+    let err = fails(&run(&["--config", &config, "rollback", &id]), 7);
+    assert!(
+        err.contains("relocate it back") && err.contains("--force"),
+        "{err}"
+    );
+    let rb = ok(&run(&["--config", &config, "rollback", &id, "--force"]));
     assert!(rb.contains("rolled back"), "{rb}");
     for i in ["web", "app", "db"] {
         assert_eq!(instance_state(&dir, "dc-paris", i), "running", "{i}");

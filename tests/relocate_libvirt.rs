@@ -173,10 +173,12 @@ enum Disk {
 
 impl World {
     fn new(tag: &str, b_boot_check: &str) -> Self {
-        Self::with(tag, b_boot_check, Disk::Qcow2)
+        Self::with(tag, b_boot_check, Disk::Qcow2, false)
     }
 
-    fn with(tag: &str, b_boot_check: &str, disk: Disk) -> Self {
+    /// `writer`: the guest gets a second disk (4 MiB, raw) and keeps
+    /// writing a counter to both (`fc.writer`, scripts/libvirt).
+    fn with(tag: &str, b_boot_check: &str, disk: Disk, writer: bool) -> Self {
         libvirt_up();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -273,6 +275,21 @@ impl World {
             a = a.dir.display(),
             log = console_log(&source).display()
         );
+        let xml = if writer {
+            let second = a.dir.join("second.raw");
+            std::fs::write(&second, vec![0u8; 4 << 20]).unwrap();
+            virsh(&["pool-refresh", &a.name]);
+            xml.replace("quiet</cmdline>", "quiet fc.writer</cmdline>")
+                .replace(
+                    "<interface",
+                    &format!(
+                        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\n      <source file='{}'/><target dev='vdb' bus='virtio'/></disk>\n    <interface",
+                        second.display()
+                    ),
+                )
+        } else {
+            xml
+        };
         let xml_path = dir.join("source.xml");
         std::fs::write(&xml_path, xml).unwrap();
         virsh(&["define", xml_path.to_str().unwrap()]);
@@ -385,7 +402,7 @@ fn a_running_guest_moves_between_two_libvirt_pools_boots_there_with_the_same_che
     // It booted at B under TCG and printed the same checksum.
     assert_eq!(state(&target), "running");
     assert_eq!(
-        console_sum(&console_log(&target), Duration::from_secs(5)),
+        console_sum(&console_log(&target), Duration::from_secs(300)),
         w.sum
     );
     let xml = virsh(&["dumpxml", &target]);
@@ -404,7 +421,7 @@ fn a_running_guest_moves_between_two_libvirt_pools_boots_there_with_the_same_che
     assert!(w.a.dir.join("guest.qcow2").exists());
 
     // Rollback: the target is gone, the source runs again.
-    let rb = ok(&w.fc(&["rollback", &id]));
+    let rb = ok(&w.fc(&["rollback", &id, "--force"]));
     assert_eq!(state(&target), "undefined", "{rb}");
     assert_eq!(state(&w.source), "running", "{rb}");
 }
@@ -439,7 +456,7 @@ fn a_guest_goes_from_libvirt_to_a_local_site_and_back_to_libvirt_with_the_same_c
     let target = format!("{}tiny", w.b.prefix());
     assert_eq!(state(&target), "running");
     assert_eq!(
-        console_sum(&console_log(&target), Duration::from_secs(5)),
+        console_sum(&console_log(&target), Duration::from_secs(300)),
         w.sum
     );
     let manifest = std::fs::read_to_string(loc.join("instances/tiny.toml")).unwrap();
@@ -470,7 +487,10 @@ fn a_failed_boot_check_leaves_the_source_running_and_rollback_cleans_the_target(
     assert_eq!(state(&w.source), "running", "{err}");
     let id = relocation_id(&common::stdout(&out));
     let target = format!("{}tiny", w.b.prefix());
-    assert_eq!(state(&target), "running", "the boot check started it");
+    // The check booted a throw-away copy: the target itself never ran,
+    // and the copy is gone.
+    assert_eq!(state(&target), "shut off");
+    assert_eq!(state(&format!("{target}-fc-trial")), "undefined");
     ok(&w.fc(&["rollback", &id]));
     assert_eq!(state(&target), "undefined");
     assert_eq!(state(&w.source), "running");
@@ -485,7 +505,7 @@ fn a_raw_guest_disk_beginning_with_a_qcow2_header_naming_a_host_file_moves_as_ra
     let secret = secret_dir.join("host-secret");
     let marker = b"FLUIDCLOUD-LIBVIRT-HOST-SECRET-91c2";
     std::fs::write(&secret, marker.repeat(8192)).unwrap();
-    let w = World::with("evil", SUM_RE, Disk::RawWithHeaderNaming(secret));
+    let w = World::with("evil", SUM_RE, Disk::RawWithHeaderNaming(secret), false);
     assert_eq!(
         console_sum(&console_log(&w.source), Duration::from_secs(300)),
         w.sum,
@@ -500,7 +520,7 @@ fn a_raw_guest_disk_beginning_with_a_qcow2_header_naming_a_host_file_moves_as_ra
     let xml = virsh(&["dumpxml", &target]);
     assert!(xml.contains("<driver name='qemu' type='raw'/>"), "{xml}");
     assert_eq!(
-        console_sum(&console_log(&target), Duration::from_secs(5)),
+        console_sum(&console_log(&target), Duration::from_secs(300)),
         w.sum
     );
     let bytes = std::fs::read(&disk).unwrap();
@@ -508,4 +528,150 @@ fn a_raw_guest_disk_beginning_with_a_qcow2_header_naming_a_host_file_moves_as_ra
         !bytes.windows(marker.len()).any(|x| x == marker),
         "host file bytes in the relocated disk"
     );
+}
+
+/// The last `FLUIDCLOUD-COUNT N` on a console log.
+fn last_count(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .filter_map(|l| l.trim().strip_prefix("FLUIDCLOUD-COUNT "))
+        .find_map(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_count(log: &Path, n: u64, timeout: Duration) -> u64 {
+    let t = Instant::now();
+    loop {
+        let c = last_count(log);
+        if c >= n {
+            return c;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "{} shows no FLUIDCLOUD-COUNT {n} after {timeout:?}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The guest's counter at 1 MiB of `disk`, read by qemu-img (the oracle).
+fn counter_in(disk: &Path, format: &str, scratch: &Path) -> u64 {
+    use std::os::unix::fs::FileExt as _;
+    let raw = scratch.join(format!(
+        "{}.counter.raw",
+        disk.file_name().unwrap().to_string_lossy()
+    ));
+    let q = Command::new(common::qemu_img())
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let mut b = [0u8; 16];
+    std::fs::File::open(&raw)
+        .unwrap()
+        .read_exact_at(&mut b, 1 << 20)
+        .unwrap();
+    std::str::from_utf8(&b).unwrap().parse().unwrap()
+}
+
+/// What a watcher saw of the boot check's throw-away instance.
+#[derive(Debug, Default)]
+struct TrialSeen {
+    xml: String,
+    target_state: String,
+    disks_before: Vec<String>,
+    disks_after: Vec<String>,
+}
+
+/// Watches for `trial` while the relocation runs: its XML and the real
+/// target's state when it appears, and the target's disks' checksums then
+/// and once the trial has written five counters to what it sees as disks.
+fn watch_trial(trial: String, target: String, disks: Vec<PathBuf>) -> TrialSeen {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let sums = || disks.iter().map(|d| sha256_file(d)).collect::<Vec<_>>();
+    while state(&trial) != "running" {
+        assert!(Instant::now() < deadline, "no boot check instance appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut seen = TrialSeen {
+        xml: virsh(&["dumpxml", &trial]),
+        target_state: state(&target),
+        disks_before: sums(),
+        ..TrialSeen::default()
+    };
+    wait_count(&console_log(&trial), 5, Duration::from_secs(300));
+    seen.disks_after = sums();
+    seen
+}
+
+#[test]
+fn a_guest_writing_to_its_boot_disk_and_volume_loses_no_write_and_its_boot_check_runs_unplugged_on_overlays()
+ {
+    // The check passes once the booted copy wrote five counters.
+    let w = World::with("writer", "FLUIDCLOUD-COUNT 5", Disk::Qcow2, true);
+    let before = wait_count(&console_log(&w.source), 3, Duration::from_secs(300));
+    let target = format!("{}tiny", w.b.prefix());
+    let trial = format!("{}tiny-fc-trial", w.b.prefix());
+    let target_disks = vec![w.b.dir.join("guest.raw"), w.b.dir.join("second.raw")];
+    let watcher = {
+        let (trial, target, disks) = (trial.clone(), target.clone(), target_disks.clone());
+        std::thread::spawn(move || watch_trial(trial, target, disks))
+    };
+    let (_, out) = w.relocate("lv-a", "lv-b");
+    let seen = watcher.join().unwrap();
+
+    // The boot check: a copy with no network interface, on overlays, while
+    // the real target stayed off; the target's disks unchanged by it.
+    assert!(!seen.xml.contains("<interface"), "{}", seen.xml);
+    assert!(
+        seen.xml.contains("/var/lib/libvirt/fluidcloud-trials/")
+            && seen.xml.contains("type='qcow2'"),
+        "{}",
+        seen.xml
+    );
+    assert_eq!(seen.target_state, "shut off");
+    assert_eq!(
+        seen.disks_before, seen.disks_after,
+        "the boot check wrote the target's disks"
+    );
+    assert_eq!(state(&trial), "undefined", "the boot check's copy is left");
+    assert!(!Path::new(&format!("/var/lib/libvirt/fluidcloud-trials/{trial}")).exists());
+
+    // No write lost: both target disks hold what the stopped source holds,
+    // at least the last counter the source printed, written during the
+    // relocation.
+    assert_eq!(state(&w.source), "shut off", "{out}");
+    let printed = last_count(&console_log(&w.source));
+    let scratch = w.dir.clone();
+    let boot = counter_in(&w.a.dir.join("guest.qcow2"), "qcow2", &scratch);
+    let vol = counter_in(&w.a.dir.join("second.raw"), "raw", &scratch);
+    assert!(
+        boot >= printed && boot > before,
+        "{before} {printed} {boot}"
+    );
+    assert!(vol >= printed && vol > before, "{before} {printed} {vol}");
+    assert_eq!(counter_in(&target_disks[0], "raw", &scratch), boot);
+    assert_eq!(counter_in(&target_disks[1], "raw", &scratch), vol);
+    for (src, fmt, tgt) in [
+        (w.a.dir.join("guest.qcow2"), "qcow2", &target_disks[0]),
+        (w.a.dir.join("second.raw"), "raw", &target_disks[1]),
+    ] {
+        let c = Command::new(common::qemu_img())
+            .args(["compare", "-U", "-f", fmt, "-F", "raw"])
+            .arg(&src)
+            .arg(tgt)
+            .output()
+            .unwrap();
+        assert!(
+            c.status.success(),
+            "{}: {}",
+            src.display(),
+            common::stdout(&c)
+        );
+    }
+    assert_eq!(state(&target), "running");
 }

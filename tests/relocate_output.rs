@@ -107,7 +107,7 @@ fn plan_progress_and_report_read_as_the_golden_files_say() {
     let one = ok(&run(&[&args[..], &["status", &id]].concat()));
     check("status-id.txt", &normalize(&one, &dir));
 
-    let rollback = ok(&run(&[&args[..], &["rollback", &id]].concat()));
+    let rollback = ok(&run(&[&args[..], &["rollback", &id, "--force"]].concat()));
     check("rollback.txt", &normalize(&rollback, &dir));
 }
 

@@ -197,7 +197,9 @@ fn both_example_plugins_run_inside_a_relocation_and_roll_back() {
     );
 
     // Rollback asks each plugin to undo its step.
-    ok(&run_plugins(&["--config", &config, "rollback", &id]));
+    ok(&run_plugins(&[
+        "--config", &config, "rollback", &id, "--force",
+    ]));
     assert!(!fra.join("data/orders.sqlite").exists());
     assert!(!fra.join("data/orders.sqlite.sql").exists());
     assert!(!fra.join("dns/shop.zone").exists());
@@ -309,7 +311,7 @@ fn the_readme_plugin_works_in_a_relocation_as_the_readme_says() {
     let id = relocation_id(&out);
     ok(&run_with_plugins(
         &[&plugin],
-        &["--config", &config, "rollback", &id],
+        &["--config", &config, "rollback", &id, "--force"],
     ));
     assert!(!greeting.exists());
 }

@@ -342,11 +342,22 @@ fn a_relocation_started_over_http_streams_its_progress_moves_the_data_and_rolls_
         .await;
         assert_eq!(status, 409, "{p:#}");
 
-        // Roll back through the API: the target holds nothing, the source runs.
-        let (status, headers, v) = call(
+        // Roll back through the API: refused for a succeeded relocation
+        // unless forced; then the target holds nothing, the source runs.
+        let (status, _, v) = call(
             &url,
             "POST",
             &format!("/relocations/{id}/rollback"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 409, "{v:#}");
+        assert!(v["detail"].as_str().unwrap().contains("force"), "{v:#}");
+        let (status, headers, v) = call(
+            &url,
+            "POST",
+            &format!("/relocations/{id}/rollback?force=true"),
             Some(TOKEN),
             None,
         )
@@ -674,7 +685,7 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
     assert_eq!(rep, local);
 
     // Rollback through the service, followed to its end.
-    let rb = ok(&remote(url, t, &["rollback", &id]));
+    let rb = ok(&remote(url, t, &["rollback", &id, "--force"]));
     assert!(
         rb.contains(&format!("rolling back relocation {id}")),
         "{rb}"

@@ -826,12 +826,23 @@ async fn cancel_relocation(
     ))
 }
 
+/// `?force=true` of a rollback.
+#[derive(Debug, Default, Deserialize)]
+struct RollbackQuery {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn rollback_relocation(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RollbackQuery>,
 ) -> Result<Response, Problem> {
     Ok(accepted(
-        runner(&s)?.rollback(&id).await.map_err(runner_problem)?,
+        runner(&s)?
+            .rollback(&id, q.force)
+            .await
+            .map_err(runner_problem)?,
     ))
 }
 

@@ -55,6 +55,10 @@ pub struct RelocationRequest {
     /// transient failures (0 to 86400; default 60).
     #[serde(default)]
     pub retry_budget_secs: Option<f64>,
+    /// Relocate even though an earlier relocation of the service from the
+    /// site is unfinished, or succeeded and stopped its source.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// One step of a relocation.
@@ -160,8 +164,9 @@ pub trait Relocations: Send + Sync + 'static {
     async fn watch(&self, id: &str) -> Result<Watch, RunnerError>;
     /// Asks the run going on to stop; steps end as cancelled.
     async fn cancel(&self, id: &str) -> Result<RelocationView, RunnerError>;
-    /// Starts undoing a relocation that is not running, in the background.
-    async fn rollback(&self, id: &str) -> Result<RelocationView, RunnerError>;
+    /// Starts undoing a relocation that is not running, in the background;
+    /// a succeeded one only with `force` (its target has run since).
+    async fn rollback(&self, id: &str, force: bool) -> Result<RelocationView, RunnerError>;
     /// Continues an interrupted, cancelled or failed relocation in the
     /// background.
     async fn resume(&self, id: &str) -> Result<RelocationView, RunnerError>;

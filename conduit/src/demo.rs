@@ -260,11 +260,20 @@ fn media_objects() -> Vec<(String, u64, bool)> {
     v
 }
 
+/// The file that marks a directory as a demo environment: only such a
+/// directory is ever reset (its `sites/` and `.fluidcloud/` removed).
+pub const MARKER: &str = ".fluidcloud-demo";
+
+const MARKER_TEXT: &str = "This directory is a fluidcloud demo environment (fluidcloud demo init).\n\
+`fluidcloud demo` resets it: sites/, .fluidcloud/ and fluidcloud.toml are replaced.\n\
+Delete this file to keep `demo` from ever touching this directory.\n";
+
 /// Creates the demo environment in `dir`.
 ///
 /// `dir` may exist but must not already hold a demo unless `force`, in which
 /// case the previous `fluidcloud.toml` and `sites/` are replaced (and the
-/// previous relocations' records in `.fluidcloud/` removed).
+/// previous relocations' records in `.fluidcloud/` removed). A directory
+/// holding any of those without the [`MARKER`] file is never touched.
 ///
 /// # Errors
 /// `Precondition` (as a site error) when a demo exists and `force` is not
@@ -279,7 +288,15 @@ pub async fn init(dir: &Path, force: bool, progress: &dyn DemoProgress) -> Resul
             e,
         ))
     };
-    if !force && (config.exists() || sites_dir.exists()) {
+    let occupied = config.exists() || sites_dir.exists() || dir.join(".fluidcloud").exists();
+    if occupied && !dir.join(MARKER).is_file() {
+        // Not ours: a real sites file and its sites, never to be replaced.
+        return Err(fail(fluidcloud_plugins::Error::Precondition(format!(
+            "{} holds a fluidcloud.toml, sites/ or .fluidcloud/ that no demo made (no {MARKER} marker); nothing was changed — choose another directory",
+            dir.display()
+        ))));
+    }
+    if !force && occupied {
         return Err(fail(fluidcloud_plugins::Error::Precondition(format!(
             "{} already holds a demo environment (pass --force to recreate it)",
             dir.display()
@@ -418,6 +435,8 @@ pub async fn init(dir: &Path, force: bool, progress: &dyn DemoProgress) -> Resul
     if state.exists() {
         std::fs::remove_dir_all(&state).map_err(|e| io("remove", &state, e))?;
     }
+    let marker = dir.join(MARKER);
+    std::fs::write(&marker, MARKER_TEXT).map_err(|e| io("write", &marker, e))?;
     std::fs::rename(staging.join("sites"), &sites_dir).map_err(|e| io("move", &sites_dir, e))?;
     std::fs::rename(&staged_config, &config).map_err(|e| io("move", &config, e))?;
     std::fs::remove_dir_all(&staging).map_err(|e| io("clean", &staging, e))?;

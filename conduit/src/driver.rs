@@ -96,6 +96,10 @@ pub struct InstanceRecord {
     /// with anything, including a qcow2 header naming a host file.
     #[serde(default, rename = "format", skip_serializing_if = "BTreeMap::is_empty")]
     pub formats: BTreeMap<String, ImageFormat>,
+    /// The relocation that defined this instance, if one did: only that
+    /// relocation's rollback may undefine it, and no other adopts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 impl InstanceRecord {
@@ -118,6 +122,7 @@ impl InstanceRecord {
             disk_bus: None,
             nics: Vec::new(),
             formats: BTreeMap::new(),
+            created_by: None,
         }
     }
 }
@@ -283,6 +288,23 @@ pub trait Compute: Send + Sync {
     /// What the instance wrote on its serial console since it last
     /// started. `NotSupported` where instances have no console.
     async fn console(&self, name: &str) -> Result<String>;
+    /// Boots a throw-away copy of the defined instance `name` for a boot
+    /// check: its disks are copy-on-write overlays over the instance's
+    /// (which are only read), it has no network interface and its own
+    /// console. Returns the trial's instance name, for [`Self::console`]
+    /// and [`Self::end_trial`]. `NotSupported` where a site cannot.
+    async fn start_trial(&self, name: &str) -> Result<String> {
+        Err(Error::NotSupported {
+            operation: format!("booting a throw-away copy of instance {name}"),
+            site: None,
+        })
+    }
+    /// Destroys the trial of `name` and its overlays; nothing when there
+    /// is none.
+    async fn end_trial(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 /// The required core of every site driver.

@@ -14,6 +14,17 @@
 //! The input is read in the format its artifact declares, never in one its
 //! bytes suggest: a raw disk whose guest wrote a qcow2 header stays raw.
 //!
+//! `relocation` (the relocation id) makes the output's owner record
+//! `RELOCATION/STEP` (`.OUTPUT.fcowner`, see [`crate::owner`]): an existing
+//! output is returned only when this step made it, never adopted, and a
+//! rollback deletes only what this step made.
+//!
+//! `replaces` (a step id of the same relocation; needs `relocation`) lets
+//! the step replace that step's output: the warm path converts a disk while
+//! its guest runs, then again once it stopped. `verify` (bool) compares the
+//! output with the input, guest byte for guest byte, before it is renamed
+//! into place.
+//!
 //! Idempotent by construction: the image is written to
 //! `OUTPUT.partial-STEP_ID` and renamed to `OUTPUT` only when complete and
 //! synced, so a re-run after a crash finds either nothing, a stale partial
@@ -62,6 +73,13 @@ pub struct ImageConvert;
 #[derive(Debug)]
 struct Parsed {
     input: Artifact,
+    /// The creator tag of the output: `RELOCATION/STEP` (the `relocation`
+    /// param), or the step id.
+    owner: String,
+    /// The creator tag of an output this step may replace (`replaces`).
+    replaces: Option<String>,
+    /// Compare the output with the input before it is renamed into place.
+    verify: bool,
     /// How the input is opened: in the format its artifact declares (never
     /// probed), its backing chain confined by the `backing` param.
     source: OpenOptions,
@@ -186,9 +204,46 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             }
         },
     };
+    let owner = match p.get("relocation").map(|v| v.as_str()) {
+        None => request.step_id.clone(),
+        Some(Some(r)) if !r.is_empty() && !r.contains('/') => format!("{r}/{}", request.step_id),
+        Some(_) => {
+            problems.push(
+                Diagnostic::error("`relocation` must be a relocation id (no `/`)")
+                    .at_key("params.relocation"),
+            );
+            String::new()
+        }
+    };
+    let relocation = p.get("relocation").and_then(|v| v.as_str());
+    let replaces = match (p.get("replaces"), relocation) {
+        (None, _) => None,
+        (Some(serde_json::Value::String(step)), Some(r)) if !step.is_empty() => {
+            Some(format!("{r}/{step}"))
+        }
+        (Some(_), _) => {
+            problems.push(
+                Diagnostic::error(
+                    "`replaces` is a step id of the same relocation (needs `relocation`)",
+                )
+                .at_key("params.replaces"),
+            );
+            None
+        }
+    };
+    let verify = match p.get("verify") {
+        None => false,
+        Some(v) => v.as_bool().unwrap_or_else(|| {
+            problems.push(Diagnostic::error("`verify` is true or false").at_key("params.verify"));
+            false
+        }),
+    };
     match (input, format, output) {
         (Some(input), Some(format), Some(output)) if problems.is_empty() => Ok(Parsed {
             input: input.clone(),
+            owner,
+            replaces,
+            verify,
             source: OpenOptions {
                 format: match input.kind {
                     ArtifactKind::DiskImage { format } => Some(format),
@@ -210,6 +265,71 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             },
         }),
         _ => Err(problems),
+    }
+}
+
+/// What is at the output path before a run.
+enum Existing {
+    /// Nothing.
+    None,
+    /// This step's finished output, of this size.
+    Done(u64),
+    /// The output of the step named by `replaces`.
+    Replaceable,
+}
+
+impl Parsed {
+    fn existing_output(&self) -> SdkResult<Existing> {
+        if !self.output.exists() {
+            return Ok(Existing::None);
+        }
+        let tag = crate::owner::read(&self.output)?;
+        if tag.as_deref() == Some(self.owner.as_str()) {
+            let size = std::fs::metadata(&self.output)
+                .map_err(|e| SdkError::io(format!("stat {}", self.output.display()), e))?
+                .len();
+            return Ok(Existing::Done(size));
+        }
+        if tag.is_some() && tag == self.replaces {
+            return Ok(Existing::Replaceable);
+        }
+        // Anything else is not ours to replace.
+        Err(SdkError::Precondition(format!(
+            "{} exists, {}; it is not overwritten",
+            self.output.display(),
+            crate::owner::describe(tag.as_deref())
+        )))
+    }
+
+    /// Compares the converted `partial` with the source; a difference
+    /// removes `partial` and names the first differing offset.
+    fn verify_output(
+        &self,
+        source: &dyn crate::image::ImageReader,
+        partial: &Path,
+    ) -> SdkResult<()> {
+        let written = open_with(
+            partial,
+            &OpenOptions {
+                format: Some(self.opts.format),
+                ..OpenOptions::default()
+            },
+        )?;
+        match crate::image::compare(source, written.as_ref(), 0, &|_, _| {})? {
+            None => Ok(()),
+            Some(offset) => {
+                let _ = std::fs::remove_file(partial);
+                Err(crate::Error::Corrupt {
+                    what: format!(
+                        "{} (differs from its source {} after conversion)",
+                        partial.display(),
+                        self.input.locator
+                    ),
+                    offset,
+                }
+                .into())
+            }
+        }
     }
 }
 
@@ -279,30 +399,11 @@ impl Migrator for ImageConvert {
         let output = parsed.output.clone();
         let (summary, file_size) = blocking(move || {
             let reader = parsed.open_source()?;
-            if parsed.output.exists() {
-                // A finished output of an earlier run of this step is
-                // returned as is; anything else is not ours to replace.
-                let existing = open_with(
-                    &parsed.output,
-                    &OpenOptions {
-                        format: Some(format),
-                        ..OpenOptions::default()
-                    },
-                );
-                if let Ok(existing) = existing
-                    && existing.virtual_size() >= reader.virtual_size()
-                    && existing.virtual_size() - reader.virtual_size() < 1 << 20
-                {
-                    let size = std::fs::metadata(&parsed.output)
-                        .map_err(|e| SdkError::io(format!("stat {}", parsed.output.display()), e))?
-                        .len();
-                    return Ok((None, size));
-                }
-                return Err(SdkError::Precondition(format!(
-                    "{} exists and is not this step's output",
-                    parsed.output.display()
-                )));
-            }
+            let replacing = match parsed.existing_output()? {
+                Existing::None => false,
+                Existing::Replaceable => true,
+                Existing::Done(size) => return Ok((None, size)),
+            };
             if cancel.is_cancelled() {
                 return Err(SdkError::Transient("cancelled before starting".into()));
             }
@@ -310,9 +411,21 @@ impl Migrator for ImageConvert {
                 crate::image::convert(reader.as_ref(), &partial, &parsed.opts, &|done, total| {
                     progress.progress(done, Some(total))
                 })?;
+            if parsed.verify {
+                parsed.verify_output(reader.as_ref(), &partial)?;
+            }
+            // A new output is claimed before it appears under its name; a
+            // replaced one keeps the replaced step's tag until the new
+            // bytes are in place, so a crash in between converts again.
+            if !replacing {
+                crate::owner::write(&parsed.output, &parsed.owner)?;
+            }
             std::fs::rename(&partial, &parsed.output).map_err(|e| {
                 SdkError::io(format!("renaming {} into place", partial.display()), e)
             })?;
+            if replacing {
+                crate::owner::write(&parsed.output, &parsed.owner)?;
+            }
             let size = summary.file_size;
             Ok((Some(summary), size))
         })
@@ -346,15 +459,20 @@ impl Migrator for ImageConvert {
         _ctx: &ExecContext,
     ) -> SdkResult<()> {
         let parsed = parse(request).map_err(SdkError::Invalid)?;
-        for path in [
-            partial_path(&parsed.output, &request.step_id),
-            parsed.output,
-        ] {
+        let mut doomed = vec![partial_path(&parsed.output, &request.step_id)];
+        // The output only when this step created it.
+        if crate::owner::read(&parsed.output)?.as_deref() == Some(parsed.owner.as_str()) {
+            doomed.push(parsed.output.clone());
+        }
+        for path in doomed {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(SdkError::io(format!("removing {}", path.display()), e)),
             }
+        }
+        if !parsed.output.exists() {
+            crate::owner::remove(&parsed.output)?;
         }
         Ok(())
     }

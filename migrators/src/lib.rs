@@ -73,6 +73,7 @@ mod fsx;
 pub mod image;
 pub mod image_convert;
 pub mod objects;
+pub mod owner;
 pub mod volume;
 
 pub use config::ConfigAdapt;

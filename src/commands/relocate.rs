@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
+use fluidcloud_conduit::relocate::lock::{self, ServiceLock};
 use fluidcloud_conduit::relocate::report::{self, Report};
 use fluidcloud_conduit::relocate::store::{self, Store};
 use fluidcloud_conduit::relocate::{self as reloc, BucketMode, PlanInput, Relocation};
@@ -69,6 +70,11 @@ pub(crate) struct RelocateArgs {
     /// fails (default 60); `resume` continues from there.
     #[arg(long, value_name = "SECS")]
     retry_budget: Option<f64>,
+    /// Relocate even though an earlier relocation of this service from this
+    /// site is unfinished, or succeeded and stopped its source. (A
+    /// relocation that is running is never joined.)
+    #[arg(long)]
+    force: bool,
 }
 
 impl RelocateArgs {
@@ -85,6 +91,7 @@ impl RelocateArgs {
             dry_run: false,
             yes: true,
             retry_budget: None,
+            force: false,
         }
     }
 
@@ -104,6 +111,7 @@ impl RelocateArgs {
             dry_run: false,
             yes: true,
             retry_budget: r.retry_budget_secs,
+            force: r.force,
         }
     }
 }
@@ -112,6 +120,17 @@ impl RelocateArgs {
 pub(crate) struct IdArgs {
     /// The relocation id (see `fluidcloud status`).
     id: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RollbackArgs {
+    /// The relocation id (see `fluidcloud status`).
+    id: String,
+    /// Roll back a relocation that succeeded: the target instances stop and
+    /// everything written at the target since cut-over is discarded. (To
+    /// keep it, relocate the service back from the target instead.)
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +341,14 @@ pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
         }
     }
     let store = store_of(&file);
+    let _lock = ServiceLock::acquire(
+        &store,
+        &relocation.from,
+        &relocation.service,
+        &relocation.id,
+    )?;
+    lock::check_earlier(&store, &relocation.from, &relocation.service, a.force)?;
+    lock::check_outputs(&relocation)?;
     store.create(&relocation)?;
     let journal = SqliteJournal::open(store.journal(&relocation.id))
         .with_context(|| format!("opening the journal of {}", relocation.id))?;
@@ -354,6 +381,12 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
+    let _lock = ServiceLock::acquire(
+        &store,
+        &relocation.from,
+        &relocation.service,
+        &relocation.id,
+    )?;
     let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
         outln!("resuming relocation {}", relocation.id)?;
@@ -362,13 +395,20 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     finish(g, &store, &relocation, &run)
 }
 
-pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
+pub(crate) async fn rollback(g: &Globals, a: RollbackArgs) -> Result<()> {
     if let Some(remote) = g.remote()? {
         return rollback_remote(g, &remote, a).await;
     }
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
+    let _lock = ServiceLock::acquire(
+        &store,
+        &relocation.from,
+        &relocation.service,
+        &relocation.id,
+    )?;
+    rollback_allowed(&store, &relocation, a.force)?;
     let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
         outln!("rolling back relocation {}", relocation.id)?;
@@ -401,6 +441,28 @@ pub(crate) async fn rollback(g: &Globals, a: IdArgs) -> Result<()> {
                 "rollback of {} did not complete: {}",
                 relocation.id,
                 failed.join("; ")
+            )
+        ));
+    }
+    Ok(())
+}
+
+/// A succeeded relocation is rolled back only with `force`: its target
+/// has run the service since cut-over.
+///
+/// # Errors
+/// `ExitWith(7)` explaining what would be lost and the alternative.
+pub(crate) fn rollback_allowed(store: &Store, r: &Relocation, force: bool) -> Result<()> {
+    let status = report::status(&report::entries(&store.journal(&r.id))?);
+    if status == "succeeded" && !force {
+        bail!(ExitWith(
+            7,
+            format!(
+                "relocation {} succeeded: the service has run at {} since cut-over, and rolling back discards everything written there since; relocate it back from {} to keep that data (fluidcloud relocate --from {} ...), or pass --force to roll back anyway",
+                r.id,
+                r.targets().join(", "),
+                r.targets().join(", "),
+                r.targets().first().map_or("the target", String::as_str)
             )
         ));
     }
@@ -907,6 +969,7 @@ pub(crate) async fn relocate_remote(g: &Globals, remote: &Remote, a: RelocateArg
             BucketsArg::Repoint => BucketsMode::Repoint,
         },
         retry_budget_secs: a.retry_budget,
+        force: a.force,
     };
     let v: RelocationView = remote
         .post("/relocations", &req, "starting the relocation")
@@ -951,8 +1014,13 @@ pub(crate) async fn resume_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Re
     finish_remote(g, &v)
 }
 
-pub(crate) async fn rollback_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
-    let v = act_and_follow(g, remote, &a.id, "rollback", "rolling back").await?;
+pub(crate) async fn rollback_remote(g: &Globals, remote: &Remote, a: RollbackArgs) -> Result<()> {
+    let action = if a.force {
+        "rollback?force=true"
+    } else {
+        "rollback"
+    };
+    let v = act_and_follow(g, remote, &a.id, action, "rolling back").await?;
     if g.json {
         match report_of(&v)? {
             Some(rep) => print_json(&rep)?,

@@ -24,8 +24,11 @@ use fluidcloud_plugins::TopologyDoc;
 use fluidcloud_viaduct::{Canceller, Executor, ProgressEvent, SqliteJournal};
 use tokio::sync::broadcast;
 
-use super::relocate::{RelocateArgs, build_report, executor_config, make_plan, reopen, store_of};
+use super::relocate::{
+    RelocateArgs, build_report, executor_config, make_plan, reopen, rollback_allowed, store_of,
+};
 use crate::ExitWith;
+use fluidcloud_conduit::relocate::lock::{self, ServiceLock};
 
 /// A run going on in this process.
 struct Active {
@@ -178,6 +181,7 @@ impl Runner {
         r: Relocation,
         mut executor: Executor,
         rollback: bool,
+        lock: ServiceLock,
     ) {
         let (tx, _) = broadcast::channel(1024);
         let mut rx = executor.subscribe();
@@ -211,6 +215,7 @@ impl Runner {
                 executor.run().await
             };
             drop(executor);
+            drop(lock);
             if let Err(e) = result {
                 tracing::error!(relocation = %r.id, error = %e, "run ended with an error");
             }
@@ -230,8 +235,17 @@ impl Runner {
     }
 
     /// Resumes or rolls back `id` from its journal.
-    fn continue_run(&self, id: &str, rollback: bool) -> Result<RelocationView, RunnerError> {
+    fn continue_run(
+        &self,
+        id: &str,
+        rollback: bool,
+        force: bool,
+    ) -> Result<RelocationView, RunnerError> {
         let r = self.load(id)?;
+        if rollback {
+            rollback_allowed(&self.0.store, &r, force)
+                .map_err(|e| RunnerError::Conflict(format!("{e:#}")))?;
+        }
         let current = self.view_of(&r, false)?;
         let what = if rollback { "roll back" } else { "resume" };
         if current.is_active() {
@@ -253,9 +267,11 @@ impl Runner {
                     "relocation {id} is running already"
                 )));
             }
+            let lock = ServiceLock::acquire(&self.0.store, &r.from, &r.service, &r.id)
+                .map_err(|e| RunnerError::Conflict(e.to_string()))?;
             let executor = reopen(&self.0.file, &self.0.store, &r)
                 .map_err(|e| failed(format!("cannot {what} {id}: {e:#}")))?;
-            self.launch(&mut active, r.clone(), executor, rollback);
+            self.launch(&mut active, r.clone(), executor, rollback, lock);
         }
         self.view_of(&r, false)
     }
@@ -269,13 +285,19 @@ impl Relocations for Runner {
             .await
             .map_err(|e| plan_error(&e, &request))?;
         let store = &self.0.store;
+        let lock =
+            ServiceLock::acquire(store, &relocation.from, &relocation.service, &relocation.id)
+                .map_err(|e| RunnerError::Conflict(e.to_string()))?;
+        lock::check_earlier(store, &relocation.from, &relocation.service, request.force)
+            .and_then(|()| lock::check_outputs(&relocation))
+            .map_err(|e| RunnerError::Conflict(e.to_string()))?;
         store.create(&relocation).map_err(failed)?;
         let journal = SqliteJournal::open(store.journal(&relocation.id))
             .map_err(|e| failed(format!("opening the journal of {}: {e}", relocation.id)))?;
         let executor = Executor::new(workflow, registry, Box::new(journal), executor_config());
         {
             let mut active = self.active();
-            self.launch(&mut active, relocation.clone(), executor, false);
+            self.launch(&mut active, relocation.clone(), executor, false, lock);
         }
         tracing::info!(relocation = %relocation.id, "started");
         self.view_of(&relocation, false)
@@ -322,12 +344,12 @@ impl Relocations for Runner {
         self.view_of(&r, false)
     }
 
-    async fn rollback(&self, id: &str) -> Result<RelocationView, RunnerError> {
-        self.continue_run(id, true)
+    async fn rollback(&self, id: &str, force: bool) -> Result<RelocationView, RunnerError> {
+        self.continue_run(id, true, force)
     }
 
     async fn resume(&self, id: &str) -> Result<RelocationView, RunnerError> {
-        self.continue_run(id, false)
+        self.continue_run(id, false, false)
     }
 
     async fn introspect(&self, site: &str, service: &str) -> Result<TopologyDoc, RunnerError> {

@@ -488,6 +488,36 @@ impl LibvirtSite {
     }
 }
 
+/// The instance name of `name`'s boot-check trial.
+fn trial_name(name: &str) -> String {
+    format!("{name}-fc-trial")
+}
+
+/// Where a trial domain's overlays are (on the daemon's host).
+fn trial_dir(domain: &str) -> PathBuf {
+    PathBuf::from(format!("/var/lib/libvirt/fluidcloud-trials/{domain}"))
+}
+
+/// Creates the qcow2 overlay `overlay` over `base` (read, never written).
+async fn overlay_on(base: &Path, format: &str, overlay: &Path) -> Result<()> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(base)
+        .arg(overlay)
+        .output()
+        .await
+        .map_err(|e| Error::io("running qemu-img (Debian: qemu-utils)", e))?;
+    if !out.status.success() {
+        return Err(Error::Precondition(format!(
+            "creating the overlay {} over {}: {}",
+            overlay.display(),
+            base.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 fn parse_xml<'a>(text: &'a str, what: &str) -> Result<roxmltree::Document<'a>> {
     roxmltree::Document::parse(text)
         .map_err(|e| Error::Precondition(format!("libvirt returned malformed {what}: {e}")))
@@ -575,6 +605,7 @@ pub fn parse_domain(xml: &str, pool_path: &Path, site: &str) -> Result<InstanceR
                 "service" => rec.service = Some(v),
                 "hostname" => rec.hostname = Some(v),
                 "address" => rec.addresses.push(v),
+                "relocation" => rec.created_by = Some(v),
                 _ => {}
             }
         }
@@ -682,6 +713,12 @@ pub fn domain_xml(
     }
     for a in &rec.addresses {
         x.push_str(&format!("      <fc:address>{}</fc:address>\n", esc(a)));
+    }
+    if let Some(r) = &rec.created_by {
+        x.push_str(&format!(
+            "      <fc:relocation>{}</fc:relocation>\n",
+            esc(r)
+        ));
     }
     x.push_str("    </fc:instance>\n  </metadata>\n");
     x.push_str(&format!(
@@ -1150,6 +1187,86 @@ impl Compute for LibvirtSite {
         self.virsh(&["undefine", &domain], &format!("instance {name}"))
             .await
             .map(drop)
+    }
+
+    async fn start_trial(&self, name: &str) -> Result<String> {
+        let name = self.checked_name(name, "instance")?;
+        if !self.is_local() {
+            return Err(self.err_local_only("a boot check on overlays"));
+        }
+        self.end_trial(name).await?;
+        let pool = self.pool_path().await?;
+        let rec = self.read_domain(&self.domain_name(name), &pool).await?;
+        let trial = trial_name(name);
+        let domain = self.domain_name(&trial);
+        let dir = trial_dir(&domain);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let at = |n: &String| {
+            let p = Path::new(n);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                pool.join(p)
+            }
+        };
+        let mut disks = Vec::new();
+        for (i, d) in rec.boot_image.iter().chain(&rec.volumes).enumerate() {
+            let format = rec.formats.get(d).copied().unwrap_or(ImageFormat::Raw);
+            let overlay = dir.join(format!("disk{i}.qcow2"));
+            overlay_on(&at(d), libvirt_format(format), &overlay).await?;
+            disks.push(DiskSpec {
+                path: overlay,
+                format: "qcow2".to_owned(),
+            });
+        }
+        let copy = InstanceRecord {
+            name: trial.clone(),
+            // Unplugged: no address or MAC of the instance is live twice.
+            nics: Vec::new(),
+            ..rec.clone()
+        };
+        let console = self.console_path(&domain);
+        let _ = std::fs::remove_file(&console);
+        let xml = domain_xml(
+            &domain,
+            self.virt_type().await,
+            &copy,
+            &disks,
+            rec.kernel.as_ref().map(at).as_deref(),
+            rec.initrd.as_ref().map(at).as_deref(),
+            &console,
+        );
+        let mut tmp = tempfile::NamedTempFile::new()
+            .map_err(|e| Error::io("creating a temporary domain XML file", e))?;
+        tmp.write_all(xml.as_bytes())
+            .map_err(|e| Error::io("writing a temporary domain XML file", e))?;
+        let path = tmp.path().display().to_string();
+        // Transient: gone from libvirt once destroyed.
+        self.virsh(
+            &["create", &path],
+            &format!("boot check of instance {name}"),
+        )
+        .await?;
+        Ok(trial)
+    }
+
+    async fn end_trial(&self, name: &str) -> Result<()> {
+        let name = self.checked_name(name, "instance")?;
+        let domain = self.domain_name(&trial_name(name));
+        if self.domains().await?.contains(&domain) {
+            self.virsh(
+                &["destroy", &domain],
+                &format!("boot check of instance {name}"),
+            )
+            .await?;
+        }
+        let dir = trial_dir(&domain);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {}", dir.display()), e)),
+        }
     }
 
     async fn console(&self, name: &str) -> Result<String> {

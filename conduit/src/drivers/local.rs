@@ -814,7 +814,8 @@ impl Compute for LocalSite {
     }
 
     async fn stop(&self, name: &str) -> Result<()> {
-        self.set_state(name, InstanceState::Stopped)
+        self.set_state(name, InstanceState::Stopped)?;
+        self.wait_for_exit(name).await
     }
 
     async fn state(&self, name: &str) -> Result<InstanceState> {
@@ -842,7 +843,52 @@ impl Compute for LocalSite {
     }
 }
 
+/// How long `stop` waits for an instance's process to let go.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl LocalSite {
+    /// The file a process standing for instance `name`'s guest holds a
+    /// shared `flock` on while it runs (`instances/.NAME.run`).
+    pub fn run_lock_path(&self, name: &str) -> Result<PathBuf> {
+        let name = self.checked_name(name, "instance")?;
+        Ok(self.root.join("instances").join(format!(".{name}.run")))
+    }
+
+    /// Waits until no process holds instance `name`'s run lock: once the
+    /// manifest says `stopped` and this returns, the guest writes nothing
+    /// more (a hypervisor's stop returns once the domain is off).
+    async fn wait_for_exit(&self, name: &str) -> Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let path = self.run_lock_path(name)?;
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.io(&path, "open", e)),
+        };
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        loop {
+            // SAFETY: flock on a descriptor `file` owns; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                // Released when `file` closes.
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(self.io(&path, "lock", err));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Precondition(format!(
+                    "instance {name} on site {}: its process still holds {} {} s after it was told to stop",
+                    self.name,
+                    path.display(),
+                    STOP_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     fn set_state(&self, name: &str, state: InstanceState) -> Result<()> {
         let mut rec = self.read_instance(&self.instance_path(name)?)?;
         if rec.state != state {

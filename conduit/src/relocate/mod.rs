@@ -33,6 +33,7 @@
 //! [`steps`]; the state a relocation keeps on disk in [`store`].
 
 pub mod extra;
+pub mod lock;
 pub mod report;
 pub mod steps;
 pub mod store;
@@ -456,7 +457,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     let mut bytes_to_move = 0u64;
     let mut config_files = Vec::new();
     let mut instances: Vec<InstancePlan> = Vec::new();
-    let mut volume_steps: Vec<(String, String, StepSpec)> = Vec::new();
+    // What runs once the source stopped: every disk's final delta.
+    let mut after_stop: Vec<StepSpec> = Vec::new();
     let mut bucket_steps: Vec<String> = Vec::new();
     let mut images_to_compare: Vec<steps::ImagePair> = Vec::new();
     let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
@@ -522,6 +524,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 cmdline: source_rec.and_then(|s| s.cmdline.clone()),
                 disk_bus: source_rec.and_then(|s| s.disk_bus.clone()),
                 nics: source_rec.map(|s| s.nics.clone()).unwrap_or_default(),
+                created_by: Some(input.id.clone()),
                 ..InstanceRecord::new(r.name.clone(), *vcpus, *memory_mib)
             },
             target: target.to_owned(),
@@ -581,36 +584,31 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     let id = step_id("image", &dep.name);
                     if !wf_has(&wf, &id) {
                         bytes_to_move += allocated;
-                        let backing = backing_policy(from_cfg, &from_dirs.images);
-                        let mut params = serde_json::json!({
-                            "format": to.as_str(),
-                            "output": out.display().to_string(),
-                            "backing": backing,
-                        });
-                        if to == ImageFormat::Vhd {
-                            params["azure"] = serde_json::json!(true);
-                        }
-                        wf.push(
-                            StepSpec::new(&id, "image-convert", target)
-                                .params(params)
-                                .input(
-                                    "image",
-                                    given(
-                                        ArtifactKind::DiskImage { format: *format },
-                                        input.from,
-                                        locator.clone(),
-                                        Some(*allocated),
-                                    ),
-                                )
-                                .output("image", ArtifactKind::DiskImage { format: to }),
-                        );
-                        images_to_compare.push(steps::ImagePair {
-                            source: locator.clone(),
+                        let disk = ImageStep {
+                            id: &id,
+                            name: &dep.name,
+                            target,
+                            from: input.from,
+                            relocation: &input.id,
+                            source: locator,
                             source_format: *format,
-                            target: out.display().to_string(),
-                            target_format: to,
-                            backing,
-                        });
+                            allocated: *allocated,
+                            output: &out,
+                            format: to,
+                            backing: backing_policy(from_cfg, &from_dirs.images),
+                        };
+                        if is_kernel || is_initrd {
+                            // Host files the guest never writes: one copy,
+                            // compared by the verify step.
+                            wf.push(disk.convert());
+                            images_to_compare.push(disk.pair());
+                        } else {
+                            // A disk the running guest writes: pre-copied
+                            // now, its last writes sent once it stopped.
+                            let (pre, last) = disk.warm();
+                            wf.push(pre);
+                            after_stop.push(last);
+                        }
                     }
                     if is_kernel {
                         plan.record.kernel = Some(new_name);
@@ -641,6 +639,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         "site": target,
                         "source_format": format.as_str(),
                         "backing": backing_policy(from_cfg, &from_dirs.volumes),
+                        "relocation": input.id,
                     });
                     let source = given(
                         ArtifactKind::Volume,
@@ -654,12 +653,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                             .input("volume", source.clone())
                             .output("volume", ArtifactKind::Volume),
                     );
-                    let sync = StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
-                        .params(params)
-                        .input("volume", source)
-                        .output("volume", ArtifactKind::Volume)
-                        .after(&pre);
-                    volume_steps.push((pre.clone(), dep.name.clone(), sync));
+                    after_stop.push(
+                        StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
+                            .params(params)
+                            .input("volume", source)
+                            .output("volume", ArtifactKind::Volume)
+                            .after(&pre),
+                    );
                     plan.record
                         .formats
                         .insert(new_name.clone(), ImageFormat::Raw);
@@ -823,6 +823,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                 "sites_file": sites_file_s,
                 "site": input.from,
                 "instances": source_instances,
+                "record_dir": input.records.display().to_string(),
             }))
             .after("verify"),
     );
@@ -834,9 +835,9 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
             .collect::<Vec<_>>(),
     }));
     cutover = cutover.after("stop-source");
-    for (_, _, sync) in volume_steps {
-        let id = sync.id.clone();
-        wf.push(sync.after("stop-source"));
+    for last in after_stop {
+        let id = last.id.clone();
+        wf.push(last.after("stop-source"));
         cutover = cutover.after(id);
     }
     wf.push(cutover);
@@ -882,6 +883,115 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         bytes_to_move,
         config_files,
     })
+}
+
+/// One disk image of an instance, to be written at its target.
+struct ImageStep<'a> {
+    id: &'a str,
+    name: &'a str,
+    target: &'a str,
+    from: &'a str,
+    relocation: &'a str,
+    source: &'a str,
+    source_format: ImageFormat,
+    allocated: u64,
+    output: &'a Path,
+    format: ImageFormat,
+    backing: BackingPolicy,
+}
+
+impl ImageStep<'_> {
+    fn input(&self) -> InputBinding {
+        given(
+            ArtifactKind::DiskImage {
+                format: self.source_format,
+            },
+            self.from,
+            self.source.to_owned(),
+            Some(self.allocated),
+        )
+    }
+
+    fn convert_params(&self) -> serde_json::Value {
+        let mut params = serde_json::json!({
+            "format": self.format.as_str(),
+            "output": self.output.display().to_string(),
+            "backing": self.backing,
+            "relocation": self.relocation,
+        });
+        if self.format == ImageFormat::Vhd {
+            params["azure"] = serde_json::json!(true);
+        }
+        params
+    }
+
+    /// One conversion into the target format.
+    fn convert(&self) -> StepSpec {
+        StepSpec::new(self.id, "image-convert", self.target)
+            .params(self.convert_params())
+            .input("image", self.input())
+            .output(
+                "image",
+                ArtifactKind::DiskImage {
+                    format: self.format,
+                },
+            )
+    }
+
+    /// What the verify step compares.
+    fn pair(&self) -> steps::ImagePair {
+        steps::ImagePair {
+            source: self.source.to_owned(),
+            source_format: self.source_format,
+            target: self.output.display().to_string(),
+            target_format: self.format,
+            backing: self.backing.clone(),
+        }
+    }
+
+    /// The warm path: a copy while the source runs, then, once it stopped,
+    /// a last step that brings the target up to the stopped source and
+    /// proves them equal.
+    ///
+    /// A raw target is a `volume-copy`: the last step is its re-sync, which
+    /// hashes the source and writes only the chunks that changed, then
+    /// compares the Merkle roots. Other formats cannot be patched in place
+    /// by fluidcloud's writers yet: the last step converts the stopped
+    /// source again, replacing the pre-copy's output, and compares it with
+    /// the source (downtime grows with the disk; docs/relocate.md).
+    fn warm(&self) -> (StepSpec, StepSpec) {
+        let last = step_id("final", self.name);
+        if self.format != ImageFormat::Raw {
+            let mut params = self.convert_params();
+            params["replaces"] = serde_json::json!(self.id);
+            params["verify"] = serde_json::json!(true);
+            let again = StepSpec::new(&last, "image-convert", self.target)
+                .params(params)
+                .input("image", self.input())
+                .output(
+                    "image",
+                    ArtifactKind::DiskImage {
+                        format: self.format,
+                    },
+                )
+                .after(self.id);
+            return (self.convert(), again);
+        }
+        let params = serde_json::json!({
+            "output": self.output.display().to_string(),
+            "site": self.target,
+            "source_format": self.source_format.as_str(),
+            "backing": self.backing,
+            "relocation": self.relocation,
+        });
+        let copy = |id: &str| {
+            StepSpec::new(id, "volume-copy", self.target)
+                .params(params.clone())
+                .input("volume", self.input())
+                .output("volume", ArtifactKind::Volume)
+        };
+        (copy(self.id), copy(&last).after(self.id))
+    }
 }
 
 fn wf_has(wf: &WorkflowBuilder, id: &str) -> bool {

@@ -114,6 +114,34 @@ pub fn entries(path: &std::path::Path) -> Result<Vec<Entry>> {
     j.replay().map_err(viaduct_err)
 }
 
+/// Where a relocation stands, from its journal: `planned` (never ran),
+/// `interrupted` (a run started and did not finish: the process died, or
+/// still runs — callers that know better say so), `succeeded`, `failed`,
+/// `cancelled`, `rolled-back` or `rollback-failed`.
+pub fn status(entries: &[Entry]) -> String {
+    let mut status = "planned";
+    let mut rollback = false;
+    for e in entries {
+        match &e.record {
+            Record::RunStarted { mode, .. } => {
+                rollback = matches!(mode, fluidcloud_viaduct::journal::RunMode::Rollback);
+                status = "interrupted";
+            }
+            Record::RunFinished { outcome } => {
+                status = match (rollback, outcome) {
+                    (true, Outcome::Succeeded) => "rolled-back",
+                    (true, _) => "rollback-failed",
+                    (false, Outcome::Succeeded) => "succeeded",
+                    (false, Outcome::Failed) => "failed",
+                    (false, Outcome::Cancelled) => "cancelled",
+                };
+            }
+            _ => {}
+        }
+    }
+    status.to_owned()
+}
+
 /// A viaduct error as a conduit error.
 pub fn viaduct_err(e: fluidcloud_viaduct::Error) -> crate::Error {
     crate::Error::Site {
@@ -139,29 +167,13 @@ pub fn build(
         error: Option<String>,
     }
     let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
-    let mut status: Option<String> = None;
-    let mut rolled_back_run = false;
+    let status = status(entries);
     let (mut first, mut last) = (None::<i64>, None::<i64>);
     for e in entries {
         first = Some(first.map_or(e.at_ms, |f: i64| f.min(e.at_ms)));
         last = Some(last.map_or(e.at_ms, |l: i64| l.max(e.at_ms)));
         match &e.record {
-            Record::RunStarted { mode, .. } => {
-                rolled_back_run = matches!(mode, fluidcloud_viaduct::journal::RunMode::Rollback);
-                status = Some("running".into());
-            }
-            Record::RunFinished { outcome } => {
-                status = Some(
-                    match (rolled_back_run, outcome) {
-                        (true, Outcome::Succeeded) => "rolled-back",
-                        (true, _) => "rollback-failed",
-                        (false, Outcome::Succeeded) => "succeeded",
-                        (false, Outcome::Failed) => "failed",
-                        (false, Outcome::Cancelled) => "cancelled",
-                    }
-                    .into(),
-                );
-            }
+            Record::RunStarted { .. } | Record::RunFinished { .. } => {}
             Record::Transition {
                 step,
                 to,
@@ -187,11 +199,6 @@ pub fn build(
             }
             Record::CancelRequested { .. } => {}
         }
-    }
-    if status.as_deref() == Some("running") {
-        // No run-finished after the last run-started: the process died
-        // (or is still running; callers that know better say so).
-        status = Some("interrupted".into());
     }
     let mut steps = Vec::new();
     let (mut read, mut written) = (0, 0);
@@ -274,7 +281,7 @@ pub fn build(
         service: r.service.clone(),
         from: r.from.clone(),
         targets: r.targets(),
-        status: status.unwrap_or_else(|| "planned".into()),
+        status,
         seconds: match (first, last) {
             (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
             _ => 0.0,
@@ -286,5 +293,24 @@ pub fn build(
         steps,
         endpoint_map: r.endpoint_map.clone(),
         config,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Reports travel as JSON (`serve` → `--server` clients) and are
+    /// compared with the local ones: every figure must come back exact,
+    /// which serde_json's default float parser does not promise.
+    #[test]
+    fn throughputs_and_seconds_survive_a_json_round_trip_exactly() {
+        let mut x: f64 = 1.0;
+        for i in 1..20_000u64 {
+            x = (x * 1.618_033_988_749_895 + i as f64 / 7.0) % 3.0e9;
+            let rate = (i * 4_194_304) as f64 / (x / 1000.0 + 0.001);
+            for v in [x, rate, rate / 1e9, 1.0 / (i as f64)] {
+                let back: f64 = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+                assert_eq!(back.to_bits(), v.to_bits(), "{v:e} came back as {back:e}");
+            }
+        }
     }
 }

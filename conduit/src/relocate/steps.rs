@@ -119,10 +119,17 @@ impl Migrator for Provision {
         let existing = require_inventory_record(driver.as_ref(), &p.record.name).await?;
         match existing {
             Some(r) if same_definition(&r, &p.record) => {}
-            Some(_) => {
+            Some(r) => {
                 return Err(SdkError::Precondition(format!(
-                    "site {} already has an instance named {} that this relocation did not define",
-                    p.site, p.record.name
+                    "site {} already has an instance named {}, {}; it is not adopted",
+                    p.site,
+                    p.record.name,
+                    match &r.created_by {
+                        Some(other) if Some(other) != p.record.created_by.as_ref() =>
+                            format!("defined by relocation {other}"),
+                        Some(_) => "defined by this relocation with another definition".to_owned(),
+                        None => "defined by no relocation".to_owned(),
+                    }
                 )));
             }
             None => compute.define(&p.record).await?,
@@ -243,16 +250,51 @@ async fn boot_check(sites_file: &Path, b: &BootCheckPlan, ctx: &ExecContext) -> 
     })?;
     let (_, target) = open_site(sites_file, &b.site)?;
     let compute = require_compute(target.as_ref())?;
-    compute.start(&b.instance).await?;
+    // A throw-away copy boots, never the instance: its disks stay as the
+    // relocation wrote them, and no NIC of it is live next to the source.
+    let trial = compute.start_trial(&b.instance).await?;
     ctx.progress.message(&format!(
-        "{}: booting {} (waiting up to {} s for its console)",
+        "{}: booting a throw-away copy of {} on overlays, unplugged (waiting up to {} s for its console)",
         b.site, b.instance, b.timeout_s
     ));
+    let watched = watch_console(compute, &trial, &re, b, ctx).await;
+    let ended = compute.end_trial(&b.instance).await;
+    let got = watched?;
+    ended?;
+    // The source's own console, when it has one that matches, must agree.
+    let (_, source) = open_site(sites_file, &b.source_site)?;
+    if let Some(c) = source.compute() {
+        match c.console(&b.instance).await {
+            Ok(text) => {
+                if let Some(want) = console_match(&re, &text)
+                    && want != got
+                {
+                    return Err(SdkError::Precondition(format!(
+                        "instance {} at {} prints `{got}` on its console, the source at {} printed `{want}`: the relocated disk differs",
+                        b.instance, b.site, b.source_site
+                    )));
+                }
+            }
+            Err(SdkError::NotSupported { .. } | SdkError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads the console of `trial` until `re` matches; the match.
+async fn watch_console(
+    compute: &dyn crate::driver::Compute,
+    trial: &str,
+    re: &regex::Regex,
+    b: &BootCheckPlan,
+    ctx: &ExecContext,
+) -> SdkResult<String> {
     let started = std::time::Instant::now();
     let deadline = started + std::time::Duration::from_secs(b.timeout_s);
     let got = loop {
-        let text = compute.console(&b.instance).await?;
-        if let Some(m) = console_match(&re, &text) {
+        let text = compute.console(trial).await?;
+        if let Some(m) = console_match(re, &text) {
             break m;
         }
         if std::time::Instant::now() >= deadline {
@@ -283,24 +325,6 @@ async fn boot_check(sites_file: &Path, b: &BootCheckPlan, ctx: &ExecContext) -> 
         b.instance,
         started.elapsed().as_secs_f64()
     ));
-    // The source's own console, when it has one that matches, must agree.
-    let (_, source) = open_site(sites_file, &b.source_site)?;
-    if let Some(c) = source.compute() {
-        match c.console(&b.instance).await {
-            Ok(text) => {
-                if let Some(want) = console_match(&re, &text)
-                    && want != got
-                {
-                    return Err(SdkError::Precondition(format!(
-                        "instance {} at {} prints `{got}` on its console, the source at {} printed `{want}`: the relocated disk differs",
-                        b.instance, b.site, b.source_site
-                    )));
-                }
-            }
-            Err(SdkError::NotSupported { .. } | SdkError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
     Ok(got)
 }
 
@@ -471,11 +495,23 @@ struct StopParams {
     sites_file: PathBuf,
     site: String,
     instances: Vec<String>,
+    /// The relocation's records directory (absent in relocations planned
+    /// before it existed: then every listed instance counts as ours).
+    #[serde(default)]
+    record_dir: Option<PathBuf>,
 }
 
-/// `source-stop`: stops the source instances; rollback starts them again.
+/// `source-stop`: stops the source instances; rollback starts again the
+/// ones it stopped (never one that was already stopped: another
+/// relocation's stop is not ours to undo).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StopSource;
+
+/// Where `source-stop` records, before stopping anything, which instances
+/// were running.
+fn stop_record(dir: &Path) -> PathBuf {
+    dir.join("source-stop.json")
+}
 
 async fn set_states(
     sites_file: &Path,
@@ -519,12 +555,49 @@ impl Migrator for StopSource {
 
     async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: StopParams = params(request)?;
-        let pairs: Vec<(String, String)> = p
-            .instances
-            .iter()
-            .map(|i| (p.site.clone(), i.clone()))
-            .collect();
-        set_states(&p.sites_file, &pairs, InstanceState::Stopped).await?;
+        let (_, driver) = open_site(&p.sites_file, &p.site)?;
+        let compute = require_compute(driver.as_ref())?;
+        let Some(dir) = &p.record_dir else {
+            let pairs: Vec<(String, String)> = p
+                .instances
+                .iter()
+                .map(|i| (p.site.clone(), i.clone()))
+                .collect();
+            set_states(&p.sites_file, &pairs, InstanceState::Stopped).await?;
+            return Ok(StepOutput::default());
+        };
+        let record = stop_record(dir);
+        // Which ones this step stops: read back after a crash, so a resumed
+        // run keeps the first run's answer (by then they are all stopped).
+        let running: Vec<String> = match std::fs::read(&record) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SdkError::Corrupt {
+                what: format!("stop record {} ({e})", record.display()),
+                offset: 0,
+            })?,
+            Err(_) => {
+                let mut running = Vec::new();
+                for name in &p.instances {
+                    if require_inventory_record(driver.as_ref(), name)
+                        .await?
+                        .is_some()
+                        && compute.state(name).await? == InstanceState::Running
+                    {
+                        running.push(name.clone());
+                    }
+                }
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| SdkError::io(format!("creating {}", dir.display()), e))?;
+                super::store::write_atomic(
+                    &record,
+                    &serde_json::to_vec(&running).unwrap_or_default(),
+                )
+                .map_err(to_sdk)?;
+                running
+            }
+        };
+        for name in &running {
+            compute.stop(name).await?;
+        }
         Ok(StepOutput::default())
     }
 
@@ -535,11 +608,16 @@ impl Migrator for StopSource {
         _ctx: &ExecContext,
     ) -> SdkResult<()> {
         let p: StopParams = params(request)?;
-        let pairs: Vec<(String, String)> = p
-            .instances
-            .iter()
-            .map(|i| (p.site.clone(), i.clone()))
-            .collect();
+        // Only what this step stopped; no record, nothing stopped by us.
+        let stopped: Vec<String> = match &p.record_dir {
+            None => p.instances.clone(),
+            Some(dir) => match std::fs::read(stop_record(dir)) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(_) => Vec::new(),
+            },
+        };
+        let pairs: Vec<(String, String)> =
+            stopped.into_iter().map(|i| (p.site.clone(), i)).collect();
         set_states(&p.sites_file, &pairs, InstanceState::Running).await
     }
 }

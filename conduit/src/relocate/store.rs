@@ -55,6 +55,11 @@ impl Store {
         }
     }
 
+    /// The state directory (`STATE`): relocations, service locks.
+    pub fn state_dir(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
+    }
+
     /// The directory of relocation `id`.
     pub fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
@@ -99,6 +104,8 @@ impl Store {
     /// `NotFound` naming the id and the known ones; `Config` for a damaged
     /// record.
     pub fn load(&self, id: &str) -> Result<Relocation> {
+        // Ids come from command lines and URLs: never a path.
+        super::lock::check_name("relocation id", id)?;
         let path = self.dir(id).join("relocation.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,

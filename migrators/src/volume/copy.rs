@@ -53,8 +53,14 @@ pub struct VolumeCopyOptions {
     pub verify_all: bool,
     /// Recorded as the creator in the sidecar files when this run creates
     /// the target, and kept by later runs; a rollback deletes the target
-    /// only when it finds its own tag there. The migrator uses the step id.
+    /// only when it finds its own tag there. The migrator uses
+    /// `RELOCATION/STEP` (or the step id outside a relocation).
     pub owner: String,
+    /// When set, an existing target is taken over only if its creator tag
+    /// starts with this (`RELOCATION/`: the same relocation's pre-copy and
+    /// final delta share a target); a target another relocation created,
+    /// or one no copy of ours can vouch for, is refused, naming its owner.
+    pub adopt: Option<String>,
     /// Stop at the next chunk boundary when set; the work done so far is
     /// kept and the next run resumes from it.
     pub cancel: Option<CancelFlag>,
@@ -85,6 +91,7 @@ impl Default for VolumeCopyOptions {
             overwrite: false,
             verify_all: false,
             owner: String::new(),
+            adopt: None,
             cancel: None,
             source_format: None,
             backing: BackingPolicy::default(),
@@ -884,6 +891,11 @@ fn prepare_existing(
         l.header.created_by.clone()
     } else if let Some((_, s)) = stamp {
         s.created_by.clone()
+    } else if opts.adopt.is_some() && !opts.overwrite {
+        return Err(Error::InvalidArgument(format!(
+            "target {} exists and no copy of this relocation wrote it; it is not overwritten",
+            target.display()
+        )));
     } else if opts.overwrite || mpath.exists() {
         // A manifest that no longer describes the target (or cannot be
         // read) still says a volume copy wrote here: hash the target, but
@@ -897,6 +909,20 @@ fn prepare_existing(
             mpath.display()
         )));
     };
+    if let Some(prefix) = &opts.adopt
+        && !opts.overwrite
+        && !created_by
+            .as_deref()
+            .is_some_and(|c| c.starts_with(prefix.as_str()))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "target {} exists, created by {}; not overwritten (never adopt what another relocation made)",
+            target.display(),
+            created_by
+                .as_deref()
+                .map_or_else(|| "no relocation".to_owned(), |c| format!("`{c}`"))
+        )));
+    }
     let mut state = TargetState::default();
     let mut manifest_trusted = false;
     if let Some((m, s)) = stamp

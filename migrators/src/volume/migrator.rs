@@ -6,6 +6,8 @@
 //! optionally `chunk_size` (bytes, a power of two from 4 KiB to 64 MiB),
 //! `site` (the output artifact's site; the input's by default),
 //! `overwrite` (accept a pre-existing target no volume copy wrote),
+//! `relocation` (the relocation id: the creator tag becomes
+//! `RELOCATION/STEP`, and a target another relocation made is refused),
 //! `source_format` (how the input is read, as its site declares it: raw by
 //! default for a `volume`, the artifact's format for a `disk-image`; never
 //! probed) and `backing` (`{root, allow_dirs}`: where the input's backing
@@ -46,13 +48,14 @@ const IMAGES: [ImageFormat; 5] = [
 /// Planning assumes this copy speed (hashing, writing, reading back).
 const PLAN_BYTES_PER_SECOND: f64 = 500e6;
 /// Params the migrator knows.
-const PARAMS: [&str; 6] = [
+const PARAMS: [&str; 7] = [
     "output",
     "chunk_size",
     "site",
     "overwrite",
     "source_format",
     "backing",
+    "relocation",
 ];
 
 /// The `volume-copy` migrator. See the module docs.
@@ -184,6 +187,17 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
         (None, Some(ArtifactKind::DiskImage { format })) => Some(*format),
         (None, _) => Some(ImageFormat::Raw),
     };
+    match p.get("relocation").map(|v| v.as_str()) {
+        None => {}
+        Some(Some(r)) if !r.is_empty() && !r.contains('/') => {
+            opts.owner = format!("{r}/{}", request.step_id);
+            opts.adopt = Some(format!("{r}/"));
+        }
+        Some(_) => problems.push(
+            Diagnostic::error("`relocation` must be a relocation id (no `/`)")
+                .at_key("params.relocation"),
+        ),
+    }
     if let Some(v) = p.get("backing") {
         match serde_json::from_value(v.clone()) {
             Ok(b) => opts.backing = b,
@@ -308,9 +322,9 @@ impl Migrator for VolumeCopy {
     ) -> SdkResult<()> {
         let parsed = parse(request).map_err(SdkError::Invalid)?;
         let target = parsed.output;
-        let step = request.step_id.clone();
+        let owner = parsed.opts.owner.clone();
         blocking(move || {
-            let ours = super::created_by(&target)?.is_some_and(|tag| tag == step);
+            let ours = super::created_by(&target)?.is_some_and(|tag| tag == owner);
             if !ours {
                 // Not created by this step: another step's (or someone's)
                 // volume stays, with the sidecars that describe it.

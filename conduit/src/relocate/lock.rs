@@ -1,0 +1,185 @@
+//! One relocation per service at a time.
+//!
+//! Two relocations of one service would stop each other's source, write
+//! each other's targets and roll back each other's work. So a relocation
+//! runs only while it holds the lock of its service at its source site:
+//! an exclusive `flock` on `STATE/locks/SITE/SERVICE.lock`, shared by every
+//! process using that state directory (the CLI and `fluidcloud serve`
+//! alike), released by the kernel when the holder dies. The file names the
+//! holder, so a refusal says which relocation runs.
+//!
+//! Before a *new* relocation starts, earlier ones of the same service from
+//! the same site are looked at too: one that is unfinished (interrupted,
+//! failed, cancelled) or that succeeded (its source is stopped) refuses the
+//! new one unless `force`: resume it, roll it back, or relocate back from
+//! its target instead.
+
+use std::fs::File;
+use std::io::{Read as _, Seek as _, Write as _};
+use std::os::fd::AsRawFd as _;
+use std::path::PathBuf;
+
+use fluidcloud_plugins::Error as SdkError;
+
+use super::store::Store;
+use crate::error::{Error, Result};
+
+/// A held service lock; released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct ServiceLock {
+    _file: File,
+    path: PathBuf,
+}
+
+fn precondition(msg: String) -> Error {
+    Error::Site {
+        site: "local state".into(),
+        source: SdkError::Precondition(msg),
+    }
+}
+
+/// Checks that `name` (a service, site or relocation id) can be part of a
+/// file name: ASCII letters, digits, `.`, `_`, `-`, not starting with `.`.
+///
+/// # Errors
+/// `Precondition` naming what `name` is and why it is refused.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(precondition(format!(
+            "{what} `{name}` is not a valid name (letters, digits, `.`, `_`, `-`; no path separators, no leading `.`)"
+        )))
+    }
+}
+
+impl ServiceLock {
+    /// Takes the lock of `service` at site `from` for relocation `id`,
+    /// without waiting.
+    ///
+    /// # Errors
+    /// `Precondition` naming the relocation that holds it; I/O errors.
+    pub fn acquire(store: &Store, from: &str, service: &str, id: &str) -> Result<Self> {
+        check_name("site", from)?;
+        check_name("service", service)?;
+        check_name("relocation id", id)?;
+        let dir = store.state_dir().join("locks").join(from);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let path = dir.join(format!("{service}.lock"));
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        // SAFETY: flock on a descriptor `file` owns; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            if holder == id {
+                return Err(precondition(format!(
+                    "relocation {id} is running already (in another process)"
+                )));
+            }
+            return Err(precondition(format!(
+                "service {service} on site {from} is being relocated by {} right now; wait for it to end, or cancel it",
+                if holder.is_empty() {
+                    "another relocation"
+                } else {
+                    holder
+                }
+            )));
+        }
+        file.set_len(0).map_err(|e| io(&path, e))?;
+        file.rewind().map_err(|e| io(&path, e))?;
+        file.write_all(format!("{id}\n").as_bytes())
+            .map_err(|e| io(&path, e))?;
+        Ok(Self { _file: file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+    Error::Site {
+        site: "local state".into(),
+        source: SdkError::io(format!("service lock {}", path.display()), e),
+    }
+}
+
+/// What an earlier relocation of the same service left: refuses a new one
+/// unless `force`.
+///
+/// # Errors
+/// `Precondition` naming the earlier relocation, its status and what to do.
+pub fn check_earlier(store: &Store, from: &str, service: &str, force: bool) -> Result<()> {
+    for id in store.list()? {
+        let r = store.load(&id)?;
+        if r.from != from || r.service != service {
+            continue;
+        }
+        let status = super::report::status(&super::report::entries(&store.journal(&id))?);
+        let why = match status.as_str() {
+            "rolled-back" | "planned" => continue,
+            "succeeded" => format!(
+                "relocation {id} already moved {service} from {from} to {} and stopped its source; relocate it back from there, or pass --force to relocate the stopped source again",
+                r.targets().join(", ")
+            ),
+            other => format!(
+                "relocation {id} of {service} from {from} is unfinished ({other}); resume it (fluidcloud resume {id}) or roll it back (fluidcloud rollback {id}), or pass --force"
+            ),
+        };
+        if !force {
+            return Err(precondition(why));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to start when a disk the relocation would write already exists
+/// at its target and was not made by this relocation (another relocation's
+/// live target, or a file no relocation made): nothing is written then.
+///
+/// # Errors
+/// `Precondition` naming the path and its owner.
+pub fn check_outputs(r: &super::Relocation) -> Result<()> {
+    for step in &r.workflow.steps {
+        let Some(out) = step.params.get("output").and_then(|v| v.as_str()) else {
+            continue;
+        };
+        let out = std::path::Path::new(out);
+        if !out.exists() {
+            continue;
+        }
+        let owner = match step.migrator.as_str() {
+            "image-convert" => fluidcloud_migrators::owner::read(out),
+            "volume-copy" => fluidcloud_migrators::volume::created_by(out),
+            _ => continue,
+        }
+        .map_err(|e| precondition(e.to_string()))?;
+        let ours = owner
+            .as_deref()
+            .is_some_and(|o| o.starts_with(&format!("{}/", r.id)));
+        if !ours {
+            return Err(precondition(format!(
+                "site {} already holds {}, {}; relocate to another site, or roll that relocation back first",
+                step.site,
+                out.display(),
+                fluidcloud_migrators::owner::describe(owner.as_deref())
+            )));
+        }
+    }
+    Ok(())
+}
