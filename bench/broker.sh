@@ -28,7 +28,7 @@ work=$(mktemp -d)
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 ./target/release/fluidcloud --json demo init "$work/demo" >/dev/null
 export FLUIDCLOUD_TOKEN=bench-token
-./target/release/fluidcloud --config "$work/demo/fluidcloud.toml" serve --listen 127.0.0.1:0 >"$work/serve.out" 2>/dev/null &
+./target/release/fluidcloud --config "$work/demo/fluidcloud.toml" serve --plain-http --listen 127.0.0.1:0 >"$work/serve.out" 2>/dev/null &
 server=$!
 for _ in $(seq 50); do grep -q listening "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 url=$(sed -n 's/^listening on //p' "$work/serve.out")

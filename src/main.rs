@@ -5,8 +5,10 @@
 //! chain of causes, and map to documented exit codes (see [`exit_code`] and
 //! `docs/cli.md`). `anyhow` lives only here, at the edge.
 
-mod commands;
+// First, so that its `outln!` and `out!` macros are seen by the others.
+#[macro_use]
 mod output;
+mod commands;
 mod remote;
 
 use std::path::PathBuf;
@@ -32,6 +34,20 @@ struct Cli {
     /// rollback, report); the token comes from $FLUIDCLOUD_TOKEN.
     #[arg(long, global = true, value_name = "URL", env = "FLUIDCLOUD_SERVER")]
     server: Option<String>,
+    /// With an https:// --server: trust its certificate when this CA
+    /// certificate (PEM) issued it, instead of the system's roots.
+    #[arg(long, global = true, value_name = "FILE")]
+    server_ca: Option<PathBuf>,
+    /// With an https:// --server: accept only the certificate with this
+    /// SHA-256 fingerprint (as `serve` prints it), whatever its names and
+    /// issuer; for the self-signed certificate `serve` generates.
+    #[arg(
+        long,
+        global = true,
+        value_name = "sha256:HEX",
+        env = "FLUIDCLOUD_SERVER_FINGERPRINT"
+    )]
+    server_fingerprint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,6 +104,8 @@ pub(crate) struct Globals {
     pub(crate) json: bool,
     /// `--server URL`: the service to ask instead of the local sites file.
     pub(crate) server: Option<String>,
+    /// `--server-ca`, `--server-fingerprint`: how to trust it.
+    pub(crate) trust: remote::Trust,
 }
 
 impl Globals {
@@ -96,7 +114,7 @@ impl Globals {
         self.server
             .as_deref()
             .filter(|s| !s.trim().is_empty())
-            .map(remote::Remote::new)
+            .map(|url| remote::Remote::new(url, &self.trust))
             .transpose()
     }
 
@@ -122,6 +140,10 @@ fn main() -> ExitCode {
         config: cli.config,
         json: cli.json,
         server: cli.server,
+        trust: remote::Trust {
+            ca: cli.server_ca,
+            fingerprint: cli.server_fingerprint,
+        },
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -164,6 +186,8 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout stopped early (`| head`): not a failure.
+        Err(e) if e.chain().any(|c| c.is::<output::StdoutClosed>()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);
             report(&e, code, globals.json);
@@ -244,6 +268,7 @@ fn init_logging(verbose: u8) {
 /// | 7 | a precondition does not hold (target exists, instance running, ...) |
 /// | 8 | corrupt data (disk image, journal) |
 /// | 9 | no placement satisfies the constraints (the message names a minimal conflicting set) |
+/// | 10 | refused for safety: permission denied, an unsafe image reference, a server certificate not trusted or not the pinned one, a private key others may read |
 fn exit_code(e: &anyhow::Error) -> u8 {
     use fluidcloud_conduit::Error as C;
     use fluidcloud_plugins::Error as S;
@@ -271,6 +296,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if let Some(s) = cause.downcast_ref::<S>() {
             return sdk(s);
+        }
+        if let Some(t) = cause.downcast_ref::<fluidcloud_broker::tls::TlsError>() {
+            use fluidcloud_broker::tls::TlsError as T;
+            return match t {
+                T::Name { .. } | T::Fingerprint { .. } => 2,
+                T::Invalid { .. } => 3,
+                T::Insecure { .. } => 10,
+                T::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => 10,
+                _ => 1,
+            };
         }
         if let Some(b) = cause.downcast_ref::<fluidcloud_broker::Error>() {
             return match b {

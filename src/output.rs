@@ -1,6 +1,65 @@
-//! Formatting for people: sizes, tables, and the error report.
+//! Formatting for people: sizes, tables, and the error report; and the
+//! one way commands write to stdout.
+//!
+//! Commands print through [`outln!`] and [`out!`], never `println!`: a
+//! reader that stops early (`fluidcloud status --json | head -3`) closes
+//! the pipe, and `println!` then panics with a backtrace hint on stderr.
+//! These return [`StdoutClosed`] instead, which stops the command like any
+//! error, and `main` ends the process quietly with exit 0, as ripgrep
+//! does: the reader had what it wanted. A write error of another kind
+//! (a full disk behind a redirection) stays an error.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+
+/// The reader of stdout went away.
+#[derive(Debug)]
+pub(crate) struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed by its reader")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes `args` (and a newline) to stdout; see the module docs.
+///
+/// # Errors
+/// [`StdoutClosed`] on a closed pipe; other write errors as they are.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| {
+        if newline {
+            out.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
+}
+
+/// `println!` that returns an error instead of panicking; use with `?`.
+macro_rules! outln {
+    () => {
+        $crate::output::write_stdout(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` that returns an error instead of panicking; use with `?`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*), false)
+    };
+}
 
 /// Bytes in binary units with three significant digits: `1.00 GiB`, `512 KiB`.
 pub(crate) fn bytes(n: u64) -> String {

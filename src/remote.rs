@@ -5,9 +5,20 @@
 //! are one line: an unreachable service names its URL, a 401 says whether
 //! the token is missing or wrong, and a problem document shows its detail
 //! and the offending fields.
+//!
+//! Every request carries the bearer token, so the transport must keep it
+//! secret: `https://` is verified against the system's roots, a given CA
+//! (`--server-ca`), or a pinned certificate fingerprint
+//! (`--server-fingerprint`, for the self-signed certificate `serve`
+//! generates; see `fluidcloud_broker::tls`). A refused certificate is exit
+//! 10 with the fingerprint seen (and the one expected). Plain `http://` is
+//! accepted only to a loopback address, where no network carries it.
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, anyhow};
 use fluidcloud_broker::rest::Problem;
+use fluidcloud_broker::tls::{self, ClientTls, Fingerprint, Rejection};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -16,11 +27,38 @@ use crate::ExitWith;
 /// Environment variable holding the bearer token.
 pub(crate) const TOKEN_ENV: &str = "FLUIDCLOUD_TOKEN";
 
+/// Environment variable holding the pinned fingerprint of the service's
+/// certificate (`--server-fingerprint`).
+pub(crate) const FINGERPRINT_ENV: &str = "FLUIDCLOUD_SERVER_FINGERPRINT";
+
+/// How to trust the service's certificate.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Trust {
+    /// `--server-ca FILE`: a CA certificate instead of the system's roots.
+    pub(crate) ca: Option<PathBuf>,
+    /// `--server-fingerprint sha256:HEX`: only this certificate.
+    pub(crate) fingerprint: Option<String>,
+}
+
 /// A remote service.
 pub(crate) struct Remote {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// `None` for plain HTTP.
+    tls: Option<ClientTls>,
+}
+
+/// Whether `url`'s host is this machine's loopback interface.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>()
+        .map_or(host.eq_ignore_ascii_case("localhost"), |ip| {
+            ip.to_canonical().is_loopback()
+        })
 }
 
 /// One server-sent event.
@@ -31,35 +69,76 @@ pub(crate) struct SseEvent {
 }
 
 impl Remote {
-    /// The service at `url`, with the token of `$FLUIDCLOUD_TOKEN`.
+    /// The service at `url`, with the token of `$FLUIDCLOUD_TOKEN`,
+    /// trusting its certificate as `trust` says.
     ///
     /// # Errors
-    /// A URL that is not `http://` or `https://`.
-    pub(crate) fn new(url: &str) -> Result<Self> {
+    /// Exit 2 for a URL that is not `https://`, or `http://` to a loopback
+    /// address, for an invalid fingerprint, and for trust options that do
+    /// not apply; the CA file's errors.
+    pub(crate) fn new(url: &str, trust: &Trust) -> Result<Self> {
         let base = url.trim_end_matches('/').to_owned();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!(ExitWith(
-                2,
-                format!("--server `{url}` is not an http:// or https:// URL")
-            ));
-        }
-        if base.starts_with("https://") {
-            bail!(ExitWith(
-                2,
-                format!(
-                    "--server `{url}`: this build speaks plain HTTP only; put the service behind a local tunnel or use http://"
-                )
-            ));
-        }
+        let usage = |msg: String| anyhow!(ExitWith(2, msg));
+        let parsed = reqwest::Url::parse(&base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                usage(format!(
+                    "--server `{url}` is not an https:// or http:// URL"
+                ))
+            })?;
+        let pin = trust
+            .fingerprint
+            .as_deref()
+            .filter(|f| !f.trim().is_empty())
+            .map(|f| {
+                f.parse::<Fingerprint>().map_err(|e| {
+                    usage(format!("--server-fingerprint (or ${FINGERPRINT_ENV}): {e}"))
+                })
+            })
+            .transpose()?;
+        let tls = if parsed.scheme() == "https" {
+            Some(match (pin, &trust.ca) {
+                (Some(_), Some(_)) => {
+                    return Err(usage(format!(
+                        "--server `{url}`: give --server-ca or --server-fingerprint (${FINGERPRINT_ENV}), not both"
+                    )));
+                }
+                (Some(pin), None) => tls::pinned_client_config(pin)?,
+                (None, ca) => tls::client_config(ca.as_deref())?,
+            })
+        } else {
+            if !is_loopback(&parsed) {
+                return Err(usage(format!(
+                    "--server `{url}`: plain http:// is only allowed to a loopback address, since the token would cross the network in clear; use https://"
+                )));
+            }
+            if pin.is_some() || trust.ca.is_some() {
+                return Err(usage(format!(
+                    "--server `{url}`: --server-ca and --server-fingerprint (${FINGERPRINT_ENV}) apply to https:// only"
+                )));
+            }
+            None
+        };
         let token = std::env::var(TOKEN_ENV)
             .ok()
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty());
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .context("cannot build the HTTP client")?;
-        Ok(Self { base, token, http })
+            // The service never redirects; following one could carry the
+            // token somewhere else.
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(t) = &tls {
+            builder = builder.use_preconfigured_tls(t.config.clone());
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
+        Ok(Self {
+            base,
+            token,
+            http,
+            tls,
+        })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -79,10 +158,34 @@ impl Remote {
     }
 
     fn transport(&self, e: reqwest::Error, what: &str) -> anyhow::Error {
+        match self.tls.as_ref().and_then(ClientTls::rejection) {
+            Some(r @ Rejection::Mismatch { .. }) => {
+                return anyhow!(ExitWith(
+                    10,
+                    format!(
+                        "{what}: {}: {r} (--server-fingerprint); if the service's certificate was replaced on purpose, pin the fingerprint it prints now",
+                        self.base
+                    )
+                ));
+            }
+            Some(r) => {
+                return anyhow!(ExitWith(
+                    10,
+                    format!(
+                        "{what}: {}: {r}; pass --server-ca FILE, or check the fingerprint against the one `fluidcloud serve` printed and pin it with --server-fingerprint",
+                        self.base
+                    )
+                ));
+            }
+            None => {}
+        }
         let why = if e.is_connect() {
             "cannot connect (is `fluidcloud serve` running there?)"
         } else if e.is_timeout() {
             "timed out"
+        } else if self.tls.is_none() {
+            // A plain request to an HTTPS port gets a TLS record back.
+            "the request failed (`fluidcloud serve` speaks HTTPS unless started with --plain-http: try https://)"
         } else {
             "the request failed"
         };

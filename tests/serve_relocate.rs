@@ -4,9 +4,12 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -30,6 +33,7 @@ fn fresh(name: &str) -> (PathBuf, String) {
 struct Server {
     child: Child,
     url: String,
+    fingerprint: String,
 }
 
 impl Drop for Server {
@@ -47,26 +51,84 @@ impl Server {
     }
 }
 
+/// The fingerprint each service printed, by URL: what clients pin.
+fn pins() -> &'static Mutex<HashMap<String, String>> {
+    static PINS: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    PINS.get_or_init(Default::default)
+}
+
+/// A client of the service at `url` (pinning its certificate), from the
+/// loopback address `from`.
+fn client_from(url: &str, from: IpAddr) -> reqwest::Client {
+    let pin = pins().lock().unwrap()[url].parse().unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(
+            fluidcloud_broker::tls::pinned_client_config(pin)
+                .unwrap()
+                .config,
+        )
+        .local_address(from)
+        .build()
+        .unwrap()
+}
+
+fn client(url: &str) -> reqwest::Client {
+    client_from(url, [127, 0, 0, 1].into())
+}
+
 fn serve(config: &str) -> Server {
+    serve_with(config, &[])
+}
+
+/// `serve` over HTTPS with its generated certificate, and `extra` arguments.
+fn serve_with(config: &str, extra: &[&str]) -> Server {
+    serve_logged(config, extra, &[], None)
+}
+
+/// `serve_with`, with `env` added to its environment and its stderr (the
+/// log) written to `log`.
+fn serve_logged(config: &str, extra: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Server {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args(["--config", config, "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--config",
+            config,
+            "--json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
         .env("FLUIDCLOUD_TOKEN", TOKEN)
         .env_remove("FLUIDCLOUD_SERVER")
         .env_remove("FLUIDCLOUD_STATE_DIR")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_owned();
-    Server { child, url }
+    let doc: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected first line: {line:?}"));
+    let url = doc["listening"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("https://"), "{doc}");
+    let fingerprint = doc["fingerprint"].as_str().unwrap().to_owned();
+    pins()
+        .lock()
+        .unwrap()
+        .insert(url.clone(), fingerprint.clone());
+    Server {
+        child,
+        url,
+        fingerprint,
+    }
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -84,7 +146,7 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, reqwest::header::HeaderMap, Value) {
-    let c = reqwest::Client::new();
+    let c = client(url);
     let mut r = c.request(method.parse().unwrap(), format!("{url}{path}"));
     if let Some(t) = token {
         r = r.bearer_auth(t);
@@ -103,7 +165,7 @@ async fn call(
 /// Every server-sent event of `/relocations/{id}/events`, to the stream's
 /// end: (name, data).
 async fn events(url: &str, id: &str) -> Vec<(String, Value)> {
-    let mut resp = reqwest::Client::new()
+    let mut resp = client(url)
         .get(format!("{url}/relocations/{id}/events"))
         .bearer_auth(TOKEN)
         .send()
@@ -515,15 +577,30 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
     });
 }
 
+/// The CLI with `--server URL` pinning the certificate the service printed.
 fn remote(url: &str, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let pin = pins().lock().unwrap()[url].clone();
+    remote_pinned(url, token, Some(&pin), args)
+}
+
+fn remote_pinned(
+    url: &str,
+    token: Option<&str>,
+    pin: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluidcloud"));
     cmd.args(args)
         .current_dir(env!("CARGO_TARGET_TMPDIR"))
         .env("FLUIDCLOUD_SERVER", url)
         .env_remove("FLUIDCLOUD_CONFIG")
-        .env_remove("FLUIDCLOUD_TOKEN");
+        .env_remove("FLUIDCLOUD_TOKEN")
+        .env_remove("FLUIDCLOUD_SERVER_FINGERPRINT");
     if let Some(t) = token {
         cmd.env("FLUIDCLOUD_TOKEN", t);
+    }
+    if let Some(p) = pin {
+        cmd.env("FLUIDCLOUD_SERVER_FINGERPRINT", p);
     }
     cmd.output().unwrap()
 }
@@ -656,4 +733,324 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
     let err = fails(&remote(url, t, &["sites", "list"]), 1);
     assert!(err.contains(url) && err.contains("cannot connect"), "{err}");
     assert_eq!(stdout(&remote(url, t, &["sites", "list"])), "");
+}
+
+/// `fingerprint` with its last hex digit changed.
+fn other_fingerprint(fingerprint: &str) -> String {
+    let (head, last) = fingerprint.split_at(fingerprint.len() - 1);
+    format!("{head}{}", if last == "0" { "1" } else { "0" })
+}
+
+#[test]
+fn the_cli_trusts_the_service_by_pin_or_ca_and_refuses_any_other_certificate() {
+    // Nothing here may start a relocation: the shared demo will do.
+    let server = serve(&common::demo_config());
+    let url = server.url.as_str();
+    let t = Some(TOKEN);
+    let sites = ok(&remote(url, t, &["sites", "list"]));
+    assert!(sites.contains("dc-paris"), "{sites}");
+
+    // A pin that is not the certificate's: one line naming both and the URL.
+    let wrong = other_fingerprint(&server.fingerprint);
+    let out = remote_pinned(url, t, Some(&wrong), &["sites", "list"]);
+    let err = fails(&out, 10);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&wrong) && err.contains(&server.fingerprint) && err.contains(url),
+        "{err}"
+    );
+    assert_eq!(stdout(&out), "");
+
+    // No pin: the system's roots do not know a self-signed certificate,
+    // with the CA bundle variables of this machine or without them.
+    for keep_ca_env in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluidcloud"));
+        cmd.args(["--server", url, "sites", "list"])
+            .env("FLUIDCLOUD_TOKEN", TOKEN)
+            .env_remove("FLUIDCLOUD_SERVER_FINGERPRINT");
+        if !keep_ca_env {
+            cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+        }
+        let err = fails(&cmd.output().unwrap(), 10);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("not trusted")
+                && err.contains(&server.fingerprint)
+                && err.contains(url)
+                && err.contains("--server-fingerprint"),
+            "{err}"
+        );
+    }
+
+    // The generated certificate as the CA: names checked, and they fit.
+    let cert = common::demo().join(".fluidcloud/tls/cert.pem");
+    let cert = cert.to_str().unwrap();
+    let sites = ok(&remote_pinned(
+        url,
+        t,
+        None,
+        &["--server-ca", cert, "sites", "list"],
+    ));
+    assert!(sites.contains("dc-paris"), "{sites}");
+    // ... and as the system's roots, through $SSL_CERT_FILE.
+    let out = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args(["--server", url, "sites", "list"])
+        .env("FLUIDCLOUD_TOKEN", TOKEN)
+        .env("SSL_CERT_FILE", cert)
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("FLUIDCLOUD_SERVER_FINGERPRINT")
+        .output()
+        .unwrap();
+    assert!(ok(&out).contains("dc-paris"));
+
+    // Options that cannot work are refused before any request.
+    let pin = server.fingerprint.as_str();
+    let err = fails(
+        &remote_pinned(url, t, Some(pin), &["--server-ca", cert, "sites", "list"]),
+        2,
+    );
+    assert!(err.contains("not both"), "{err}");
+    let err = fails(
+        &remote_pinned(url, t, Some("sha256:abc"), &["sites", "list"]),
+        2,
+    );
+    assert!(
+        err.contains("sha256:abc") && err.contains("64 hex digits"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plain_http_reaches_only_a_service_on_loopback() {
+    for url in ["http://fluidcloud.invalid:8640", "http://0.0.0.0:8640"] {
+        let out = remote_pinned(url, Some(TOKEN), None, &["sites", "list"]);
+        let err = fails(&out, 2);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(url) && err.contains("loopback") && err.contains("https://"),
+            "{err}"
+        );
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args([
+            "--config",
+            &common::demo_config(),
+            "serve",
+            "--plain-http",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("FLUIDCLOUD_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let out = remote_pinned(&url, Some(TOKEN), None, &["sites", "list"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok(&out).contains("dc-paris"));
+    let localhost = url.replace("127.0.0.1", "localhost");
+    let pin = format!("sha256:{}", "ab".repeat(32));
+    let err = fails(
+        &remote_pinned(&localhost, Some(TOKEN), Some(&pin), &["sites", "list"]),
+        2,
+    );
+    assert!(err.contains("apply to https:// only"), "{err}");
+}
+
+#[test]
+fn event_streams_over_the_limits_get_429_with_retry_after() {
+    let (dir, config) = fresh("streams");
+    random_file(
+        &site(&dir, "dc-paris").join("volumes/db-data.raw"),
+        512 * MIB,
+    );
+    let server = serve_with(
+        &config,
+        &["--max-streams-per-client", "1", "--max-streams", "2"],
+    );
+    rt().block_on(async {
+        let url = server.url.as_str();
+        let id = start(
+            url,
+            json!({ "from": "dc-paris", "service": "shop", "to": "edge-nantes" }),
+        )
+        .await;
+        wait_for_chunks(url, &id, &dir, "edge-nantes", 8).await;
+        let path = format!("{url}/relocations/{id}/events");
+        let open = |from: [u8; 4]| {
+            let c = client_from(url, from.into());
+            let path = path.clone();
+            async move { c.get(path).bearer_auth(TOKEN).send().await.unwrap() }
+        };
+        let first = open([127, 0, 0, 1]).await;
+        assert_eq!(first.status(), 200);
+        // The same client again: over its limit.
+        let again = open([127, 0, 0, 1]).await;
+        assert_eq!(again.status(), 429);
+        assert_eq!(again.headers()["retry-after"], "5");
+        assert_eq!(again.headers()["content-type"], "application/problem+json");
+        let p: Value = again.json().await.unwrap();
+        assert!(
+            p["detail"].as_str().unwrap().contains("from 127.0.0.1"),
+            "{p:#}"
+        );
+        // Another client: served, up to the service's total.
+        let second = open([127, 0, 0, 2]).await;
+        assert_eq!(second.status(), 200);
+        let third = open([127, 0, 0, 3]).await;
+        assert_eq!(third.status(), 429);
+        let p: Value = third.json().await.unwrap();
+        assert!(
+            p["detail"].as_str().unwrap().contains("on this service"),
+            "{p:#}"
+        );
+        // A stream given up frees its place (the service notices at its
+        // next event; the copy sends progress often).
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = open([127, 0, 0, 1]).await;
+            if r.status() == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still {}", r.status());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(second);
+        // Done with it (409 if it finished meanwhile).
+        let (status, _, _) = call(
+            url,
+            "POST",
+            &format!("/relocations/{id}/cancel"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert!(status == 200 || status == 409, "{status}");
+    });
+}
+
+/// Values that must leave the service in no event, answer or log line.
+const URL_PASSWORD: &str = "UrlPassw0rd-5c1e";
+const YAML_PASSWORD: &str = "YamlPassw0rd-0b7a";
+const CREDENTIAL_VALUE: &str = "CredentialValue-77d3";
+
+#[test]
+fn a_relocation_through_the_service_shows_no_password_in_events_answers_or_its_log() {
+    let (dir, config) = fresh("secrets");
+    let app = site(&dir, "dc-paris").join("config/shop/app");
+    // A URL password, a password key, and (under an innocent key) the
+    // value of a variable the sites file names as a credential: all in
+    // lines the relocation rewrites or shows around a rewrite.
+    let env = std::fs::read_to_string(app.join(".env")).unwrap().replace(
+        "postgres://shop@db",
+        &format!("postgres://shop:{URL_PASSWORD}@db"),
+    ) + &format!("MEDIA_ID={CREDENTIAL_VALUE}\n");
+    assert!(env.contains(URL_PASSWORD), "{env}");
+    std::fs::write(app.join(".env"), env).unwrap();
+    let yaml = std::fs::read_to_string(app.join("app.yaml"))
+        .unwrap()
+        .replace(
+            "  name: shop\n",
+            &format!("  name: shop\n  password: {YAML_PASSWORD}\n"),
+        );
+    assert!(yaml.contains(YAML_PASSWORD), "{yaml}");
+    std::fs::write(app.join("app.yaml"), yaml).unwrap();
+    let sites = std::fs::read_to_string(&config).unwrap().replace(
+        "[sites.edge-nantes]\n",
+        "[sites.edge-nantes]\ncredentials = { token_env = \"NANTES_TOKEN\" }\n",
+    );
+    std::fs::write(&config, sites).unwrap();
+
+    let log = dir.join("serve.log");
+    let server = serve_logged(
+        &config,
+        &[],
+        &[("NANTES_TOKEN", CREDENTIAL_VALUE), ("RUST_LOG", "debug")],
+        Some(&log),
+    );
+    let secrets = [URL_PASSWORD, YAML_PASSWORD, CREDENTIAL_VALUE, TOKEN];
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let id = rt().block_on(async {
+        let url = server.url.as_str();
+        // Answers that quote what they were given: a problem document.
+        let bogus = format!("postgres://shop:{URL_PASSWORD}@db");
+        for body in [
+            json!({ "from": bogus, "service": "shop" }),
+            json!({ "from": "dc-paris", "service": "shop", "to": bogus }),
+        ] {
+            let (status, _, p) = call(url, "POST", "/relocations", Some(TOKEN), Some(body)).await;
+            assert_eq!(status, 422, "{p:#}");
+            seen.push(("problem document".into(), p.to_string()));
+        }
+        let path = format!("/sites/{}", bogus.replace('/', "%2F"));
+        let (status, _, p) = call(url, "GET", &path, Some(TOKEN), None).await;
+        assert_eq!(status, 404, "{p:#}");
+        seen.push(("problem document".into(), p.to_string()));
+
+        let id = start(
+            url,
+            json!({ "from": "dc-paris", "service": "shop", "to": "edge-nantes" }),
+        )
+        .await;
+        let ev = events(url, &id).await;
+        assert_eq!(names(&ev).last(), Some(&"end"), "{:?}", names(&ev));
+        assert_eq!(ev.last().unwrap().1["status"], "succeeded", "{ev:?}");
+        for (name, data) in &ev {
+            seen.push((format!("event {name}"), data.to_string()));
+        }
+        for path in [format!("/relocations/{id}"), "/relocations".to_owned()] {
+            let (status, _, v) = call(url, "GET", &path, Some(TOKEN), None).await;
+            assert_eq!(status, 200, "{v:#}");
+            seen.push((format!("GET {path}"), v.to_string()));
+        }
+        id
+    });
+    // The CLI through the service: what a person sees of the relocation.
+    for args in [
+        vec!["report", id.as_str()],
+        vec!["--json", "report", id.as_str()],
+        vec!["status", id.as_str()],
+    ] {
+        let out = remote(&server.url, Some(TOKEN), &args);
+        seen.push((format!("--server {args:?}"), ok(&out) + &stderr(&out)));
+    }
+    drop(server);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("DEBUG"),
+        "the log is not at debug level:\n{log_text}"
+    );
+    seen.push(("server log".into(), log_text));
+
+    for (what, text) in &seen {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows {s}:\n{text}");
+        }
+    }
+    // The relocation did rewrite the secret lines, and the report says so
+    // with the secret replaced: the test looked where secrets would be.
+    let report = &seen
+        .iter()
+        .find(|(w, _)| w.contains("\"report\""))
+        .unwrap()
+        .1;
+    assert!(
+        report.contains("-DATABASE_URL=postgres://shop:«redacted»@db.shop.paris.internal"),
+        "{report}"
+    );
+    let moved =
+        std::fs::read_to_string(site(&dir, "edge-nantes").join("config/shop/app/.env")).unwrap();
+    assert!(moved.contains(URL_PASSWORD), "{moved}");
 }

@@ -19,7 +19,8 @@
 //!
 //! The broker never touches a site: the conduit hands it facts, and its
 //! REST service runs relocations through an injected runner
-//! ([`runner::Relocations`]).
+//! ([`runner::Relocations`]). It speaks HTTPS through [`tls`], which holds
+//! the certificate handling every network service of fluidcloud shares.
 
 pub mod chain;
 pub mod constraint;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod placement;
 pub mod rest;
 pub mod runner;
+pub mod tls;
 
 pub use constraint::Constraint;
 pub use error::{Error, Result};

@@ -17,23 +17,48 @@
 //! | POST | `/relocations/{id}/resume` | continue an interrupted, cancelled or failed one |
 //! | POST | `/relocations/{id}/rollback` | undo it: clean the target, restart the source |
 //!
-//! Every other route needs `Authorization: Bearer TOKEN`; tokens are
-//! compared in constant time (SHA-256 digests compared with `subtle`).
-//! Bodies are limited in size, requests in time, and every error is an
-//! `application/problem+json` document (RFC 9457) whose `errors` name the
-//! offending field by JSON pointer.
+//! Every other route needs `Authorization: Bearer TOKEN` (the scheme in
+//! any case, as RFC 9110 says); tokens are compared in constant time
+//! (SHA-256 digests compared with `subtle`). Bodies are limited in size,
+//! requests in time, and every error is an `application/problem+json`
+//! document (RFC 9457) whose `errors` name the offending field by JSON
+//! pointer.
+//!
+//! Two guards sit in front of every route:
+//!
+//! - **Concurrency limits per client.** Requests going on at once from one
+//!   client, event streams open from one client, and event streams open in
+//!   all: past a limit the answer is 429 with `Retry-After`. An event
+//!   stream lasts as long as its relocation runs, so without the stream
+//!   limits a few clients could hold every task and socket of the service.
+//!   A client is its IP address; an IPv6 client is its /64, the block one
+//!   host is usually given, so rotating addresses gains nothing.
+//! - **The `Host` header when authentication is off.** A service without a
+//!   token listens on loopback only, but a web page the user opens can
+//!   still reach it by pointing a DNS name of its own at 127.0.0.1 (DNS
+//!   rebinding). The browser then sends that name as `Host`, so the
+//!   service answers only the `Host` values it was told are its own
+//!   ([`ServiceConfig::hosts`]) and refuses the others with 421. With a
+//!   token the page cannot authenticate, so the check is not needed.
+//!
+//! Transport security lives in [`crate::tls`]: [`serve`] is plain HTTP
+//! (which the binary allows on loopback only), [`crate::tls::serve_tls`]
+//! HTTPS; both give the handlers the client's address as [`ClientAddr`].
 //!
 //! The service holds no site drivers: the catalog is injected through the
 //! [`Catalog`] trait and relocations through [`Relocations`], so the broker
 //! never depends on the conduit.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -84,6 +109,17 @@ pub struct ServiceConfig {
     pub body_limit: usize,
     /// Longest a request may take.
     pub timeout: Duration,
+    /// `Host` values (name and port, as a client sends them) answered
+    /// when authentication is off; requests naming another host get 421.
+    /// Empty with no token: every request is refused. See
+    /// [`ServiceConfig::local_hosts`].
+    pub hosts: Vec<String>,
+    /// Requests going on at once from one client.
+    pub max_requests_per_client: usize,
+    /// Event streams open at once from one client.
+    pub max_streams_per_client: usize,
+    /// Event streams open at once in all.
+    pub max_streams: usize,
 }
 
 impl Default for ServiceConfig {
@@ -92,6 +128,137 @@ impl Default for ServiceConfig {
             token: None,
             body_limit: 4 << 20,
             timeout: Duration::from_secs(30),
+            hosts: Vec::new(),
+            max_requests_per_client: 32,
+            max_streams_per_client: 8,
+            max_streams: 64,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// The `Host` values of a service on `port` of this machine, also known
+    /// as `names`: `localhost`, `127.0.0.1` and `[::1]` with the port, and
+    /// each name with the port (without it too on the default ports 80 and
+    /// 443, where clients leave it out).
+    pub fn local_hosts(port: u16, names: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for n in ["localhost", "127.0.0.1", "[::1]"]
+            .into_iter()
+            .chain(names.iter().map(String::as_str))
+        {
+            let n = match n.parse::<Ipv6Addr>() {
+                Ok(v6) => format!("[{v6}]"),
+                Err(_) => n.to_ascii_lowercase(),
+            };
+            out.push(format!("{n}:{port}"));
+            if port == 80 || port == 443 {
+                out.push(n);
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// The client's address, as the listeners of [`serve`] and
+/// [`crate::tls::serve_tls`] give it to the handlers
+/// (`ConnectInfo<ClientAddr>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// The key a client is counted under: its IPv4 address, or the /64 of its
+/// IPv6 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Client(IpAddr);
+
+impl Client {
+    fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Self(IpAddr::V6(Ipv6Addr::from(prefix)))
+            }
+            v4 => Self(v4),
+        }
+    }
+}
+
+/// Things going on at once, per client and in all.
+#[derive(Debug)]
+struct Gauge {
+    per_client: usize,
+    total: usize,
+    counts: Mutex<(usize, HashMap<Client, usize>)>,
+}
+
+/// Which limit was reached.
+enum Over {
+    Client,
+    Total,
+}
+
+/// One unit of a [`Gauge`], given back when dropped.
+struct Permit {
+    gauge: Arc<Gauge>,
+    client: Client,
+}
+
+impl Gauge {
+    fn new(per_client: usize, total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_client,
+            total,
+            counts: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    fn acquire(self: &Arc<Self>, client: Client) -> Result<Permit, Over> {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, per) = &mut *c;
+        let mine = per.entry(client).or_insert(0);
+        if *mine >= self.per_client {
+            if *mine == 0 {
+                per.remove(&client);
+            }
+            return Err(Over::Client);
+        }
+        if *total >= self.total {
+            if *mine == 0 {
+                per.remove(&client);
+            }
+            return Err(Over::Total);
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Permit {
+            gauge: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut c = self
+            .gauge
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (total, per) = &mut *c;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.client);
+            }
         }
     }
 }
@@ -101,6 +268,74 @@ struct AppState {
     catalog: Arc<dyn Catalog>,
     relocations: Option<Arc<dyn Relocations>>,
     token_digest: Option<[u8; 32]>,
+    /// `Some` when authentication is off: the `Host` values answered.
+    hosts: Option<Arc<Vec<String>>>,
+    requests: Arc<Gauge>,
+    streams: Arc<Gauge>,
+}
+
+/// Seconds a client is told to wait after a 429 for requests.
+const RETRY_REQUESTS_SECS: u32 = 1;
+/// Seconds a client is told to wait after a 429 for event streams (they
+/// end when their relocation does, so a slot frees up less often).
+const RETRY_STREAMS_SECS: u32 = 5;
+
+fn too_many(kind: &str, detail: String, retry_after: u32) -> Response {
+    let mut resp = Problem::new(StatusCode::TOO_MANY_REQUESTS, kind, detail).into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    resp
+}
+
+/// Limits and the `Host` check, before anything else (see the module docs).
+async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<ClientAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.0.ip());
+    let client = Client::of(ip);
+    let _permit = match state.requests.acquire(client) {
+        Ok(p) => p,
+        Err(_) => {
+            return too_many(
+                "too-many-requests",
+                format!(
+                    "more than {} requests at once from {}",
+                    state.requests.per_client, client.0
+                ),
+                RETRY_REQUESTS_SECS,
+            );
+        }
+    };
+    if let Some(hosts) = &state.hosts {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
+        let known = host
+            .as_deref()
+            .is_some_and(|h| hosts.iter().any(|k| k.eq_ignore_ascii_case(h)));
+        if !known {
+            return Problem::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown-host",
+                format!(
+                    "this service runs without authentication and answers only for {}, not for Host `{}`",
+                    hosts.join(", "),
+                    host.as_deref().unwrap_or("")
+                ),
+            )
+            .into_response();
+        }
+    }
+    req.extensions_mut().insert(client);
+    next.run(req).await
 }
 
 /// One field-level problem in a problem document.
@@ -148,7 +383,12 @@ impl Problem {
 }
 
 impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+    fn into_response(mut self) -> Response {
+        // A field error quotes the value it refuses, which may be a URL
+        // with a password: redacted here, where every problem leaves.
+        for e in &mut self.errors {
+            e.detail = fluidcloud_plugins::redact::string(&e.detail);
+        }
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut resp = (status, body).into_response();
@@ -245,6 +485,16 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme is
+/// case-insensitive (RFC 9110, 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 async fn auth(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -257,8 +507,7 @@ async fn auth(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer);
     match given {
         Some(t) if bool::from(digest(t).ct_eq(&expected)) => next.run(req).await,
         Some(_) => Problem::new(
@@ -612,6 +861,7 @@ async fn resume_relocation(
 /// once the runner closes the run's channel (after it recorded the end).
 async fn relocation_events(
     State(s): State<AppState>,
+    Extension(client): Extension<Client>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     use axum::response::sse::{KeepAlive, Sse};
@@ -619,6 +869,24 @@ async fn relocation_events(
     use tokio::sync::broadcast::error::RecvError;
 
     let r = runner(&s)?.clone();
+    // Held by the stream, so given back when the client goes or the
+    // stream ends.
+    let permit = match s.streams.acquire(client) {
+        Ok(p) => p,
+        Err(over) => {
+            let detail = match over {
+                Over::Client => format!(
+                    "more than {} event streams open from {}",
+                    s.streams.per_client, client.0
+                ),
+                Over::Total => format!(
+                    "more than {} event streams open on this service",
+                    s.streams.total
+                ),
+            };
+            return Ok(too_many("too-many-streams", detail, RETRY_STREAMS_SECS));
+        }
+    };
     let watch = r.watch(&id).await.map_err(runner_problem)?;
     let json_event = |name: &str, v: &RelocationView| {
         redacted_event(name, &serde_json::to_value(v).unwrap_or_default())
@@ -655,7 +923,10 @@ async fn relocation_events(
             }
         },
     );
-    let stream = first.chain(rest).map(Ok::<_, std::convert::Infallible>);
+    let stream = first.chain(rest).map(move |e| {
+        let _held = &permit;
+        Ok::<_, std::convert::Infallible>(e)
+    });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -686,9 +957,20 @@ pub fn openapi() -> serde_json::Value {
 
     let json_ok = |s: &serde_json::Value| json!({ "description": "OK", "content": { "application/json": { "schema": s } } });
     let problem_of = |what: &str| json!({ "description": what, "content": { "application/problem+json": { "schema": problem } } });
+    // Every route is behind the guard (limits, Host check).
+    let guarded = [
+        (
+            "421",
+            "a Host this service does not answer for (only without authentication)",
+        ),
+        (
+            "429",
+            "too many requests (or event streams) at once; `Retry-After` says when to try again",
+        ),
+    ];
     let errors = |codes: &[(&str, &str)]| {
         let mut m = serde_json::Map::new();
-        for (code, what) in codes {
+        for (code, what) in guarded.iter().chain(codes) {
             m.insert((*code).to_owned(), problem_of(what));
         }
         m
@@ -830,6 +1112,12 @@ fn build(
         catalog,
         relocations,
         token_digest: config.token.as_deref().map(digest),
+        hosts: config
+            .token
+            .is_none()
+            .then(|| Arc::new(config.hosts.clone())),
+        requests: Gauge::new(config.max_requests_per_client, usize::MAX),
+        streams: Gauge::new(config.max_streams_per_client, config.max_streams),
     };
     let protected = Router::new()
         .route("/version", get(version))
@@ -854,10 +1142,14 @@ fn build(
             StatusCode::REQUEST_TIMEOUT,
             config.timeout,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `router` over plain HTTP on `listener` until `shutdown`
+/// completes; the handlers see the client's address as [`ClientAddr`].
+/// Over a network, use [`crate::tls::serve_tls`]: the bearer token would
+/// travel in clear.
 ///
 /// # Errors
 /// When the listener fails.
@@ -866,7 +1158,10 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<ClientAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

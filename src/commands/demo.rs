@@ -54,11 +54,11 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
             let config = dir.join("fluidcloud.toml");
             let fresh = !config.exists();
             if !g.json {
-                println!(
+                outln!(
                     "{} the demo environment in {}",
                     if fresh { "creating" } else { "resetting" },
                     dir.display()
-                );
+                )?;
             }
             // In JSON mode the one document printed is the report.
             init(
@@ -66,6 +66,7 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
                     config: None,
                     json: g.json,
                     server: None,
+                    trust: Default::default(),
                 },
                 dir.clone(),
                 !fresh,
@@ -76,6 +77,7 @@ pub(crate) async fn run(g: &Globals, args: DemoArgs) -> Result<()> {
                 config: Some(config),
                 json: g.json,
                 server: None,
+                trust: Default::default(),
             };
             super::relocate::relocate(
                 &inner,
@@ -115,39 +117,39 @@ async fn init(g: &Globals, dir: PathBuf, force: bool, print: bool) -> Result<()>
     if g.json {
         return print_json(&summary);
     }
-    println!("demo environment ready in {}", dir.display());
-    println!("  sites: {}", summary.sites.join(", "));
-    println!("  source {} runs the shop service:", demo::SOURCE_SITE);
+    outln!("demo environment ready in {}", dir.display())?;
+    outln!("  sites: {}", summary.sites.join(", "))?;
+    outln!("  source {} runs the shop service:", demo::SOURCE_SITE)?;
     for (name, size, data) in &summary.images {
-        println!(
+        outln!(
             "    image  {name:<22} {} virtual, {} of data",
             bytes(*size),
             bytes(*data)
-        );
+        )?;
     }
     for (name, size, data) in &summary.volumes {
-        println!(
+        outln!(
             "    volume {name:<22} {} virtual, {} of data",
             bytes(*size),
             bytes(*data)
-        );
+        )?;
     }
-    println!(
+    outln!(
         "    bucket {:<22} {} objects, {}",
         demo::MEDIA_BUCKET,
         summary.media_objects,
         bytes(summary.media_bytes)
-    );
-    println!("\nnext:");
-    println!(
+    )?;
+    outln!("\nnext:")?;
+    outln!(
         "  fluidcloud --config {} sites list",
         summary.config.display()
-    );
-    println!(
+    )?;
+    outln!(
         "  fluidcloud --config {} introspect {} --service {}",
         summary.config.display(),
         demo::SOURCE_SITE,
         demo::SERVICE
-    );
+    )?;
     Ok(())
 }

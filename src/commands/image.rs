@@ -294,55 +294,55 @@ fn info(json: bool, path: &Path, snapshot: Option<String>, how: &HowToOpen) -> R
     if json {
         return print_json(&doc);
     }
-    println!("image:          {}", doc.path);
-    println!("format:         {}", doc.format);
-    println!(
+    outln!("image:          {}", doc.path)?;
+    outln!("format:         {}", doc.format)?;
+    outln!(
         "virtual size:   {} ({} bytes)",
         bytes(doc.virtual_size),
         doc.virtual_size
-    );
-    println!("file size:      {}", bytes(doc.file_size));
-    println!("disk usage:     {}", bytes(doc.allocated_bytes));
-    println!(
+    )?;
+    outln!("file size:      {}", bytes(doc.file_size))?;
+    outln!("disk usage:     {}", bytes(doc.allocated_bytes))?;
+    outln!(
         "content:        {} data, {} zero, {} unallocated",
         bytes(data),
         bytes(zero),
         bytes(unalloc)
-    );
+    )?;
     if let Some(q) = doc.qcow2 {
-        println!("qcow2 version:  {}", q.version);
-        println!("cluster size:   {}", bytes(q.cluster_size));
-        println!("refcount bits:  {}", q.refcount_bits);
-        println!(
+        outln!("qcow2 version:  {}", q.version)?;
+        outln!("cluster size:   {}", bytes(q.cluster_size))?;
+        outln!("refcount bits:  {}", q.refcount_bits)?;
+        outln!(
             "compression:    {}",
             match q.compression {
                 Compression::Zlib => "zlib",
                 Compression::Zstd => "zstd",
             }
-        );
-        println!(
+        )?;
+        outln!(
             "extended L2:    {}",
             if q.extended_l2 { "yes" } else { "no" }
-        );
+        )?;
         if let Some(s) = &q.reading_snapshot {
-            println!("snapshot shown: {s}");
+            outln!("snapshot shown: {s}")?;
         }
         for s in &q.snapshots {
-            println!(
+            outln!(
                 "snapshot:       id {} `{}` ({})",
                 s.id,
                 s.name,
                 bytes(s.virtual_size)
-            );
+            )?;
         }
     }
     for (depth, entry) in doc.chain.iter().enumerate().skip(1) {
-        println!(
+        outln!(
             "backing {depth}:      {} ({}, {})",
             entry.path,
             entry.format,
             bytes(entry.virtual_size)
-        );
+        )?;
     }
     Ok(())
 }
@@ -446,7 +446,7 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
     if json {
         return print_json(&doc);
     }
-    println!(
+    outln!(
         "converted {} ({}) to {} ({}) in {:.2} s: {} virtual, {} read, {} file, {} on disk",
         doc.source,
         reader.format(),
@@ -457,7 +457,7 @@ fn convert(json: bool, a: ConvertArgs) -> Result<()> {
         bytes(doc.summary.bytes_read),
         bytes(doc.summary.file_size),
         bytes(doc.summary.allocated_bytes),
-    );
+    )?;
     Ok(())
 }
 
@@ -473,7 +473,7 @@ fn check(json: bool, path: &Path, how: &HowToOpen) -> Result<()> {
     if json {
         return print_json(&report);
     }
-    println!(
+    outln!(
         "No errors were found in {} ({}): {} data, {} zero, {} unallocated, {} image(s) in the chain",
         path.display(),
         reader.format(),
@@ -481,7 +481,7 @@ fn check(json: bool, path: &Path, how: &HowToOpen) -> Result<()> {
         bytes(report.zero_bytes),
         bytes(report.unallocated_bytes),
         report.chain.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -516,7 +516,7 @@ fn compare(
     if json {
         print_json(&doc)?;
     } else if diff.is_none() {
-        println!("Images are identical.");
+        outln!("Images are identical.")?;
     }
     match diff {
         None => Ok(()),

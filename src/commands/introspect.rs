@@ -64,11 +64,11 @@ pub(crate) async fn run(g: &Globals, a: IntrospectArgs) -> Result<()> {
             notes: found.notes,
         }),
         Format::Dot => {
-            print!("{}", found.topology.to_dot());
+            out!("{}", found.topology.to_dot())?;
             Ok(())
         }
         Format::Text => {
-            print!("{}", render(&found.topology));
+            out!("{}", render(&found.topology))?;
             for n in &found.notes {
                 eprintln!("{:?}: {n}", n.severity);
             }

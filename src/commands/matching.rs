@@ -259,7 +259,7 @@ pub(crate) async fn run(g: &Globals, a: MatchArgs) -> Result<()> {
     if g.json {
         return print_json(&placement);
     }
-    print_placement(&placement, &a.service, &a.from, &source_cfg.cost.currency);
+    print_placement(&placement, &a.service, &a.from, &source_cfg.cost.currency)?;
     Ok(())
 }
 
@@ -268,8 +268,8 @@ fn print_placement(
     service: &str,
     from: &str,
     currency: &str,
-) {
-    println!(
+) -> Result<()> {
+    outln!(
         "placement of {} from {} ({}, {} search nodes)\n",
         service,
         from,
@@ -279,18 +279,20 @@ fn print_placement(
             "heuristic"
         },
         placement.explored
-    );
+    )?;
     for asg in &placement.assignments {
         let s = &asg.score;
         let kind = match asg.unit.kind {
             fluidcloud_broker::placement::UnitKind::Instance => "instance",
             fluidcloud_broker::placement::UnitKind::Bucket => "bucket",
         };
-        println!(
+        outln!(
             "{kind} {} -> {}   score {:.1}",
-            asg.unit.name, asg.site, s.total
-        );
-        println!(
+            asg.unit.name,
+            asg.site,
+            s.total
+        )?;
+        outln!(
             "  {:.1} ms to users{}, {:.1} ms to its peers ({}), {:.2} {currency}/month, egress {:.2} {currency}, {} to move ({:.0} s)",
             s.latency_ms,
             if s.latency_measured {
@@ -308,12 +310,14 @@ fn print_placement(
             s.egress,
             bytes(asg.unit.move_bytes),
             s.time_s
-        );
+        )?;
         for step in &asg.chain {
-            println!(
+            outln!(
                 "  convert {} -> {} with {}",
-                step.from, step.to, step.migrator
-            );
+                step.from,
+                step.to,
+                step.migrator
+            )?;
         }
         for alt in &asg.alternatives {
             match alt {
@@ -323,23 +327,24 @@ fn print_placement(
                     mainly,
                     ..
                 } => {
-                    println!("    {site:<16} +{delta:.1}, mainly {mainly}");
+                    outln!("    {site:<16} +{delta:.1}, mainly {mainly}")?;
                 }
                 Alternative::Rejected {
                     site,
                     constraint,
                     reason,
                 } => {
-                    println!("    {site:<16} rejected by {constraint}: {reason}");
+                    outln!("    {site:<16} rejected by {constraint}: {reason}")?;
                 }
             }
         }
-        println!();
+        outln!()?;
     }
-    println!(
+    outln!(
         "total score {:.1} (lower is better; see docs/broker.md)",
         placement.total
-    );
+    )?;
+    Ok(())
 }
 
 /// `match --server URL`: the service introspects and places.
@@ -381,6 +386,6 @@ async fn run_remote(g: &Globals, remote: &crate::remote::Remote, a: MatchArgs) -
     let source: SiteInfo = remote
         .get(&format!("/sites/{}", a.from), "reading the source site")
         .await?;
-    print_placement(&placement, &a.service, &a.from, &source.cost.currency);
+    print_placement(&placement, &a.service, &a.from, &source.cost.currency)?;
     Ok(())
 }

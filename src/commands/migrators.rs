@@ -169,7 +169,7 @@ fn warn(broken: &[Broken]) {
     }
 }
 
-fn print_list(all: &[Entry]) {
+fn print_list(all: &[Entry]) -> Result<()> {
     let rows: Vec<Vec<String>> = all
         .iter()
         .map(|e| {
@@ -183,7 +183,7 @@ fn print_list(all: &[Entry]) {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table(
             &[
@@ -191,7 +191,8 @@ fn print_list(all: &[Entry]) {
             ],
             &rows
         )
-    );
+    )?;
+    Ok(())
 }
 
 pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
@@ -207,7 +208,7 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
             return print_json(&all);
         }
         let all: Vec<Entry> = all.into_iter().map(|d| described(d, "service")).collect();
-        print_list(&all);
+        print_list(&all)?;
         return Ok(());
     }
     let (all, broken) = catalogue();
@@ -217,7 +218,7 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
             if g.json {
                 return print_json(&all);
             }
-            print_list(&all);
+            print_list(&all)?;
             Ok(())
         }
         MigratorsCommand::Show { name } => {
@@ -231,20 +232,20 @@ pub(crate) async fn run(g: &Globals, c: MigratorsCommand) -> Result<()> {
             if g.json {
                 return print_json(&e);
             }
-            println!("name:     {}", e.name);
+            outln!("name:     {}", e.name)?;
             match &e.path {
-                Some(p) => println!("origin:   {} ({})", e.origin, p.display()),
-                None => println!("origin:   {}", e.origin),
+                Some(p) => outln!("origin:   {} ({})", e.origin, p.display())?,
+                None => outln!("origin:   {}", e.origin)?,
             }
-            println!("version:  {}", e.version);
+            outln!("version:  {}", e.version)?;
             if let Some(p) = &e.protocol {
-                println!("protocol: {p} (features: {})", e.features.join(", "));
+                outln!("protocol: {p} (features: {})", e.features.join(", "))?;
             }
-            println!("summary:  {}", e.summary);
-            println!("consumes: {}", kinds(&e.consumes));
-            println!("produces: {}", kinds(&e.produces));
+            outln!("summary:  {}", e.summary)?;
+            outln!("consumes: {}", kinds(&e.consumes))?;
+            outln!("produces: {}", kinds(&e.produces))?;
             if !e.secrets.is_empty() {
-                println!("secrets:  {}", e.secrets.join(", "));
+                outln!("secrets:  {}", e.secrets.join(", "))?;
             }
             Ok(())
         }

@@ -276,28 +276,32 @@ struct PlanDoc<'a> {
     plan: &'a Plan,
 }
 
-fn print_plan(r: &Relocation, plan: &Plan) {
+fn print_plan(r: &Relocation, plan: &Plan) -> Result<()> {
     let targets = r.targets().join(", ");
-    println!(
+    outln!(
         "relocation {}: service {} from {} to {}",
-        r.id, r.service, r.from, targets
-    );
-    println!(
+        r.id,
+        r.service,
+        r.from,
+        targets
+    )?;
+    outln!(
         "  {} to move, ~{} on the critical path, {} steps\n",
         bytes(r.bytes_to_move),
         fluidcloud_viaduct::plan::human_seconds(plan.critical_path_seconds),
         plan.steps.len()
-    );
-    print!("{}", plan.render_text());
+    )?;
+    out!("{}", plan.render_text())?;
     if !r.endpoint_map.is_empty() {
-        println!(
+        outln!(
             "\nendpoint map (applied to {} config files):",
             r.config_files.len()
-        );
+        )?;
         for c in &r.endpoint_map {
-            println!("  {:<5} {} -> {}", c.kind.as_str(), c.old, c.new);
+            outln!("  {:<5} {} -> {}", c.kind.as_str(), c.old, c.new)?;
         }
     }
+    Ok(())
 }
 
 pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
@@ -314,13 +318,13 @@ pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
                 plan: &plan,
             });
         }
-        print_plan(&relocation, &plan);
-        println!("\ndry run: nothing was changed");
+        print_plan(&relocation, &plan)?;
+        outln!("\ndry run: nothing was changed")?;
         return Ok(());
     }
     if !g.json {
-        print_plan(&relocation, &plan);
-        println!();
+        print_plan(&relocation, &plan)?;
+        outln!()?;
     }
     if !a.yes {
         if !std::io::stdin().is_terminal() {
@@ -385,7 +389,7 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     )?;
     let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
-        println!("resuming relocation {}", relocation.id);
+        outln!("resuming relocation {}", relocation.id)?;
     }
     let run = drive(g, executor, &relocation, false).await?;
     finish(g, &store, &relocation, &run)
@@ -407,7 +411,7 @@ pub(crate) async fn rollback(g: &Globals, a: RollbackArgs) -> Result<()> {
     rollback_allowed(&store, &relocation, a.force)?;
     let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
-        println!("rolling back relocation {}", relocation.id);
+        outln!("rolling back relocation {}", relocation.id)?;
     }
     let run = drive(g, executor, &relocation, true).await?;
     let rep = build_report(&store, &relocation)?;
@@ -420,10 +424,10 @@ pub(crate) async fn rollback(g: &Globals, a: RollbackArgs) -> Result<()> {
             .iter()
             .filter(|s| s.state == StepState::RolledBack)
             .count();
-        println!(
+        outln!(
             "rolled back {undone} steps: the target holds nothing of {}, the source runs it",
             relocation.service
-        );
+        )?;
     }
     if run.exit_code() != 0 {
         let failed: Vec<String> = run
@@ -489,7 +493,7 @@ pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
                         s.error.clone().unwrap_or_default(),
                     ]
                 }),
-            );
+            )?;
             Ok(())
         }
         None => {
@@ -538,7 +542,7 @@ fn print_relocations(g: &Globals, all: &[Line<'_>]) -> Result<()> {
         return print_json(&rows);
     }
     if all.is_empty() {
-        println!("no relocations yet (fluidcloud relocate --from SITE)");
+        outln!("no relocations yet (fluidcloud relocate --from SITE)")?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = all
@@ -553,10 +557,10 @@ fn print_relocations(g: &Globals, all: &[Line<'_>]) -> Result<()> {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         crate::output::table(&["ID", "STATUS", "SERVICE", "FROM", "TO"], &rows)
-    );
+    )?;
     Ok(())
 }
 
@@ -571,7 +575,7 @@ pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
     if g.json {
         return print_json(&rep);
     }
-    print_report(&rep);
+    print_report(&rep)?;
     Ok(())
 }
 
@@ -588,15 +592,15 @@ fn secs(s: f64) -> String {
     fluidcloud_viaduct::plan::human_seconds(s)
 }
 
-fn print_report(rep: &Report) {
-    println!(
+fn print_report(rep: &Report) -> Result<()> {
+    outln!(
         "relocation {}: {} — {} from {} to {}",
         rep.id,
         rep.status,
         rep.service,
         rep.from,
         rep.targets.join(", ")
-    );
+    )?;
     let mut down = rep
         .downtime_seconds
         .map_or_else(|| "-".to_owned(), |d| format!("{d:.2} s"));
@@ -608,12 +612,12 @@ fn print_report(rep: &Report) {
             .collect();
         down = format!("{down} ({})", stages.join(", "));
     }
-    println!(
+    outln!(
         "  {} total, downtime {down}, {} read, {} written\n",
         secs(rep.seconds),
         bytes(rep.bytes_read),
         bytes(rep.bytes_written)
-    );
+    )?;
     let rows: Vec<Vec<String>> = rep
         .steps
         .iter()
@@ -631,13 +635,13 @@ fn print_report(rep: &Report) {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         crate::output::table(
             &["STEP", "STATE", "TIME", "READ", "SENT", "WRITTEN", "RATE"],
             &rows
         )
-    );
+    )?;
     let mut sums: Vec<String> = rep
         .steps
         .iter()
@@ -647,15 +651,15 @@ fn print_report(rep: &Report) {
     sums.sort();
     sums.dedup();
     if !sums.is_empty() {
-        println!("\nchecksums at the target (volumes and buckets verified equal to their source):");
+        outln!("\nchecksums at the target (volumes and buckets verified equal to their source):")?;
         for s in sums {
-            println!("{s}");
+            outln!("{s}")?;
         }
     }
     if !rep.endpoint_map.is_empty() {
-        println!("\nendpoint map:");
+        outln!("\nendpoint map:")?;
         for c in &rep.endpoint_map {
-            println!("  {} -> {}", c.old, c.new);
+            outln!("  {} -> {}", c.old, c.new)?;
         }
     }
     let diffs: Vec<&str> = rep
@@ -665,11 +669,12 @@ fn print_report(rep: &Report) {
         .filter(|d| !d.is_empty())
         .collect();
     if !diffs.is_empty() {
-        println!("\nconfig changes:");
+        outln!("\nconfig changes:")?;
         for d in diffs {
-            print!("{d}");
+            out!("{d}")?;
         }
     }
+    Ok(())
 }
 
 fn finish(g: &Globals, store: &Store, r: &Relocation, run: &RunReport) -> Result<()> {
@@ -678,9 +683,9 @@ fn finish(g: &Globals, store: &Store, r: &Relocation, run: &RunReport) -> Result
     if g.json {
         print_json(&rep)?;
     } else {
-        println!();
-        print_report(&rep);
-        println!("\nreport saved to {}", path.display());
+        outln!()?;
+        print_report(&rep)?;
+        outln!("\nreport saved to {}", path.display())?;
     }
     match run.exit_code() {
         0 => Ok(()),
@@ -920,8 +925,8 @@ fn finish_remote(g: &Globals, v: &RelocationView) -> Result<()> {
     match &rep {
         Some(rep) if g.json => print_json(rep)?,
         Some(rep) => {
-            println!();
-            print_report(rep);
+            outln!()?;
+            print_report(rep)?;
         }
         None if g.json => print_json(v)?,
         None => {}
@@ -978,13 +983,13 @@ pub(crate) async fn relocate_remote(g: &Globals, remote: &Remote, a: RelocateArg
         .post("/relocations", &req, "starting the relocation")
         .await?;
     if !g.json {
-        println!(
+        outln!(
             "relocation {}: service {} from {} to {}, running on the service",
             v.id,
             v.service,
             v.from,
             v.targets.join(", ")
-        );
+        )?;
     }
     let v = follow(g, remote, &v.id).await?;
     finish_remote(g, &v)
@@ -1007,7 +1012,7 @@ async fn act_and_follow(
         )
         .await?;
     if !g.json {
-        println!("{doing} relocation {}", v.id);
+        outln!("{doing} relocation {}", v.id)?;
     }
     follow(g, remote, &v.id).await
 }
@@ -1031,10 +1036,10 @@ pub(crate) async fn rollback_remote(g: &Globals, remote: &Remote, a: RollbackArg
         }
     } else {
         let undone = v.steps.iter().filter(|s| s.state == "rolled-back").count();
-        println!(
+        outln!(
             "rolled back {undone} steps: the target holds nothing of {}, the source runs it",
             v.service
-        );
+        )?;
     }
     if v.status != "rolled-back" {
         let failed: Vec<String> = v
@@ -1094,23 +1099,28 @@ pub(crate) async fn status_remote(g: &Globals, remote: &Remote, a: StatusArgs) -
                 s.error.clone().unwrap_or_default(),
             ]
         }),
-    );
+    )?;
     Ok(())
 }
 
 /// `status ID` in text, local or remote: `[id, status, service, from]`,
 /// the targets, and a row per step (id, state, attempts, last error).
-fn print_status(head: [&str; 4], targets: &[String], steps: impl Iterator<Item = Vec<String>>) {
+fn print_status(
+    head: [&str; 4],
+    targets: &[String],
+    steps: impl Iterator<Item = Vec<String>>,
+) -> Result<()> {
     let [id, status, service, from] = head;
-    println!(
+    outln!(
         "{id}: {status} ({service} from {from} to {})",
         targets.join(", ")
-    );
+    )?;
     let rows: Vec<Vec<String>> = steps.collect();
-    print!(
+    out!(
         "{}",
         crate::output::table(&["STEP", "STATE", "ATTEMPTS", "LAST ERROR"], &rows)
-    );
+    )?;
+    Ok(())
 }
 
 pub(crate) async fn report_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
@@ -1132,6 +1142,6 @@ pub(crate) async fn report_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Re
     if g.json {
         return print_json(&rep);
     }
-    print_report(&rep);
+    print_report(&rep)?;
     Ok(())
 }

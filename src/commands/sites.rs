@@ -54,9 +54,9 @@ fn kinds(g: &Globals) -> Result<()> {
         return print_json(&docs);
     }
     for d in &docs {
-        println!("{}: {}", d.kind, d.help);
+        outln!("{}: {}", d.kind, d.help)?;
         for o in &d.options {
-            println!("  {:<10} {}", o.key, o.help);
+            outln!("  {:<10} {}", o.key, o.help)?;
         }
     }
     Ok(())
@@ -123,7 +123,7 @@ pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
                 description: None,
             })
             .collect();
-        print_sites(&all);
+        print_sites(&all)?;
         return Ok(());
     }
     let file = sites_file(g)?;
@@ -136,7 +136,7 @@ pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
             if g.json {
                 return print_json(&all);
             }
-            print_sites(&all);
+            print_sites(&all)?;
             Ok(())
         }
         SitesCommand::Show { name } => show(g, &file, &name).await,
@@ -144,7 +144,7 @@ pub(crate) async fn run(g: &Globals, cmd: SitesCommand) -> Result<()> {
     }
 }
 
-fn print_sites(all: &[SiteStatus]) {
+fn print_sites(all: &[SiteStatus]) -> Result<()> {
     let rows: Vec<Vec<String>> = all
         .iter()
         .map(|s| {
@@ -160,7 +160,7 @@ fn print_sites(all: &[SiteStatus]) {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table(
             &[
@@ -174,7 +174,8 @@ fn print_sites(all: &[SiteStatus]) {
             ],
             &rows
         )
-    );
+    )?;
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -264,67 +265,69 @@ async fn show(g: &Globals, file: &fluidcloud_conduit::SitesFile, name: &str) -> 
         return print_json(&doc);
     }
     let i = &doc.status.info;
-    println!("site {} ({})", i.name, i.kind);
+    outln!("site {} ({})", i.name, i.kind)?;
     if let Some(d) = &doc.status.description {
-        println!("  {d}");
+        outln!("  {d}")?;
     }
-    println!("  status:        {}", doc.status.status);
+    outln!("  status:        {}", doc.status.status)?;
     if let Some(p) = &doc.path {
-        println!("  path:          {p}");
+        outln!("  path:          {p}")?;
     }
     if let Some(e) = &doc.endpoint {
-        println!("  endpoint:      {e}");
+        outln!("  endpoint:      {e}")?;
     }
-    println!(
+    outln!(
         "  location:      {} ({:.4}, {:.4})",
-        i.location.region, i.location.latitude, i.location.longitude
-    );
-    println!("  jurisdiction:  {}", i.jurisdiction);
-    println!("  image formats: {}", formats(i));
+        i.location.region,
+        i.location.latitude,
+        i.location.longitude
+    )?;
+    outln!("  jurisdiction:  {}", i.jurisdiction)?;
+    outln!("  image formats: {}", formats(i))?;
     if let Some(o) = &doc.object_endpoint {
-        println!("  object store:  {o}");
+        outln!("  object store:  {o}")?;
     }
     if !doc.internal_domains.is_empty() {
-        println!("  internal DNS:  {}", doc.internal_domains.join(", "));
+        outln!("  internal DNS:  {}", doc.internal_domains.join(", "))?;
     }
     let c = &i.cost;
-    println!(
+    outln!(
         "  cost:          {:.3} {cur}/vCPU-h, {:.4} {cur}/GiB-h memory, {:.3} {cur}/GiB-month storage, {:.3} {cur}/GiB egress",
         c.vcpu_hour,
         c.memory_gib_hour,
         c.storage_gib_month,
         c.egress_gib,
         cur = c.currency
-    );
+    )?;
     if let Some(g) = c.carbon_g_per_kwh {
-        println!("  carbon:        {g:.0} gCO2e/kWh");
+        outln!("  carbon:        {g:.0} gCO2e/kWh")?;
     }
     let cap = &i.capacity;
-    println!(
+    outln!(
         "  capacity:      {} vCPUs, {} memory, {} storage",
         cap.vcpus.map_or("?".into(), |v| v.to_string()),
         cap.memory_mib.map_or("?".into(), |m| bytes(m << 20)),
         cap.storage_gib.map_or("?".into(), |s| bytes(s << 30)),
-    );
+    )?;
     for cred in &doc.credentials {
-        println!(
+        outln!(
             "  credential:    {} from ${} ({})",
             cred.key,
             cred.variable,
             if cred.set { "set" } else { "NOT SET" }
-        );
+        )?;
     }
-    println!("  capabilities:");
+    outln!("  capabilities:")?;
     for capability in Capability::ALL {
         let yes = i.capabilities.contains(&capability);
-        println!(
+        outln!(
             "    {:<15} {}",
             capability.as_str(),
             if yes { "yes" } else { "no" }
-        );
+        )?;
     }
     if let Some(c) = &doc.contents {
-        println!("  contents:");
+        outln!("  contents:")?;
         let list = |v: &[String]| {
             if v.is_empty() {
                 "-".to_owned()
@@ -332,11 +335,11 @@ async fn show(g: &Globals, file: &fluidcloud_conduit::SitesFile, name: &str) -> 
                 v.join(", ")
             }
         };
-        println!("    instances     {}", list(&c.instances));
-        println!("    images        {}", list(&c.images));
-        println!("    volumes       {}", list(&c.volumes));
-        println!("    buckets       {}", list(&c.buckets));
-        println!("    config files  {}", c.config_files);
+        outln!("    instances     {}", list(&c.instances))?;
+        outln!("    images        {}", list(&c.images))?;
+        outln!("    volumes       {}", list(&c.volumes))?;
+        outln!("    buckets       {}", list(&c.buckets))?;
+        outln!("    config files  {}", c.config_files)?;
     }
     Ok(())
 }

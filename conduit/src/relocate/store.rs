@@ -33,19 +33,25 @@ fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
     }
 }
 
+/// The state directory of `sites_file`: `$FLUIDCLOUD_STATE_DIR`, or
+/// `.fluidcloud/` next to it. Relocations live in its `relocations/`, the
+/// service's generated TLS identity in its `tls/`.
+pub fn state_dir(sites_file: &Path) -> PathBuf {
+    std::env::var_os(STATE_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            sites_file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(".fluidcloud")
+        })
+}
+
 impl Store {
     /// The store for `sites_file`.
     pub fn for_sites_file(sites_file: &Path) -> Self {
-        let base = std::env::var_os(STATE_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                sites_file
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join(".fluidcloud")
-            });
         Self {
-            root: base.join("relocations"),
+            root: state_dir(sites_file).join("relocations"),
         }
     }
 
