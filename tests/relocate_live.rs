@@ -149,10 +149,41 @@ fn wait_for_writes(dir: &Path, n: u64) -> u64 {
     last(dir)
 }
 
-fn relocate_while_writing(tag: &str, b_formats: &str) -> (PathBuf, String) {
+/// When the target's manifest first says `running`, polled every 2 ms.
+fn watch_target_start(dir: &Path) -> std::thread::JoinHandle<Instant> {
+    let manifest = dir.join("sites/b/instances/box.toml");
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&manifest).unwrap_or_default();
+            if text.contains("state = \"running\"") {
+                return Instant::now();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "the target never ran"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
+/// What the test saw of a relocation, independently of fluidcloud.
+struct Seen {
+    out: String,
+    /// Writer exit (the guest stopped) → target manifest `running`.
+    downtime: Duration,
+}
+
+fn relocate_while_writing(tag: &str, b_formats: &str) -> (PathBuf, Seen) {
     let (dir, config) = world(tag, b_formats);
     let mut writer = start_writer(&dir);
     let before = wait_for_writes(&dir, 5);
+    let exited = std::thread::spawn(move || {
+        let status = writer.wait().unwrap();
+        (status, Instant::now())
+    });
+    let started = watch_target_start(&dir);
     let out = ok(&run(&[
         "--config",
         &config,
@@ -166,22 +197,37 @@ fn relocate_while_writing(tag: &str, b_formats: &str) -> (PathBuf, String) {
         "--yes",
     ]));
     // The stop waited for the guest: it has exited, on its own.
-    let status = writer.try_wait().unwrap();
     assert!(
-        status.is_some_and(|s| s.success()),
-        "the writer still runs or failed after the relocation: {status:?}"
+        exited.is_finished(),
+        "the writer still runs after the relocation"
     );
+    let (status, exit_at) = exited.join().unwrap();
+    assert!(status.success(), "the writer failed: {status:?}");
+    let start_at = started.join().unwrap();
     let last = last(&dir);
     assert!(
         last > before,
         "the guest wrote nothing during the relocation ({before} → {last})"
     );
-    (dir, out)
+    let downtime = start_at.saturating_duration_since(exit_at);
+    (dir, Seen { out, downtime })
+}
+
+fn report(dir: &Path, out: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&run(&[
+        "--config",
+        dir.join("fluidcloud.toml").to_str().unwrap(),
+        "--json",
+        "report",
+        &common::relocation_id(out),
+    ])))
+    .unwrap()
 }
 
 #[test]
 fn a_guest_writing_to_its_raw_boot_disk_and_volume_loses_no_write() {
-    let (dir, out) = relocate_while_writing("raw", r#"["raw"]"#);
+    let (dir, seen) = relocate_while_writing("raw", r#"["raw"]"#);
+    let out = &seen.out;
     let (a, b) = (dir.join("sites/a"), dir.join("sites/b"));
     let n = last(&dir);
     for disk in ["images/box.raw", "volumes/box-data.raw"] {
@@ -196,14 +242,7 @@ fn a_guest_writing_to_its_raw_boot_disk_and_volume_loses_no_write() {
         out.contains("image:box.raw") && out.contains("final:box.raw"),
         "{out}"
     );
-    let report: serde_json::Value = serde_json::from_str(&ok(&run(&[
-        "--config",
-        dir.join("fluidcloud.toml").to_str().unwrap(),
-        "--json",
-        "report",
-        &common::relocation_id(&out),
-    ])))
-    .unwrap();
+    let report = report(&dir, out);
     let step = |id: &str| {
         report["steps"]
             .as_array()
@@ -220,11 +259,30 @@ fn a_guest_writing_to_its_raw_boot_disk_and_volume_loses_no_write() {
         "the final delta wrote {written} bytes of a 32 MiB disk whose guest changed two chunks"
     );
     assert_eq!(step("image:box.raw")["state"], "succeeded");
+
+    // The downtime it reports is the one the test saw: from the guest's
+    // exit to the target's manifest saying `running`, to a few
+    // milliseconds (both sides poll), split into its stages.
+    let reported = report["downtime_seconds"].as_f64().unwrap();
+    let observed = seen.downtime.as_secs_f64();
+    eprintln!("downtime: reported {reported:.3} s, observed {observed:.3} s");
+    assert!(
+        (reported - observed).abs() < 0.15,
+        "reported {reported:.3} s, observed {observed:.3} s"
+    );
+    let stages: f64 = report["downtime_stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["seconds"].as_f64().unwrap())
+        .sum();
+    assert!((stages - reported).abs() < 1e-6, "{report}");
 }
 
 #[test]
 fn a_boot_disk_converted_to_qcow2_is_converted_again_from_the_stopped_source() {
-    let (dir, out) = relocate_while_writing("qcow2", r#"["qcow2"]"#);
+    let (dir, seen) = relocate_while_writing("qcow2", r#"["qcow2"]"#);
+    let out = &seen.out;
     let (a, b) = (dir.join("sites/a"), dir.join("sites/b"));
     let n = last(&dir);
     // qemu-img, not fluidcloud, reads the target back.

@@ -54,7 +54,7 @@ use crate::migrator::{
 };
 use crate::protocol::{
     CancelCall, FEATURE_CANCEL, FEATURE_PROGRESS, FEATURE_SECRETS, Hello, MAX_MESSAGE_BYTES,
-    PluginDescriptor, Reply, ReplyBody, Request, RollbackCall, StepCall, method,
+    PluginDescriptor, ReplyBody, Request, RollbackCall, StepCall, method,
 };
 use crate::serve::Plugin;
 use crate::wire::{Frame, read_frame};
@@ -385,12 +385,7 @@ fn stdout_loop(shared: Arc<Shared>, out: impl Read, max: usize) {
     loop {
         match read_frame(&mut r, max, &mut buf) {
             Ok(Frame::Line) => {
-                let parsed = serde_json::from_slice::<Reply>(&buf)
-                    .map_err(|e| e.to_string())
-                    .and_then(|reply| {
-                        let id = reply.id;
-                        reply.body().map(|b| (id, b))
-                    });
+                let parsed = crate::protocol::decode_reply(&buf);
                 let routed = parsed.and_then(|(id, body)| shared.route(id, body));
                 if let Err(why) = routed {
                     let start: String = String::from_utf8_lossy(&buf[..buf.len().min(80)]).into();

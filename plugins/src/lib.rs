@@ -30,7 +30,7 @@ pub mod resource;
 pub mod serve;
 pub mod site;
 pub mod topology;
-mod wire;
+pub mod wire;
 
 pub use diagnostic::{Diagnostic, Severity};
 pub use error::{Error, Result, Retry, Retryable};

@@ -130,6 +130,11 @@ pub struct StepOutput {
     pub artifacts: BTreeMap<String, Artifact>,
     /// Bytes actually read, sent and written.
     pub measured: Estimate,
+    /// What the step observed, by name, for the report (the conduit's
+    /// `source-stop` and `cutover` record when the source was seen stopped
+    /// and the target seen running). Absent from older plugins' replies.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub facts: BTreeMap<String, serde_json::Value>,
 }
 
 /// Receives progress of a running step.

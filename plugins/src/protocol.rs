@@ -514,6 +514,36 @@ impl Reply {
     }
 }
 
+/// Decodes one line a plugin sent (the host's side of the wire): the id of
+/// the request it is about and the one thing it carries. Pure: the host
+/// reads the line with bounded framing ([`crate::wire::read_frame`]) and
+/// routes the result.
+///
+/// # Errors
+/// A sentence saying what is wrong: not JSON, not a [`Reply`], or not
+/// exactly one of `result`, `error`, `progress`, `message`.
+pub fn decode_reply(line: &[u8]) -> Result<(u64, ReplyBody), String> {
+    let reply = serde_json::from_slice::<Reply>(line).map_err(|e| e.to_string())?;
+    let id = reply.id;
+    reply.body().map(|b| (id, b))
+}
+
+/// Decodes one line the host sent (a plugin's side of the wire).
+///
+/// # Errors
+/// When the line is not a [`Request`]: the id it carries, if one can be
+/// found (so that the answer reaches the waiting call; 0 otherwise), and a
+/// sentence saying what is wrong.
+pub fn decode_request(line: &[u8]) -> Result<Request, (u64, String)> {
+    serde_json::from_slice::<Request>(line).map_err(|e| {
+        let id = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
+        (id, format!("malformed request: {e}"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,16 +307,11 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 impl Dispatcher {
     fn handle(&mut self, line: &[u8]) -> io::Result<()> {
-        let req: Request = match serde_json::from_slice(line) {
+        let req: Request = match crate::protocol::decode_request(line) {
             Ok(r) => r,
-            Err(e) => {
-                // Answer with the id if one can be found, so the host's
+            Err((id, msg)) => {
+                // Answered with the id if one was found, so the host's
                 // call fails at once instead of timing out.
-                let id = serde_json::from_slice::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
-                    .unwrap_or(0);
-                let msg = format!("malformed request: {e}");
                 eprintln!("{msg}");
                 self.out
                     .send(&Reply::err(id, ErrorBody::new(ErrorKind::Protocol, msg)));

@@ -5,7 +5,7 @@ use std::io::{self, BufRead};
 
 /// What one bounded read found.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Frame {
+pub enum Frame {
     /// A complete line, without its newline, in the buffer.
     Line,
     /// End of input (a partial last line is discarded).
@@ -15,8 +15,11 @@ pub(crate) enum Frame {
 }
 
 /// Reads one `\n`-terminated line into `buf` (cleared first), stopping as
-/// soon as it exceeds `max` bytes.
-pub(crate) fn read_frame(r: &mut impl BufRead, max: usize, buf: &mut Vec<u8>) -> io::Result<Frame> {
+/// soon as it exceeds `max` bytes (a trailing `\r` is dropped).
+///
+/// # Errors
+/// The reader's errors.
+pub fn read_frame(r: &mut impl BufRead, max: usize, buf: &mut Vec<u8>) -> io::Result<Frame> {
     buf.clear();
     loop {
         let chunk = match r.fill_buf() {

@@ -601,9 +601,17 @@ fn print_report(rep: &Report) -> Result<()> {
         rep.from,
         rep.targets.join(", ")
     )?;
-    let down = rep
+    let mut down = rep
         .downtime_seconds
         .map_or_else(|| "-".to_owned(), |d| format!("{d:.2} s"));
+    if !rep.downtime_stages.is_empty() {
+        let stages: Vec<String> = rep
+            .downtime_stages
+            .iter()
+            .map(|s| format!("{} {:.2} s", s.stage, s.seconds))
+            .collect();
+        down = format!("{down} ({})", stages.join(", "));
+    }
     outln!(
         "  {} total, downtime {down}, {} read, {} written\n",
         secs(rep.seconds),

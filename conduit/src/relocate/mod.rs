@@ -32,6 +32,7 @@
 //! The conduit's own migrators (provision, verify, stop, cut-over) are in
 //! [`steps`]; the state a relocation keeps on disk in [`store`].
 
+pub mod clock;
 pub mod extra;
 pub mod lock;
 pub mod report;
@@ -833,6 +834,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
             .iter()
             .map(|p| (p.target.clone(), p.record.name.clone()))
             .collect::<Vec<_>>(),
+        "boot_checks": boot_checks,
     }));
     cutover = cutover.after("stop-source");
     for last in after_stop {

@@ -12,6 +12,7 @@ use fluidcloud_viaduct::journal::{Entry, Outcome, Record};
 use fluidcloud_viaduct::{Journal as _, SqliteJournal, StepState};
 use serde::{Deserialize, Serialize};
 
+use super::clock::Moment;
 use super::{EndpointChange, Relocation};
 use crate::error::Result;
 
@@ -70,6 +71,15 @@ pub struct ConfigDiff {
     pub diff: String,
 }
 
+/// A part of the downtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeStage {
+    /// `final delta and verify`, `start and boot check`.
+    pub stage: String,
+    /// Seconds.
+    pub seconds: f64,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -86,8 +96,14 @@ pub struct Report {
     pub status: String,
     /// Wall time of all runs, first start to last end, in seconds.
     pub seconds: f64,
-    /// Source stop → target started, in seconds, once cut over.
+    /// Downtime as the service sees it, in seconds, once cut over: from
+    /// the last source instance seen stopped by its driver to the last
+    /// target instance seen running and passing its boot check (journal
+    /// times of `stop-source` → `cutover` for runs that recorded neither).
     pub downtime_seconds: Option<f64>,
+    /// Where the downtime went.
+    #[serde(default)]
+    pub downtime_stages: Vec<DowntimeStage>,
     /// Bytes the plan said it would move.
     pub bytes_to_move: u64,
     /// Totals of all steps.
@@ -254,13 +270,43 @@ pub fn build(
         }
         t
     };
-    let downtime_seconds = match (
-        at("stop-source", StepState::Running),
-        at("cutover", StepState::Succeeded),
-    ) {
-        (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1000.0),
-        _ => None,
+    let fact = |id: &str, name: &str| -> Option<Moment> {
+        entries.iter().rev().find_map(|e| match &e.record {
+            Record::Output { step, output } if step == id => {
+                output.facts.get(name).and_then(Moment::from_fact)
+            }
+            _ => None,
+        })
     };
+    let (downtime_seconds, downtime_stages) =
+        match (fact("stop-source", "stopped"), fact("cutover", "running")) {
+            (Some(stopped), Some(running)) => {
+                let total = running.since(&stopped).max(0.0);
+                let stages = at("cutover", StepState::Running)
+                    .map(|c| {
+                        let last = ((c - stopped.unix_ms) as f64 / 1000.0).clamp(0.0, total);
+                        vec![
+                            DowntimeStage {
+                                stage: "final delta and verify".into(),
+                                seconds: last,
+                            },
+                            DowntimeStage {
+                                stage: "start and boot check".into(),
+                                seconds: total - last,
+                            },
+                        ]
+                    })
+                    .unwrap_or_default();
+                (Some(total), stages)
+            }
+            _ => match (
+                at("stop-source", StepState::Running),
+                at("cutover", StepState::Succeeded),
+            ) {
+                (Some(a), Some(b)) if b >= a => (Some((b - a) as f64 / 1000.0), Vec::new()),
+                _ => (None, Vec::new()),
+            },
+        };
     let config = r
         .config_files
         .iter()
@@ -287,6 +333,7 @@ pub fn build(
             _ => 0.0,
         },
         downtime_seconds,
+        downtime_stages,
         bytes_to_move: r.bytes_to_move,
         bytes_read: read,
         bytes_written: written,

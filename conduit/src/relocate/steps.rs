@@ -241,13 +241,17 @@ fn console_match(re: &regex::Regex, text: &str) -> Option<String> {
     c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().to_owned())
 }
 
-async fn boot_check(sites_file: &Path, b: &BootCheckPlan, ctx: &ExecContext) -> SdkResult<String> {
-    let re = regex::Regex::new(&b.console).map_err(|e| {
+fn boot_regex(b: &BootCheckPlan) -> SdkResult<regex::Regex> {
+    regex::Regex::new(&b.console).map_err(|e| {
         SdkError::Invalid(vec![
             Diagnostic::error(format!("boot check regex `{}`: {e}", b.console))
                 .at_key(format!("sites.{}.boot_check.console", b.site)),
         ])
-    })?;
+    })
+}
+
+async fn boot_check(sites_file: &Path, b: &BootCheckPlan, ctx: &ExecContext) -> SdkResult<String> {
+    let re = boot_regex(b)?;
     let (_, target) = open_site(sites_file, &b.site)?;
     let compute = require_compute(target.as_ref())?;
     // A throw-away copy boots, never the instance: its disks stay as the
@@ -535,6 +539,28 @@ async fn set_states(
     Ok(())
 }
 
+/// Asks each instance's driver for its state: every one must be `state`
+/// now. The moment they all were, for the report's downtime.
+async fn confirm_states(
+    sites_file: &Path,
+    instances: &[(String, String)],
+    state: InstanceState,
+) -> SdkResult<super::clock::Moment> {
+    for (site, name) in instances {
+        let (_, driver) = open_site(sites_file, site)?;
+        let compute = require_compute(driver.as_ref())?;
+        let now = compute.state(name).await?;
+        if now != state {
+            return Err(SdkError::Precondition(format!(
+                "instance {name} on site {site} is {} after being made {}",
+                now.as_str(),
+                state.as_str()
+            )));
+        }
+    }
+    Ok(super::clock::Moment::now())
+}
+
 #[async_trait]
 impl Migrator for StopSource {
     fn describe(&self) -> MigratorDescriptor {
@@ -598,7 +624,14 @@ impl Migrator for StopSource {
         for name in &running {
             compute.stop(name).await?;
         }
-        Ok(StepOutput::default())
+        let pairs: Vec<(String, String)> = running
+            .iter()
+            .map(|i| (p.site.clone(), i.clone()))
+            .collect();
+        let stopped = confirm_states(&p.sites_file, &pairs, InstanceState::Stopped).await?;
+        let mut out = StepOutput::default();
+        out.facts.insert("stopped".into(), stopped.fact());
+        Ok(out)
     }
 
     async fn rollback(
@@ -627,6 +660,10 @@ impl Migrator for StopSource {
 struct CutoverParams {
     sites_file: PathBuf,
     instances: Vec<(String, String)>,
+    /// The target sites' boot checks, run on the started instances: the
+    /// service is up when they pass.
+    #[serde(default)]
+    boot_checks: Vec<BootCheckPlan>,
 }
 
 /// `cutover`: starts the target instances; rollback stops them.
@@ -647,10 +684,20 @@ impl Migrator for Cutover {
         Ok(nothing())
     }
 
-    async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
+    async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: CutoverParams = params(request)?;
         set_states(&p.sites_file, &p.instances, InstanceState::Running).await?;
-        Ok(StepOutput::default())
+        let mut running =
+            confirm_states(&p.sites_file, &p.instances, InstanceState::Running).await?;
+        for b in &p.boot_checks {
+            let re = boot_regex(b)?;
+            let (_, target) = open_site(&p.sites_file, &b.site)?;
+            watch_console(require_compute(target.as_ref())?, &b.instance, &re, b, ctx).await?;
+            running = super::clock::Moment::now();
+        }
+        let mut out = StepOutput::default();
+        out.facts.insert("running".into(), running.fact());
+        Ok(out)
     }
 
     async fn rollback(

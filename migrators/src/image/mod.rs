@@ -1,14 +1,23 @@
 //! Disk images: format detection ([`probe`]), readers ([`reader`]) and
-//! writers ([`qcow2`]).
+//! writers ([`qcow2`], [`vmdk`], [`vhd`], [`vhdx`], raw through
+//! [`convert`]).
+//!
+//! Headers are guest-controlled bytes: every size and count read from one
+//! is checked against the file's length and a documented cap before
+//! anything is allocated, and readers page their top-level tables, so
+//! metadata memory is bounded whatever the virtual size. [`limits`] holds
+//! every cap, with the specification or QEMU limit it follows.
 
 use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
 pub mod convert;
+pub mod limits;
 mod mapped;
 mod probe;
 pub mod qcow2;
 pub mod reader;
+mod table;
 pub mod upload;
 pub mod verify;
 pub mod vhd;

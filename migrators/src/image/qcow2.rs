@@ -56,10 +56,9 @@ const SECTOR: u64 = 512;
 const HEADER_LENGTH: u32 = 104;
 /// `refcount_order` 4: 16-bit refcounts, the QEMU default.
 const REFCOUNT_ORDER: u32 = 4;
-/// QEMU refuses L1 tables larger than this.
-const MAX_L1_BYTES: u64 = 32 * 1024 * 1024;
-/// QEMU refuses refcount tables larger than this.
-const MAX_REFTABLE_BYTES: u64 = 8 * 1024 * 1024;
+use super::limits::{
+    QCOW2_MAX_L1_BYTES as MAX_L1_BYTES, QCOW2_MAX_REFTABLE_BYTES as MAX_REFTABLE_BYTES,
+};
 /// L1/L2 entries keep host offsets in bits 9..=55.
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Pending output is written to the file in chunks of about this size.
@@ -244,12 +243,15 @@ impl Qcow2Writer {
         let l1_size = guest_clusters.div_ceil(l2_entries);
         let too_large = |why: &str| {
             Error::InvalidArgument(format!(
-                "virtual size {virtual_size} is too large for qcow2 cluster size {cs}: {why}; \
-                 use a larger cluster size"
+                "virtual size {virtual_size} is too large for qcow2 cluster size {cs} ({}): \
+                 {why}; use a larger cluster size",
+                path.display()
             ))
         };
         if l1_size.saturating_mul(8) > MAX_L1_BYTES {
-            return Err(too_large("the L1 table would exceed 32 MiB"));
+            return Err(too_large(
+                "the L1 table would exceed QEMU's limit of 32 MiB",
+            ));
         }
         // Worst case: every guest cluster holds data.
         let l1_clusters = (l1_size * 8).div_ceil(cluster_size);
@@ -259,7 +261,9 @@ impl Qcow2Writer {
             .saturating_add(l1_clusters);
         let worst = RefcountLayout::compute(worst_base, cluster_size);
         if worst.table_clusters.saturating_mul(cluster_size) > MAX_REFTABLE_BYTES {
-            return Err(too_large("the refcount table would exceed 8 MiB"));
+            return Err(too_large(
+                "the refcount table would exceed QEMU's limit of 8 MiB",
+            ));
         }
         if worst.total_clusters().saturating_mul(cluster_size) > MAX_HOST_OFFSET {
             return Err(too_large("the file would pass qcow2's 64 PiB offset limit"));

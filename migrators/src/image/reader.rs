@@ -25,9 +25,7 @@ use super::probe;
 use super::qcow2::Qcow2Reader;
 use crate::error::{Error, Result};
 
-/// Backing chains deeper than this are refused (QEMU's own limit is in the
-/// same range); it also bounds memory and open files.
-pub const MAX_CHAIN_DEPTH: usize = 32;
+pub use super::limits::MAX_CHAIN_DEPTH;
 
 /// What a range of the virtual disk holds, as far as the image knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -71,35 +71,68 @@ pub fn check(
         unallocated_bytes: 0,
         chain: chain(reader),
     };
-    let mut chunks = Vec::new();
+    // Two walks of the extent map (it is cheap): the totals first, for the
+    // progress, then the data chunks as the threads ask for them, so that
+    // memory does not grow with the number of chunks (a FLAT VMDK extent
+    // may map terabytes of data).
     for e in extents(reader) {
         let e = e?;
         match e.kind {
-            ExtentKind::Data => {
-                report.data_bytes += e.length;
-                let mut at = e.offset;
-                while at < e.end() {
-                    let end = ((at / CHUNK + 1) * CHUNK).min(e.end());
-                    chunks.push((at, end - at));
-                    at = end;
-                }
-            }
+            ExtentKind::Data => report.data_bytes += e.length,
             ExtentKind::Zero => report.zero_bytes += e.length,
             ExtentKind::Unallocated => report.unallocated_bytes += e.length,
         }
     }
     let total = report.data_bytes;
     let done = AtomicU64::new(0);
-    parallel(chunks.len(), threads, |i| {
-        let Some(&(offset, len)) = chunks.get(i) else {
-            return Ok(());
+    let feed = Mutex::new(DataChunks {
+        extents: extents(reader),
+        current: None,
+    });
+    let next = || -> Result<Option<(u64, u64)>> {
+        feed.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .next_chunk()
+    };
+    parallel(usize::MAX, threads, |_| {
+        let Some((offset, len)) = next()? else {
+            return Ok(false);
         };
         let mut buf = vec![0u8; len as usize];
         reader.read_at(offset, &mut buf)?;
         progress(done.fetch_add(len, Ordering::Relaxed) + len, total);
-        Ok(())
+        Ok(true)
     })?;
     Ok(report)
+}
+
+/// The data extents of an extent map cut into chunks of at most [`CHUNK`]
+/// bytes that do not cross a multiple of it.
+struct DataChunks<'a> {
+    extents: super::reader::Extents<'a>,
+    /// The rest of the data extent being cut.
+    current: Option<(u64, u64)>,
+}
+
+impl DataChunks<'_> {
+    fn next_chunk(&mut self) -> Result<Option<(u64, u64)>> {
+        loop {
+            if let Some((at, end)) = self.current {
+                let stop = ((at / CHUNK + 1) * CHUNK).min(end);
+                self.current = (stop < end).then_some((stop, end));
+                return Ok(Some((at, stop - at)));
+            }
+            match self.extents.next() {
+                None => return Ok(None),
+                Some(e) => {
+                    let e = e?;
+                    if e.kind == ExtentKind::Data {
+                        self.current = Some((e.offset, e.end()));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Compares the guest content of two images, like `qemu-img compare`
@@ -147,7 +180,7 @@ pub fn compare(
             done.fetch_add(end - offset, Ordering::Relaxed) + end - offset,
             size,
         );
-        Ok(())
+        Ok(true)
     })?;
     Ok(first.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
@@ -182,29 +215,34 @@ fn read_or_zero(r: &dyn ImageReader, offset: u64, end: u64) -> Result<Option<Vec
 }
 
 /// Runs `f(0..count)` on `threads` threads (0: one per core), stopping at
-/// the first error.
-fn parallel(count: usize, threads: usize, f: impl Fn(usize) -> Result<()> + Sync) -> Result<()> {
+/// the first error or when `f` says there is no more work (`false`).
+fn parallel(count: usize, threads: usize, f: impl Fn(usize) -> Result<bool> + Sync) -> Result<()> {
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
     } else {
         threads
     };
     let next = AtomicU64::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let error = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                loop {
+                while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     if i >= count {
                         return;
                     }
-                    if let Err(e) = f(i) {
-                        if let Ok(mut slot) = error.lock() {
-                            slot.get_or_insert(e);
+                    match f(i) {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => {
+                            if let Ok(mut slot) = error.lock() {
+                                slot.get_or_insert(e);
+                            }
+                            stop.store(true, Ordering::Relaxed);
+                            return;
                         }
-                        next.store(u64::MAX / 2, Ordering::Relaxed);
-                        return;
                     }
                 }
             });

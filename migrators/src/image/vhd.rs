@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use fluidcloud_plugins::ImageFormat;
 
-use super::reader::{Extent, ExtentKind, ImageReader, check_range, pread_full};
+use super::limits::{VHD_MAX_BAT_ENTRIES, VHD_MAX_BLOCK, VHD_MAX_DYNAMIC_SIZE};
+use super::reader::{Extent, ExtentKind, ImageReader, RawReader, check_range, pread_full};
+use super::table::{Cursor, Entry, PagedTable};
 use crate::error::{Error, Result};
 
 /// Footer length.
@@ -25,12 +27,6 @@ pub const FOOTER_LEN: u64 = 512;
 const CREATOR: &[u8; 4] = b"qem2";
 /// Largest CHS geometry: images this large are sized by the footer.
 const MAX_CHS_SECTORS: u64 = 65535 * 16 * 255;
-/// Largest block size we accept (the format allows any power of two; 2 MiB
-/// is the norm).
-const MAX_BLOCK: u32 = 256 << 20;
-/// BATs larger than this are corrupt (QEMU's 2040 GiB limit / 512 KiB
-/// blocks is far below).
-const MAX_BAT_ENTRIES: u32 = 1 << 24;
 
 fn be32(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
@@ -51,8 +47,11 @@ pub struct VhdReader {
     path: PathBuf,
     file_len: u64,
     size: u64,
-    /// `None` for fixed images; block size and BAT for dynamic ones.
-    dynamic: Option<(u64, Vec<u32>, u64)>,
+    /// `None` for fixed images; block size, BAT (paged) and bitmap length
+    /// for dynamic ones.
+    dynamic: Option<(u64, PagedTable, u64)>,
+    /// Fixed images: the file, for its holes (`SEEK_DATA`), as raw images.
+    fixed: Option<RawReader>,
 }
 
 impl VhdReader {
@@ -107,27 +106,38 @@ impl VhdReader {
                     return Err(corrupt("dynamic header (no cxsparse cookie)", dyn_at));
                 }
                 let table = be64(&header, 16);
-                let entries = be32(&header, 28);
-                let block = be32(&header, 32);
-                if !block.is_power_of_two() || !(512..=MAX_BLOCK).contains(&block) {
-                    return Err(corrupt(&format!("block size {block}"), dyn_at + 32));
-                }
-                let block = u64::from(block);
-                if entries > MAX_BAT_ENTRIES
-                    || u64::from(entries) * block < size
-                    || table.saturating_add(u64::from(entries) * 4) > file_len
-                {
+                let entries = u64::from(be32(&header, 28));
+                let block = u64::from(be32(&header, 32));
+                if !block.is_power_of_two() || !(512..=VHD_MAX_BLOCK).contains(&block) {
                     return Err(corrupt(
-                        &format!("block allocation table ({entries} entries at {table})"),
+                        &format!(
+                            "dynamic header field block size ({block}; a power of two from 512 \
+                             to {} MiB)",
+                            VHD_MAX_BLOCK >> 20
+                        ),
+                        dyn_at + 32,
+                    ));
+                }
+                if entries > VHD_MAX_BAT_ENTRIES || entries * block < size {
+                    return Err(corrupt(
+                        &format!(
+                            "dynamic header field max table entries ({entries}: {} needed for \
+                             {size} bytes, at most {VHD_MAX_BAT_ENTRIES})",
+                            size.div_ceil(block)
+                        ),
+                        dyn_at + 28,
+                    ));
+                }
+                if table.saturating_add(entries * 4) > file_len {
+                    return Err(corrupt(
+                        &format!(
+                            "dynamic header field table offset (a BAT of {entries} entries at \
+                             {table} ends past the end of the file)"
+                        ),
                         dyn_at + 16,
                     ));
                 }
-                let mut raw = vec![0u8; entries as usize * 4];
-                pread_full(&file, path, table, &mut raw)?;
-                let bat = raw
-                    .chunks_exact(4)
-                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let bat = PagedTable::new(table, entries, Entry::Be32);
                 // Each block starts with its sector bitmap, padded to 512.
                 let bitmap = (block / 512).div_ceil(8).div_ceil(512) * 512;
                 Some((block, bat, bitmap))
@@ -139,33 +149,39 @@ impl VhdReader {
             }
             t => return Err(corrupt(&format!("footer (disk type {t})"), at + 60)),
         };
+        let fixed = match dynamic {
+            None => Some(RawReader::open(path)?),
+            Some(_) => None,
+        };
         Ok(Self {
             file,
             path: path.to_owned(),
             file_len,
             size,
             dynamic,
+            fixed,
         })
     }
 
     /// Host offset of guest `offset` and the bytes left in its block, or
     /// `None` with that length if the block is not allocated.
-    fn map(&self, offset: u64) -> Result<(Option<u64>, u64)> {
+    fn map<'a>(
+        &'a self,
+        offset: u64,
+        cursor: &mut Option<Cursor<'a>>,
+    ) -> Result<(Option<u64>, u64)> {
         let Some((block, bat, bitmap)) = &self.dynamic else {
             return Ok((Some(offset), self.size - offset));
         };
         let index = offset / block;
         let within = offset % block;
-        let entry = usize::try_from(index)
-            .ok()
-            .and_then(|i| bat.get(i))
-            .copied()
-            .unwrap_or(u32::MAX);
+        let bat = cursor.get_or_insert_with(|| Cursor::new(bat, &self.file, &self.path));
+        let entry = bat.get(index)?.unwrap_or(u64::from(u32::MAX));
         let rest = block - within;
-        if entry == u32::MAX {
+        if entry == u64::from(u32::MAX) {
             return Ok((None, rest));
         }
-        let host = u64::from(entry) * 512 + bitmap;
+        let host = entry * 512 + bitmap;
         if host >= self.file_len {
             return Err(Error::Corrupt {
                 what: format!(
@@ -190,10 +206,11 @@ impl ImageReader for VhdReader {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(&self.path, self.size, offset, buf.len())?;
+        let mut bat = None;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let (host, rest) = self.map(pos)?;
+            let (host, rest) = self.map(pos, &mut bat)?;
             let n = usize::try_from(rest)
                 .unwrap_or(usize::MAX)
                 .min(buf.len() - done);
@@ -209,11 +226,20 @@ impl ImageReader for VhdReader {
 
     fn extent_at(&self, offset: u64) -> Result<Extent> {
         check_range(&self.path, self.size, offset, 1)?;
-        let (host, mut len) = self.map(offset)?;
+        if let Some(raw) = &self.fixed {
+            let e = raw.extent_at(offset)?;
+            return Ok(Extent {
+                offset,
+                length: e.length.min(self.size - offset),
+                kind: e.kind,
+            });
+        }
+        let mut bat = None;
+        let (host, mut len) = self.map(offset, &mut bat)?;
         // Merge following blocks of the same kind (bounded work per call).
         let mut steps = 0;
-        while offset + len < self.size && steps < 4096 {
-            let (next, more) = self.map(offset + len)?;
+        while offset + len < self.size && steps < 1 << 16 {
+            let (next, more) = self.map(offset + len, &mut bat)?;
             if next.is_some() != host.is_some() {
                 break;
             }
@@ -281,7 +307,7 @@ const BAT_AT: u64 = DYN_HEADER_AT + 1024;
 /// Sector bitmap in front of each block: one bit per sector, padded to 512.
 const DYNAMIC_BITMAP: u64 = 512;
 /// The largest dynamic VHD (the specification's 2040 GiB).
-pub const MAX_DYNAMIC_SIZE: u64 = 2040 << 30;
+pub const MAX_DYNAMIC_SIZE: u64 = VHD_MAX_DYNAMIC_SIZE;
 
 /// Writes a dynamic VHD front to back: blocks are allocated at the end of
 /// the file in the order they are first written (so ascending offsets
@@ -306,14 +332,17 @@ impl DynamicVhdWriter {
     /// # Errors
     ///
     /// [`Error::Io`] if the file exists or cannot be created;
-    /// [`Error::InvalidArgument`] for a size over 2040 GiB.
+    /// [`Error::InvalidArgument`] for a size over 2040 GiB (checked before
+    /// the file is created or the BAT allocated).
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let size = size.div_ceil(512) * 512;
         if size > MAX_DYNAMIC_SIZE {
             return Err(Error::InvalidArgument(format!(
-                "virtual size {size} is too large for a dynamic VHD (2040 GiB at most)"
+                "virtual size {size} is too large for a dynamic VHD ({}: 2040 GiB at most, \
+                 the VHD specification's limit)",
+                path.display()
             )));
         }
+        let size = size.div_ceil(512) * 512;
         let entries = size.div_ceil(DYNAMIC_BLOCK) as usize;
         let file = std::fs::OpenOptions::new()
             .write(true)

@@ -6,7 +6,12 @@
 //!
 //! Refused with [`Error::Unsupported`]: images with a parent (delta
 //! links), VMFS sparse / SESPARSE extents. Every grain directory and grain
-//! table entry is bounds-checked.
+//! table entry is bounds-checked; headers and descriptors are held to the
+//! caps of [`super::limits`] (extent count, virtual size, grain and table
+//! sizes), FLAT extents to the length of their file. Grain directories are
+//! read in pages, and the grain-table caches of all the sparse extents of
+//! a descriptor share one budget, so memory does not grow with the
+//! virtual size or the number of extents.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,7 +20,15 @@ use std::sync::{Arc, Mutex};
 
 use fluidcloud_plugins::ImageFormat;
 
-use super::reader::{BackingPolicy, Extent, ExtentKind, ImageReader, check_range, pread_full};
+use super::limits::{
+    TABLE_CACHE_BYTES, VMDK_GT_CACHE_BYTES, VMDK_MAX_DESCRIPTOR as MAX_DESCRIPTOR,
+    VMDK_MAX_EXTENTS, VMDK_MAX_GD_ENTRIES, VMDK_MAX_GRAIN_SECTORS as MAX_GRAIN_SECTORS,
+    VMDK_MAX_GT_ENTRIES as MAX_GT_ENTRIES, VMDK_MAX_SIZE, VMDK_MAX_SPARSE_EXTENT,
+};
+use super::reader::{
+    BackingPolicy, Extent, ExtentKind, ImageReader, RawReader, check_range, pread_full,
+};
+use super::table::{Entry, PagedTable};
 use crate::error::{Error, Result};
 
 /// `KDMV` in the little-endian magic field.
@@ -24,14 +37,6 @@ const MAGIC: &[u8; 4] = b"KDMV";
 const GD_AT_END: u64 = u64::MAX;
 const FLAG_ZERO_GRAIN: u32 = 1 << 2;
 const FLAG_COMPRESSED: u32 = 1 << 16;
-/// Largest grain we accept (QEMU: 64 KiB is usual, 2 MiB max in practice).
-const MAX_GRAIN_SECTORS: u64 = 1 << 16;
-/// Largest grain table we accept, in entries.
-const MAX_GT_ENTRIES: u64 = 1 << 16;
-/// Descriptors longer than this are not read.
-const MAX_DESCRIPTOR: u64 = 1 << 20;
-/// Grain tables kept in memory, in bytes.
-const GT_CACHE_BYTES: u64 = 16 << 20;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
@@ -54,10 +59,12 @@ struct Sparse {
     capacity: u64,
     grain: u64,
     gt_entries: u64,
-    gd: Vec<u32>,
+    gd: PagedTable,
     compressed: bool,
     zero_grain: bool,
     cache: Mutex<HashMap<u32, Arc<[u32]>>>,
+    /// Grain tables kept, in bytes (this extent's share of the image's).
+    cache_bytes: u64,
 }
 
 /// How a grain is stored.
@@ -69,7 +76,9 @@ enum Grain {
 }
 
 impl Sparse {
-    fn open(path: &Path) -> Result<(Self, Option<String>)> {
+    /// Opens a sparse extent whose caches (grain directory pages and grain
+    /// tables) may hold `share` of the image's budget (1: all of it).
+    fn open(path: &Path, share: u64) -> Result<(Self, Option<String>)> {
         let (file, file_len) = crate::image::open_file(path)?;
         let corrupt = |what: &str, offset: u64| Error::Corrupt {
             what: format!("vmdk {what} of {}", path.display()),
@@ -87,7 +96,7 @@ impl Sparse {
         if desc_at != 0 && desc_len != 0 && desc_at < file_len {
             let mut text = vec![0u8; desc_len as usize];
             pread_full(&file, path, desc_at, &mut text)?;
-            parent = parse_descriptor(&text)?.parent;
+            parent = parse_descriptor(&text, path)?.parent;
         }
         if le64(&h, 56) == GD_AT_END {
             // streamOptimized: the real header is the footer, 1 KiB before
@@ -99,38 +108,48 @@ impl Sparse {
             }
         }
         let flags = le32(&h, 8);
-        let capacity = le64(&h, 12).saturating_mul(512);
+        let sectors = le64(&h, 12);
+        let capacity = sectors.saturating_mul(512);
+        if capacity > VMDK_MAX_SIZE {
+            return Err(corrupt(
+                &format!(
+                    "header field capacity ({sectors} sectors, over the {} TiB limit)",
+                    VMDK_MAX_SIZE >> 40
+                ),
+                12,
+            ));
+        }
         let grain_sectors = le64(&h, 20);
         if !grain_sectors.is_power_of_two() || grain_sectors > MAX_GRAIN_SECTORS {
             return Err(corrupt(
-                &format!("grain size ({grain_sectors} sectors)"),
+                &format!(
+                    "header field grainSize ({grain_sectors} sectors; a power of two up to \
+                     {MAX_GRAIN_SECTORS})"
+                ),
                 20,
             ));
         }
         let gt_entries = u64::from(le32(&h, 44));
         if gt_entries == 0 || gt_entries > MAX_GT_ENTRIES {
             return Err(corrupt(
-                &format!("grain table size ({gt_entries} entries)"),
+                &format!("header field numGTEsPerGT ({gt_entries} entries; 1 to {MAX_GT_ENTRIES})"),
                 44,
             ));
         }
         let grain = grain_sectors * 512;
         let gd_entries = capacity.div_ceil(grain).div_ceil(gt_entries);
         let gd_at = le64(&h, 56).saturating_mul(512);
-        if gd_entries.saturating_mul(4) > 64 << 20
-            || gd_at.saturating_add(gd_entries * 4) > file_len
-        {
+        if gd_entries > VMDK_MAX_GD_ENTRIES || gd_at.saturating_add(gd_entries * 4) > file_len {
             return Err(corrupt(
-                &format!("grain directory ({gd_entries} entries at {gd_at})"),
+                &format!(
+                    "header field gdOffset (grain directory of {gd_entries} entries at {gd_at}, \
+                     past the end of the file or over {VMDK_MAX_GD_ENTRIES} entries)"
+                ),
                 56,
             ));
         }
-        let mut raw = vec![0u8; (gd_entries * 4) as usize];
-        pread_full(&file, path, gd_at, &mut raw)?;
-        let gd = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let share = share.max(1);
+        let gd = PagedTable::with_cache(gd_at, gd_entries, Entry::Le32, TABLE_CACHE_BYTES / share);
         let compressed = flags & FLAG_COMPRESSED != 0;
         if compressed && u16::from_le_bytes([h[77], h[78]]) != 1 {
             return Err(Error::Unsupported {
@@ -153,6 +172,7 @@ impl Sparse {
                 compressed,
                 zero_grain: flags & FLAG_ZERO_GRAIN != 0,
                 cache: Mutex::new(HashMap::new()),
+                cache_bytes: VMDK_GT_CACHE_BYTES / share,
             },
             parent,
         ))
@@ -168,11 +188,9 @@ impl Sparse {
     fn grain_of(&self, offset: u64) -> Result<Grain> {
         let index = offset / self.grain;
         let gdi = index / self.gt_entries;
-        let gt_sector = usize::try_from(gdi)
-            .ok()
-            .and_then(|i| self.gd.get(i))
-            .copied()
-            .unwrap_or(0);
+        let gt_sector = self.gd.get(&self.file, &self.path, gdi)?.unwrap_or(0);
+        // Entries are 32-bit sector numbers.
+        let gt_sector = u32::try_from(gt_sector).unwrap_or(0);
         if gt_sector == 0 {
             return Ok(Grain::Unallocated);
         }
@@ -222,7 +240,7 @@ impl Sparse {
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let mut cache = lock();
-        if (cache.len() as u64 + 1) * len > GT_CACHE_BYTES {
+        if (cache.len() as u64 + 1) * len > self.cache_bytes {
             cache.clear();
         }
         cache.insert(sector, Arc::clone(&t));
@@ -266,21 +284,32 @@ impl Sparse {
         Ok(())
     }
 
-    fn kind(&self, offset: u64) -> Result<ExtentKind> {
-        Ok(match self.grain_of(offset)? {
+    /// What the extent holds at `offset`, and for how many bytes at least:
+    /// to the end of its grain, or of its grain table's range when that
+    /// table is not allocated (so a walk over an empty terabyte takes one
+    /// step per grain table, not per grain).
+    fn run(&self, offset: u64) -> Result<(ExtentKind, u64)> {
+        let table_span = self.gt_entries * self.grain;
+        let gdi = offset / table_span;
+        if self.gd.get(&self.file, &self.path, gdi)?.unwrap_or(0) == 0 {
+            return Ok((ExtentKind::Unallocated, table_span - offset % table_span));
+        }
+        let kind = match self.grain_of(offset)? {
             Grain::Unallocated => ExtentKind::Unallocated,
             Grain::Zero => ExtentKind::Zero,
             Grain::At(_) | Grain::Compressed(_) => ExtentKind::Data,
-        })
+        };
+        Ok((kind, self.grain - offset % self.grain))
     }
 }
 
 /// One extent of the disk.
 #[derive(Debug)]
 enum Part {
+    /// A FLAT (or VMFS) extent: bytes of a raw file from `offset`; holes
+    /// of the file are reported as such.
     Flat {
-        file: File,
-        path: PathBuf,
+        raw: RawReader,
         offset: u64,
     },
     Sparse(Box<Sparse>),
@@ -304,7 +333,9 @@ struct Descriptor {
     parent: Option<String>,
 }
 
-fn parse_descriptor(text: &[u8]) -> Result<Descriptor> {
+/// Parses the descriptor text of `path` (a descriptor file, or a sparse
+/// extent with one embedded); errors name `path` and the line.
+fn parse_descriptor(text: &[u8], path: &Path) -> Result<Descriptor> {
     let text = text.split(|&b| b == 0).next().unwrap_or_default();
     let text = String::from_utf8_lossy(text);
     let mut d = Descriptor::default();
@@ -316,9 +347,18 @@ fn parse_descriptor(text: &[u8]) -> Result<Descriptor> {
         let mut words = line.split_whitespace();
         if let Some("RW" | "RDONLY" | "NOACCESS") = words.next() {
             let bad = || Error::Corrupt {
-                what: format!("vmdk extent line `{line}`"),
+                what: format!("vmdk extent line `{line}` of {}", path.display()),
                 offset: 0,
             };
+            if d.extents.len() >= VMDK_MAX_EXTENTS {
+                return Err(Error::Corrupt {
+                    what: format!(
+                        "vmdk descriptor {} (more than {VMDK_MAX_EXTENTS} extent lines)",
+                        path.display()
+                    ),
+                    offset: 0,
+                });
+            }
             let sectors: u64 = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
             let kind = words.next().ok_or_else(bad)?.to_owned();
             // The file name is quoted and may hold spaces.
@@ -370,7 +410,7 @@ impl VmdkReader {
         let mut magic = [0u8; 4];
         pread_full(&file, path, 0, &mut magic)?;
         if &magic == MAGIC {
-            let (sparse, parent) = Sparse::open(path)?;
+            let (sparse, parent) = Sparse::open(path, 1)?;
             if let Some(p) = parent {
                 return Err(Error::Unsupported {
                     what: format!("vmdk with a parent ({p}) in {}", path.display()),
@@ -395,35 +435,61 @@ impl VmdkReader {
         }
         let mut text = vec![0u8; len as usize];
         pread_full(&file, path, 0, &mut text)?;
-        let desc = parse_descriptor(&text)?;
+        let desc = parse_descriptor(&text, path)?;
         if let Some(p) = desc.parent {
             return Err(Error::Unsupported {
                 what: format!("vmdk with a parent ({p}) in {}", path.display()),
             });
         }
+        let corrupt = |what: String| Error::Corrupt {
+            what: format!("vmdk descriptor {} ({what})", path.display()),
+            offset: 0,
+        };
+        // Sizes first, before any extent file is opened.
+        let mut total = 0u64;
+        for (i, (sectors, ..)) in desc.extents.iter().enumerate() {
+            total = sectors
+                .checked_mul(512)
+                .and_then(|len| total.checked_add(len))
+                .filter(|&t| t <= VMDK_MAX_SIZE)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "extent line {} of {sectors} sectors takes the disk past the {} TiB \
+                         limit",
+                        i + 1,
+                        VMDK_MAX_SIZE >> 40
+                    ))
+                })?;
+        }
+        let sparse_extents = desc
+            .extents
+            .iter()
+            .filter(|(_, kind, ..)| kind == "SPARSE")
+            .count() as u64;
         let mut parts = Vec::new();
         let mut pos = 0u64;
-        for (sectors, kind, name, offset) in desc.extents {
-            let length = sectors.checked_mul(512).ok_or_else(|| Error::Corrupt {
-                what: format!("vmdk extent size in {}", path.display()),
-                offset: 0,
-            })?;
+        for (i, (sectors, kind, name, offset)) in desc.extents.into_iter().enumerate() {
+            let length = sectors * 512;
             let part = match (kind.as_str(), name) {
                 ("ZERO", _) => Part::Zero,
                 ("FLAT" | "VMFS", Some(name)) => {
                     let p = policy.resolve(path, "extent", &name)?;
-                    let f = File::open(&p).map_err(|e| {
-                        Error::io(format!("opening vmdk extent {}", p.display()), e)
-                    })?;
-                    Part::Flat {
-                        file: f,
-                        path: p,
-                        offset: offset.saturating_mul(512),
+                    let raw = RawReader::open(&p)?;
+                    let start = offset.saturating_mul(512);
+                    if start.saturating_add(length) > raw.virtual_size() {
+                        return Err(corrupt(format!(
+                            "extent line {}: {sectors} sectors from sector {offset} of {} end \
+                             past its {} bytes",
+                            i + 1,
+                            p.display(),
+                            raw.virtual_size()
+                        )));
                     }
+                    Part::Flat { raw, offset: start }
                 }
                 ("SPARSE", Some(name)) => {
                     let p = policy.resolve(path, "extent", &name)?;
-                    let (s, _) = Sparse::open(&p)?;
+                    let (s, _) = Sparse::open(&p, sparse_extents)?;
                     Part::Sparse(Box::new(s))
                 }
                 (k, _) => {
@@ -435,10 +501,7 @@ impl VmdkReader {
             if length > 0 {
                 parts.push((pos, length, part));
             }
-            pos = pos.checked_add(length).ok_or_else(|| Error::Corrupt {
-                what: format!("vmdk extents of {} (size overflows)", path.display()),
-                offset: 0,
-            })?;
+            pos += length;
         }
         Ok(Self {
             path: path.to_owned(),
@@ -481,7 +544,7 @@ impl ImageReader for VmdkReader {
             let dst = buf.get_mut(done..done + n as usize).unwrap_or_default();
             match part {
                 Part::Zero => dst.fill(0),
-                Part::Flat { file, path, offset } => pread_full(file, path, offset + within, dst)?,
+                Part::Flat { raw, offset } => raw.read_at(offset + within, dst)?,
                 Part::Sparse(s) => {
                     if within >= s.capacity {
                         dst.fill(0);
@@ -507,14 +570,20 @@ impl ImageReader for VmdkReader {
         let rest = len - within;
         let (kind, length) = match part {
             Part::Zero => (ExtentKind::Zero, rest),
-            Part::Flat { .. } => (ExtentKind::Data, rest),
+            Part::Flat { raw, offset } => {
+                let e = raw.extent_at(offset + within)?;
+                (e.kind, e.length.min(rest))
+            }
             Part::Sparse(s) => {
-                let kind = s.kind(within)?;
-                let mut l = s.grain - within % s.grain;
-                // Merge a bounded number of following grains of one kind.
+                let (kind, mut l) = s.run(within)?;
+                // Merge a bounded number of following runs of one kind.
                 let mut steps = 0;
-                while l < rest && steps < 1024 && s.kind(within + l)? == kind {
-                    l += s.grain;
+                while l < rest && steps < 1024 {
+                    let (k, more) = s.run(within + l)?;
+                    if k != kind {
+                        break;
+                    }
+                    l += more;
                     steps += 1;
                 }
                 (kind, l.min(rest))
@@ -601,7 +670,7 @@ impl StreamOptimizedWriter<File> {
     /// [`Error::Io`] if the file exists or cannot be created;
     /// [`Error::InvalidArgument`] for sizes VMDK cannot describe.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        Self::check_size(size)?;
+        Self::check_size(path, size)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -628,14 +697,16 @@ impl StreamOptimizedWriter<File> {
 }
 
 impl<W: std::io::Write> StreamOptimizedWriter<W> {
-    fn check_size(size: u64) -> Result<()> {
-        let sectors = size.div_ceil(512);
-        let gd_entries = sectors
-            .div_ceil(STREAM_GRAIN / 512)
-            .div_ceil(STREAM_GT_ENTRIES);
-        if gd_entries > u64::from(u32::MAX) / 4 || sectors > (1 << 40) {
+    /// The grain directory is held in memory (4 bytes per 32 MiB): sizes
+    /// are held to [`VMDK_MAX_SIZE`] (2 MiB of directory) before anything is
+    /// allocated.
+    fn check_size(path: &Path, size: u64) -> Result<()> {
+        if size > VMDK_MAX_SIZE {
             return Err(Error::InvalidArgument(format!(
-                "virtual size {size} is too large for a VMDK"
+                "virtual size {size} is too large for a streamOptimized VMDK ({}: {} TiB at most, \
+                 above VMware's limit of 62 TB)",
+                path.display(),
+                VMDK_MAX_SIZE >> 40
             )));
         }
         Ok(())
@@ -650,7 +721,7 @@ impl<W: std::io::Write> StreamOptimizedWriter<W> {
     /// [`Error::InvalidArgument`] for sizes VMDK cannot describe or a name
     /// too long for the descriptor.
     pub fn to_stream(out: W, path: &Path, size: u64) -> Result<Self> {
-        Self::check_size(size)?;
+        Self::check_size(path, size)?;
         let file = out;
         let sectors = size.div_ceil(512);
         let gd_entries = sectors
@@ -863,14 +934,16 @@ impl MonolithicSparseWriter {
     /// [`Error::InvalidArgument`] for sizes VMDK cannot describe.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
         use std::os::unix::fs::FileExt as _;
+        if size > VMDK_MAX_SPARSE_EXTENT {
+            return Err(Error::InvalidArgument(format!(
+                "virtual size {size} is too large for a monolithicSparse VMDK ({}: 2 TiB at most, \
+                 QEMU's limit for one sparse extent)",
+                path.display()
+            )));
+        }
         let sectors = size.div_ceil(512);
         let grain_sectors = STREAM_GRAIN / 512;
         let gd_entries = sectors.div_ceil(grain_sectors).div_ceil(STREAM_GT_ENTRIES);
-        if sectors > (1 << 32) {
-            return Err(Error::InvalidArgument(format!(
-                "virtual size {size} is too large for a monolithicSparse VMDK (2 TiB at most)"
-            )));
-        }
         let desc_sectors = 20u64;
         let gd_at = 1 + desc_sectors;
         let gd_sectors = (gd_entries * 4).div_ceil(512);

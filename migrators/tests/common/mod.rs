@@ -39,6 +39,26 @@ pub fn qemu_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs `qemu-io` on `img` with each of `cmds` (`-c`), panicking with its
+/// output on failure.
+pub fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut args = Vec::new();
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = Command::new("qemu-io")
+        .args(&args)
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?} failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

@@ -9,7 +9,8 @@
 //! opens such images read-only).
 //!
 //! L2 tables are cached (32 MiB at most, whatever the image size); the L1
-//! table is held in memory (QEMU caps it at 32 MiB).
+//! table (QEMU caps it at 32 MiB) is read in pages as it is used, so an
+//! image of 2^61 bytes costs a bounded cache ([`crate::image::limits`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -38,12 +39,13 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
-/// QEMU's limits.
-const MAX_L1_BYTES: u64 = 32 * 1024 * 1024;
-const MAX_SNAPSHOTS: u32 = 65536;
-const MAX_SNAPSHOT_EXTRA: u32 = 1024;
-/// L2 tables kept in memory, in bytes.
-const L2_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+use crate::image::limits::{
+    QCOW2_L2_CACHE_BYTES as L2_CACHE_BYTES, QCOW2_MAX_BACKING_NAME,
+    QCOW2_MAX_L1_BYTES as MAX_L1_BYTES, QCOW2_MAX_SNAPSHOT_EXTRA as MAX_SNAPSHOT_EXTRA,
+    QCOW2_MAX_SNAPSHOT_TABLE_BYTES as MAX_SNAPSHOT_TABLE_BYTES,
+    QCOW2_MAX_SNAPSHOTS as MAX_SNAPSHOTS,
+};
+use crate::image::table::{Entry, PagedTable};
 
 /// Compression algorithm of compressed clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -118,7 +120,7 @@ pub struct Qcow2Reader {
     cluster_bits: u32,
     cluster_size: u64,
     virtual_size: u64,
-    l1: Vec<u64>,
+    l1: PagedTable,
     extended_l2: bool,
     /// `cluster_bits - 8`, the width of the compressed sector count.
     csize_bits: u32,
@@ -280,7 +282,9 @@ impl Qcow2Reader {
         let backing_file = if bf_offset == 0 || bf_size == 0 {
             None
         } else {
-            if bf_size > 1023 || bf_offset.saturating_add(u64::from(bf_size)) > cluster_size {
+            if bf_size > QCOW2_MAX_BACKING_NAME
+                || bf_offset.saturating_add(u64::from(bf_size)) > cluster_size
+            {
                 return Err(corrupt("header (backing file name out of range)", 8));
             }
             let name = head
@@ -335,7 +339,13 @@ impl Qcow2Reader {
         let l2_entries = cluster_size / l2_bytes_per_entry;
         let needed_l1 = virtual_size.div_ceil(cluster_size).div_ceil(l2_entries);
         if l1_size.saturating_mul(8) > MAX_L1_BYTES {
-            return Err(corrupt(&format!("L1 table ({l1_size} entries)"), 36));
+            return Err(corrupt(
+                &format!(
+                    "header field l1_size ({l1_size} entries: an L1 table over QEMU's {} MiB limit)",
+                    MAX_L1_BYTES >> 20
+                ),
+                36,
+            ));
         }
         if l1_size < needed_l1 {
             return Err(corrupt(
@@ -354,12 +364,7 @@ impl Qcow2Reader {
                 40,
             ));
         }
-        let mut raw = vec![0u8; (l1_size * 8) as usize];
-        pread_full(&file, path, l1_offset, &mut raw)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
-            .collect();
+        let l1 = PagedTable::new(l1_offset, l1_size, Entry::Be64);
 
         let backing = match &backing_file {
             None => None,
@@ -424,11 +429,7 @@ impl Qcow2Reader {
     /// The L2 table of L1 index `l1_index` as 64-bit words, `None` if not
     /// allocated.
     fn l2_table(&self, l1_index: u64) -> Result<Option<Arc<[u64]>>> {
-        let entry = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
-            .unwrap_or(0);
+        let entry = self.l1.get(&self.file, &self.path, l1_index)?.unwrap_or(0);
         let offset = entry & OFFSET_MASK;
         if offset == 0 {
             return Ok(None);
@@ -807,7 +808,10 @@ fn read_snapshots(
         return Ok(Vec::new());
     }
     if count > MAX_SNAPSHOTS {
-        return Err(corrupt(format!("snapshot table ({count} snapshots)"), 60));
+        return Err(corrupt(
+            format!("header field nb_snapshots ({count}, more than QEMU's {MAX_SNAPSHOTS})"),
+            60,
+        ));
     }
     if !offset.is_multiple_of(cluster_size) || offset >= file_len {
         return Err(corrupt(format!("snapshot table offset {offset}"), 64));
@@ -835,6 +839,16 @@ fn read_snapshots(
             ));
         }
         let var_len = u64::from(extra_len) + id_len + name_len;
+        // Ids and names are kept: the whole table is held to QEMU's cap.
+        if (at + 40 + var_len).saturating_sub(offset) > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(corrupt(
+                format!(
+                    "snapshot {i} (the snapshot table passes QEMU's limit of {} MiB)",
+                    MAX_SNAPSHOT_TABLE_BYTES >> 20
+                ),
+                at,
+            ));
+        }
         if (at + 40).saturating_add(var_len) > file_len {
             return Err(corrupt(
                 format!("snapshot {i} (past the end of the file)"),

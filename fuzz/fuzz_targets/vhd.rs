@@ -1,0 +1,5 @@
+#![no_main]
+//! libFuzzer entry point of [`fluidcloud_fuzz::vhd`].
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = fluidcloud_fuzz::vhd(data);
+});
