@@ -562,15 +562,18 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
         )
         .await;
         assert_eq!(status, 404, "{p:#}");
-        let (status, _, _) = call(
-            url,
-            "GET",
-            "/relocations/..%2F..%2Fetc/events",
-            Some(TOKEN),
-            None,
-        )
-        .await;
-        assert_eq!(status, 404);
+        // Ids that cannot name a relocation: not found, whatever the route.
+        for (method, path) in [
+            ("GET", "/relocations/..%2F..%2Fetc/events"),
+            ("GET", "/relocations/a%20b"),
+            ("GET", "/relocations/%C2%94%0D/events"),
+            ("POST", "/relocations/x%09y/cancel"),
+            ("POST", "/relocations/%C2%B7/resume"),
+            ("POST", "/relocations/X2%14/rollback"),
+        ] {
+            let (status, _, p) = call(url, method, path, Some(TOKEN), None).await;
+            assert_eq!(status, 404, "{method} {path}: {p:#}");
+        }
         // Nothing was started by any of these.
         let (_, _, list) = call(url, "GET", "/relocations", Some(TOKEN), None).await;
         assert_eq!(list, json!([]));

@@ -147,7 +147,9 @@ impl Runner {
 
     fn load(&self, id: &str) -> Result<Relocation, RunnerError> {
         // Ids come from URLs: never let one name a path outside the store.
-        if id.is_empty() || id.contains(['/', '\\']) || id.starts_with('.') {
+        // One that cannot be a relocation's name is not found (404), not a
+        // failure of the service (the store refuses it as a precondition).
+        if lock::check_name("relocation id", id).is_err() {
             return Err(RunnerError::NotFound(format!("no relocation `{id}`")));
         }
         self.0.store.load(id).map_err(|e| match e {
