@@ -141,6 +141,10 @@ static LINE_PAIR: LazyLock<Regex> = LazyLock::new(|| {
     )
     .unwrap_or_else(|_| unreachable!("a constant pattern"))
 });
+static INLINE_PAIR: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r#"\b([A-Za-z0-9_.\-]+)=([^\s`'",;&<>()\[\]{}]+)"#)
+        .unwrap_or_else(|_| unreachable!("a constant pattern"))
+});
 static XML_PAIR: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r#"<([A-Za-z0-9_.\-]+)>([^<]*)</([A-Za-z0-9_.\-]+)>"#)
         .unwrap_or_else(|_| unreachable!("a constant pattern"))
@@ -190,6 +194,15 @@ pub fn text(s: &str) -> Cow<'_, str> {
                 redact_value(&c[4]),
                 &c[5]
             )
+        } else {
+            c[0].to_owned()
+        }
+    });
+    // `key=value` inside a sentence or a query string: a constraint in an
+    // error message, `?token=…&page=2`.
+    let out = step(out, &INLINE_PAIR, &|c| {
+        if is_secret_key(&c[1]) && !c[2].contains(REDACTED) {
+            format!("{}={REDACTED}", &c[1])
         } else {
             c[0].to_owned()
         }
@@ -291,6 +304,19 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(text(input), want, "{input}");
         }
+    }
+
+    #[test]
+    fn pairs_inside_sentences_and_query_strings_lose_their_secret() {
+        assert_eq!(
+            text("unknown constraint `password=hunter2` (try cost<=3)"),
+            format!("unknown constraint `password={REDACTED}` (try cost<=3)")
+        );
+        assert_eq!(
+            text("GET https://x/api?api_token=abc123&page=2 failed"),
+            format!("GET https://x/api?api_token={REDACTED}&page=2 failed")
+        );
+        assert_eq!(text("retries=3 site=paris"), "retries=3 site=paris");
     }
 
     #[test]
