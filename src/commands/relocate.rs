@@ -341,12 +341,7 @@ pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
         }
     }
     let store = store_of(&file);
-    let _lock = ServiceLock::acquire(
-        &store,
-        &relocation.from,
-        &relocation.service,
-        &relocation.id,
-    )?;
+    let _lock = ServiceLock::acquire(&store, &relocation)?;
     lock::check_earlier(&store, &relocation.from, &relocation.service, a.force)?;
     lock::check_outputs(&relocation)?;
     store.create(&relocation)?;
@@ -381,12 +376,7 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
-    let _lock = ServiceLock::acquire(
-        &store,
-        &relocation.from,
-        &relocation.service,
-        &relocation.id,
-    )?;
+    let _lock = ServiceLock::acquire(&store, &relocation)?;
     let executor = reopen(&file, &store, &relocation)?;
     if !g.json {
         outln!("resuming relocation {}", relocation.id)?;
@@ -402,12 +392,7 @@ pub(crate) async fn rollback(g: &Globals, a: RollbackArgs) -> Result<()> {
     let file = sites_file(g)?;
     let store = store_of(&file);
     let relocation = store.load(&a.id)?;
-    let _lock = ServiceLock::acquire(
-        &store,
-        &relocation.from,
-        &relocation.service,
-        &relocation.id,
-    )?;
+    let _lock = ServiceLock::acquire(&store, &relocation)?;
     rollback_allowed(&store, &relocation, a.force)?;
     let executor = reopen(&file, &store, &relocation)?;
     if !g.json {

@@ -269,7 +269,7 @@ impl Runner {
                     "relocation {id} is running already"
                 )));
             }
-            let lock = ServiceLock::acquire(&self.0.store, &r.from, &r.service, &r.id)
+            let lock = ServiceLock::acquire(&self.0.store, &r)
                 .map_err(|e| RunnerError::Conflict(e.to_string()))?;
             let executor = reopen(&self.0.file, &self.0.store, &r)
                 .map_err(|e| failed(format!("cannot {what} {id}: {e:#}")))?;
@@ -287,9 +287,8 @@ impl Relocations for Runner {
             .await
             .map_err(|e| plan_error(&e, &request))?;
         let store = &self.0.store;
-        let lock =
-            ServiceLock::acquire(store, &relocation.from, &relocation.service, &relocation.id)
-                .map_err(|e| RunnerError::Conflict(e.to_string()))?;
+        let lock = ServiceLock::acquire(store, &relocation)
+            .map_err(|e| RunnerError::Conflict(e.to_string()))?;
         lock::check_earlier(store, &relocation.from, &relocation.service, request.force)
             .and_then(|()| lock::check_outputs(&relocation))
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;

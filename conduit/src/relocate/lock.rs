@@ -21,6 +21,7 @@ use std::path::PathBuf;
 
 use fluidcloud_plugins::Error as SdkError;
 
+use super::Relocation;
 use super::store::Store;
 use crate::error::{Error, Result};
 
@@ -60,12 +61,13 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 impl ServiceLock {
-    /// Takes the lock of `service` at site `from` for relocation `id`,
+    /// Takes the lock of relocation `r`'s service at its source site,
     /// without waiting.
     ///
     /// # Errors
     /// `Precondition` naming the relocation that holds it; I/O errors.
-    pub fn acquire(store: &Store, from: &str, service: &str, id: &str) -> Result<Self> {
+    pub fn acquire(store: &Store, r: &Relocation) -> Result<Self> {
+        let (from, service, id) = (r.from.as_str(), r.service.as_str(), r.id.as_str());
         check_name("site", from)?;
         check_name("service", service)?;
         check_name("relocation id", id)?;
