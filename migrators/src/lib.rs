@@ -67,6 +67,7 @@
 //! sizes are bounded only by QEMU's own limits (32 MiB L1 table, 8 MiB
 //! refcount table), which `create` checks.
 
+pub mod changes;
 pub mod config;
 pub mod error;
 mod fsx;
