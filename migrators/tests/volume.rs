@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::{Rng, qemu, qemu_ok, s};
 use fluidcloud_migrators::Error;
+use fluidcloud_migrators::changes::ChangeSet;
 use fluidcloud_migrators::volume::{
     self, Manifest, VolumeCopy, VolumeCopyOptions, VolumeCopySummary, manifest_path, progress_path,
 };
@@ -413,6 +414,82 @@ fn resync_after_changing_one_percent_writes_only_those_chunks() {
     let again = copy(&src, &dst, &opts(CS));
     assert_eq!((again.chunks_sent, again.bytes_written), (0, 0));
     assert_eq!(again.root, sum.root);
+}
+
+#[test]
+fn a_change_set_limits_the_resync_to_the_chunks_it_names() {
+    const CS: u64 = 256 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let runs: Vec<(u64, u64)> = (0..256).map(|i| (i * CS, CS)).collect();
+    sparse_file(&src, 256 * CS, &runs, 6);
+    let dst = dir.path().join("dst.raw");
+    copy(&src, &dst, &opts(CS));
+    // The guest writes 1000 bytes into chunks 3 and 77 and 64 KiB across
+    // the boundary of chunks 150 and 151.
+    scribble_in(&src, &[3, 77], CS, 12);
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&vec![0xa5; 64 << 10], 151 * CS - (32 << 10))
+        .unwrap();
+    let changes = ChangeSet::new(
+        src.display().to_string(),
+        256 * CS,
+        vec![
+            (3 * CS + 5000, 1000),
+            (77 * CS + 5000, 1000),
+            (151 * CS - (32 << 10), 64 << 10),
+        ],
+    );
+    let tracked = VolumeCopyOptions {
+        changes: Some(changes.clone()),
+        ..opts(CS)
+    };
+    let sum = copy(&src, &dst, &tracked);
+    assert!(sum.tracked && sum.manifest_trusted);
+    // Each touched chunk is hashed, then read again to be written.
+    assert_eq!(
+        sum.bytes_read,
+        2 * 4 * CS,
+        "only the four touched chunks are read"
+    );
+    assert_eq!(sum.chunks_sent, 4);
+    assert_eq!(file_hash(&dst), file_hash(&src));
+    assert_eq!(
+        sum.root,
+        merkle_root(&src, CS),
+        "the root covers every chunk"
+    );
+
+    // A change set of another size is refused, naming the disk.
+    let wrong = VolumeCopyOptions {
+        changes: Some(ChangeSet::new("/pool/x.raw", 4096, vec![(0, 1)])),
+        ..opts(CS)
+    };
+    let e = volume::copy(&src, &dst, &wrong, &|_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/pool/x.raw") && e.contains("4096"), "{e}");
+
+    // Without a trusted manifest the change set cannot stand for the rest:
+    // every chunk is compared.
+    std::fs::remove_file(manifest_path(&dst)).unwrap();
+    scribble_in(&src, &[200], CS, 13);
+    let full = volume::copy(
+        &src,
+        &dst,
+        &VolumeCopyOptions {
+            overwrite: true,
+            ..tracked
+        },
+        &|_, _| {},
+    )
+    .unwrap();
+    assert!(!full.tracked);
+    assert!(full.bytes_read >= 256 * CS, "{}", full.bytes_read);
+    assert_eq!(file_hash(&dst), file_hash(&src));
 }
 
 #[test]

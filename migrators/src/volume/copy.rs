@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::manifest::{self, Leaf, Manifest, hex, manifest_path, stamp_matches};
 use super::progress::{self, Header, Log, progress_path};
+use crate::changes::ChangeSet;
 use crate::error::{Error, Result};
 use crate::image::{BackingPolicy, ExtentKind, ImageReader, RawReader, open, open_with};
 use fluidcloud_plugins::ImageFormat;
@@ -70,6 +71,15 @@ pub struct VolumeCopyOptions {
     pub source_format: Option<ImageFormat>,
     /// Where the source's backing files and extents may be.
     pub backing: BackingPolicy,
+    /// What the source's guest wrote since the target's last copy, as the
+    /// source site's change tracking saw it: with a trusted manifest of
+    /// that copy, only these chunks are read, hashed and sent, and every
+    /// other chunk keeps the manifest's leaf on both sides. Without a
+    /// trusted manifest the whole volume is compared, as without it.
+    ///
+    /// Sound only when the source did not change outside these ranges
+    /// since that copy, which tracking that began before it guarantees.
+    pub changes: Option<ChangeSet>,
 }
 
 impl VolumeCopyOptions {
@@ -95,6 +105,7 @@ impl Default for VolumeCopyOptions {
             cancel: None,
             source_format: None,
             backing: BackingPolicy::default(),
+            changes: None,
         }
     }
 }
@@ -132,6 +143,9 @@ pub struct VolumeCopySummary {
     pub chunks_resumed: u64,
     /// Whether the target's manifest from an earlier copy was trusted.
     pub manifest_trusted: bool,
+    /// Whether only the chunks of a change set were looked at
+    /// ([`VolumeCopyOptions::changes`]).
+    pub tracked: bool,
     /// Whether this run created the target file.
     pub created: bool,
     /// Wall-clock time of the copy.
@@ -677,17 +691,25 @@ pub fn copy(
         }
         state.recorded = recorded;
     }
-    // Only chunks with data at the source, or anything but known zeros at
-    // the target, need work: the rest is zero on both sides.
-    let mut todo = data_chunks(reader.as_ref(), cs)?;
-    todo.extend(
-        state
-            .known
-            .iter()
-            .filter(|(_, l)| **l != Some(Leaf::Zero))
-            .map(|(i, _)| *i),
-    );
-    let todo: Vec<u64> = todo.into_iter().collect();
+    let tracked = match &opts.changes {
+        Some(c) if c.virtual_size != size => {
+            return Err(Error::InvalidArgument(format!(
+                "change set of {} says {} bytes, the source {} has {size}",
+                c.disk,
+                c.virtual_size,
+                source.display()
+            )));
+        }
+        Some(c) => prepared.manifest_trusted.then_some(c),
+        None => None,
+    };
+    let (todo, base) = match tracked {
+        Some(c) => tracked_work(c, &state, cs, size),
+        None => (
+            untracked_work(reader.as_ref(), &state, cs)?,
+            Manifest::zero(cs, size),
+        ),
+    };
     let log = Mutex::new(prepared.log);
     let work = Work {
         source: reader.as_ref(),
@@ -719,10 +741,11 @@ pub fn copy(
         bytes_written: 0,
         chunks_resumed: state.recorded.len() as u64,
         manifest_trusted: prepared.manifest_trusted,
+        tracked: tracked.is_some(),
         created: prepared.created,
         elapsed: Duration::ZERO,
     };
-    let (src, mut tgt) = run_workers(&work, threads(opts.threads), &mut summary, progress)?;
+    let (src, mut tgt) = run_workers(&work, base, threads(opts.threads), &mut summary, progress)?;
     summary.chunks_zero = src.zero_chunks();
     summary.chunks_skipped = summary.chunks - summary.chunks_sent;
     summary.bytes_skipped = size - summary.bytes_sent;
@@ -767,6 +790,41 @@ pub fn copy(
     summary.root = hex(&tgt_root);
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// The chunks to look at without a change set: those with data at the
+/// source, or anything but known zeros at the target; the rest is zero on
+/// both sides.
+fn untracked_work(source: &dyn ImageReader, state: &TargetState, cs: u64) -> Result<Vec<u64>> {
+    let mut todo = data_chunks(source, cs)?;
+    todo.extend(
+        state
+            .known
+            .iter()
+            .filter(|(_, l)| **l != Some(Leaf::Zero))
+            .map(|(i, _)| *i),
+    );
+    Ok(todo.into_iter().collect())
+}
+
+/// The chunks to look at with a change set and a trusted manifest: the
+/// changed ones, and those an interrupted run recorded; every other chunk
+/// is what the manifest says, at the source as at the target.
+fn tracked_work(
+    changes: &ChangeSet,
+    state: &TargetState,
+    cs: u64,
+    size: u64,
+) -> (Vec<u64>, Manifest) {
+    let mut todo: BTreeSet<u64> = changes.chunks(cs).into_iter().collect();
+    todo.extend(state.recorded.iter().copied());
+    let mut base = Manifest::zero(cs, size);
+    for (&i, leaf) in &state.known {
+        if let Some(l) = leaf {
+            base.set(i, *l);
+        }
+    }
+    (todo.into_iter().collect(), base)
 }
 
 /// The target opened for the copy, and what is known of it.
@@ -982,17 +1040,18 @@ fn prepare_existing(
 }
 
 /// Runs the workers over `work.todo`; returns the source's and the
-/// target's manifests (chunks not in `todo` are zero on both sides).
+/// target's manifests (chunks not in `todo` are `base`'s on both sides).
 /// Progress records are synced and logged in batches as they come.
 fn run_workers(
     work: &Work<'_>,
+    base: Manifest,
     threads: usize,
     summary: &mut VolumeCopySummary,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(Manifest, Manifest)> {
-    let (cs, size) = (work.chunk_size, work.virtual_size);
-    let mut src = Manifest::zero(cs, size);
-    let mut tgt = Manifest::zero(cs, size);
+    let size = work.virtual_size;
+    let mut src = base.clone();
+    let mut tgt = base;
     let mut first_err: Option<Error> = None;
     let mut processed = 0usize;
     let commit = |pending: &mut Vec<(u64, Option<Leaf>)>| -> Result<()> {

@@ -10,8 +10,11 @@
 //! `RELOCATION/STEP`, and a target another relocation made is refused),
 //! `source_format` (how the input is read, as its site declares it: raw by
 //! default for a `volume`, the artifact's format for a `disk-image`; never
-//! probed) and `backing` (`{root, allow_dirs}`: where the input's backing
-//! files may be).
+//! probed), `backing` (`{root, allow_dirs}`: where the input's backing
+//! files may be) and `changes` (the absolute path of a [`crate::changes`]
+//! file of the input: only the chunks it names are read, when the target's
+//! manifest of the earlier copy is trusted; the output's fact `tracked`
+//! says whether it was).
 //!
 //! Output: artifact `volume` with the target path as locator, the virtual
 //! size, and `checksum = "blake3-merkle:<root>"`.
@@ -35,6 +38,7 @@ use fluidcloud_plugins::{
 use super::copy::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, VolumeCopyOptions, copy};
 use super::manifest::{manifest_path, sidecar};
 use super::progress::progress_path;
+use crate::changes::ChangeSet;
 use crate::image::{data_bytes, open_with};
 
 /// Image formats accepted as an image-backed volume.
@@ -48,8 +52,9 @@ const IMAGES: [ImageFormat; 5] = [
 /// Planning assumes this copy speed (hashing, writing, reading back).
 const PLAN_BYTES_PER_SECOND: f64 = 500e6;
 /// Params the migrator knows.
-const PARAMS: [&str; 7] = [
+const PARAMS: [&str; 8] = [
     "output",
+    "changes",
     "chunk_size",
     "site",
     "overwrite",
@@ -68,6 +73,8 @@ struct Parsed {
     output: PathBuf,
     site: String,
     opts: VolumeCopyOptions,
+    /// The change set file (`changes`), read when the step runs.
+    changes: Option<PathBuf>,
 }
 
 fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
@@ -207,15 +214,44 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             ),
         }
     }
+    let changes = match p.get("changes").map(|v| v.as_str()) {
+        None => None,
+        Some(Some(c)) if Path::new(c).is_absolute() => Some(PathBuf::from(c)),
+        Some(_) => {
+            problems.push(
+                Diagnostic::error("`changes` must be the absolute path of a change set")
+                    .at_key("params.changes"),
+            );
+            None
+        }
+    };
     match (input, output, site) {
         (Some(input), Some(output), Some(site)) if problems.is_empty() => Ok(Parsed {
             input: input.clone(),
             output,
             site,
             opts,
+            changes,
         }),
         _ => Err(problems),
     }
+}
+
+/// Reads the change set at `path`, which must be of `source`.
+fn load_changes(path: &Path, source: &Path) -> SdkResult<ChangeSet> {
+    let set = ChangeSet::load(path)?;
+    if Path::new(&set.disk) != source {
+        return Err(SdkError::Invalid(vec![
+            Diagnostic::error(format!(
+                "change set {} is of {}, not of the input {}",
+                path.display(),
+                set.disk,
+                source.display()
+            ))
+            .at_key("params.changes"),
+        ]));
+    }
+    Ok(set)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -279,23 +315,34 @@ impl Migrator for VolumeCopy {
         opts.cancel = Some(ctx.cancel.clone());
         let source = PathBuf::from(&parsed.input.locator);
         let output = parsed.output.clone();
+        let changes = parsed.changes.clone();
         let summary = blocking(move || {
+            if let Some(path) = changes {
+                opts.changes = Some(load_changes(&path, &source)?);
+            }
             let s = copy(&source, &output, &opts, &|done, total| {
                 progress.progress(done, Some(total))
             })?;
             progress.message(&format!(
-                "volume {}: {} of {} chunks sent ({} bytes written), {} skipped, {} zero",
+                "volume {}: {} of {} chunks sent ({} bytes written), {} skipped, {} zero{}",
                 output.display(),
                 s.chunks_sent,
                 s.chunks,
                 s.bytes_written,
                 s.chunks_skipped,
-                s.chunks_zero
+                s.chunks_zero,
+                match (&opts.changes, s.tracked) {
+                    (Some(c), true) => format!("; only the {} bytes the guest wrote were read", c.bytes()),
+                    (Some(_), false) => "; the change set was not used (no trusted manifest of the earlier copy): every chunk compared".to_owned(),
+                    (None, _) => String::new(),
+                }
             ));
             Ok(s)
         })
         .await?;
         let mut out = StepOutput::default();
+        out.facts
+            .insert("tracked".into(), serde_json::json!(summary.tracked));
         out.measured.bytes_read = summary.bytes_read;
         out.measured.bytes_written = summary.bytes_written;
         if parsed.site != parsed.input.site {
