@@ -621,8 +621,26 @@ fn a_guest_writing_to_its_boot_disk_and_volume_loses_no_write_and_its_boot_check
         let (trial, target, disks) = (trial.clone(), target.clone(), target_disks.clone());
         std::thread::spawn(move || watch_trial(trial, target, disks))
     };
-    let (_, out) = w.relocate("lv-a", "lv-b");
+    let (id, out) = w.relocate("lv-a", "lv-b");
     let seen = watcher.join().unwrap();
+
+    // The final delta read what the guest wrote from the tracking overlays,
+    // which are folded back: the source domain is on its own disks again.
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&w.fc(&["--json", "report", &id]))).unwrap();
+    let fd = &report["final_delta"];
+    assert_eq!(fd["disks_tracked"], 2, "{report}");
+    assert_eq!(fd["disks_rehashed"], 0, "{report}");
+    let changed = fd["changed_bytes"].as_u64().unwrap();
+    assert!(changed > 0 && changed < 4 << 20, "{changed}");
+    let xml = virsh(&["dumpxml", "--inactive", &w.source]);
+    assert!(
+        xml.contains(&format!("{}/guest.qcow2", w.a.dir.display()))
+            && !xml.contains("fluidcloud-tracking")
+            && !xml.contains("<backingStore"),
+        "{xml}"
+    );
+    assert!(!Path::new(&format!("/var/lib/libvirt/fluidcloud-tracking/{}", w.source)).exists());
 
     // The boot check: a copy with no network interface, on overlays, while
     // the real target stayed off; the target's disks unchanged by it.

@@ -150,6 +150,11 @@ pub struct SiteConfig {
     /// emulation) or `auto` (kvm when the host offers it; the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
+    /// `libvirt` sites: whether a relocation tracks the source's disk
+    /// writes (an external snapshot overlay) so that its final delta reads
+    /// only those (default true); false re-hashes every disk instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_tracking: Option<bool>,
     /// How instances arriving at this site are adapted to it: network and
     /// bridge names, MAC addresses, disk bus.
     #[serde(default, skip_serializing_if = "Option::is_none")]

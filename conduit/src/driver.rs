@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use fluidcloud_migrators::changes::ChangeSet;
 use fluidcloud_plugins::{Capability, Error, ImageFormat, Result};
 use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -307,6 +308,30 @@ pub trait Compute: Send + Sync {
     }
 }
 
+/// Tracks which byte ranges of an instance's disks its guest writes, so
+/// the final delta of a warm relocation reads only those instead of
+/// re-hashing whole disks. Sites without it get the re-hash.
+///
+/// While tracking, each disk's locator holds what it held when tracking
+/// began and is only read; the guest's writes go elsewhere (libvirt: an
+/// external snapshot overlay) until [`Self::end_tracking`] folds them back.
+#[async_trait]
+pub trait ChangeTracking: Send + Sync {
+    /// Starts tracking every disk of instance `name`, running or not.
+    /// Tracking already on is kept (a resumed relocation calls it again).
+    async fn begin_tracking(&self, name: &str) -> Result<()>;
+    /// What the guest of the *stopped* instance `name` wrote since
+    /// tracking began, one change set per disk (`disk` is the locator the
+    /// instance's inventory gives). `None` when `name` is not tracked.
+    /// Only reads.
+    async fn changes(&self, name: &str) -> Result<Option<Vec<ChangeSet>>>;
+    /// Folds the tracked writes into the disks and ends tracking, running
+    /// or stopped: afterwards each disk's locator holds everything the
+    /// guest wrote. Nothing when `name` is not tracked; safe to repeat
+    /// after a crash.
+    async fn end_tracking(&self, name: &str) -> Result<()>;
+}
+
 /// The required core of every site driver.
 #[async_trait]
 pub trait SiteDriver: Send + Sync {
@@ -326,6 +351,11 @@ pub trait SiteDriver: Send + Sync {
     fn object_storage(&self) -> Option<&dyn ObjectStorage>;
     /// The compute capability, if any.
     fn compute(&self) -> Option<&dyn Compute>;
+    /// Change tracking of instances' disks, if the site offers it and its
+    /// configuration does not turn it off.
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        None
+    }
 
     /// Capabilities detected from the accessors above.
     fn capabilities(&self) -> BTreeSet<Capability> {

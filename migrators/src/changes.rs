@@ -15,7 +15,7 @@
 //! the virtual size. A range may read as anything, zeros included: it only
 //! says "look here", never what is there.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +58,14 @@ impl ChangeSet {
             virtual_size,
             extents,
         }
+    }
+
+    /// Where the change set of `disk` is kept in directory `dir`: a name
+    /// derived from the disk's locator, so the step that writes it and the
+    /// steps that read it agree without passing it along.
+    pub fn file_in(dir: &Path, disk: &str) -> PathBuf {
+        let h = blake3::hash(disk.as_bytes()).to_hex();
+        dir.join(format!("{}.json", &h.as_str()[..16]))
     }
 
     /// Bytes the ranges cover.

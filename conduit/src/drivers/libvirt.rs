@@ -36,10 +36,12 @@ use async_trait::async_trait;
 use fluidcloud_plugins::{Diagnostic, Error, ImageFormat, Result};
 use tokio::io::AsyncRead;
 
+mod tracking;
+
 use super::DriverDescriptor;
 use crate::config::SiteConfig;
 use crate::driver::{
-    BlockStore, Compute, ConfigFileRecord, Extent, ImageRecord, ImageStore, InstanceRecord,
+    BlockStore, ChangeTracking, Compute, ConfigFileRecord, Extent, ImageRecord, ImageStore, InstanceRecord,
     InstanceState, Inventory, NicKind, NicRecord, ObjectStorage, SiteDriver,
 };
 
@@ -62,6 +64,10 @@ pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
             "seconds a graceful shutdown may take before the domain is forced off (default 30)",
         ),
         ("accel", "auto (default), kvm or tcg"),
+        (
+            "change_tracking",
+            "true (default): a relocation's final delta reads only what the guest wrote, from an overlay; false: it re-hashes every disk",
+        ),
     ],
     open,
 };
@@ -88,6 +94,7 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
         Some("tcg") => Accel::Tcg,
         _ => Accel::Auto,
     };
+    site.change_tracking = config.change_tracking.unwrap_or(true);
     Ok(Box::new(site))
 }
 
@@ -111,6 +118,9 @@ pub struct LibvirtSite {
     prefix: String,
     shutdown_timeout: Duration,
     accel: Accel,
+    /// Whether disks are change-tracked during a relocation
+    /// (`change_tracking`, on by default).
+    change_tracking: bool,
 }
 
 /// Facts of one pool volume.
@@ -134,6 +144,7 @@ impl LibvirtSite {
             prefix: String::new(),
             shutdown_timeout: Duration::from_secs(30),
             accel: Accel::Auto,
+            change_tracking: true,
         }
     }
 
@@ -616,7 +627,18 @@ pub fn parse_domain(xml: &str, pool_path: &Path, site: &str) -> Result<InstanceR
         for d in devices.children().filter(|n| n.is_element()) {
             match d.tag_name().name() {
                 "disk" if d.attribute("device").unwrap_or("disk") == "disk" => {
-                    let src = child(d, "source");
+                    // A disk being change-tracked shows as its own file,
+                    // not as the overlay in front of it.
+                    let (src, declared) = match tracking::tracked_base(d) {
+                        Some(base) => (
+                            child(base, "source"),
+                            child(base, "format").and_then(|t| t.attribute("type")),
+                        ),
+                        None => (
+                            child(d, "source"),
+                            child(d, "driver").and_then(|t| t.attribute("type")),
+                        ),
+                    };
                     let path = src
                         .and_then(|s| s.attribute("file").or(s.attribute("dev")))
                         .map(|p| vol_name(p, pool_path))
@@ -624,7 +646,6 @@ pub fn parse_domain(xml: &str, pool_path: &Path, site: &str) -> Result<InstanceR
                     if let Some(p) = path {
                         // libvirt reads a disk without `<driver type>` as
                         // raw (it never probes); so do we.
-                        let declared = child(d, "driver").and_then(|t| t.attribute("type"));
                         let format = match declared {
                             None => ImageFormat::Raw,
                             Some(t) => format_of_libvirt(t).ok_or_else(|| Error::NotSupported {
@@ -868,6 +889,10 @@ impl SiteDriver for LibvirtSite {
 
     fn compute(&self) -> Option<&dyn Compute> {
         Some(self)
+    }
+
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        (self.change_tracking && self.is_local()).then_some(self as &dyn ChangeTracking)
     }
 }
 

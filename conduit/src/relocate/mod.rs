@@ -38,6 +38,7 @@ pub mod lock;
 pub mod report;
 pub mod steps;
 pub mod store;
+pub mod tracking;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -429,6 +430,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         site: input.from.to_owned(),
         source: SdkError::io(format!("sites file {}", input.sites.path.display()), e),
     })?;
+    let sites_file_s = sites_file.display().to_string();
     let target_of = |unit: &str| -> Result<(&str, &SiteConfig)> {
         let t = input
             .assignments
@@ -464,6 +466,10 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     let mut images_to_compare: Vec<steps::ImagePair> = Vec::new();
     let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
     let mut boot_checks: Vec<steps::BootCheckPlan> = Vec::new();
+    let tracking = Tracking::plan(input, from_cfg, &topo, &sites_file_s);
+    if let Some(begin) = tracking.step(tracking::Op::Begin) {
+        wf.push(begin);
+    }
 
     for r in topo.resources() {
         let ResourceSpec::Instance {
@@ -597,6 +603,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                             output: &out,
                             format: to,
                             backing: backing_policy(from_cfg, &from_dirs.images),
+                            tracking: &tracking,
                         };
                         if is_kernel || is_initrd {
                             // Host files the guest never writes: one copy,
@@ -648,19 +655,20 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         locator.clone(),
                         Some(*allocated),
                     );
-                    wf.push(
+                    wf.push(tracking.precopy(
                         StepSpec::new(&pre, "volume-copy", target)
                             .params(params.clone())
                             .input("volume", source.clone())
                             .output("volume", ArtifactKind::Volume),
-                    );
-                    after_stop.push(
+                    ));
+                    after_stop.push(tracking.final_delta(
                         StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
                             .params(params)
                             .input("volume", source)
                             .output("volume", ArtifactKind::Volume)
                             .after(&pre),
-                    );
+                        locator,
+                    ));
                     plan.record
                         .formats
                         .insert(new_name.clone(), ImageFormat::Raw);
@@ -773,7 +781,6 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     }
     let mut wf = WorkflowBuilder::from_def(def);
 
-    let sites_file_s = sites_file.display().to_string();
     let mut provision_ids = Vec::new();
     for p in &instances {
         let id = step_id("provision", &p.record.name);
@@ -837,6 +844,9 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         "boot_checks": boot_checks,
     }));
     cutover = cutover.after("stop-source");
+    if let Some(collect) = tracking.step(tracking::Op::Collect) {
+        wf.push(collect.after("stop-source"));
+    }
     for last in after_stop {
         let id = last.id.clone();
         wf.push(last.after("stop-source"));
@@ -900,6 +910,74 @@ struct ImageStep<'a> {
     output: &'a Path,
     format: ImageFormat,
     backing: BackingPolicy,
+    tracking: &'a Tracking,
+}
+
+/// Whether the source site tracks disk writes during this relocation, and
+/// the steps and parameters that follow from it (`tracking.rs`).
+struct Tracking {
+    /// The `change-tracking` step's parameters; `None` without tracking.
+    params: Option<serde_json::Value>,
+    /// Where the change sets are written.
+    dir: PathBuf,
+}
+
+impl Tracking {
+    fn plan(input: &PlanInput<'_>, from_cfg: &SiteConfig, topo: &Topology, sites_file: &str) -> Self {
+        let dir = input.records.join("changes");
+        let on = crate::drivers::open(input.from, from_cfg)
+            .is_ok_and(|d| d.change_tracking().is_some());
+        let instances: Vec<&str> = topo
+            .resources()
+            .into_iter()
+            .filter(|r| r.kind() == ResourceKind::Instance)
+            .map(|r| r.name.as_str())
+            .collect();
+        let params = (on && !instances.is_empty()).then(|| {
+            serde_json::json!({
+                "sites_file": sites_file,
+                "site": input.from,
+                "instances": instances,
+                "dir": dir.display().to_string(),
+            })
+        });
+        Self { params, dir }
+    }
+
+    /// The step of `op`, when tracking is on.
+    fn step(&self, op: tracking::Op) -> Option<StepSpec> {
+        let mut params = self.params.clone()?;
+        params["op"] = serde_json::json!(op.as_str());
+        Some(StepSpec::new(op.step_id(), "change-tracking", params["site"].as_str().unwrap_or_default()).params(params))
+    }
+
+    /// A pre-copy: after the tracking began, so it reads disks that no
+    /// longer change.
+    fn precopy(&self, spec: StepSpec) -> StepSpec {
+        match self.params {
+            Some(_) => spec.after(tracking::Op::Begin.step_id()),
+            None => spec,
+        }
+    }
+
+    /// A step that reads a source disk once the source stopped: after
+    /// the tracked writes were folded back into it.
+    fn after_collect(&self, spec: StepSpec) -> StepSpec {
+        match self.params {
+            Some(_) => spec.after(tracking::Op::Collect.step_id()),
+            None => spec,
+        }
+    }
+
+    /// A final delta of the disk at `locator`: reads its change set.
+    fn final_delta(&self, mut spec: StepSpec, locator: &str) -> StepSpec {
+        if self.params.is_none() {
+            return spec;
+        }
+        let file = fluidcloud_migrators::changes::ChangeSet::file_in(&self.dir, locator);
+        spec.params["changes"] = serde_json::json!(file.display().to_string());
+        self.after_collect(spec)
+    }
 }
 
 impl ImageStep<'_> {
@@ -977,7 +1055,10 @@ impl ImageStep<'_> {
                     },
                 )
                 .after(self.id);
-            return (self.convert(), again);
+            return (
+                self.tracking.precopy(self.convert()),
+                self.tracking.after_collect(again),
+            );
         }
         let params = serde_json::json!({
             "output": self.output.display().to_string(),
@@ -992,7 +1073,11 @@ impl ImageStep<'_> {
                 .input("volume", self.input())
                 .output("volume", ArtifactKind::Volume)
         };
-        (copy(self.id), copy(&last).after(self.id))
+        (
+            self.tracking.precopy(copy(self.id)),
+            self.tracking
+                .final_delta(copy(&last).after(self.id), self.source),
+        )
     }
 }
 
@@ -1035,6 +1120,7 @@ pub fn registry() -> Registry {
         Arc::new(steps::Verify),
         Arc::new(steps::StopSource),
         Arc::new(steps::Cutover),
+        Arc::new(tracking::ChangeTrack),
     ];
     let mut r = Registry::new();
     for m in builtins {

@@ -80,6 +80,21 @@ pub struct DowntimeStage {
     pub seconds: f64,
 }
 
+/// How the final delta of a warm relocation found what changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalDelta {
+    /// Disks whose final delta read only the ranges the source's change
+    /// tracking recorded.
+    pub disks_tracked: u64,
+    /// Disks whose final delta compared every chunk (no tracking at the
+    /// source, or no trusted record of the pre-copy).
+    pub disks_rehashed: u64,
+    /// Bytes the source's guests wrote between the start of the pre-copy
+    /// and their stop, as change tracking saw them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_bytes: Option<u64>,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -104,6 +119,9 @@ pub struct Report {
     /// Where the downtime went.
     #[serde(default)]
     pub downtime_stages: Vec<DowntimeStage>,
+    /// How the final delta found what changed on each disk.
+    #[serde(default)]
+    pub final_delta: FinalDelta,
     /// Bytes the plan said it would move.
     pub bytes_to_move: u64,
     /// Totals of all steps.
@@ -116,6 +134,31 @@ pub struct Report {
     pub endpoint_map: Vec<EndpointChange>,
     /// Config files and their diffs.
     pub config: Vec<ConfigDiff>,
+}
+
+/// The final delta's facts: each final step's (`final:`, `sync:`) last
+/// `tracked` (steps that say nothing, such as a re-conversion, are not
+/// counted), and the
+/// change tracking's `changed_bytes`.
+fn final_delta(entries: &[Entry]) -> FinalDelta {
+    let mut tracked: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut out = FinalDelta::default();
+    for e in entries {
+        if let Record::Output { step, output } = &e.record {
+            let last = step.starts_with("final:") || step.starts_with("sync:");
+            if let Some(t) = output.facts.get("tracked").and_then(serde_json::Value::as_bool)
+                && last
+            {
+                tracked.insert(step, t);
+            }
+            if let Some(b) = output.facts.get("changed_bytes").and_then(serde_json::Value::as_u64) {
+                out.changed_bytes = Some(b);
+            }
+        }
+    }
+    out.disks_tracked = tracked.values().filter(|t| **t).count() as u64;
+    out.disks_rehashed = tracked.len() as u64 - out.disks_tracked;
+    out
 }
 
 /// The journal's entries, or none when it does not exist yet.
@@ -278,6 +321,7 @@ pub fn build(
             _ => None,
         })
     };
+    let final_delta = final_delta(entries);
     let (downtime_seconds, downtime_stages) =
         match (fact("stop-source", "stopped"), fact("cutover", "running")) {
             (Some(stopped), Some(running)) => {
@@ -334,6 +378,7 @@ pub fn build(
         },
         downtime_seconds,
         downtime_stages,
+        final_delta,
         bytes_to_move: r.bytes_to_move,
         bytes_read: read,
         bytes_written: written,

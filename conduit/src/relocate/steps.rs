@@ -30,7 +30,7 @@ use crate::config::SitesFile;
 use crate::driver::{InstanceRecord, InstanceState, SiteDriver, require_compute};
 use crate::drivers;
 
-fn params<T: DeserializeOwned>(request: &StepRequest) -> SdkResult<T> {
+pub(super) fn params<T: DeserializeOwned>(request: &StepRequest) -> SdkResult<T> {
     serde_path_to_error::deserialize(&request.params).map_err(|e| {
         SdkError::Invalid(vec![
             Diagnostic::error(format!("bad parameters: {}", e.inner()))
@@ -39,7 +39,7 @@ fn params<T: DeserializeOwned>(request: &StepRequest) -> SdkResult<T> {
     })
 }
 
-fn validate_params<T: DeserializeOwned>(request: &StepRequest) -> Vec<Diagnostic> {
+pub(super) fn validate_params<T: DeserializeOwned>(request: &StepRequest) -> Vec<Diagnostic> {
     match params::<T>(request) {
         Ok(_) => Vec::new(),
         Err(SdkError::Invalid(d)) => d,
@@ -47,7 +47,7 @@ fn validate_params<T: DeserializeOwned>(request: &StepRequest) -> Vec<Diagnostic
     }
 }
 
-fn to_sdk(e: crate::Error) -> SdkError {
+pub(super) fn to_sdk(e: crate::Error) -> SdkError {
     match e {
         crate::Error::Site { source, .. } => source,
         crate::Error::Config { diagnostics } => SdkError::Invalid(diagnostics),
@@ -58,14 +58,14 @@ fn to_sdk(e: crate::Error) -> SdkError {
     }
 }
 
-fn open_site(sites_file: &Path, site: &str) -> SdkResult<(SitesFile, Box<dyn SiteDriver>)> {
+pub(super) fn open_site(sites_file: &Path, site: &str) -> SdkResult<(SitesFile, Box<dyn SiteDriver>)> {
     let file = SitesFile::load(sites_file, &drivers::kinds()).map_err(to_sdk)?;
     let cfg = file.site(site).map_err(to_sdk)?;
     let driver = drivers::open(site, cfg).map_err(to_sdk)?;
     Ok((file, driver))
 }
 
-fn descriptor(name: &str, summary: &str, produces: Vec<ArtifactKind>) -> MigratorDescriptor {
+pub(super) fn descriptor(name: &str, summary: &str, produces: Vec<ArtifactKind>) -> MigratorDescriptor {
     MigratorDescriptor {
         name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -75,7 +75,7 @@ fn descriptor(name: &str, summary: &str, produces: Vec<ArtifactKind>) -> Migrato
     }
 }
 
-fn nothing() -> Estimate {
+pub(super) fn nothing() -> Estimate {
     Estimate {
         seconds: 0.05,
         ..Estimate::default()

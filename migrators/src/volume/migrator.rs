@@ -13,8 +13,9 @@
 //! probed), `backing` (`{root, allow_dirs}`: where the input's backing
 //! files may be) and `changes` (the absolute path of a [`crate::changes`]
 //! file of the input: only the chunks it names are read, when the target's
-//! manifest of the earlier copy is trusted; the output's fact `tracked`
-//! says whether it was).
+//! manifest of the earlier copy is trusted; when the file does not exist,
+//! the source site did not track the disk and every chunk is compared; the
+//! output's fact `tracked` says which).
 //!
 //! Output: artifact `volume` with the target path as locator, the virtual
 //! size, and `checksum = "blake3-merkle:<root>"`.
@@ -237,8 +238,12 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
     }
 }
 
-/// Reads the change set at `path`, which must be of `source`.
-fn load_changes(path: &Path, source: &Path) -> SdkResult<ChangeSet> {
+/// Reads the change set at `path`, which must be of `source`; `None` when
+/// there is none (the source site did not track this disk).
+fn load_changes(path: &Path, source: &Path) -> SdkResult<Option<ChangeSet>> {
+    if !path.exists() {
+        return Ok(None);
+    }
     let set = ChangeSet::load(path)?;
     if Path::new(&set.disk) != source {
         return Err(SdkError::Invalid(vec![
@@ -251,7 +256,7 @@ fn load_changes(path: &Path, source: &Path) -> SdkResult<ChangeSet> {
             .at_key("params.changes"),
         ]));
     }
-    Ok(set)
+    Ok(Some(set))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -317,8 +322,8 @@ impl Migrator for VolumeCopy {
         let output = parsed.output.clone();
         let changes = parsed.changes.clone();
         let summary = blocking(move || {
-            if let Some(path) = changes {
-                opts.changes = Some(load_changes(&path, &source)?);
+            if let Some(path) = &changes {
+                opts.changes = load_changes(path, &source)?;
             }
             let s = copy(&source, &output, &opts, &|done, total| {
                 progress.progress(done, Some(total))
@@ -334,6 +339,7 @@ impl Migrator for VolumeCopy {
                 match (&opts.changes, s.tracked) {
                     (Some(c), true) => format!("; only the {} bytes the guest wrote were read", c.bytes()),
                     (Some(_), false) => "; the change set was not used (no trusted manifest of the earlier copy): every chunk compared".to_owned(),
+                    (None, _) if changes.is_some() => "; no change set (the source did not track this disk): every chunk compared".to_owned(),
                     (None, _) => String::new(),
                 }
             ));
