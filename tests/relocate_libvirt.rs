@@ -640,7 +640,13 @@ fn a_guest_writing_to_its_boot_disk_and_volume_loses_no_write_and_its_boot_check
             && !xml.contains("<backingStore"),
         "{xml}"
     );
-    assert!(!Path::new(&format!("/var/lib/libvirt/fluidcloud-tracking/{}", w.source)).exists());
+    assert!(
+        !Path::new(&format!(
+            "/var/lib/libvirt/fluidcloud-tracking/{}",
+            w.source
+        ))
+        .exists()
+    );
 
     // The boot check: a copy with no network interface, on overlays, while
     // the real target stayed off; the target's disks unchanged by it.

@@ -597,23 +597,25 @@ fn print_report(rep: &Report) -> Result<()> {
             .collect();
         down = format!("{down} ({})", stages.join(", "));
     }
-    let fd = &rep.final_delta;
-    if fd.disks_tracked + fd.disks_rehashed > 0 {
-        let changed = fd
-            .changed_bytes
-            .map(|b| format!(", {} written by the guests during the pre-copy", bytes(b)))
-            .unwrap_or_default();
-        down = format!(
-            "{down}; final delta: {} disk(s) from change tracking, {} re-hashed{changed}",
-            fd.disks_tracked, fd.disks_rehashed
-        );
-    }
     outln!(
-        "  {} total, downtime {down}, {} read, {} written\n",
+        "  {} total, downtime {down}, {} read, {} written",
         secs(rep.seconds),
         bytes(rep.bytes_read),
         bytes(rep.bytes_written)
     )?;
+    let fd = &rep.final_delta;
+    if fd.disks_tracked + fd.disks_rehashed > 0 {
+        let changed = fd
+            .changed_bytes
+            .map(|b| format!(" ({} written by the guests during the pre-copy)", bytes(b)))
+            .unwrap_or_default();
+        outln!(
+            "  final delta: {} disk(s) read from change tracking{changed}, {} re-hashed",
+            fd.disks_tracked,
+            fd.disks_rehashed
+        )?;
+    }
+    outln!()?;
     let rows: Vec<Vec<String>> = rep
         .steps
         .iter()

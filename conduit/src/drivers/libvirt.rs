@@ -41,8 +41,8 @@ mod tracking;
 use super::DriverDescriptor;
 use crate::config::SiteConfig;
 use crate::driver::{
-    BlockStore, ChangeTracking, Compute, ConfigFileRecord, Extent, ImageRecord, ImageStore, InstanceRecord,
-    InstanceState, Inventory, NicKind, NicRecord, ObjectStorage, SiteDriver,
+    BlockStore, ChangeTracking, Compute, ConfigFileRecord, Extent, ImageRecord, ImageStore,
+    InstanceRecord, InstanceState, Inventory, NicKind, NicRecord, ObjectStorage, SiteDriver,
 };
 
 /// Registration of the `libvirt` kind.

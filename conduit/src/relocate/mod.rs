@@ -655,20 +655,24 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         locator.clone(),
                         Some(*allocated),
                     );
-                    wf.push(tracking.precopy(
-                        StepSpec::new(&pre, "volume-copy", target)
-                            .params(params.clone())
-                            .input("volume", source.clone())
-                            .output("volume", ArtifactKind::Volume),
-                    ));
-                    after_stop.push(tracking.final_delta(
-                        StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
-                            .params(params)
-                            .input("volume", source)
-                            .output("volume", ArtifactKind::Volume)
-                            .after(&pre),
-                        locator,
-                    ));
+                    wf.push(
+                        tracking.precopy(
+                            StepSpec::new(&pre, "volume-copy", target)
+                                .params(params.clone())
+                                .input("volume", source.clone())
+                                .output("volume", ArtifactKind::Volume),
+                        ),
+                    );
+                    after_stop.push(
+                        tracking.final_delta(
+                            StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
+                                .params(params)
+                                .input("volume", source)
+                                .output("volume", ArtifactKind::Volume)
+                                .after(&pre),
+                            locator,
+                        ),
+                    );
                     plan.record
                         .formats
                         .insert(new_name.clone(), ImageFormat::Raw);
@@ -923,10 +927,15 @@ struct Tracking {
 }
 
 impl Tracking {
-    fn plan(input: &PlanInput<'_>, from_cfg: &SiteConfig, topo: &Topology, sites_file: &str) -> Self {
+    fn plan(
+        input: &PlanInput<'_>,
+        from_cfg: &SiteConfig,
+        topo: &Topology,
+        sites_file: &str,
+    ) -> Self {
         let dir = input.records.join("changes");
-        let on = crate::drivers::open(input.from, from_cfg)
-            .is_ok_and(|d| d.change_tracking().is_some());
+        let on =
+            crate::drivers::open(input.from, from_cfg).is_ok_and(|d| d.change_tracking().is_some());
         let instances: Vec<&str> = topo
             .resources()
             .into_iter()
@@ -948,7 +957,14 @@ impl Tracking {
     fn step(&self, op: tracking::Op) -> Option<StepSpec> {
         let mut params = self.params.clone()?;
         params["op"] = serde_json::json!(op.as_str());
-        Some(StepSpec::new(op.step_id(), "change-tracking", params["site"].as_str().unwrap_or_default()).params(params))
+        Some(
+            StepSpec::new(
+                op.step_id(),
+                "change-tracking",
+                params["site"].as_str().unwrap_or_default(),
+            )
+            .params(params),
+        )
     }
 
     /// A pre-copy: after the tracking began, so it reads disks that no

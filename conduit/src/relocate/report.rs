@@ -146,12 +146,19 @@ fn final_delta(entries: &[Entry]) -> FinalDelta {
     for e in entries {
         if let Record::Output { step, output } = &e.record {
             let last = step.starts_with("final:") || step.starts_with("sync:");
-            if let Some(t) = output.facts.get("tracked").and_then(serde_json::Value::as_bool)
+            if let Some(t) = output
+                .facts
+                .get("tracked")
+                .and_then(serde_json::Value::as_bool)
                 && last
             {
                 tracked.insert(step, t);
             }
-            if let Some(b) = output.facts.get("changed_bytes").and_then(serde_json::Value::as_u64) {
+            if let Some(b) = output
+                .facts
+                .get("changed_bytes")
+                .and_then(serde_json::Value::as_u64)
+            {
                 out.changed_bytes = Some(b);
             }
         }

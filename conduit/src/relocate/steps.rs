@@ -58,14 +58,21 @@ pub(super) fn to_sdk(e: crate::Error) -> SdkError {
     }
 }
 
-pub(super) fn open_site(sites_file: &Path, site: &str) -> SdkResult<(SitesFile, Box<dyn SiteDriver>)> {
+pub(super) fn open_site(
+    sites_file: &Path,
+    site: &str,
+) -> SdkResult<(SitesFile, Box<dyn SiteDriver>)> {
     let file = SitesFile::load(sites_file, &drivers::kinds()).map_err(to_sdk)?;
     let cfg = file.site(site).map_err(to_sdk)?;
     let driver = drivers::open(site, cfg).map_err(to_sdk)?;
     Ok((file, driver))
 }
 
-pub(super) fn descriptor(name: &str, summary: &str, produces: Vec<ArtifactKind>) -> MigratorDescriptor {
+pub(super) fn descriptor(
+    name: &str,
+    summary: &str,
+    produces: Vec<ArtifactKind>,
+) -> MigratorDescriptor {
     MigratorDescriptor {
         name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),

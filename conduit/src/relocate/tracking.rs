@@ -155,6 +155,7 @@ async fn collect(
         set.save(&ChangeSet::file_in(dir, &set.disk))?;
     }
     tracking.end_tracking(name).await?;
-    super::store::write_atomic(&done, changed.to_string().as_bytes()).map_err(super::steps::to_sdk)?;
+    super::store::write_atomic(&done, changed.to_string().as_bytes())
+        .map_err(super::steps::to_sdk)?;
     Ok(changed)
 }

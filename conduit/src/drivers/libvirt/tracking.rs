@@ -126,7 +126,11 @@ async fn overlay_ranges(overlay: &Path) -> Result<(u64, Vec<(u64, u64)>)> {
     let json = qemu_img(&["map", "--output=json", "-f", "qcow2", &path], &what).await?;
     let entries: Vec<MapEntry> = serde_json::from_slice(&json)
         .map_err(|e| Error::Precondition(format!("{what}: unreadable map: {e}")))?;
-    let size = entries.iter().map(|e| e.start + e.length).max().unwrap_or(0);
+    let size = entries
+        .iter()
+        .map(|e| e.start + e.length)
+        .max()
+        .unwrap_or(0);
     let ranges = entries
         .iter()
         .filter(|e| e.depth == 0)
@@ -267,7 +271,14 @@ impl ChangeTracking for LibvirtSite {
         for d in disks.iter().filter(|d| d.file.starts_with(&dir)) {
             if running {
                 self.virsh(
-                    &["blockcommit", &domain, &d.dev, "--active", "--pivot", "--wait"],
+                    &[
+                        "blockcommit",
+                        &domain,
+                        &d.dev,
+                        "--active",
+                        "--pivot",
+                        "--wait",
+                    ],
                     &what,
                 )
                 .await?;
