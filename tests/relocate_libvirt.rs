@@ -491,9 +491,24 @@ fn a_failed_boot_check_leaves_the_source_running_and_rollback_cleans_the_target(
     // and the copy is gone.
     assert_eq!(state(&target), "shut off");
     assert_eq!(state(&format!("{target}-fc-trial")), "undefined");
+    // The running source writes into its tracking overlay meanwhile...
+    let tracking = format!("/var/lib/libvirt/fluidcloud-tracking/{}", w.source);
+    assert!(virsh(&["dumpxml", &w.source]).contains(&tracking));
     ok(&w.fc(&["rollback", &id]));
     assert_eq!(state(&target), "undefined");
     assert_eq!(state(&w.source), "running");
+    // ... which the rollback folds back into its disk while it runs.
+    for xml in [
+        virsh(&["dumpxml", &w.source]),
+        virsh(&["dumpxml", "--inactive", &w.source]),
+    ] {
+        assert!(
+            xml.contains(&format!("{}/guest.qcow2", w.a.dir.display()))
+                && !xml.contains("fluidcloud-tracking"),
+            "{xml}"
+        );
+    }
+    assert!(!Path::new(&tracking).exists());
     let _ = run(&["--version"]);
 }
 

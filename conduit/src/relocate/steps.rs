@@ -328,7 +328,7 @@ async fn watch_console(
                 "cancelled while waiting for a boot".into(),
             ));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     ctx.progress.message(&format!(
         "{}: {} printed `{got}` after {:.1} s",
