@@ -10,7 +10,7 @@
 # change tracking (the source site's default: the final delta reads only
 # what the guest wrote, from a snapshot overlay) and without it
 # (`change_tracking = false`: the final delta re-hashes the whole disk).
-# Then the tracked path again with a 16 GiB disk (8 GiB data), same delta.
+# Then both again with a 16 GiB disk (8 GiB data), same delta.
 #
 # Each figure is the downtime `fluidcloud report` gives: from the source
 # domain seen shut off to the target running and past its boot check
@@ -123,8 +123,13 @@ boot_check = { console = "FLUIDCLOUD-DONE", timeout_s = 300 }
 EOF
     : >"$work/relocate.out"
     # Once the pre-copy is done, the source disk leaves the page cache.
-    (timeout 600 tail -F "$work/relocate.out" 2>/dev/null | grep -m1 -q 'succeeded image:boot.raw' &&
-        sync && echo 3 >/proc/sys/vm/drop_caches) &
+    (for _ in $(seq 6000); do
+        if grep -q 'succeeded image:boot.raw' "$work/relocate.out"; then
+            sync && echo 3 >/proc/sys/vm/drop_caches && exit 0
+        fi
+        sleep 0.1
+    done
+    exit 1) &
     local dropper=$!
     (cd "$work" && "$fc" --config fluidcloud.toml relocate --from lv-a --service svc --to lv-b --yes >"$work/relocate.out" 2>&1) ||
         { cat "$work/relocate.out" >&2; exit 1; }
@@ -144,7 +149,7 @@ EOF
 source_pool 4 2
 source_pool 16 8
 best() { printf '%s\n' "$@" | sort -g | head -1; }
-t4=() r4=() t16=()
+t4=() r4=() t16=() r16=()
 for run in $(seq "$runs"); do
     read -r d c t h stages < <(relocate 4 true)
     echo "run $run, 4 GiB, tracked: downtime $d s, $c bytes changed, $t disk(s) tracked, $h re-hashed ($stages)"
@@ -159,13 +164,18 @@ for run in $(seq "$runs"); do
     echo "run $run, 16 GiB, tracked: downtime $d s, $c bytes changed ($stages)"
     [ "$t" = 1 ] || { echo "the 16 GiB run did not track" >&2; exit 1; }
     t16+=("$d")
+    read -r d c t h stages < <(relocate 16 false)
+    echo "run $run, 16 GiB, re-hash: downtime $d s ($stages)"
+    [ "$h" = 1 ] || { echo "the 16 GiB re-hash run did not re-hash" >&2; exit 1; }
+    r16+=("$d")
 done
 bt4=$(best "${t4[@]}")
 br4=$(best "${r4[@]}")
 bt16=$(best "${t16[@]}")
+br16=$(best "${r16[@]}")
 growth=$(awk -v a="$bt4" -v b="$bt16" 'BEGIN{printf "%.0f", (b / a - 1) * 100}')
-printf 'downtime: %.2f s tracked, %.2f s re-hash (disk 4 GiB, delta 64 MiB; 16 GiB tracked %.2f s, %+d %%; best of %d, TCG)\n' \
-    "$bt4" "$br4" "$bt16" "$growth" "$runs"
+printf 'downtime: %.2f s tracked, %.2f s re-hash (disk 4 GiB, delta 64 MiB; 16 GiB: %.2f s tracked (%+d %%), %.2f s re-hash; best of %d, TCG)\n' \
+    "$bt4" "$br4" "$bt16" "$growth" "$br16" "$runs"
 fail=0
 awk -v t="$bt4" 'BEGIN{exit !(t<5)}' || { echo "target missed: tracked downtime $bt4 s (>= 5 s)" >&2; fail=1; }
 awk -v g="$growth" 'BEGIN{exit !(g<20)}' || { echo "target missed: 4 -> 16 GiB growth $growth % (>= 20 %)" >&2; fail=1; }
