@@ -32,16 +32,7 @@ const APP_YAML: &str = "listen: 10.0.0.1:80\npublic: https://svc.example.com\n";
 fn fixture() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = dir.path();
-    for d in [
-        "instances",
-        "images",
-        "volumes",
-        "buckets",
-        "config",
-        "services",
-    ] {
-        std::fs::create_dir_all(root.join("site").join(d)).unwrap();
-    }
+    common::local_site(&root.join("site"));
     std::fs::write(root.join("fluidcloud.toml"), SITES).unwrap();
     std::fs::write(root.join("site/instances/web.toml"), WEB).unwrap();
     std::fs::write(root.join("site/images/boot.raw"), vec![1u8; 65536]).unwrap();

@@ -103,16 +103,7 @@ fn fresh(g: &Pair<'_>, name: &str) -> (PathBuf, String) {
     let config = dir.join("fluidcloud.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     for (site, inst, net) in [("garage-a", "A", 50), ("garage-b", "B", 60)] {
-        for sub in [
-            "instances",
-            "images",
-            "volumes",
-            "buckets",
-            "config",
-            "services",
-        ] {
-            std::fs::create_dir_all(dir.join("sites").join(site).join(sub)).unwrap();
-        }
+        common::local_site(&dir.join("sites").join(site));
         let endpoint = g.endpoint(inst);
         let short = &site["garage-".len()..];
         text.push_str(&format!(

@@ -183,16 +183,7 @@ impl World {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         fluidcloud_testkit::scratch(&dir);
-        for d in [
-            "instances",
-            "images",
-            "volumes",
-            "buckets",
-            "config",
-            "services",
-        ] {
-            std::fs::create_dir_all(dir.join("sites/loc").join(d)).unwrap();
-        }
+        common::local_site(&dir.join("sites/loc"));
         let guest = dir.join("guest");
         let out = Command::new(repo().join("scripts/libvirt"))
             .arg("guest")

@@ -43,16 +43,7 @@ fn world(tag: &str, b_formats: &str) -> (PathBuf, String) {
     let _ = std::fs::remove_dir_all(&dir);
     fluidcloud_testkit::scratch(&dir);
     for s in ["a", "b"] {
-        for d in [
-            "instances",
-            "images",
-            "volumes",
-            "buckets",
-            "config",
-            "services",
-        ] {
-            std::fs::create_dir_all(dir.join("sites").join(s).join(d)).unwrap();
-        }
+        common::local_site(&dir.join("sites").join(s));
     }
     let a = dir.join("sites/a");
     common::random_file(&a.join("images/box.raw"), DISK);

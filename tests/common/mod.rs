@@ -250,3 +250,17 @@ pub fn chunks_logged(log: &Path) -> u64 {
         .map(|t| t.lines().skip(1).filter(|l| !l.ends_with(" ?")).count() as u64)
         .unwrap_or(0)
 }
+
+/// Creates the directories of an empty `local` site at `root`.
+pub fn local_site(root: &std::path::Path) {
+    for d in [
+        "instances",
+        "images",
+        "volumes",
+        "buckets",
+        "config",
+        "services",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+}
