@@ -28,8 +28,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+mod patch;
 mod reader;
 
+pub use patch::{PatchSummary, Qcow2Patcher};
 pub use reader::{Compression, Qcow2Details, Qcow2Reader, SnapshotInfo};
 
 /// `QFI\xfb`, the first four bytes of every qcow2 file.

@@ -21,24 +21,20 @@ use std::sync::{Arc, Mutex};
 use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
-use super::{KNOWN_INCOMPATIBLE_FEATURES, MAGIC};
+use super::{KNOWN_INCOMPATIBLE_FEATURES, MAGIC, OFLAG_COMPRESSED, OFLAG_ZERO};
 use crate::error::{Error, Result};
 use crate::image::reader::{Chain, Extent, ExtentKind, ImageReader, check_range, pread_full};
 
 /// Bits 9..=55 of L1 and L2 entries: a host offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bit 62 of L2 entries: compressed cluster.
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-/// Bit 0 of L2 entries: reads as zeros.
-const OFLAG_ZERO: u64 = 1;
+pub(super) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Incompatible feature bits.
-const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(super) const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+pub(super) const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
+pub(super) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Header extension types.
-const EXT_END: u32 = 0;
+pub(super) const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub(super) const EXT_DATA_FILE: u32 = 0x4441_5441;
 use crate::image::limits::{
     QCOW2_L2_CACHE_BYTES as L2_CACHE_BYTES, QCOW2_MAX_BACKING_NAME,
     QCOW2_MAX_L1_BYTES as MAX_L1_BYTES, QCOW2_MAX_SNAPSHOT_EXTRA as MAX_SNAPSHOT_EXTRA,
@@ -144,11 +140,11 @@ fn be_u16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+pub(super) fn be_u32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn be_u64(b: &[u8], at: usize) -> Option<u64> {
+pub(super) fn be_u64(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 

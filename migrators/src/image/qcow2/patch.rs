@@ -1,0 +1,1017 @@
+//! Patching a qcow2 image in place: guest writes at any offset, for the
+//! final delta of a warm relocation (the target was converted while the
+//! source ran; only what changed since is written once it stopped).
+//!
+//! # What is supported
+//!
+//! qcow2 versions 2 and 3 with 16-bit refcounts (`refcount_order` 4, what
+//! QEMU and [`super::Qcow2Writer`] write), any cluster size, zlib and zstd
+//! compressed clusters. Refused with [`Error::Unsupported`], naming the
+//! file and the feature, before anything is written: a backing file,
+//! encryption, extended L2 entries, an external data file, internal
+//! snapshots, persistent bitmaps or other autoclear features, the dirty or
+//! corrupt bits, unknown incompatible features, other refcount widths, and
+//! (while writing) a file that outgrows its refcount table: the table is
+//! never moved or grown, so a write that would need a refcount block the
+//! table has no entry for fails with `Unsupported` (a table of one cluster
+//! covers 4 GiB of file with 4 KiB clusters, 16 TiB with 64 KiB clusters).
+//! Callers fall back to converting the whole image again.
+//!
+//! # How a cluster is written
+//!
+//! - An allocated cluster whose refcount is 1 is overwritten in place (its
+//!   L2 entry gains the COPIED flag if it lacked it). A preallocated zero
+//!   cluster with refcount 1 is filled in place and loses its zero flag.
+//! - An unallocated or zero cluster, a compressed one, or (never in images
+//!   this accepts) a shared one gets a new host cluster appended to the
+//!   file. A partial write fills the rest of the cluster with the guest
+//!   content it had: zeros, the decompressed data or the old cluster. The
+//!   old host clusters of a compressed cluster (possibly shared with other
+//!   compressed clusters) lose one reference each.
+//! - A missing L2 table is allocated; a file growing past what the
+//!   existing refcount blocks cover gets new refcount blocks, each placed
+//!   inside the range it covers so it counts itself.
+//!
+//! # Crash safety: the write order
+//!
+//! Data is written at once; metadata changes are collected in memory and
+//! written by [`Qcow2Patcher::finish`] (and by a checkpoint whenever the
+//! caches of changed tables reach their bound), in this order, with a sync
+//! between steps when syncing:
+//!
+//! 1. data clusters (already written), new refcount blocks and new L2
+//!    tables (not referenced by anything yet);
+//! 2. refcount table entries of the new blocks, and the existing refcount
+//!    blocks with every increment (a crash now leaks clusters at worst);
+//! 3. existing L2 tables (an entry switches to a cluster whose data and
+//!    refcount are on disk);
+//! 4. L1 entries of new L2 tables;
+//! 5. decrements of the host clusters no longer referenced (old compressed
+//!    data): until then they are leaked, never referenced with a refcount
+//!    too low.
+//!
+//! So after a crash at any point the image is valid, each cluster reads as
+//! its old or its new content, and at worst some clusters leak (which
+//! `qemu-img check -r leaks` repairs). An in-place overwrite is as atomic
+//! as the file system's `pwrite`, like a write to a raw disk: a crash
+//! during it can leave the cluster partly written; the relocation re-runs
+//! the patch, which compares again. Without `sync` the order is kept in
+//! the page cache only.
+//!
+//! # Memory
+//!
+//! L2 tables and refcount blocks touched are cached up to
+//! [`QCOW2_L2_CACHE_BYTES`] each; when a cache is full its changes are
+//! written out (a checkpoint, in the order above) and it is emptied. The
+//! L1 and refcount tables are read in pages ([`PagedTable`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::reader::{
+    Compression, EXT_DATA_FILE, EXT_END, INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTENDED_L2,
+    INCOMPAT_EXTERNAL_DATA, OFFSET_MASK, be_u32, be_u64, inflate_cluster, unzstd_cluster,
+};
+use super::{
+    KNOWN_INCOMPATIBLE_FEATURES, MAGIC, MAX_HOST_OFFSET, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO, REFCOUNT_ORDER,
+};
+use crate::error::{Error, Result};
+use crate::image::limits::{QCOW2_L2_CACHE_BYTES, QCOW2_MAX_L1_BYTES, QCOW2_MAX_REFTABLE_BYTES};
+use crate::image::reader::{check_range, pread_full};
+use crate::image::table::{Entry, PagedTable};
+
+/// Incompatible feature bit 0: the refcounts may be stale.
+const INCOMPAT_DIRTY: u64 = 1;
+/// Incompatible feature bit 1: QEMU found the metadata corrupt.
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Header extension: persistent bitmaps.
+const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Refcount table entries keep the block's offset in bits 9..=63.
+const REFT_OFFSET_MASK: u64 = !511;
+/// Compressed data is addressed in 512-byte sectors.
+const SECTOR: u64 = 512;
+/// Host clusters whose reference is dropped that are kept before a
+/// checkpoint writes them out.
+const MAX_PENDING_FREES: usize = 1 << 20;
+
+/// What [`Qcow2Patcher::finish`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PatchSummary {
+    /// Writes to allocated clusters done in place (one per cluster each
+    /// [`Qcow2Patcher::write_at`] touched).
+    pub clusters_overwritten: u64,
+    /// Host clusters appended for guest data (not counting L2 tables and
+    /// refcount blocks).
+    pub clusters_allocated: u64,
+    /// Bytes written to the file, data and metadata.
+    pub bytes_written: u64,
+}
+
+/// An L2 table or refcount block held in memory.
+#[derive(Debug)]
+struct Table<T> {
+    /// Its file offset.
+    host: u64,
+    entries: Vec<T>,
+    /// Changed since read (or created).
+    dirty: bool,
+    /// Allocated by this patcher and not yet written.
+    new: bool,
+}
+
+/// A qcow2 image opened for in-place writes. See the module docs.
+pub struct Qcow2Patcher {
+    file: File,
+    path: PathBuf,
+    cluster_bits: u32,
+    cluster_size: u64,
+    virtual_size: u64,
+    compression: Compression,
+    /// Entries per L2 table.
+    l2_entries: u64,
+    /// Entries per refcount block.
+    rc_entries: u64,
+    l1: PagedTable,
+    l1_offset: u64,
+    rt: PagedTable,
+    rt_offset: u64,
+    rt_entries: u64,
+    /// End of the file, counting clusters allocated so far.
+    file_end: u64,
+    /// Index of the first host cluster not yet looked at for allocation.
+    next_free: u64,
+    /// L2 tables by L1 index.
+    l2_cache: HashMap<u64, Table<u64>>,
+    /// Refcount blocks by refcount table index.
+    rc_cache: HashMap<u64, Table<u16>>,
+    /// L1 entries not yet written.
+    l1_dirty: BTreeMap<u64, u64>,
+    /// Refcount table entries not yet written.
+    rt_dirty: BTreeMap<u64, u64>,
+    /// References to drop once nothing points at them: host cluster index
+    /// and how many.
+    frees: BTreeMap<u64, u64>,
+    summary: PatchSummary,
+    /// Set by the first failed write: memory no longer matches the file.
+    failed: Option<String>,
+}
+
+impl std::fmt::Debug for Qcow2Patcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Patcher")
+            .field("path", &self.path)
+            .field("virtual_size", &self.virtual_size)
+            .field("cluster_size", &self.cluster_size)
+            .field("summary", &self.summary)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Patcher {
+    /// Opens `path` read-write for patching. Nothing is written until
+    /// [`write_at`](Self::write_at).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] naming the file and the feature for the
+    /// images listed in the module docs (the file is left untouched);
+    /// [`Error::Corrupt`] naming the file and the offset for a malformed
+    /// header or tables out of the file; [`Error::Io`] naming the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| {
+                Error::io(
+                    format!("opening qcow2 image {} to patch", path.display()),
+                    e,
+                )
+            })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading metadata of {}", path.display()), e))?
+            .len();
+        let corrupt = |what: String, offset: u64| Error::Corrupt {
+            what: format!("qcow2 {what} of {}", path.display()),
+            offset,
+        };
+        let unsupported = |what: &str| Error::Unsupported {
+            what: format!("patching a qcow2 image with {what} ({})", path.display()),
+        };
+        let mut head = vec![0u8; 4096.min(file_len) as usize];
+        pread_full(&file, path, 0, &mut head)?;
+        if !head.starts_with(&MAGIC) {
+            return Err(corrupt("header (no QFI magic)".into(), 0));
+        }
+        let truncated = || corrupt("header (file ends inside it)".into(), file_len);
+        let f32_ = |at| be_u32(&head, at).ok_or_else(truncated);
+        let f64_ = |at| be_u64(&head, at).ok_or_else(truncated);
+        let version = f32_(4)?;
+        if version != 2 && version != 3 {
+            return Err(unsupported(&format!("version {version}")));
+        }
+        let cluster_bits = f32_(20)?;
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(corrupt(format!("header (cluster_bits {cluster_bits})"), 20));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        if f64_(8)? != 0 && f32_(16)? != 0 {
+            return Err(unsupported("a backing file"));
+        }
+        let crypt = f32_(32)?;
+        if crypt != 0 {
+            return Err(unsupported(&format!("encryption (crypt_method {crypt})")));
+        }
+        if f32_(60)? != 0 {
+            return Err(unsupported("internal snapshots"));
+        }
+        let (incompat, autoclear, refcount_order, header_len) = if version == 3 {
+            (f64_(72)?, f64_(88)?, f32_(96)?, f32_(100)?)
+        } else {
+            (0, 0, REFCOUNT_ORDER, 72)
+        };
+        for (bit, what) in [
+            (INCOMPAT_DIRTY, "the dirty bit set (refcounts may be stale)"),
+            (INCOMPAT_CORRUPT, "the corrupt bit set"),
+            (INCOMPAT_EXTERNAL_DATA, "an external data file"),
+            (INCOMPAT_EXTENDED_L2, "extended L2 entries"),
+        ] {
+            if incompat & bit != 0 {
+                return Err(unsupported(what));
+            }
+        }
+        let unknown = incompat & !KNOWN_INCOMPATIBLE_FEATURES;
+        if unknown != 0 {
+            return Err(unsupported(&format!(
+                "unknown incompatible feature bits {unknown:#x}"
+            )));
+        }
+        if autoclear != 0 {
+            return Err(unsupported(&format!(
+                "autoclear feature bits {autoclear:#x} (persistent bitmaps or a raw data file)"
+            )));
+        }
+        if refcount_order != REFCOUNT_ORDER {
+            return Err(unsupported(&format!(
+                "{}-bit refcounts (only 16-bit refcounts are patched)",
+                1u64 << refcount_order.min(63)
+            )));
+        }
+        if u64::from(header_len) > cluster_size
+            || header_len < 72
+            || (version == 3 && header_len < 104)
+            || header_len as usize > head.len()
+        {
+            return Err(corrupt(format!("header (header_length {header_len})"), 100));
+        }
+        let compression = if header_len > 104 {
+            match head.get(104).copied().ok_or_else(truncated)? {
+                0 => Compression::Zlib,
+                1 => Compression::Zstd,
+                t => return Err(unsupported(&format!("compression type {t}"))),
+            }
+        } else {
+            Compression::Zlib
+        };
+        if (compression != Compression::Zlib) != (incompat & INCOMPAT_COMPRESSION_TYPE != 0) {
+            return Err(corrupt(
+                "header (compression type and its feature bit disagree)".into(),
+                72,
+            ));
+        }
+        let mut at = header_len as usize;
+        while at < head.len() {
+            let (Some(kind), Some(len)) = (be_u32(&head, at), be_u32(&head, at + 4)) else {
+                break;
+            };
+            match kind {
+                EXT_END => break,
+                EXT_DATA_FILE => return Err(unsupported("an external data file")),
+                EXT_BITMAPS => return Err(unsupported("persistent bitmaps")),
+                _ => {}
+            }
+            at = at
+                .saturating_add(8)
+                .saturating_add((len as usize).div_ceil(8) * 8);
+        }
+
+        let virtual_size = f64_(24)?;
+        let l1_size = u64::from(f32_(36)?);
+        let l1_offset = f64_(40)?;
+        let rt_offset = f64_(48)?;
+        let rt_clusters = u64::from(f32_(56)?);
+        let l2_entries = cluster_size / 8;
+        let needed_l1 = virtual_size.div_ceil(cluster_size).div_ceil(l2_entries);
+        if l1_size.saturating_mul(8) > QCOW2_MAX_L1_BYTES || l1_size < needed_l1 {
+            return Err(corrupt(
+                format!(
+                    "header field l1_size ({l1_size} entries, {needed_l1} needed for the \
+                     virtual size {virtual_size}, at most {})",
+                    QCOW2_MAX_L1_BYTES / 8
+                ),
+                36,
+            ));
+        }
+        if l1_size > 0
+            && (!l1_offset.is_multiple_of(cluster_size)
+                || l1_offset.saturating_add(l1_size * 8) > file_len)
+        {
+            return Err(corrupt(
+                format!("L1 table offset {l1_offset} (unaligned or past the end of the file)"),
+                40,
+            ));
+        }
+        let rt_bytes = rt_clusters.saturating_mul(cluster_size);
+        if rt_clusters == 0
+            || rt_bytes > QCOW2_MAX_REFTABLE_BYTES
+            || !rt_offset.is_multiple_of(cluster_size)
+            || rt_offset.saturating_add(rt_bytes) > file_len.next_multiple_of(cluster_size)
+        {
+            return Err(corrupt(
+                format!(
+                    "refcount table ({rt_clusters} clusters at {rt_offset}: empty, over QEMU's \
+                     {} MiB limit, unaligned or past the end of the file)",
+                    QCOW2_MAX_REFTABLE_BYTES >> 20
+                ),
+                48,
+            ));
+        }
+        let rt_entries = rt_bytes / 8;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            cluster_bits,
+            cluster_size,
+            virtual_size,
+            compression,
+            l2_entries,
+            rc_entries: cluster_size * 8 / (1 << REFCOUNT_ORDER),
+            l1: PagedTable::new(l1_offset, l1_size, Entry::Be64),
+            l1_offset,
+            rt: PagedTable::new(rt_offset, rt_entries, Entry::Be64),
+            rt_offset,
+            rt_entries,
+            file_end: file_len,
+            next_free: file_len.div_ceil(cluster_size),
+            l2_cache: HashMap::new(),
+            rc_cache: HashMap::new(),
+            l1_dirty: BTreeMap::new(),
+            rt_dirty: BTreeMap::new(),
+            frees: BTreeMap::new(),
+            summary: PatchSummary::default(),
+            failed: None,
+        })
+    }
+
+    /// Size of the disk the guest sees, in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// The image file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes guest `data` at guest byte `offset`: any offset and length
+    /// inside the virtual size, in any order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a range past the virtual size (the
+    /// patcher stays usable); [`Error::Unsupported`] if the file would
+    /// outgrow its refcount table; [`Error::Corrupt`] naming the file and
+    /// offset for bad metadata met on the way; [`Error::Io`]. After one of
+    /// these (but `InvalidArgument`) the patcher refuses further calls; the
+    /// file is a valid image holding at least what was written before the
+    /// last checkpoint.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.virtual_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "write of {} bytes at offset {offset} ends past the virtual size {} of {}",
+                data.len(),
+                self.virtual_size,
+                self.path.display()
+            )));
+        }
+        self.check_usable()?;
+        let r = self.write_inner(offset, data);
+        self.poison_on_error(r)
+    }
+
+    /// Reads guest bytes at `offset` as the image holds them now, this
+    /// patcher's unfinished writes included.
+    ///
+    /// # Errors
+    ///
+    /// As for [`write_at`](Self::write_at).
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.path, self.virtual_size, offset, buf.len())?;
+        self.check_usable()?;
+        let cs = self.cluster_size;
+        let mut pos = offset;
+        let mut done = 0usize;
+        let mut cluster = Vec::new();
+        while done < buf.len() {
+            let within = pos & (cs - 1);
+            let take = ((cs - within) as usize).min(buf.len() - done);
+            let index = pos >> self.cluster_bits;
+            let dst = buf
+                .get_mut(done..done + take)
+                .ok_or_else(|| self.corrupt("read (out of range)".into(), pos))?;
+            match self.l2_entry(index, false)? {
+                Some(entry) if entry & OFLAG_COMPRESSED != 0 => {
+                    cluster.resize(cs as usize, 0);
+                    self.decompress(entry, &mut cluster)?;
+                    let from = within as usize;
+                    dst.copy_from_slice(cluster.get(from..from + take).unwrap_or_default());
+                }
+                Some(entry) if entry & OFLAG_ZERO == 0 && entry & OFFSET_MASK != 0 => {
+                    let host = self.data_host(entry, index)?;
+                    pread_full(&self.file, &self.path, host + within, dst)?;
+                }
+                _ => dst.fill(0),
+            }
+            done += take;
+            pos += take as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes every metadata change out (see the module docs for the
+    /// order), syncing the file between steps and at the end if `sync`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`write_at`](Self::write_at); the image is then valid but
+    /// may lack the last writes.
+    pub fn finish(mut self, sync: bool) -> Result<PatchSummary> {
+        self.check_usable()?;
+        let r = self.flush(sync);
+        self.poison_on_error(r)?;
+        Ok(self.summary.clone())
+    }
+
+    fn write_inner(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let within = pos & (cs - 1);
+            let take = ((cs - within) as usize).min(rest.len());
+            let (piece, tail) = rest.split_at(take);
+            self.write_cluster(pos >> self.cluster_bits, within, piece)?;
+            pos += take as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Writes `piece` at byte `within` of guest cluster `index`.
+    fn write_cluster(&mut self, index: u64, within: u64, piece: &[u8]) -> Result<()> {
+        if self.caches_full() {
+            self.flush(true)?;
+            self.l2_cache.clear();
+            self.rc_cache.clear();
+        }
+        let cs = self.cluster_size;
+        let entry = self.l2_entry(index, true)?.unwrap_or(0);
+        let whole = within == 0 && piece.len() as u64 == cs;
+        let compressed = entry & OFLAG_COMPRESSED != 0;
+        let host = if compressed { 0 } else { entry & OFFSET_MASK };
+        let zero = entry & OFLAG_ZERO != 0;
+        if host != 0 {
+            let host = self.data_host(entry, index)?;
+            if self.refcount(host >> self.cluster_bits)? == 1 {
+                if zero && !whole {
+                    let mut full = vec![0u8; cs as usize];
+                    overlay(&mut full, within, piece);
+                    self.pwrite(host, &full)?;
+                } else {
+                    self.pwrite(host + within, piece)?;
+                }
+                if entry != host | OFLAG_COPIED {
+                    self.set_l2_entry(index, host | OFLAG_COPIED)?;
+                }
+                self.summary.clusters_overwritten += 1;
+                return Ok(());
+            }
+        }
+        // A new host cluster, filled with the guest content around `piece`.
+        let mut full = Vec::new();
+        let data = if whole {
+            piece
+        } else {
+            full.resize(cs as usize, 0);
+            if compressed {
+                self.decompress(entry, &mut full)?;
+            } else if host != 0 && !zero {
+                pread_full(&self.file, &self.path, host, &mut full)?;
+            }
+            overlay(&mut full, within, piece);
+            &full
+        };
+        let new = self.allocate()?;
+        self.pwrite(new, data)?;
+        self.set_l2_entry(index, new | OFLAG_COPIED)?;
+        self.summary.clusters_allocated += 1;
+        if compressed {
+            let (start, len) = self.compressed_range(entry);
+            let first = (start & !(SECTOR - 1)) >> self.cluster_bits;
+            let last = (start + len - 1) >> self.cluster_bits;
+            for c in first..=last {
+                *self.frees.entry(c).or_insert(0) += 1;
+            }
+        } else if host != 0 {
+            *self.frees.entry(host >> self.cluster_bits).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// The L2 entry of guest cluster `index`; `None` when its L2 table is
+    /// not allocated and `create` is false. With `create`, a missing table
+    /// is allocated.
+    fn l2_entry(&mut self, index: u64, create: bool) -> Result<Option<u64>> {
+        let l1_index = index / self.l2_entries;
+        if !self.load_l2(l1_index, create)? {
+            return Ok(None);
+        }
+        let slot = (index % self.l2_entries) as usize;
+        Ok(self
+            .l2_cache
+            .get(&l1_index)
+            .and_then(|t| t.entries.get(slot))
+            .copied())
+    }
+
+    fn set_l2_entry(&mut self, index: u64, entry: u64) -> Result<()> {
+        let l1_index = index / self.l2_entries;
+        let slot = (index % self.l2_entries) as usize;
+        let table = self
+            .l2_cache
+            .get_mut(&l1_index)
+            .and_then(|t| {
+                t.dirty = true;
+                t.entries.get_mut(slot)
+            })
+            .ok_or_else(|| Error::InvalidArgument("L2 table not loaded".into()))?;
+        *table = entry;
+        Ok(())
+    }
+
+    /// Brings the L2 table of `l1_index` into the cache; false if it is
+    /// not allocated (and `create` is false).
+    fn load_l2(&mut self, l1_index: u64, create: bool) -> Result<bool> {
+        if self.l2_cache.contains_key(&l1_index) {
+            return Ok(true);
+        }
+        let entry = match self.l1_dirty.get(&l1_index) {
+            Some(&e) => e,
+            None => self.l1.get(&self.file, &self.path, l1_index)?.unwrap_or(0),
+        };
+        let host = entry & OFFSET_MASK;
+        let entry_at = self.l1_offset + l1_index * 8;
+        if host == 0 {
+            if !create {
+                return Ok(false);
+            }
+            let host = self.allocate()?;
+            self.l2_cache.insert(
+                l1_index,
+                Table {
+                    host,
+                    entries: vec![0; self.l2_entries as usize],
+                    dirty: true,
+                    new: true,
+                },
+            );
+            self.l1_dirty.insert(l1_index, host | OFLAG_COPIED);
+            return Ok(true);
+        }
+        if !host.is_multiple_of(self.cluster_size)
+            || host.saturating_add(self.cluster_size) > self.file_end
+        {
+            return Err(self.corrupt(
+                format!("L1 entry {l1_index} (L2 table at {host}, unaligned or past the end of the file)"),
+                entry_at,
+            ));
+        }
+        match self.refcount(host >> self.cluster_bits)? {
+            1 => {}
+            0 => {
+                return Err(self.corrupt(
+                    format!("L1 entry {l1_index} (L2 table at {host} has refcount 0)"),
+                    entry_at,
+                ));
+            }
+            n => {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "patching a qcow2 image whose L2 table at {host} is shared \
+                         (refcount {n}) ({})",
+                        self.path.display()
+                    ),
+                });
+            }
+        }
+        let mut raw = vec![0u8; self.cluster_size as usize];
+        pread_full(&self.file, &self.path, host, &mut raw)?;
+        let entries = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        self.l2_cache.insert(
+            l1_index,
+            Table {
+                host,
+                entries,
+                dirty: false,
+                new: false,
+            },
+        );
+        Ok(true)
+    }
+
+    /// The host offset of standard cluster `entry` (guest cluster
+    /// `index`), checked.
+    fn data_host(&self, entry: u64, index: u64) -> Result<u64> {
+        let host = entry & OFFSET_MASK;
+        if !host.is_multiple_of(self.cluster_size)
+            || host.saturating_add(self.cluster_size)
+                > self.file_end.next_multiple_of(self.cluster_size)
+        {
+            return Err(self.corrupt(
+                format!(
+                    "L2 entry for guest offset {} (data cluster at {host}, unaligned or past the end of the file)",
+                    index << self.cluster_bits
+                ),
+                host,
+            ));
+        }
+        Ok(host)
+    }
+
+    /// Start and length in the file of compressed cluster `entry`.
+    fn compressed_range(&self, entry: u64) -> (u64, u64) {
+        let csize_bits = self.cluster_bits - 8;
+        let shift = 62 - csize_bits;
+        let host = entry & ((1u64 << shift) - 1);
+        let sectors = ((entry >> shift) & ((1u64 << csize_bits) - 1)) + 1;
+        (host, (sectors * SECTOR).saturating_sub(host & (SECTOR - 1)))
+    }
+
+    /// Decompresses compressed cluster `entry` into `out` (one cluster).
+    fn decompress(&self, entry: u64, out: &mut [u8]) -> Result<()> {
+        let (host, len) = self.compressed_range(entry);
+        if host >= self.file_end {
+            return Err(self.corrupt(
+                format!("compressed cluster at {host} (past the end of the file)"),
+                host,
+            ));
+        }
+        let len = len.min(self.file_end - host).min(2 * self.cluster_size);
+        let mut input = vec![0u8; len as usize];
+        pread_full(&self.file, &self.path, host, &mut input)?;
+        let ok = match self.compression {
+            Compression::Zlib => inflate_cluster(&input, out),
+            Compression::Zstd => unzstd_cluster(&input, out),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.corrupt(
+                format!("compressed cluster at {host} (does not inflate to exactly one cluster)"),
+                host,
+            ))
+        }
+    }
+
+    /// The refcount table entry `index`: the block's offset, or 0.
+    fn block_host(&self, index: u64) -> Result<u64> {
+        if let Some(&h) = self.rt_dirty.get(&index) {
+            return Ok(h);
+        }
+        Ok(self.rt.get(&self.file, &self.path, index)?.unwrap_or(0) & REFT_OFFSET_MASK)
+    }
+
+    /// Brings refcount block `index` into the cache; false if it is not
+    /// allocated.
+    fn load_block(&mut self, index: u64) -> Result<bool> {
+        if self.rc_cache.contains_key(&index) {
+            return Ok(true);
+        }
+        let host = self.block_host(index)?;
+        if host == 0 {
+            return Ok(false);
+        }
+        if !host.is_multiple_of(self.cluster_size)
+            || host.saturating_add(self.cluster_size)
+                > self.file_end.next_multiple_of(self.cluster_size)
+        {
+            return Err(self.corrupt(
+                format!("refcount table entry {index} (block at {host}, unaligned or past the end of the file)"),
+                self.rt_offset + index * 8,
+            ));
+        }
+        let mut raw = vec![0u8; self.cluster_size as usize];
+        pread_full(&self.file, &self.path, host, &mut raw)?;
+        let entries = raw
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        self.rc_cache.insert(
+            index,
+            Table {
+                host,
+                entries,
+                dirty: false,
+                new: false,
+            },
+        );
+        Ok(true)
+    }
+
+    /// The refcount of host cluster `cluster` (increments of this patcher
+    /// included, decrements not yet).
+    fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let index = cluster / self.rc_entries;
+        if index >= self.rt_entries || !self.load_block(index)? {
+            return Ok(0);
+        }
+        let slot = (cluster % self.rc_entries) as usize;
+        Ok(self
+            .rc_cache
+            .get(&index)
+            .and_then(|b| b.entries.get(slot))
+            .map_or(0, |&n| u64::from(n)))
+    }
+
+    /// Adds `delta` (may be negative) to the refcount of `cluster`, whose
+    /// block must exist.
+    fn add_refcount(&mut self, cluster: u64, delta: i64) -> Result<()> {
+        let index = cluster / self.rc_entries;
+        let slot = (cluster % self.rc_entries) as usize;
+        let loaded = index < self.rt_entries && self.load_block(index)?;
+        let at = cluster << self.cluster_bits;
+        let block_host = self.rc_cache.get(&index).map_or(0, |b| b.host);
+        let value = self
+            .rc_cache
+            .get_mut(&index)
+            .filter(|_| loaded)
+            .and_then(|b| {
+                b.dirty = true;
+                b.entries.get_mut(slot)
+            });
+        let new = value
+            .as_deref()
+            .and_then(|&v| i64::from(v).checked_add(delta))
+            .and_then(|v| u16::try_from(v).ok());
+        match (value, new) {
+            (Some(v), Some(n)) => {
+                *v = n;
+                Ok(())
+            }
+            _ => Err(Error::Corrupt {
+                what: format!(
+                    "qcow2 refcount of the cluster at {at} of {} (missing, or {} by {delta} \
+                     leaves the 16-bit range)",
+                    self.path.display(),
+                    if delta < 0 {
+                        "lowering it"
+                    } else {
+                        "raising it"
+                    }
+                ),
+                offset: block_host + slot as u64 * 2,
+            }),
+        }
+    }
+
+    /// Takes a free host cluster at the end of the file, refcount 1, and
+    /// returns its offset. Allocates a refcount block first if the cluster
+    /// has none (in the cluster itself, so the block counts itself).
+    fn allocate(&mut self) -> Result<u64> {
+        let cs = self.cluster_size;
+        loop {
+            let cluster = self.next_free;
+            let offset = cluster
+                .checked_mul(cs)
+                .filter(|&o| o.saturating_add(cs) <= MAX_HOST_OFFSET)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{} would pass qcow2's 64 PiB host offset limit",
+                        self.path.display()
+                    ))
+                })?;
+            self.next_free += 1;
+            let index = cluster / self.rc_entries;
+            if self.block_host(index)? == 0 {
+                if index >= self.rt_entries {
+                    return Err(Error::Unsupported {
+                        what: format!(
+                            "growing the refcount table of {} (it covers {} bytes of file; \
+                             convert the image again instead)",
+                            self.path.display(),
+                            self.rt_entries * self.rc_entries * cs
+                        ),
+                    });
+                }
+                let mut entries = vec![0u16; self.rc_entries as usize];
+                if let Some(own) = entries.get_mut((cluster % self.rc_entries) as usize) {
+                    *own = 1;
+                }
+                self.rc_cache.insert(
+                    index,
+                    Table {
+                        host: offset,
+                        entries,
+                        dirty: true,
+                        new: true,
+                    },
+                );
+                self.rt_dirty.insert(index, offset);
+                self.file_end = self.file_end.max(offset + cs);
+                continue;
+            }
+            let count = self.refcount(cluster)?;
+            if count != 0 {
+                return Err(self.corrupt(
+                    format!(
+                        "refcount {count} of the cluster at {offset}, past the end of the file"
+                    ),
+                    offset,
+                ));
+            }
+            self.add_refcount(cluster, 1)?;
+            self.file_end = self.file_end.max(offset + cs);
+            return Ok(offset);
+        }
+    }
+
+    fn caches_full(&self) -> bool {
+        let cs = self.cluster_size;
+        (self.l2_cache.len() as u64 + 1).saturating_mul(cs) > QCOW2_L2_CACHE_BYTES
+            || (self.rc_cache.len() as u64 + 1).saturating_mul(cs) > QCOW2_L2_CACHE_BYTES
+            || self.frees.len() >= MAX_PENDING_FREES
+    }
+
+    /// Writes every change out in the crash-safe order of the module docs.
+    fn flush(&mut self, sync: bool) -> Result<()> {
+        let dirty = self.l2_cache.values().any(|t| t.dirty)
+            || self.rc_cache.values().any(|t| t.dirty)
+            || !self.frees.is_empty();
+        if !dirty {
+            return self.sync(sync);
+        }
+        // 1. New refcount blocks and L2 tables: nothing points at them yet.
+        let mut writes = Vec::new();
+        for t in self.rc_cache.values_mut().filter(|t| t.new) {
+            writes.push((t.host, encode_u16(&t.entries)));
+            t.new = false;
+            t.dirty = false;
+        }
+        for t in self.l2_cache.values_mut().filter(|t| t.new) {
+            writes.push((t.host, encode_u64(&t.entries)));
+            t.new = false;
+            t.dirty = false;
+        }
+        self.pwrite_all(&writes)?;
+        self.sync(sync)?;
+        // 2. Refcount table entries of new blocks; increments.
+        let mut writes = Vec::new();
+        for (&index, &host) in &self.rt_dirty {
+            writes.push((self.rt_offset + index * 8, host.to_be_bytes().to_vec()));
+        }
+        for t in self.rc_cache.values_mut().filter(|t| t.dirty) {
+            writes.push((t.host, encode_u16(&t.entries)));
+            t.dirty = false;
+        }
+        self.pwrite_all(&writes)?;
+        for (index, host) in std::mem::take(&mut self.rt_dirty) {
+            self.rt.set(index, host);
+        }
+        self.sync(sync)?;
+        // 3. Existing L2 tables.
+        let mut writes = Vec::new();
+        for t in self.l2_cache.values_mut().filter(|t| t.dirty) {
+            writes.push((t.host, encode_u64(&t.entries)));
+            t.dirty = false;
+        }
+        self.pwrite_all(&writes)?;
+        self.sync(sync)?;
+        // 4. L1 entries of new L2 tables.
+        let mut writes = Vec::new();
+        for (&index, &entry) in &self.l1_dirty {
+            writes.push((self.l1_offset + index * 8, entry.to_be_bytes().to_vec()));
+        }
+        self.pwrite_all(&writes)?;
+        for (index, entry) in std::mem::take(&mut self.l1_dirty) {
+            self.l1.set(index, entry);
+        }
+        self.sync(sync)?;
+        // 5. Decrements: nothing references these clusters any more.
+        if !self.frees.is_empty() {
+            for (cluster, n) in std::mem::take(&mut self.frees) {
+                let delta = i64::try_from(n).unwrap_or(i64::MAX);
+                self.add_refcount(cluster, -delta)?;
+            }
+            let mut writes = Vec::new();
+            for t in self.rc_cache.values_mut().filter(|t| t.dirty) {
+                writes.push((t.host, encode_u16(&t.entries)));
+                t.dirty = false;
+            }
+            self.pwrite_all(&writes)?;
+            self.sync(sync)?;
+        }
+        Ok(())
+    }
+
+    fn pwrite_all(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
+        for (at, bytes) in writes {
+            self.pwrite(*at, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn pwrite(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, at).map_err(|e| {
+            Error::io(
+                format!(
+                    "writing {} bytes at {at} of {}",
+                    bytes.len(),
+                    self.path.display()
+                ),
+                e,
+            )
+        })?;
+        self.summary.bytes_written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&self, sync: bool) -> Result<()> {
+        if sync {
+            self.file
+                .sync_data()
+                .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, what: String, offset: u64) -> Error {
+        Error::Corrupt {
+            what: format!("qcow2 {what} of {}", self.path.display()),
+            offset,
+        }
+    }
+
+    fn poison_on_error<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(why) => Err(Error::io(
+                format!(
+                    "qcow2 image {} is not patched further after an earlier error",
+                    self.path.display()
+                ),
+                std::io::Error::other(why.clone()),
+            )),
+        }
+    }
+}
+
+/// Copies `piece` into `cluster` at `within`.
+fn overlay(cluster: &mut [u8], within: u64, piece: &[u8]) {
+    let at = within as usize;
+    if let Some(dst) = cluster.get_mut(at..at + piece.len()) {
+        dst.copy_from_slice(piece);
+    }
+}
+
+fn encode_u64(entries: &[u64]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+fn encode_u16(entries: &[u16]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
