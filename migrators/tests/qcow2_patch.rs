@@ -381,3 +381,62 @@ fn corrupt_metadata_names_the_file_and_offset() {
     let e = Qcow2Patcher::open(&raw).unwrap_err();
     assert!(matches!(e, Error::Corrupt { offset: 0, .. }), "{e}");
 }
+
+/// With 512-byte clusters one cluster of refcount table covers 8 MiB of
+/// file: filling a 24 MiB disk moves the table to larger copies.
+#[test]
+fn the_refcount_table_grows() {
+    for maker in ["qemu", "ours"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let img = d.join("small.qcow2");
+        let size = 24 * MIB;
+        if maker == "qemu" {
+            qemu_ok(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                s(&img),
+                "24M",
+            ]);
+        } else {
+            let opts = Qcow2Options {
+                cluster_size: 512,
+                ..Qcow2Options::default()
+            };
+            let mut w = Qcow2Writer::create(&img, size, &opts).unwrap();
+            w.write_at(MIB, &[7u8; 4096]).unwrap();
+            w.finish().unwrap();
+        }
+        let expect = d.join("small.raw");
+        qemu_ok(&["convert", "-f", "qcow2", "-O", "raw", s(&img), s(&expect)]);
+        let raw = OpenOptions::new().write(true).open(&expect).unwrap();
+        let header = |p: &Path| {
+            let b = std::fs::read(p).unwrap();
+            (
+                u64::from_be_bytes(b[48..56].try_into().unwrap()),
+                u32::from_be_bytes(b[56..60].try_into().unwrap()),
+            )
+        };
+        let before = header(&img);
+        let mut rng = Rng::new(99);
+        let mut p = Qcow2Patcher::open(&img).unwrap();
+        let mut at = 0;
+        while at < size {
+            let len = rng.range(1, 100_000).min(size - at);
+            let mut buf = vec![0u8; len as usize];
+            rng.fill(&mut buf);
+            p.write_at(at, &buf).unwrap();
+            raw.write_all_at(&buf, at).unwrap();
+            at += len;
+        }
+        p.finish(true).unwrap();
+        let after = header(&img);
+        assert!(after.1 > before.1, "{maker}: {before:?} -> {after:?}");
+        assert_check_clean(&img);
+        compare_identical(&expect, &img);
+    }
+}

@@ -11,11 +11,8 @@
 //! encryption, extended L2 entries, an external data file, internal
 //! snapshots, persistent bitmaps or other autoclear features, the dirty or
 //! corrupt bits, unknown incompatible features, other refcount widths, and
-//! (while writing) a file that outgrows its refcount table: the table is
-//! never moved or grown, so a write that would need a refcount block the
-//! table has no entry for fails with `Unsupported` (a table of one cluster
-//! covers 4 GiB of file with 4 KiB clusters, 16 TiB with 64 KiB clusters).
-//! Callers fall back to converting the whole image again.
+//! (while writing) a file whose refcount table would pass QEMU's limit of
+//! 8 MiB. Callers fall back to converting the whole image again.
 //!
 //! # How a cluster is written
 //!
@@ -30,7 +27,10 @@
 //!   compressed clusters) lose one reference each.
 //! - A missing L2 table is allocated; a file growing past what the
 //!   existing refcount blocks cover gets new refcount blocks, each placed
-//!   inside the range it covers so it counts itself.
+//!   inside the range it covers so it counts itself. When the refcount
+//!   table has no entry left for a new block, it is moved to a larger
+//!   copy at the end of the file (see `grow_refcount_table` for its write
+//!   order); the old table's clusters are freed.
 //!
 //! # Crash safety: the write order
 //!
@@ -78,7 +78,7 @@ use super::reader::{
 };
 use super::{
     KNOWN_INCOMPATIBLE_FEATURES, MAGIC, MAX_HOST_OFFSET, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFCOUNT_ORDER,
+    OFLAG_ZERO, REFCOUNT_ORDER, RefcountLayout,
 };
 use crate::error::{Error, Result};
 use crate::image::limits::{QCOW2_L2_CACHE_BYTES, QCOW2_MAX_L1_BYTES, QCOW2_MAX_REFTABLE_BYTES};
@@ -391,8 +391,8 @@ impl Qcow2Patcher {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for a range past the virtual size (the
-    /// patcher stays usable); [`Error::Unsupported`] if the file would
-    /// outgrow its refcount table; [`Error::Corrupt`] naming the file and
+    /// patcher stays usable); [`Error::Unsupported`] if the refcount table
+    /// would have to grow past 8 MiB; [`Error::Corrupt`] naming the file and
     /// offset for bad metadata met on the way; [`Error::Io`]. After one of
     /// these (but `InvalidArgument`) the patcher refuses further calls; the
     /// file is a valid image holding at least what was written before the
@@ -820,17 +820,11 @@ impl Qcow2Patcher {
                 })?;
             self.next_free += 1;
             let index = cluster / self.rc_entries;
+            if index >= self.rt_entries {
+                self.grow_refcount_table(cluster)?;
+                continue;
+            }
             if self.block_host(index)? == 0 {
-                if index >= self.rt_entries {
-                    return Err(Error::Unsupported {
-                        what: format!(
-                            "growing the refcount table of {} (it covers {} bytes of file; \
-                             convert the image again instead)",
-                            self.path.display(),
-                            self.rt_entries * self.rc_entries * cs
-                        ),
-                    });
-                }
                 let mut entries = vec![0u16; self.rc_entries as usize];
                 if let Some(own) = entries.get_mut((cluster % self.rc_entries) as usize) {
                     *own = 1;
@@ -861,6 +855,94 @@ impl Qcow2Patcher {
             self.file_end = self.file_end.max(offset + cs);
             return Ok(offset);
         }
+    }
+
+    /// Moves the refcount table to a larger copy at the end of the file,
+    /// from host cluster `start` on: new refcount blocks first (covering
+    /// themselves and the table), then the table. Everything pending is
+    /// written out first; then new blocks and table → sync → header fields
+    /// `refcount_table_offset` and `refcount_table_clusters` (one write)
+    /// → sync → the old table's clusters are freed. A crash before the
+    /// header write leaves the new clusters unreferenced, after it the old
+    /// table leaked at worst.
+    fn grow_refcount_table(&mut self, start: u64) -> Result<()> {
+        self.flush(true)?;
+        let cs = self.cluster_size;
+        let per_block = self.rc_entries;
+        // A table and blocks for the whole file as if its first `start`
+        // clusters were taken: the blocks below `start` exist already (or
+        // cover nothing), so this over-counts blocks, never under-counts.
+        let layout = RefcountLayout::compute(start, cs);
+        let first_block = start / per_block;
+        let new_blocks = layout.block_clusters.saturating_sub(first_block).max(1);
+        let table_clusters = layout.table_clusters;
+        let table_bytes = table_clusters.saturating_mul(cs);
+        if table_bytes > QCOW2_MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "growing the refcount table of {} past QEMU's limit of {} MiB",
+                    self.path.display(),
+                    QCOW2_MAX_REFTABLE_BYTES >> 20
+                ),
+            });
+        }
+        let table_at = start + new_blocks;
+        let end = table_at + table_clusters;
+        let entries = table_bytes / 8;
+        if (first_block + new_blocks) * per_block < end || entries < first_block + new_blocks {
+            return Err(Error::InvalidArgument(format!(
+                "refcount layout for {} does not cover itself (start cluster {start})",
+                self.path.display()
+            )));
+        }
+        let mut table = Vec::with_capacity(entries as usize);
+        for i in 0..self.rt_entries {
+            table.push(self.rt.get(&self.file, &self.path, i)?.unwrap_or(0));
+        }
+        table.resize(entries as usize, 0);
+        for k in 0..new_blocks {
+            let b = first_block + k;
+            if let Some(slot) = table.get_mut(b as usize) {
+                *slot = (start + k) * cs;
+            }
+            let mut counts = vec![0u16; per_block as usize];
+            for c in (b * per_block).max(start)..((b + 1) * per_block).min(end) {
+                if let Some(n) = counts.get_mut((c - b * per_block) as usize) {
+                    *n = 1;
+                }
+            }
+            self.pwrite((start + k) * cs, &encode_u16(&counts))?;
+        }
+        self.pwrite(table_at * cs, &encode_u64(&table))?;
+        self.sync(true)?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&(table_at * cs).to_be_bytes());
+        // At most 8 MiB of table: the cluster count fits in 32 bits.
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.pwrite(48, &fields)?;
+        self.sync(true)?;
+        let old_first = self.rt_offset / cs;
+        let old_clusters = (self.rt_entries * 8).div_ceil(cs);
+        self.rt = PagedTable::new(table_at * cs, entries, Entry::Be64);
+        self.rt_offset = table_at * cs;
+        self.rt_entries = entries;
+        self.file_end = self.file_end.max(end * cs);
+        self.next_free = self.next_free.max(end);
+        for c in old_first..old_first + old_clusters {
+            self.add_refcount(c, -1)?;
+        }
+        self.write_dirty_blocks()?;
+        self.sync(true)
+    }
+
+    /// Writes the refcount blocks changed in memory.
+    fn write_dirty_blocks(&mut self) -> Result<()> {
+        let mut writes = Vec::new();
+        for t in self.rc_cache.values_mut().filter(|t| t.dirty) {
+            writes.push((t.host, encode_u16(&t.entries)));
+            t.dirty = false;
+        }
+        self.pwrite_all(&writes)
     }
 
     fn caches_full(&self) -> bool {
@@ -930,12 +1012,7 @@ impl Qcow2Patcher {
                 let delta = i64::try_from(n).unwrap_or(i64::MAX);
                 self.add_refcount(cluster, -delta)?;
             }
-            let mut writes = Vec::new();
-            for t in self.rc_cache.values_mut().filter(|t| t.dirty) {
-                writes.push((t.host, encode_u16(&t.entries)));
-                t.dirty = false;
-            }
-            self.pwrite_all(&writes)?;
+            self.write_dirty_blocks()?;
             self.sync(sync)?;
         }
         Ok(())
