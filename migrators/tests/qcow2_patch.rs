@@ -52,6 +52,11 @@ enum Maker {
     QemuCreate(u32),
     /// `qemu-img convert`, with this cluster size, `-c` if true.
     QemuConvert(u32, bool),
+    /// `qemu-img convert -o compat=0.10` (qcow2 version 2).
+    QemuConvertV2(u32),
+    /// `qemu-img convert`, then `qemu-io write -z` over part of the data:
+    /// zero clusters that keep their host cluster.
+    QemuConvertZeroed(u32),
 }
 
 fn make(maker: Maker, base: &Path, img: &Path, size: u64) {
@@ -81,6 +86,38 @@ fn make(maker: Maker, base: &Path, img: &Path, size: u64) {
             // The raw copy must match: an empty disk.
             let f = std::fs::File::create(base).unwrap();
             f.set_len(size).unwrap();
+        }
+        Maker::QemuConvertV2(cs) => {
+            let o = format!("compat=0.10,cluster_size={cs}");
+            qemu_ok(&[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &o,
+                s(base),
+                s(img),
+            ]);
+            assert_eq!(
+                common::info_json(img, "qcow2")["format-specific"]["data"]["compat"],
+                "0.10"
+            );
+        }
+        Maker::QemuConvertZeroed(cs) => {
+            make(Maker::QemuConvert(cs, false), base, img, size);
+            let (at, len) = (size / 4, size / 4);
+            qemu_io(img, &[&format!("write -z {at} {len}")]);
+            let f = OpenOptions::new().write(true).open(base).unwrap();
+            f.write_all_at(&vec![0u8; len as usize], at).unwrap();
+            // The zeroed clusters kept their host clusters.
+            let map = qemu_ok(&["map", "-f", "qcow2", "--output=json", s(img)]);
+            assert!(
+                map.contains(r#""zero": true, "data": false, "compressed": false, "offset""#),
+                "{map}"
+            );
         }
         Maker::QemuConvert(cs, compress) => {
             let cso = format!("cluster_size={cs}");
@@ -208,6 +245,18 @@ fn images_from_qemu_img_create() {
 fn images_from_qemu_img_convert() {
     run_case(Maker::QemuConvert(65536, false), 64 * MIB, 120, 2, 8);
     run_case(Maker::QemuConvert(4096, false), 24 * MIB, 150, 2, 9);
+}
+
+#[test]
+fn version_2_images_from_qemu_img_convert() {
+    run_case(Maker::QemuConvertV2(65536), 32 * MIB, 120, 2, 12);
+    run_case(Maker::QemuConvertV2(4096), 16 * MIB, 150, 1, 13);
+}
+
+#[test]
+fn zero_clusters_that_keep_their_allocation() {
+    run_case(Maker::QemuConvertZeroed(65536), 32 * MIB, 150, 2, 14);
+    run_case(Maker::QemuConvertZeroed(4096), 16 * MIB, 200, 1, 15);
 }
 
 #[test]

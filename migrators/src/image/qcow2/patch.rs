@@ -159,6 +159,13 @@ pub struct Qcow2Patcher {
     summary: PatchSummary,
     /// Set by the first failed write: memory no longer matches the file.
     failed: Option<String>,
+    /// Bytes each of the L2 and refcount block caches may hold before a
+    /// checkpoint.
+    cache_bytes: u64,
+    /// Tests: stop writing metadata after this step of a flush, as if the
+    /// process died there.
+    #[cfg(test)]
+    crash_after: Option<u32>,
 }
 
 impl std::fmt::Debug for Qcow2Patcher {
@@ -367,6 +374,9 @@ impl Qcow2Patcher {
             frees: BTreeMap::new(),
             summary: PatchSummary::default(),
             failed: None,
+            cache_bytes: QCOW2_L2_CACHE_BYTES,
+            #[cfg(test)]
+            crash_after: None,
         })
     }
 
@@ -947,8 +957,8 @@ impl Qcow2Patcher {
 
     fn caches_full(&self) -> bool {
         let cs = self.cluster_size;
-        (self.l2_cache.len() as u64 + 1).saturating_mul(cs) > QCOW2_L2_CACHE_BYTES
-            || (self.rc_cache.len() as u64 + 1).saturating_mul(cs) > QCOW2_L2_CACHE_BYTES
+        (self.l2_cache.len() as u64 + 1).saturating_mul(cs) > self.cache_bytes
+            || (self.rc_cache.len() as u64 + 1).saturating_mul(cs) > self.cache_bytes
             || self.frees.len() >= MAX_PENDING_FREES
     }
 
@@ -959,6 +969,9 @@ impl Qcow2Patcher {
             || !self.frees.is_empty();
         if !dirty {
             return self.sync(sync);
+        }
+        if self.crashed(0) {
+            return Ok(());
         }
         // 1. New refcount blocks and L2 tables: nothing points at them yet.
         let mut writes = Vec::new();
@@ -974,6 +987,9 @@ impl Qcow2Patcher {
         }
         self.pwrite_all(&writes)?;
         self.sync(sync)?;
+        if self.crashed(1) {
+            return Ok(());
+        }
         // 2. Refcount table entries of new blocks; increments.
         let mut writes = Vec::new();
         for (&index, &host) in &self.rt_dirty {
@@ -988,6 +1004,9 @@ impl Qcow2Patcher {
             self.rt.set(index, host);
         }
         self.sync(sync)?;
+        if self.crashed(2) {
+            return Ok(());
+        }
         // 3. Existing L2 tables.
         let mut writes = Vec::new();
         for t in self.l2_cache.values_mut().filter(|t| t.dirty) {
@@ -996,6 +1015,9 @@ impl Qcow2Patcher {
         }
         self.pwrite_all(&writes)?;
         self.sync(sync)?;
+        if self.crashed(3) {
+            return Ok(());
+        }
         // 4. L1 entries of new L2 tables.
         let mut writes = Vec::new();
         for (&index, &entry) in &self.l1_dirty {
@@ -1006,6 +1028,9 @@ impl Qcow2Patcher {
             self.l1.set(index, entry);
         }
         self.sync(sync)?;
+        if self.crashed(4) {
+            return Ok(());
+        }
         // 5. Decrements: nothing references these clusters any more.
         if !self.frees.is_empty() {
             for (cluster, n) in std::mem::take(&mut self.frees) {
@@ -1016,6 +1041,17 @@ impl Qcow2Patcher {
             self.sync(sync)?;
         }
         Ok(())
+    }
+
+    /// Tests: whether a simulated crash happens after flush step `step`.
+    #[cfg(test)]
+    fn crashed(&self, step: u32) -> bool {
+        self.crash_after.is_some_and(|k| k <= step)
+    }
+
+    #[cfg(not(test))]
+    fn crashed(&self, _step: u32) -> bool {
+        false
     }
 
     fn pwrite_all(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
@@ -1091,4 +1127,181 @@ fn encode_u64(entries: &[u64]) -> Vec<u8> {
 
 fn encode_u16(entries: &[u16]) -> Vec<u8> {
     entries.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::image::qcow2::{Qcow2Options, Qcow2Writer};
+    use std::process::Command;
+
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 12 * MIB;
+    const CS: u64 = 4096;
+
+    /// Runs qemu-img, the oracle; a missing qemu-img fails the test.
+    fn qemu_img(args: &[&str]) -> std::process::Output {
+        Command::new("/usr/bin/qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img (/usr/bin/qemu-img) is these tests' oracle: install qemu-utils")
+    }
+
+    fn s(p: &Path) -> &str {
+        p.to_str().unwrap()
+    }
+
+    /// xorshift bytes, never a zero 8-byte word.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&(x | 1).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// A 12 MiB image with 4 KiB clusters from our writer: random data at
+    /// 0..2 MiB (stored plainly), a compressible pattern at 4..5 MiB
+    /// (compressed clusters), holes elsewhere. Returns its guest bytes.
+    fn image(path: &Path) -> Vec<u8> {
+        let mut guest = vec![0u8; SIZE as usize];
+        guest[..2 * MIB as usize].copy_from_slice(&noise(1, 2 * MIB as usize));
+        for (i, b) in guest[4 * MIB as usize..5 * MIB as usize]
+            .iter_mut()
+            .enumerate()
+        {
+            *b = (i / 300) as u8 | 1;
+        }
+        let opts = Qcow2Options {
+            cluster_size: CS as u32,
+            compression: Some(Compression::Zlib),
+            ..Qcow2Options::default()
+        };
+        let mut w = Qcow2Writer::create(path, SIZE, &opts).unwrap();
+        w.write_at(0, &guest).unwrap();
+        w.finish().unwrap();
+        guest
+    }
+
+    /// Writes into data, into compressed clusters and into holes, the
+    /// last one large enough to cross a refcount block's 8 MiB coverage.
+    fn writes() -> Vec<(u64, Vec<u8>)> {
+        vec![
+            (MIB + 5, noise(2, 70_000)),
+            (4 * MIB + 100, noise(3, 10_000)),
+            (4 * MIB + 300_000, vec![0; 5000]),
+            (6 * MIB + 1, noise(4, 6 * MIB as usize - 1)),
+            (3 * MIB, noise(5, 3)),
+        ]
+    }
+
+    fn guest_of(img: &Path) -> Vec<u8> {
+        let raw = img.with_extension("raw");
+        let out = qemu_img(&["convert", "-f", "qcow2", "-O", "raw", s(img), s(&raw)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&raw).unwrap();
+        std::fs::remove_file(&raw).unwrap();
+        bytes
+    }
+
+    /// `qemu-img check`'s exit code: 0 clean, 2 corrupt, 3 leaks only.
+    fn check(img: &Path) -> (i32, String) {
+        let out = qemu_img(&["check", "-f", "qcow2", s(img)]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_crash_at_any_step_leaves_a_valid_image_of_old_or_new_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let pristine = dir.path().join("pristine.qcow2");
+        let old = image(&pristine);
+        let mut new = old.clone();
+        for (at, data) in writes() {
+            new[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        }
+        for step in 0..=5u32 {
+            let img = dir.path().join(format!("crash{step}.qcow2"));
+            std::fs::copy(&pristine, &img).unwrap();
+            let mut p = Qcow2Patcher::open(&img).unwrap();
+            p.crash_after = (step < 5).then_some(step);
+            for (at, data) in writes() {
+                p.write_at(at, &data).unwrap();
+            }
+            p.finish(true).unwrap();
+            let (code, text) = check(&img);
+            assert!(code == 0 || code == 3, "step {step}: exit {code}\n{text}");
+            if step == 5 {
+                assert_eq!(code, 0, "{text}");
+            }
+            let got = guest_of(&img);
+            for (i, c) in got.chunks(CS as usize).enumerate() {
+                let r = i * CS as usize..(i + 1) * CS as usize;
+                assert!(
+                    c == &old[r.clone()] || c == &new[r],
+                    "step {step}: cluster {i} is neither old nor new"
+                );
+            }
+            if step >= 4 {
+                assert!(got == new, "step {step}: not all new");
+            }
+        }
+    }
+
+    #[test]
+    fn small_caches_checkpoint_and_stay_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("small.qcow2");
+        let mut guest = image(&img);
+        let mut p = Qcow2Patcher::open(&img).unwrap();
+        p.cache_bytes = 3 * CS;
+        for (at, data) in writes().into_iter().rev() {
+            // In small pieces, so tables come and go through the caches.
+            for (k, piece) in data.chunks(40_000).enumerate() {
+                let at = at + (k * 40_000) as u64;
+                p.write_at(at, piece).unwrap();
+                guest[at as usize..at as usize + piece.len()].copy_from_slice(piece);
+                assert!(p.l2_cache.len() <= 4 && p.rc_cache.len() <= 8);
+            }
+        }
+        let mut back = vec![0u8; SIZE as usize];
+        p.read_at(0, &mut back).unwrap();
+        assert!(back == guest);
+        p.finish(false).unwrap();
+        let (code, text) = check(&img);
+        assert_eq!(code, 0, "{text}");
+        assert!(guest_of(&img) == guest);
+    }
+
+    #[test]
+    fn errors_poison_the_patcher() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("p.qcow2");
+        image(&img);
+        let mut p = Qcow2Patcher::open(&img).unwrap();
+        // A read-only handle makes the next write fail.
+        p.file = File::open(&img).unwrap();
+        let e = p.write_at(0, b"abc").unwrap_err();
+        assert!(
+            matches!(e, Error::Io { .. }) && e.to_string().contains("p.qcow2"),
+            "{e}"
+        );
+        let e = p.write_at(8 * MIB, b"abc").unwrap_err();
+        assert!(e.to_string().contains("earlier error"), "{e}");
+        assert!(p.finish(true).is_err());
+        let (code, text) = check(&img);
+        assert_eq!(code, 0, "{text}");
+    }
 }
