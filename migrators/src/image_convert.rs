@@ -464,6 +464,9 @@ impl Parsed {
             }
         };
         let (mut target, target_size) = match self.opts.format {
+            ImageFormat::Qcow2 if crate::image::probe(out)?.format != ImageFormat::Qcow2 => {
+                return Ok(Err(format!("{} is not a qcow2 image", out.display())));
+            }
             ImageFormat::Qcow2 => match Qcow2Patcher::open(out) {
                 Ok(p) => {
                     let s = p.virtual_size();

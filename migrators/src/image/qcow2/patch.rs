@@ -441,6 +441,7 @@ impl Qcow2Patcher {
             let within = pos & (cs - 1);
             let take = ((cs - within) as usize).min(buf.len() - done);
             let index = pos >> self.cluster_bits;
+            self.make_room()?;
             let dst = buf
                 .get_mut(done..done + take)
                 .ok_or_else(|| self.corrupt("read (out of range)".into(), pos))?;
@@ -494,11 +495,7 @@ impl Qcow2Patcher {
 
     /// Writes `piece` at byte `within` of guest cluster `index`.
     fn write_cluster(&mut self, index: u64, within: u64, piece: &[u8]) -> Result<()> {
-        if self.caches_full() {
-            self.flush(true)?;
-            self.l2_cache.clear();
-            self.rc_cache.clear();
-        }
+        self.make_room()?;
         let cs = self.cluster_size;
         let entry = self.l2_entry(index, true)?.unwrap_or(0);
         let whole = within == 0 && piece.len() as u64 == cs;
@@ -579,7 +576,12 @@ impl Qcow2Patcher {
                 t.dirty = true;
                 t.entries.get_mut(slot)
             })
-            .ok_or_else(|| Error::InvalidArgument("L2 table not loaded".into()))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "L2 table {l1_index} of {} is not loaded (a bug in the patcher)",
+                    self.path.display()
+                ))
+            })?;
         *table = entry;
         Ok(())
     }
@@ -955,6 +957,22 @@ impl Qcow2Patcher {
         self.pwrite_all(&writes)
     }
 
+    /// Empties the caches when one is full, writing their changes out
+    /// first (a checkpoint) if there are any.
+    fn make_room(&mut self) -> Result<()> {
+        if self.caches_full() {
+            let dirty = self.l2_cache.values().any(|t| t.dirty)
+                || self.rc_cache.values().any(|t| t.dirty)
+                || !self.frees.is_empty();
+            if dirty {
+                self.flush(true)?;
+            }
+            self.l2_cache.clear();
+            self.rc_cache.clear();
+        }
+        Ok(())
+    }
+
     fn caches_full(&self) -> bool {
         let cs = self.cluster_size;
         (self.l2_cache.len() as u64 + 1).saturating_mul(cs) > self.cache_bytes
@@ -1279,6 +1297,8 @@ mod tests {
         let mut back = vec![0u8; SIZE as usize];
         p.read_at(0, &mut back).unwrap();
         assert!(back == guest);
+        // Reading every table does not grow the caches past their bound.
+        assert!(p.l2_cache.len() <= 4 && p.rc_cache.len() <= 8);
         p.finish(false).unwrap();
         let (code, text) = check(&img);
         assert_eq!(code, 0, "{text}");
