@@ -489,3 +489,34 @@ fn the_refcount_table_grows() {
         compare_identical(&expect, &img);
     }
 }
+
+/// An L2 entry pointing at the L1 table is corrupt, not a place to write.
+#[test]
+fn data_is_never_written_over_the_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("overlap.qcow2");
+    qemu_ok(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    qemu_io(&img, &["write -P 0x44 0 64k"]);
+    // Fresh 8M image: L1 at 0x30000, the first L2 table right after it.
+    let bytes = std::fs::read(&img).unwrap();
+    let l2 =
+        u64::from_be_bytes(bytes[0x30000..0x30008].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&(0x30000u64 | (1 << 63)).to_be_bytes(), l2)
+        .unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let mut p = Qcow2Patcher::open(&img).unwrap();
+    let e = p.write_at(10, b"x").unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::Corrupt {
+                offset: 0x30000,
+                ..
+            }
+        ) && e.to_string().contains("L1 table"),
+        "{e}"
+    );
+    drop(p);
+    assert!(std::fs::read(&img).unwrap() == before);
+}

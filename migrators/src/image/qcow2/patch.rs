@@ -138,6 +138,7 @@ pub struct Qcow2Patcher {
     rc_entries: u64,
     l1: PagedTable,
     l1_offset: u64,
+    l1_size: u64,
     rt: PagedTable,
     rt_offset: u64,
     rt_entries: u64,
@@ -362,6 +363,7 @@ impl Qcow2Patcher {
             rc_entries: cluster_size * 8 / (1 << REFCOUNT_ORDER),
             l1: PagedTable::new(l1_offset, l1_size, Entry::Be64),
             l1_offset,
+            l1_size,
             rt: PagedTable::new(rt_offset, rt_entries, Entry::Be64),
             rt_offset,
             rt_entries,
@@ -675,7 +677,28 @@ impl Qcow2Patcher {
                 host,
             ));
         }
+        if self.is_metadata(host) {
+            return Err(self.corrupt(
+                format!(
+                    "L2 entry for guest offset {} (data cluster at {host} overlaps the image's \
+                     header, L1 table or refcount table)",
+                    index << self.cluster_bits
+                ),
+                host,
+            ));
+        }
         Ok(host)
+    }
+
+    /// Whether the cluster at `host` holds the header, the L1 table or
+    /// the refcount table: guest data is never written over them (a part
+    /// of QEMU's overlap check that costs no lookups).
+    fn is_metadata(&self, host: u64) -> bool {
+        let cs = self.cluster_size;
+        let within = |at: u64, bytes: u64| bytes > 0 && host + cs > at && host < at + bytes;
+        host < cs
+            || within(self.l1_offset, self.l1_size * 8)
+            || within(self.rt_offset, self.rt_entries * 8)
     }
 
     /// Start and length in the file of compressed cluster `entry`.
