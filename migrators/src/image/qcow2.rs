@@ -1,4 +1,6 @@
 //! qcow2 version 3: on-disk constants and a streaming, uncompressed writer.
+//! The reader lives in `qcow2/reader.rs`; [`Qcow2Patcher`] (in
+//! `qcow2/patch.rs`) writes guest data into an existing image in place.
 //!
 //! # Layout the writer produces
 //!
