@@ -73,8 +73,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::reader::{
-    Compression, EXT_DATA_FILE, EXT_END, INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTENDED_L2,
-    INCOMPAT_EXTERNAL_DATA, OFFSET_MASK, be_u32, be_u64, inflate_cluster, unzstd_cluster,
+    Compression, EXT_DATA_FILE, EXT_END, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, OFFSET_MASK,
+    be_u32, be_u64, decompress_cluster, header_compression,
 };
 use super::{
     KNOWN_INCOMPATIBLE_FEATURES, MAGIC, MAX_HOST_OFFSET, OFLAG_COMPRESSED, OFLAG_COPIED,
@@ -272,28 +272,8 @@ impl Qcow2Patcher {
                 1u64 << refcount_order.min(63)
             )));
         }
-        if u64::from(header_len) > cluster_size
-            || header_len < 72
-            || (version == 3 && header_len < 104)
-            || header_len as usize > head.len()
-        {
-            return Err(corrupt(format!("header (header_length {header_len})"), 100));
-        }
-        let compression = if header_len > 104 {
-            match head.get(104).copied().ok_or_else(truncated)? {
-                0 => Compression::Zlib,
-                1 => Compression::Zstd,
-                t => return Err(unsupported(&format!("compression type {t}"))),
-            }
-        } else {
-            Compression::Zlib
-        };
-        if (compression != Compression::Zlib) != (incompat & INCOMPAT_COMPRESSION_TYPE != 0) {
-            return Err(corrupt(
-                "header (compression type and its feature bit disagree)".into(),
-                72,
-            ));
-        }
+        let compression =
+            header_compression(&head, path, version, header_len, cluster_size, incompat)?;
         let mut at = header_len as usize;
         while at < head.len() {
             let (Some(kind), Some(len)) = (be_u32(&head, at), be_u32(&head, at + 4)) else {
@@ -713,27 +693,15 @@ impl Qcow2Patcher {
     /// Decompresses compressed cluster `entry` into `out` (one cluster).
     fn decompress(&self, entry: u64, out: &mut [u8]) -> Result<()> {
         let (host, len) = self.compressed_range(entry);
-        if host >= self.file_end {
-            return Err(self.corrupt(
-                format!("compressed cluster at {host} (past the end of the file)"),
-                host,
-            ));
-        }
-        let len = len.min(self.file_end - host).min(2 * self.cluster_size);
-        let mut input = vec![0u8; len as usize];
-        pread_full(&self.file, &self.path, host, &mut input)?;
-        let ok = match self.compression {
-            Compression::Zlib => inflate_cluster(&input, out),
-            Compression::Zstd => unzstd_cluster(&input, out),
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(self.corrupt(
-                format!("compressed cluster at {host} (does not inflate to exactly one cluster)"),
-                host,
-            ))
-        }
+        decompress_cluster(
+            &self.file,
+            &self.path,
+            self.file_end,
+            self.compression,
+            host,
+            len,
+            out,
+        )
     }
 
     /// The refcount table entry `index`: the block's offset, or 0.
