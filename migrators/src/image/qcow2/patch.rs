@@ -918,12 +918,14 @@ impl Qcow2Patcher {
         }
         self.pwrite(table_at * cs, &encode_u64(&table))?;
         self.sync(true)?;
+        self.crash_point(10)?;
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&(table_at * cs).to_be_bytes());
         // At most 8 MiB of table: the cluster count fits in 32 bits.
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         self.pwrite(48, &fields)?;
         self.sync(true)?;
+        self.crash_point(11)?;
         let old_first = self.rt_offset / cs;
         let old_clusters = (self.rt_entries * 8).div_ceil(cs);
         self.rt = PagedTable::new(table_at * cs, entries, Entry::Be64);
@@ -1061,6 +1063,18 @@ impl Qcow2Patcher {
     #[cfg(not(test))]
     fn crashed(&self, _step: u32) -> bool {
         false
+    }
+
+    /// Tests: fails (poisoning the patcher, as a dead process would stop)
+    /// at a simulated crash after step `step` of a refcount table move.
+    fn crash_point(&self, step: u32) -> Result<()> {
+        if self.crashed(step) {
+            return Err(Error::InvalidArgument(format!(
+                "simulated crash after step {step} in {}",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     fn pwrite_all(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
@@ -1265,6 +1279,43 @@ mod tests {
             }
             if step >= 4 {
                 assert!(got == new, "step {step}: not all new");
+            }
+        }
+    }
+
+    #[test]
+    fn a_crash_while_moving_the_refcount_table_leaves_a_valid_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let pristine = dir.path().join("pristine512.qcow2");
+        let size = 16 * MIB;
+        let opts = Qcow2Options {
+            cluster_size: 512,
+            ..Qcow2Options::default()
+        };
+        let old = noise(7, MIB as usize);
+        let mut w = Qcow2Writer::create(&pristine, size, &opts).unwrap();
+        w.write_at(0, &old).unwrap();
+        w.finish().unwrap();
+        for step in [10u32, 11] {
+            let img = dir.path().join(format!("move{step}.qcow2"));
+            std::fs::copy(&pristine, &img).unwrap();
+            let mut p = Qcow2Patcher::open(&img).unwrap();
+            p.crash_after = Some(step);
+            // 512-byte clusters: one table cluster covers 8 MiB of file.
+            let data = noise(8, 12 * MIB as usize);
+            let e = p.write_at(2 * MIB, &data).unwrap_err();
+            assert!(e.to_string().contains("simulated crash"), "{e}");
+            drop(p);
+            let (code, text) = check(&img);
+            assert!(code == 0 || code == 3, "step {step}: exit {code}\n{text}");
+            let got = guest_of(&img);
+            assert!(got[..MIB as usize] == old[..], "step {step}");
+            for (i, c) in got[2 * MIB as usize..].chunks(512).enumerate() {
+                let r = i * 512..(i + 1) * 512;
+                assert!(
+                    c.iter().all(|&b| b == 0) || c == &data[r],
+                    "step {step}: cluster {i} of the write is neither old nor new"
+                );
             }
         }
     }
