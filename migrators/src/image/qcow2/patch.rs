@@ -55,8 +55,10 @@
 //! `qemu-img check -r leaks` repairs). An in-place overwrite is as atomic
 //! as the file system's `pwrite`, like a write to a raw disk: a crash
 //! during it can leave the cluster partly written; the relocation re-runs
-//! the patch, which compares again. Without `sync` the order is kept in
-//! the page cache only.
+//! the patch, which compares again. With `finish(false)` the order holds
+//! against a crash of the process, not of the machine (checkpoints always
+//! sync). Guest data is never written over the header, the L1 table or
+//! the refcount table: an L2 entry pointing there is [`Error::Corrupt`].
 //!
 //! # Memory
 //!
