@@ -25,6 +25,22 @@
 //! output with the input, guest byte for guest byte, before it is renamed
 //! into place.
 //!
+//! `patch` (bool; needs `replaces`) is the warm path's final delta done
+//! in place: when the output exists, was made by the step named in
+//! `replaces` and is raw or qcow2, it is brought up to the input instead of
+//! converted again. Each 1 MiB chunk that may differ (those holding data in
+//! the input or the output, or, with `changes`, only those the change set
+//! touches) is read from both, and where they differ the input's bytes are
+//! written (qcow2 through [`Qcow2Patcher`], raw with `pwrite`). With
+//! `verify` those chunks are compared again afterwards. The output is then
+//! owned by this step, as with a conversion. `changes` is the path of a
+//! [`ChangeSet`] file (its `virtual_size` must be the input's). A qcow2
+//! output the patcher refuses ([`crate::Error::Unsupported`]: a backing
+//! file, snapshots...), an output of another format or size, is converted
+//! again in full instead; the step says so in a progress message and in
+//! the `patch` fact. The step's facts report `patch.mode` (`patch` or
+//! `convert`), `bytes_compared` and `bytes_written`.
+//!
 //! Idempotent by construction: the image is written to
 //! `OUTPUT.partial-STEP_ID` and renamed to `OUTPUT` only when complete and
 //! synced, so a re-run after a crash finds either nothing, a stale partial
@@ -39,7 +55,8 @@ use fluidcloud_plugins::{
     Migrator, MigratorDescriptor, Result as SdkResult, StepOutput, StepRequest,
 };
 
-use crate::image::qcow2::{Compression, Qcow2Options};
+use crate::changes::ChangeSet;
+use crate::image::qcow2::{Compression, Qcow2Options, Qcow2Patcher};
 use crate::image::vmdk::VmdkSubformat;
 use crate::image::{
     BackingPolicy, ConvertOptions, OpenOptions, VhdSubformat, data_bytes, open_with,
@@ -62,6 +79,11 @@ const WRITES: [ImageFormat; 5] = [
     ImageFormat::Vhd,
     ImageFormat::Vhdx,
 ];
+/// Patch mode compares and writes in chunks of this size.
+const PATCH_CHUNK: u64 = 1 << 20;
+/// Inside a chunk that differs, runs of this granularity that differ are
+/// written.
+const PATCH_BLOCK: usize = 4096;
 /// Planning assumes this conversion speed.
 const PLAN_BYTES_PER_SECOND: f64 = 400e6;
 
@@ -78,8 +100,13 @@ struct Parsed {
     owner: String,
     /// The creator tag of an output this step may replace (`replaces`).
     replaces: Option<String>,
-    /// Compare the output with the input before it is renamed into place.
+    /// Compare the output with the input before it is renamed into place
+    /// (after patching, in patch mode).
     verify: bool,
+    /// Patch a replaceable raw or qcow2 output in place (`patch`).
+    patch: bool,
+    /// The change set limiting what patch mode reads (`changes`).
+    changes: Option<PathBuf>,
     /// How the input is opened: in the format its artifact declares (never
     /// probed), its backing chain confined by the `backing` param.
     source: OpenOptions,
@@ -238,12 +265,40 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
             false
         }),
     };
+    let patch = match p.get("patch") {
+        None => false,
+        Some(v) => v.as_bool().unwrap_or_else(|| {
+            problems.push(Diagnostic::error("`patch` is true or false").at_key("params.patch"));
+            false
+        }),
+    };
+    if patch && replaces.is_none() && p.get("replaces").is_none() {
+        problems.push(
+            Diagnostic::error("`patch` needs `replaces` (the step whose output it patches)")
+                .at_key("params.patch"),
+        );
+    }
+    let changes = match p.get("changes") {
+        None => None,
+        Some(serde_json::Value::String(path)) if patch && !path.is_empty() => {
+            Some(PathBuf::from(path))
+        }
+        Some(_) => {
+            problems.push(
+                Diagnostic::error("`changes` is the path of a change set file (needs `patch`)")
+                    .at_key("params.changes"),
+            );
+            None
+        }
+    };
     match (input, format, output) {
         (Some(input), Some(format), Some(output)) if problems.is_empty() => Ok(Parsed {
             input: input.clone(),
             owner,
             replaces,
             verify,
+            patch,
+            changes,
             source: OpenOptions {
                 format: match input.kind {
                     ArtifactKind::DiskImage { format } => Some(format),
@@ -333,6 +388,207 @@ impl Parsed {
     }
 }
 
+/// What patch mode did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PatchReport {
+    /// Guest bytes compared (read from the input and from the output).
+    bytes_compared: u64,
+    /// Guest bytes written to the output where it differed.
+    bytes_written: u64,
+    /// Chunks compared, and those that differed.
+    chunks: u64,
+    chunks_written: u64,
+}
+
+/// The output opened for patching.
+enum Target {
+    Qcow2(Box<Qcow2Patcher>),
+    Raw(std::fs::File),
+}
+
+impl Target {
+    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
+        match self {
+            Self::Qcow2(p) => p.read_at(offset, buf),
+            Self::Raw(f) => crate::image::reader::pread_full(f, path, offset, buf),
+        }
+    }
+
+    fn write_at(&mut self, path: &Path, offset: u64, data: &[u8]) -> crate::Result<()> {
+        match self {
+            Self::Qcow2(p) => p.write_at(offset, data),
+            Self::Raw(f) => {
+                std::os::unix::fs::FileExt::write_all_at(f, data, offset).map_err(|e| {
+                    crate::Error::io(format!("writing at {offset} of {}", path.display()), e)
+                })
+            }
+        }
+    }
+
+    fn finish(self, path: &Path) -> crate::Result<()> {
+        match self {
+            Self::Qcow2(p) => p.finish(true).map(|_| ()),
+            Self::Raw(f) => f
+                .sync_all()
+                .map_err(|e| crate::Error::io(format!("syncing {}", path.display()), e)),
+        }
+    }
+}
+
+impl Parsed {
+    /// Patch mode: brings the existing output up to `source` in place.
+    /// `Ok(Err(why))` when the output cannot be patched and must be
+    /// converted again.
+    fn patch_output(
+        &self,
+        source: &dyn crate::image::ImageReader,
+        progress: &dyn fluidcloud_plugins::ProgressSink,
+        cancel: &fluidcloud_plugins::CancelFlag,
+    ) -> SdkResult<Result<PatchReport, String>> {
+        let out = self.output.as_path();
+        let size = source.virtual_size();
+        let changes = match &self.changes {
+            None => None,
+            Some(path) => {
+                let set = ChangeSet::load(path)?;
+                if set.virtual_size != size {
+                    return Err(crate::Error::InvalidArgument(format!(
+                        "change set {} is of a disk of {} bytes, but the input {} has {size}",
+                        path.display(),
+                        set.virtual_size,
+                        self.input.locator
+                    ))
+                    .into());
+                }
+                Some(set)
+            }
+        };
+        let (mut target, target_size) = match self.opts.format {
+            ImageFormat::Qcow2 if crate::image::probe(out)?.format != ImageFormat::Qcow2 => {
+                return Ok(Err(format!("{} is not a qcow2 image", out.display())));
+            }
+            ImageFormat::Qcow2 => match Qcow2Patcher::open(out) {
+                Ok(p) => {
+                    let s = p.virtual_size();
+                    (Target::Qcow2(Box::new(p)), s)
+                }
+                Err(e @ crate::Error::Unsupported { .. }) => return Ok(Err(e.to_string())),
+                Err(e) => return Err(e.into()),
+            },
+            ImageFormat::Raw => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(out)
+                    .map_err(|e| SdkError::io(format!("opening {} to patch", out.display()), e))?;
+                let len = f
+                    .metadata()
+                    .map_err(|e| SdkError::io(format!("stat {}", out.display()), e))?
+                    .len();
+                (Target::Raw(f), len)
+            }
+            other => return Ok(Err(format!("{other} outputs are not patched in place"))),
+        };
+        if target_size != size && target_size != size.next_multiple_of(512) {
+            return Ok(Err(format!(
+                "{} holds a disk of {target_size} bytes, the input one of {size}",
+                out.display()
+            )));
+        }
+        let chunks = match &changes {
+            Some(set) => set.chunks(PATCH_CHUNK),
+            None => {
+                // Where either side holds data; elsewhere both read zeros.
+                let written = open_with(
+                    out,
+                    &OpenOptions {
+                        format: Some(self.opts.format),
+                        ..OpenOptions::default()
+                    },
+                )?;
+                let mut ranges = Vec::new();
+                for reader in [source, written.as_ref()] {
+                    for e in crate::image::extents(reader) {
+                        let e = e?;
+                        if e.kind == crate::image::ExtentKind::Data && e.offset < size {
+                            ranges.push((e.offset, e.length.min(size - e.offset)));
+                        }
+                    }
+                }
+                ChangeSet::new(out.display().to_string(), size, ranges).chunks(PATCH_CHUNK)
+            }
+        };
+        let mut report = PatchReport::default();
+        let total = chunks.len() as u64 * PATCH_CHUNK;
+        let mut want = vec![0u8; PATCH_CHUNK as usize];
+        let mut have = vec![0u8; PATCH_CHUNK as usize];
+        for (i, &chunk) in chunks.iter().enumerate() {
+            if cancel.is_cancelled() {
+                target.finish(out)?;
+                return Err(SdkError::Transient(format!(
+                    "cancelled while patching {}",
+                    out.display()
+                )));
+            }
+            let offset = chunk * PATCH_CHUNK;
+            let len = PATCH_CHUNK.min(size - offset) as usize;
+            let (want, have) = (&mut want[..len], &mut have[..len]);
+            source.read_at(offset, want)?;
+            target.read_at(out, offset, have)?;
+            report.bytes_compared += len as u64;
+            report.chunks += 1;
+            if want != have {
+                report.chunks_written += 1;
+                // Write the runs of blocks that differ.
+                let mut at = 0usize;
+                while at < len {
+                    let block_end = |a: usize| (a + PATCH_BLOCK).min(len);
+                    if want[at..block_end(at)] == have[at..block_end(at)] {
+                        at = block_end(at);
+                        continue;
+                    }
+                    let start = at;
+                    while at < len && want[at..block_end(at)] != have[at..block_end(at)] {
+                        at = block_end(at);
+                    }
+                    target.write_at(out, offset + start as u64, &want[start..at])?;
+                    report.bytes_written += (at - start) as u64;
+                }
+            }
+            progress.progress((i as u64 + 1) * PATCH_CHUNK, Some(total));
+        }
+        target.finish(out)?;
+        if self.verify {
+            let written = open_with(
+                out,
+                &OpenOptions {
+                    format: Some(self.opts.format),
+                    ..OpenOptions::default()
+                },
+            )?;
+            for &chunk in &chunks {
+                let offset = chunk * PATCH_CHUNK;
+                let len = PATCH_CHUNK.min(size - offset) as usize;
+                let (want, have) = (&mut want[..len], &mut have[..len]);
+                source.read_at(offset, want)?;
+                written.read_at(offset, have)?;
+                if let Some(i) = want.iter().zip(have.iter()).position(|(a, b)| a != b) {
+                    return Err(crate::Error::Corrupt {
+                        what: format!(
+                            "{} (differs from its source {} after patching)",
+                            out.display(),
+                            self.input.locator
+                        ),
+                        offset: offset + i as u64,
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(Ok(report))
+    }
+}
+
 fn partial_path(output: &Path, step_id: &str) -> PathBuf {
     let safe: String = step_id
         .chars()
@@ -397,15 +653,36 @@ impl Migrator for ImageConvert {
         let cancel = ctx.cancel.clone();
         let format = parsed.opts.format;
         let output = parsed.output.clone();
-        let (summary, file_size) = blocking(move || {
+        let (summary, file_size, patch) = blocking(move || {
             let reader = parsed.open_source()?;
             let replacing = match parsed.existing_output()? {
                 Existing::None => false,
                 Existing::Replaceable => true,
-                Existing::Done(size) => return Ok((None, size)),
+                Existing::Done(size) => return Ok((None, size, None)),
             };
             if cancel.is_cancelled() {
                 return Err(SdkError::Transient("cancelled before starting".into()));
+            }
+            let mut fallback = None;
+            if replacing && parsed.patch {
+                match parsed.patch_output(reader.as_ref(), progress.as_ref(), &cancel)? {
+                    Ok(report) => {
+                        // Patched in place: the output is now this step's.
+                        crate::owner::write(&parsed.output, &parsed.owner)?;
+                        let size = std::fs::metadata(&parsed.output)
+                            .map_err(|e| {
+                                SdkError::io(format!("stat {}", parsed.output.display()), e)
+                            })?
+                            .len();
+                        return Ok((None, size, Some(Ok(report))));
+                    }
+                    Err(why) => {
+                        progress.message(&format!(
+                            "patch mode: {why}; converting the whole image again"
+                        ));
+                        fallback = Some(why);
+                    }
+                }
             }
             let summary =
                 crate::image::convert(reader.as_ref(), &partial, &parsed.opts, &|done, total| {
@@ -427,13 +704,42 @@ impl Migrator for ImageConvert {
                 crate::owner::write(&parsed.output, &parsed.owner)?;
             }
             let size = summary.file_size;
-            Ok((Some(summary), size))
+            Ok((Some(summary), size, fallback.map(Err)))
         })
         .await?;
         let mut out = StepOutput::default();
         if let Some(s) = &summary {
             out.measured.bytes_read = s.bytes_read;
             out.measured.bytes_written = s.bytes_written;
+        }
+        match &patch {
+            None => {}
+            Some(Ok(r)) => {
+                // Both sides of every chunk compared were read.
+                out.measured.bytes_read = r.bytes_compared * 2;
+                out.measured.bytes_written = r.bytes_written;
+                out.facts.insert(
+                    "patch".into(),
+                    serde_json::json!({
+                        "mode": "patch",
+                        "bytes_compared": r.bytes_compared,
+                        "bytes_written": r.bytes_written,
+                        "chunks_compared": r.chunks,
+                        "chunks_written": r.chunks_written,
+                    }),
+                );
+            }
+            Some(Err(why)) => {
+                out.facts.insert(
+                    "patch".into(),
+                    serde_json::json!({
+                        "mode": "convert",
+                        "fallback": why,
+                        "bytes_compared": 0,
+                        "bytes_written": out.measured.bytes_written,
+                    }),
+                );
+            }
         }
         out.artifacts.insert(
             "image".into(),

@@ -1,4 +1,6 @@
 //! qcow2 version 3: on-disk constants and a streaming, uncompressed writer.
+//! The reader lives in `qcow2/reader.rs`; [`Qcow2Patcher`] (in
+//! `qcow2/patch.rs`) writes guest data into an existing image in place.
 //!
 //! # Layout the writer produces
 //!
@@ -28,8 +30,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+mod patch;
 mod reader;
 
+pub use patch::{PatchSummary, Qcow2Patcher};
 pub use reader::{Compression, Qcow2Details, Qcow2Reader, SnapshotInfo};
 
 /// `QFI\xfb`, the first four bytes of every qcow2 file.

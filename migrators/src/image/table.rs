@@ -143,6 +143,32 @@ impl PagedTable {
     }
 }
 
+impl PagedTable {
+    /// Records that entry `index` now holds `value` on disk (a writer
+    /// wrote it): the cached page holding it, if any, is updated so later
+    /// reads do not see the old entry. Pages not cached are read from the
+    /// file when next used, which already holds the new value.
+    pub(crate) fn set(&self, index: u64, value: u64) {
+        if index >= self.len {
+            return;
+        }
+        let per_page = self.per_page();
+        let page = index / per_page;
+        let within = (index % per_page) as usize;
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = cache.get_mut(&page) {
+            let mut entries = p.to_vec();
+            if let Some(slot) = entries.get_mut(within) {
+                *slot = value;
+            }
+            *p = entries.into();
+        }
+    }
+}
+
 /// Reads entries of a [`PagedTable`] in order, holding the current page:
 /// a scan over a run of entries takes one cache lookup per page, not one
 /// per entry.

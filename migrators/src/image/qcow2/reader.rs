@@ -21,24 +21,20 @@ use std::sync::{Arc, Mutex};
 use fluidcloud_plugins::ImageFormat;
 use serde::Serialize;
 
-use super::{KNOWN_INCOMPATIBLE_FEATURES, MAGIC};
+use super::{KNOWN_INCOMPATIBLE_FEATURES, MAGIC, OFLAG_COMPRESSED, OFLAG_ZERO};
 use crate::error::{Error, Result};
 use crate::image::reader::{Chain, Extent, ExtentKind, ImageReader, check_range, pread_full};
 
 /// Bits 9..=55 of L1 and L2 entries: a host offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bit 62 of L2 entries: compressed cluster.
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-/// Bit 0 of L2 entries: reads as zeros.
-const OFLAG_ZERO: u64 = 1;
+pub(super) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Incompatible feature bits.
-const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(super) const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+pub(super) const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
+pub(super) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Header extension types.
-const EXT_END: u32 = 0;
+pub(super) const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub(super) const EXT_DATA_FILE: u32 = 0x4441_5441;
 use crate::image::limits::{
     QCOW2_L2_CACHE_BYTES as L2_CACHE_BYTES, QCOW2_MAX_BACKING_NAME,
     QCOW2_MAX_L1_BYTES as MAX_L1_BYTES, QCOW2_MAX_SNAPSHOT_EXTRA as MAX_SNAPSHOT_EXTRA,
@@ -144,11 +140,11 @@ fn be_u16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+pub(super) fn be_u32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn be_u64(b: &[u8], at: usize) -> Option<u64> {
+pub(super) fn be_u64(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
@@ -223,31 +219,8 @@ impl Qcow2Reader {
                 96,
             ));
         }
-        if u64::from(header_len) > cluster_size
-            || header_len < 72
-            || (version == 3 && header_len < 104)
-            || header_len as usize > head.len()
-        {
-            return Err(corrupt(
-                &format!("header (header_length {header_len})"),
-                100,
-            ));
-        }
-        let compression = if header_len > 104 {
-            match head.get(104).copied().ok_or_else(truncated)? {
-                0 => Compression::Zlib,
-                1 => Compression::Zstd,
-                t => return Err(unsupported(format!("qcow2 compression type {t}"))),
-            }
-        } else {
-            Compression::Zlib
-        };
-        if (compression != Compression::Zlib) != (incompat & INCOMPAT_COMPRESSION_TYPE != 0) {
-            return Err(corrupt(
-                "header (compression type and its feature bit disagree)",
-                72,
-            ));
-        }
+        let compression =
+            header_compression(&head, path, version, header_len, cluster_size, incompat)?;
         let extended_l2 = incompat & INCOMPAT_EXTENDED_L2 != 0;
         if extended_l2 && cluster_bits < 14 {
             return Err(corrupt(
@@ -625,30 +598,108 @@ impl Qcow2Reader {
     /// Decompresses the cluster stored at `host` (`len` bytes) into `out`
     /// (exactly one cluster).
     fn decompress(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
-        let len = len.min(self.file_len - host).min(2 * self.cluster_size);
-        let ok = INPUT.with(|cell| -> Result<bool> {
-            let mut input = cell.borrow_mut();
-            input.resize(len as usize, 0);
-            pread_full(&self.file, &self.path, host, &mut input)?;
-            Ok(match self.details.compression {
-                Compression::Zlib => inflate_cluster(&input, out),
-                Compression::Zstd => unzstd_cluster(&input, out),
-            })
-        })?;
-        if ok {
-            Ok(())
-        } else {
-            Err(self.corrupt(
-                &format!(
-                    "compressed cluster at {host} ({} data that does not inflate to exactly one cluster)",
-                    match self.details.compression {
-                        Compression::Zlib => "deflate",
-                        Compression::Zstd => "zstd",
-                    }
-                ),
-                host,
-            ))
+        decompress_cluster(
+            &self.file,
+            &self.path,
+            self.file_len,
+            self.details.compression,
+            host,
+            len,
+            out,
+        )
+    }
+}
+
+/// Checks the header's `header_length` (version 3: at least 104 bytes,
+/// inside the first cluster and the bytes read) and returns the
+/// compression type it may hold, which must agree with its incompatible
+/// feature bit. Shared by the reader and the patcher.
+pub(super) fn header_compression(
+    head: &[u8],
+    path: &Path,
+    version: u32,
+    header_len: u32,
+    cluster_size: u64,
+    incompat: u64,
+) -> Result<Compression> {
+    let corrupt = |what: String, offset: u64| Error::Corrupt {
+        what: format!("qcow2 {what} of {}", path.display()),
+        offset,
+    };
+    if u64::from(header_len) > cluster_size
+        || header_len < 72
+        || (version == 3 && header_len < 104)
+        || header_len as usize > head.len()
+    {
+        return Err(corrupt(format!("header (header_length {header_len})"), 100));
+    }
+    let compression = match head.get(104).copied() {
+        _ if header_len <= 104 => Compression::Zlib,
+        Some(0) => Compression::Zlib,
+        Some(1) => Compression::Zstd,
+        Some(t) => {
+            return Err(Error::Unsupported {
+                what: format!("qcow2 compression type {t} in {}", path.display()),
+            });
         }
+        None => {
+            return Err(corrupt(
+                "header (file ends inside it)".into(),
+                head.len() as u64,
+            ));
+        }
+    };
+    if (compression != Compression::Zlib) != (incompat & INCOMPAT_COMPRESSION_TYPE != 0) {
+        return Err(corrupt(
+            "header (compression type and its feature bit disagree)".into(),
+            72,
+        ));
+    }
+    Ok(compression)
+}
+
+/// Decompresses the compressed cluster stored at `host` (`len` bytes,
+/// cut to the file and to two clusters) of `file` into `out` (exactly one
+/// cluster). Shared by the reader and the patcher.
+pub(super) fn decompress_cluster(
+    file: &File,
+    path: &Path,
+    file_len: u64,
+    compression: Compression,
+    host: u64,
+    len: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let corrupt = |what: String| Error::Corrupt {
+        what: format!(
+            "qcow2 compressed cluster at {host} ({what}) of {}",
+            path.display()
+        ),
+        offset: host,
+    };
+    if host >= file_len {
+        return Err(corrupt("past the end of the file".into()));
+    }
+    let len = len.min(file_len - host).min(2 * out.len() as u64);
+    let ok = INPUT.with(|cell| -> Result<bool> {
+        let mut input = cell.borrow_mut();
+        input.resize(len as usize, 0);
+        pread_full(file, path, host, &mut input)?;
+        Ok(match compression {
+            Compression::Zlib => inflate_cluster(&input, out),
+            Compression::Zstd => unzstd_cluster(&input, out),
+        })
+    })?;
+    if ok {
+        Ok(())
+    } else {
+        Err(corrupt(format!(
+            "{} data that does not inflate to exactly one cluster",
+            match compression {
+                Compression::Zlib => "deflate",
+                Compression::Zstd => "zstd",
+            }
+        )))
     }
 }
 
