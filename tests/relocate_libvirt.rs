@@ -335,6 +335,19 @@ location = { region = "lab", latitude = 48.1, longitude = -1.7 }
         }
     }
 
+    /// Makes the target site `lv-b` accept `formats` (a TOML array).
+    fn target_formats(&self, formats: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let at = text.find("[sites.lv-b]").unwrap();
+        let (head, tail) = text.split_at(at);
+        let tail = tail.replacen(
+            r#"image_formats = ["raw"]"#,
+            &format!("image_formats = {formats}"),
+            1,
+        );
+        std::fs::write(&self.config, format!("{head}{tail}")).unwrap();
+    }
+
     fn fc(&self, args: &[&str]) -> std::process::Output {
         let mut all = vec!["--config", &self.config];
         all.extend_from_slice(args);
@@ -710,4 +723,78 @@ fn a_guest_writing_to_its_boot_disk_and_volume_loses_no_write_and_its_boot_check
         "the target's volume is not the stopped source's:\n{text}"
     );
     assert_eq!(state(&target), "running");
+}
+
+/// `qemu-img ARGS` succeeds; its stdout.
+fn qemu_img_ok(args: &[&str]) -> String {
+    let q = Command::new(common::qemu_img())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        q.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&q.stdout),
+        String::from_utf8_lossy(&q.stderr)
+    );
+    String::from_utf8_lossy(&q.stdout).into_owned()
+}
+
+#[test]
+fn a_writing_guest_moves_to_a_qcow2_pool_whose_boot_disk_is_patched_in_place_from_its_change_set() {
+    let w = World::with("writerq", "FLUIDCLOUD-COUNT 5", Disk::Qcow2, true);
+    w.target_formats(r#"["qcow2"]"#);
+    let before = wait_count(&console_log(&w.source), 3, Duration::from_secs(300));
+    let (id, _) = w.relocate("lv-a", "lv-b");
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&w.fc(&["--json", "report", &id]))).unwrap();
+    assert_eq!(report["final_delta"]["disks_tracked"], 2, "{report}");
+    assert_eq!(report["final_delta"]["disks_rehashed"], 0, "{report}");
+    // The boot disk's final delta compared only the 1 MiB chunk the
+    // counter lives in (read on both sides), not the 6 MiB disk.
+    let step = |id: &str| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no step {id} in {report}"))
+            .clone()
+    };
+    let last = step("final:guest.qcow2");
+    assert_eq!(last["migrator"], "image-convert");
+    assert_eq!(last["bytes_read"], 2 << 20, "{last}");
+
+    // The target's qcow2 is clean (its guest runs and writes on), and it
+    // booted from exactly the stopped source's bytes: it prints its disk's
+    // SHA-256 at boot, before writing anything.
+    let target_disk = w.b.dir.join("guest.qcow2");
+    qemu_img_ok(&["check", "-U", "-f", "qcow2", target_disk.to_str().unwrap()]);
+    let source_disk = w.a.dir.join("guest.qcow2");
+    let source_raw = w.dir.join("source-boot.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        source_disk.to_str().unwrap(),
+        source_raw.to_str().unwrap(),
+    ]);
+    let target = format!("{}tiny", w.b.prefix());
+    assert_eq!(
+        console_sum(&console_log(&target), Duration::from_secs(300)),
+        sha256_file(&source_raw),
+        "the target's boot disk is not the stopped source's"
+    );
+    // Which holds the last counter the guest printed before it stopped.
+    let printed = last_count(&console_log(&w.source));
+    let boot = counter_in(&source_raw, "raw", &w.dir);
+    assert!(
+        boot >= printed && boot > before,
+        "{before} {printed} {boot}"
+    );
+    let xml = virsh(&["dumpxml", "--inactive", &w.source]);
+    assert!(!xml.contains("fluidcloud-tracking"), "{xml}");
 }

@@ -34,7 +34,10 @@
 //! written (qcow2 through [`Qcow2Patcher`], raw with `pwrite`). With
 //! `verify` those chunks are compared again afterwards. The output is then
 //! owned by this step, as with a conversion. `changes` is the path of a
-//! [`ChangeSet`] file (its `virtual_size` must be the input's). A qcow2
+//! [`ChangeSet`] file (its `virtual_size` must be the input's; when the
+//! file does not exist, the source site did not track the disk and every
+//! chunk holding data is compared). The fact `tracked` says whether a
+//! change set chose the chunks. A qcow2
 //! output the patcher refuses ([`crate::Error::Unsupported`]: a backing
 //! file, snapshots...), an output of another format or size, is converted
 //! again in full instead; the step says so in a progress message and in
@@ -398,6 +401,8 @@ struct PatchReport {
     /// Chunks compared, and those that differed.
     chunks: u64,
     chunks_written: u64,
+    /// Whether a change set chose the chunks.
+    tracked: bool,
 }
 
 /// The output opened for patching.
@@ -448,8 +453,8 @@ impl Parsed {
         let out = self.output.as_path();
         let size = source.virtual_size();
         let changes = match &self.changes {
-            None => None,
-            Some(path) => {
+            // No file: the source site did not track this disk.
+            Some(path) if path.exists() => {
                 let set = ChangeSet::load(path)?;
                 if set.virtual_size != size {
                     return Err(crate::Error::InvalidArgument(format!(
@@ -462,6 +467,7 @@ impl Parsed {
                 }
                 Some(set)
             }
+            _ => None,
         };
         let (mut target, target_size) = match self.opts.format {
             ImageFormat::Qcow2 if crate::image::probe(out)?.format != ImageFormat::Qcow2 => {
@@ -585,6 +591,7 @@ impl Parsed {
                 }
             }
         }
+        report.tracked = changes.is_some();
         Ok(Ok(report))
     }
 }
@@ -728,8 +735,11 @@ impl Migrator for ImageConvert {
                         "chunks_written": r.chunks_written,
                     }),
                 );
+                out.facts
+                    .insert("tracked".into(), serde_json::json!(r.tracked));
             }
             Some(Err(why)) => {
+                out.facts.insert("tracked".into(), serde_json::json!(false));
                 out.facts.insert(
                     "patch".into(),
                     serde_json::json!({

@@ -953,6 +953,11 @@ impl Tracking {
         Self { params, dir }
     }
 
+    /// Whether the source site tracks changes.
+    fn is_on(&self) -> bool {
+        self.params.is_some()
+    }
+
     /// The step of `op`, when tracking is on.
     fn step(&self, op: tracking::Op) -> Option<StepSpec> {
         let mut params = self.params.clone()?;
@@ -1050,17 +1055,30 @@ impl ImageStep<'_> {
     /// proves them equal.
     ///
     /// A raw target is a `volume-copy`: the last step is its re-sync, which
-    /// hashes the source and writes only the chunks that changed, then
-    /// compares the Merkle roots. Other formats cannot be patched in place
-    /// by fluidcloud's writers yet: the last step converts the stopped
-    /// source again, replacing the pre-copy's output, and compares it with
-    /// the source (downtime grows with the disk; docs/relocate.md).
+    /// writes only the chunks that changed and compares the Merkle roots.
+    /// A qcow2 target is patched in place by `image-convert` (`patch`):
+    /// only differing chunks are written. Either reads only the ranges the
+    /// guest wrote when the source site tracks changes, else every chunk
+    /// holding data. VMDK, VHD and VHDX targets are converted again from
+    /// the stopped source, replacing the pre-copy's output once compared
+    /// with the source (downtime grows with the disk; docs/relocate.md).
     fn warm(&self) -> (StepSpec, StepSpec) {
         let last = step_id("final", self.name);
         if self.format != ImageFormat::Raw {
+            let mut pre = self.convert();
+            if self.tracking.is_on() {
+                // The source no longer changes under the pre-copy: compare
+                // it now, while the guest still runs, so that the final
+                // delta need only compare what changed.
+                pre.params["verify"] = serde_json::json!(true);
+            }
             let mut params = self.convert_params();
             params["replaces"] = serde_json::json!(self.id);
             params["verify"] = serde_json::json!(true);
+            let patch = self.format == ImageFormat::Qcow2;
+            if patch {
+                params["patch"] = serde_json::json!(true);
+            }
             let again = StepSpec::new(&last, "image-convert", self.target)
                 .params(params)
                 .input("image", self.input())
@@ -1071,10 +1089,12 @@ impl ImageStep<'_> {
                     },
                 )
                 .after(self.id);
-            return (
-                self.tracking.precopy(self.convert()),
-                self.tracking.after_collect(again),
-            );
+            let again = if patch {
+                self.tracking.final_delta(again, self.source)
+            } else {
+                self.tracking.after_collect(again)
+            };
+            return (self.tracking.precopy(pre), again);
         }
         let params = serde_json::json!({
             "output": self.output.display().to_string(),
