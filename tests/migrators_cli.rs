@@ -53,6 +53,7 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
     assert_eq!(
         names,
         [
+            "change-tracking",
             "config-adapt",
             "cutover",
             "image-convert",
@@ -65,9 +66,9 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
             "sqlite-dump"
         ]
     );
-    assert_eq!(v[9]["consumes"], serde_json::json!([{"type": "volume"}]));
-    assert_eq!(v[9]["protocol"], "fluidcloud-migrator 1.0.0");
-    assert_eq!(v[8]["path"], dns_zone_plugin().display().to_string());
+    assert_eq!(v[10]["consumes"], serde_json::json!([{"type": "volume"}]));
+    assert_eq!(v[10]["protocol"], "fluidcloud-migrator 1.0.0");
+    assert_eq!(v[9]["path"], dns_zone_plugin().display().to_string());
 }
 
 #[test]
@@ -104,8 +105,8 @@ fn a_broken_plugin_is_a_warning_and_never_hides_the_others() {
         "{err}"
     );
     assert!(err.contains("I am not a plugin"), "{err}");
-    // The header, the eight built-ins and the one working plugin.
-    assert_eq!(stdout(&o).lines().count(), 10);
+    // The header, the nine built-ins and the one working plugin.
+    assert_eq!(stdout(&o).lines().count(), 11);
 }
 
 /// A describe-only plugin converting qcow2 to raw, named to sort before

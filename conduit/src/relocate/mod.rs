@@ -466,7 +466,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     let mut images_to_compare: Vec<steps::ImagePair> = Vec::new();
     let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
     let mut boot_checks: Vec<steps::BootCheckPlan> = Vec::new();
-    let tracking = Tracking::plan(input, from_cfg, &topo, &sites_file_s);
+    let tracking = Tracking::plan(input, from_cfg, topo, &sites_file_s);
     if let Some(begin) = tracking.step(tracking::Op::Begin) {
         wf.push(begin);
     }

@@ -7,6 +7,7 @@
 //! | `service-verify` | compares every image with its source, introspects the service at each target (every reference must resolve there) and finds no old internal endpoint left in the target's config | nothing to undo |
 //! | `source-stop` | stops the source instances (never deletes them) | starts them again |
 //! | `cutover` | starts the target instances | stops them |
+//! | `change-tracking` | begins the source's change tracking, or saves its change sets and ends it (`tracking.rs`) | ends the tracking, folding every write back |
 //!
 //! Each opens its sites from the sites file named in its parameters, so a
 //! journal alone is enough to resume or roll back. All are idempotent:
