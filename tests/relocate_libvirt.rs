@@ -725,6 +725,29 @@ fn a_guest_writing_to_its_boot_disk_and_volume_loses_no_write_and_its_boot_check
     assert_eq!(state(&target), "running");
 }
 
+/// Seconds from the moment domain `source` is seen shut off to the moment
+/// `log` (the target's console) shows `marker`, polling both every 50 ms
+/// on this test's own monotonic clock.
+fn downtime_seen(source: &str, log: &Path, marker: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut stopped = None;
+    while Instant::now() < deadline {
+        if stopped.is_none() && state(source) == "shut off" {
+            stopped = Some(Instant::now());
+        }
+        if let Some(at) = stopped
+            && std::fs::read_to_string(log).is_ok_and(|t| t.contains(marker))
+        {
+            return at.elapsed().as_secs_f64();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{source} never stopped, or {} never showed {marker}",
+        log.display()
+    );
+}
+
 /// `qemu-img ARGS` succeeds; its stdout.
 fn qemu_img_ok(args: &[&str]) -> String {
     let q = Command::new(common::qemu_img())
@@ -745,9 +768,25 @@ fn a_writing_guest_moves_to_a_qcow2_pool_whose_boot_disk_is_patched_in_place_fro
     let w = World::with("writerq", "FLUIDCLOUD-COUNT 5", Disk::Qcow2, true);
     w.target_formats(r#"["qcow2"]"#);
     let before = wait_count(&console_log(&w.source), 3, Duration::from_secs(300));
+    let target = format!("{}tiny", w.b.prefix());
+    // An earlier run's console would show the marker at once.
+    let _ = std::fs::remove_file(console_log(&target));
+    let stopwatch = {
+        let (source, log) = (w.source.clone(), console_log(&target));
+        std::thread::spawn(move || downtime_seen(&source, &log, "FLUIDCLOUD-COUNT 5"))
+    };
     let (id, _) = w.relocate("lv-a", "lv-b");
     let report: serde_json::Value =
         serde_json::from_str(&ok(&w.fc(&["--json", "report", &id]))).unwrap();
+    // The downtime reported is the one seen from outside: the source shut
+    // off until the target's console shows its boot check passing.
+    let seen = stopwatch.join().unwrap();
+    let reported = report["downtime_seconds"].as_f64().unwrap();
+    eprintln!("downtime: reported {reported:.2} s, seen {seen:.2} s");
+    assert!(
+        (reported - seen).abs() < 0.5,
+        "reported {reported} s, seen {seen} s"
+    );
     assert_eq!(report["final_delta"]["disks_tracked"], 2, "{report}");
     assert_eq!(report["final_delta"]["disks_rehashed"], 0, "{report}");
     // The boot disk's final delta compared only the 1 MiB chunk the
@@ -782,7 +821,6 @@ fn a_writing_guest_moves_to_a_qcow2_pool_whose_boot_disk_is_patched_in_place_fro
         source_disk.to_str().unwrap(),
         source_raw.to_str().unwrap(),
     ]);
-    let target = format!("{}tiny", w.b.prefix());
     assert_eq!(
         console_sum(&console_log(&target), Duration::from_secs(300)),
         sha256_file(&source_raw),
