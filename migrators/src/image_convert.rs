@@ -456,6 +456,15 @@ impl Parsed {
             // No file: the source site did not track this disk.
             Some(path) if path.exists() => {
                 let set = ChangeSet::load(path)?;
+                if Path::new(&set.disk) != Path::new(&self.input.locator) {
+                    return Err(crate::Error::InvalidArgument(format!(
+                        "change set {} is of {}, not of the input {}",
+                        path.display(),
+                        set.disk,
+                        self.input.locator
+                    ))
+                    .into());
+                }
                 if set.virtual_size != size {
                     return Err(crate::Error::InvalidArgument(format!(
                         "change set {} is of a disk of {} bytes, but the input {} has {size}",

@@ -212,24 +212,43 @@ async fn a_change_set_limits_what_is_read() {
     identical("qcow2", &src, &out);
     assert_check_clean(&out);
 
-    // A change set of another disk size is refused, naming the file.
+    // A change set of another disk size, or of another disk, is refused,
+    // naming the file; the output stays the pre-copy's.
     let bad = d.join("bad.json");
-    ChangeSet::new("x", SIZE + MIB, vec![(0, 1)])
-        .save(&bad)
-        .unwrap();
-    std::fs::remove_file(&out).unwrap();
-    fluidcloud_migrators::owner::remove(&out).unwrap();
-    precopy(&src, &out, "qcow2").await;
+    for (disk, needle) in [(s(&src), "bytes"), ("/pool/other.raw", "/pool/other.raw")] {
+        ChangeSet::new(disk, SIZE + MIB, vec![(0, 1)])
+            .save(&bad)
+            .unwrap();
+        std::fs::remove_file(&out).unwrap();
+        fluidcloud_migrators::owner::remove(&out).unwrap();
+        precopy(&src, &out, "qcow2").await;
+        let req = final_request(&src, &out, "qcow2", json!({"changes": s(&bad)}));
+        let e = ImageConvert
+            .execute(&req, &ExecContext::quiet())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("bad.json") && e.to_string().contains(needle),
+            "{e}"
+        );
+        assert_eq!(
+            fluidcloud_migrators::owner::read(&out).unwrap().as_deref(),
+            Some("r1/precopy")
+        );
+    }
+
+    // No change set file: the source did not track the disk, and every
+    // chunk holding data is compared.
+    std::fs::remove_file(&bad).unwrap();
     let req = final_request(&src, &out, "qcow2", json!({"changes": s(&bad)}));
-    let e = ImageConvert
+    let done = ImageConvert
         .execute(&req, &ExecContext::quiet())
         .await
-        .unwrap_err();
-    assert!(e.to_string().contains("bad.json"), "{e}");
-    assert_eq!(
-        fluidcloud_migrators::owner::read(&out).unwrap().as_deref(),
-        Some("r1/precopy")
-    );
+        .unwrap();
+    assert_eq!(fact(&done, "mode"), "patch");
+    assert_eq!(done.facts["tracked"], json!(false));
+    assert!(fact(&done, "bytes_compared").as_u64().unwrap() > chunks * MIB);
+    identical("qcow2", &src, &out);
 }
 
 #[tokio::test]
