@@ -271,7 +271,7 @@ fn a_guest_writing_to_its_raw_boot_disk_and_volume_loses_no_write() {
 }
 
 #[test]
-fn a_boot_disk_converted_to_qcow2_is_converted_again_from_the_stopped_source() {
+fn a_boot_disk_converted_to_qcow2_is_patched_in_place_from_the_stopped_source() {
     let (dir, seen) = relocate_while_writing("qcow2", r#"["qcow2"]"#);
     let out = &seen.out;
     let (a, b) = (dir.join("sites/a"), dir.join("sites/b"));
@@ -295,4 +295,18 @@ fn a_boot_disk_converted_to_qcow2_is_converted_again_from_the_stopped_source() {
     // The replaced pre-copy's owner record now names the final step.
     let owner = std::fs::read_to_string(b.join("images/.box.qcow2.fcowner")).unwrap();
     assert!(owner.trim().ends_with("/final:box.raw"), "{owner}");
+    // Patched in place, not converted again: the final step wrote the
+    // counter's runs, not the disk's data; a local site tracks nothing, so
+    // both disks were re-hashed.
+    let rep = report(&dir, out);
+    let last_step = rep["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "final:box.raw")
+        .unwrap();
+    let written = last_step["bytes_written"].as_u64().unwrap();
+    assert!(written > 0 && written <= 64 << 10, "{last_step}");
+    assert_eq!(rep["final_delta"]["disks_rehashed"], 2, "{rep}");
+    assert_eq!(rep["final_delta"]["disks_tracked"], 0, "{rep}");
 }
