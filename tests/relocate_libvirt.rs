@@ -791,16 +791,7 @@ fn a_writing_guest_moves_to_a_qcow2_pool_whose_boot_disk_is_patched_in_place_fro
     assert_eq!(report["final_delta"]["disks_rehashed"], 0, "{report}");
     // The boot disk's final delta compared only the 1 MiB chunk the
     // counter lives in (read on both sides), not the 6 MiB disk.
-    let step = |id: &str| {
-        report["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == id)
-            .unwrap_or_else(|| panic!("no step {id} in {report}"))
-            .clone()
-    };
-    let last = step("final:guest.qcow2");
+    let last = common::report_step(&report, "final:guest.qcow2");
     assert_eq!(last["migrator"], "image-convert");
     assert_eq!(last["bytes_read"], 2 << 20, "{last}");
 

@@ -234,22 +234,16 @@ fn a_guest_writing_to_its_raw_boot_disk_and_volume_loses_no_write() {
         "{out}"
     );
     let report = report(&dir, out);
-    let step = |id: &str| {
-        report["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == id)
-            .unwrap_or_else(|| panic!("no step {id} in {report}"))
-            .clone()
-    };
-    let fin = step("final:box.raw");
+    let fin = common::report_step(&report, "final:box.raw");
     let written = fin["bytes_written"].as_u64().unwrap();
     assert!(
         written > 0 && written <= 8 * MIB,
         "the final delta wrote {written} bytes of a 32 MiB disk whose guest changed two chunks"
     );
-    assert_eq!(step("image:box.raw")["state"], "succeeded");
+    assert_eq!(
+        common::report_step(&report, "image:box.raw")["state"],
+        "succeeded"
+    );
 
     // The downtime it reports is the one the test saw: from the guest's
     // exit to the target's manifest saying `running`, to a few
@@ -299,12 +293,7 @@ fn a_boot_disk_converted_to_qcow2_is_patched_in_place_from_the_stopped_source() 
     // counter's runs, not the disk's data; a local site tracks nothing, so
     // both disks were re-hashed.
     let rep = report(&dir, out);
-    let last_step = rep["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == "final:box.raw")
-        .unwrap();
+    let last_step = common::report_step(&rep, "final:box.raw");
     let written = last_step["bytes_written"].as_u64().unwrap();
     assert!(written > 0 && written <= 64 << 10, "{last_step}");
     assert_eq!(rep["final_delta"]["disks_rehashed"], 2, "{rep}");

@@ -125,6 +125,29 @@ impl ChangeSet {
         Ok(set)
     }
 
+    /// The change set of `disk` at `path`, as a final delta reads it:
+    /// `None` when there is no file (the source site did not track the
+    /// disk: every chunk is compared), else the checked file.
+    ///
+    /// # Errors
+    /// As [`Self::load`]; `InvalidArgument` naming the file when it is of
+    /// another disk.
+    pub fn load_for(path: &Path, disk: &Path) -> Result<Option<Self>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let set = Self::load(path)?;
+        if Path::new(&set.disk) != disk {
+            return Err(Error::InvalidArgument(format!(
+                "change set {} is of {}, not of the input {}",
+                path.display(),
+                set.disk,
+                disk.display()
+            )));
+        }
+        Ok(Some(set))
+    }
+
     /// Writes the change set to `path` atomically (a temporary file renamed
     /// into place, synced).
     ///

@@ -453,31 +453,20 @@ impl Parsed {
         let out = self.output.as_path();
         let size = source.virtual_size();
         let changes = match &self.changes {
-            // No file: the source site did not track this disk.
-            Some(path) if path.exists() => {
-                let set = ChangeSet::load(path)?;
-                if Path::new(&set.disk) != Path::new(&self.input.locator) {
-                    return Err(crate::Error::InvalidArgument(format!(
-                        "change set {} is of {}, not of the input {}",
-                        path.display(),
-                        set.disk,
-                        self.input.locator
-                    ))
-                    .into());
-                }
-                if set.virtual_size != size {
-                    return Err(crate::Error::InvalidArgument(format!(
-                        "change set {} is of a disk of {} bytes, but the input {} has {size}",
-                        path.display(),
-                        set.virtual_size,
-                        self.input.locator
-                    ))
-                    .into());
-                }
-                Some(set)
-            }
-            _ => None,
+            Some(path) => ChangeSet::load_for(path, Path::new(&self.input.locator))?,
+            None => None,
         };
+        if let (Some(set), Some(path)) = (&changes, &self.changes)
+            && set.virtual_size != size
+        {
+            return Err(crate::Error::InvalidArgument(format!(
+                "change set {} is of a disk of {} bytes, but the input {} has {size}",
+                path.display(),
+                set.virtual_size,
+                self.input.locator
+            ))
+            .into());
+        }
         let (mut target, target_size) = match self.opts.format {
             ImageFormat::Qcow2 if crate::image::probe(out)?.format != ImageFormat::Qcow2 => {
                 return Ok(Err(format!("{} is not a qcow2 image", out.display())));

@@ -264,3 +264,14 @@ pub fn local_site(root: &std::path::Path) {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
 }
+
+/// Step `id` of a `report --json` answer.
+pub fn report_step(report: &serde_json::Value, id: &str) -> serde_json::Value {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {report}"))
+        .clone()
+}

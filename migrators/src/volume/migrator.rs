@@ -238,27 +238,6 @@ fn parse(request: &StepRequest) -> Result<Parsed, Vec<Diagnostic>> {
     }
 }
 
-/// Reads the change set at `path`, which must be of `source`; `None` when
-/// there is none (the source site did not track this disk).
-fn load_changes(path: &Path, source: &Path) -> SdkResult<Option<ChangeSet>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let set = ChangeSet::load(path)?;
-    if Path::new(&set.disk) != source {
-        return Err(SdkError::Invalid(vec![
-            Diagnostic::error(format!(
-                "change set {} is of {}, not of the input {}",
-                path.display(),
-                set.disk,
-                source.display()
-            ))
-            .at_key("params.changes"),
-        ]));
-    }
-    Ok(Some(set))
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> SdkResult<T> + Send + 'static,
 ) -> SdkResult<T> {
@@ -323,7 +302,7 @@ impl Migrator for VolumeCopy {
         let changes = parsed.changes.clone();
         let summary = blocking(move || {
             if let Some(path) = &changes {
-                opts.changes = load_changes(path, &source)?;
+                opts.changes = ChangeSet::load_for(path, &source)?;
             }
             let s = copy(&source, &output, &opts, &|done, total| {
                 progress.progress(done, Some(total))

@@ -625,22 +625,30 @@ impl Qcow2Patcher {
                 });
             }
         }
+        let table = self.read_table(host, u64::from_be_bytes)?;
+        self.l2_cache.insert(l1_index, table);
+        Ok(true)
+    }
+
+    /// The cluster at `host` read as a table of big-endian entries of `N`
+    /// bytes (L2 entries, refcounts), as it is on disk.
+    fn read_table<T, const N: usize>(
+        &self,
+        host: u64,
+        decode: fn([u8; N]) -> T,
+    ) -> Result<Table<T>> {
         let mut raw = vec![0u8; self.cluster_size as usize];
         pread_full(&self.file, &self.path, host, &mut raw)?;
         let entries = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
+            .chunks_exact(N)
+            .map(|c| decode(c.try_into().unwrap_or([0; N])))
             .collect();
-        self.l2_cache.insert(
-            l1_index,
-            Table {
-                host,
-                entries,
-                dirty: false,
-                new: false,
-            },
-        );
-        Ok(true)
+        Ok(Table {
+            host,
+            entries,
+            dirty: false,
+            new: false,
+        })
     }
 
     /// The host offset of standard cluster `entry` (guest cluster
@@ -733,21 +741,8 @@ impl Qcow2Patcher {
                 self.rt_offset + index * 8,
             ));
         }
-        let mut raw = vec![0u8; self.cluster_size as usize];
-        pread_full(&self.file, &self.path, host, &mut raw)?;
-        let entries = raw
-            .chunks_exact(2)
-            .map(|c| u16::from_be_bytes(c.try_into().unwrap_or_default()))
-            .collect();
-        self.rc_cache.insert(
-            index,
-            Table {
-                host,
-                entries,
-                dirty: false,
-                new: false,
-            },
-        );
+        let table = self.read_table(host, u16::from_be_bytes)?;
+        self.rc_cache.insert(index, table);
         Ok(true)
     }
 
