@@ -84,6 +84,10 @@ enum Command {
     /// The demo: local sites, no cloud account. Without a subcommand,
     /// creates a fresh demo environment and relocates the shop service.
     Demo(commands::demo::DemoArgs),
+    /// Serve one site of this machine to orchestrators and other agents.
+    Agent(commands::agent::AgentArgs),
+    /// Move one disk from a site's agent to another's, agent to agent.
+    Transfer(commands::transfer::TransferArgs),
 }
 
 /// An error that ends the process with a given exit code.
@@ -181,6 +185,14 @@ fn main() -> ExitCode {
             Command::Demo(c) => {
                 globals.local_only("demo")?;
                 commands::demo::run(&globals, c).await
+            }
+            Command::Agent(a) => {
+                globals.local_only("agent")?;
+                commands::agent::run(&globals, a).await
+            }
+            Command::Transfer(a) => {
+                globals.local_only("transfer")?;
+                commands::transfer::run(&globals, a).await
             }
         }
     });

@@ -565,6 +565,90 @@ pub fn server_config(identity: &ServerIdentity) -> Result<Arc<rustls::ServerConf
     Ok(Arc::new(config))
 }
 
+/// As [`server_config`], and asks clients for a certificate, which they
+/// may withhold. Whoever presents one must prove they hold its key (the
+/// handshake's signature is checked); which certificates are welcome is
+/// the application's decision, made on the [`Peer`] fingerprint of the
+/// connection ([`serve_tls_peers`]). A site agent pins the agent a
+/// transfer ticket was issued for this way.
+///
+/// # Errors
+/// As [`server_config`].
+pub fn server_config_peer_certs(
+    identity: &ServerIdentity,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(AnyClientCert {
+            provider: provider(),
+        }))
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts any client certificate whose key signs the handshake; the
+/// certificate's fingerprint is checked by the application.
+#[derive(Debug)]
+struct AnyClientCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 // ---------------------------------------------------------------- clients
 
 /// Why a client refused a server's certificate.
@@ -615,12 +699,25 @@ impl ClientTls {
         verifier: Arc<dyn ServerCertVerifier>,
         rejected: Arc<Mutex<Option<Rejection>>>,
     ) -> Result<Self, TlsError> {
-        let config = rustls::ClientConfig::builder_with_provider(provider())
+        Self::with_identity(verifier, rejected, None)
+    }
+
+    fn with_identity(
+        verifier: Arc<dyn ServerCertVerifier>,
+        rejected: Arc<Mutex<Option<Rejection>>>,
+        identity: Option<&ServerIdentity>,
+    ) -> Result<Self, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Setup(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let config = match identity {
+            Some(id) => builder
+                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                .map_err(|e| TlsError::Setup(e.to_string()))?,
+            None => builder.with_no_client_auth(),
+        };
         Ok(Self { config, rejected })
     }
 
@@ -710,6 +807,28 @@ pub fn pinned_client_config(pin: Fingerprint) -> Result<ClientTls, TlsError> {
             rejected: rejected.clone(),
         }),
         rejected,
+    )
+}
+
+/// As [`pinned_client_config`], and presents `identity`'s certificate to
+/// the server: one site agent pulling from another proves which agent it
+/// is with the same certificate that its own clients pin.
+///
+/// # Errors
+/// [`TlsError::Setup`] when the identity's key is not usable.
+pub fn pinned_client_config_as(
+    pin: Fingerprint,
+    identity: &ServerIdentity,
+) -> Result<ClientTls, TlsError> {
+    let rejected = Arc::new(Mutex::new(None));
+    ClientTls::with_identity(
+        Arc::new(Pinned {
+            expected: pin,
+            provider: provider(),
+            rejected: rejected.clone(),
+        }),
+        rejected,
+        Some(identity),
     )
 }
 
@@ -1103,4 +1222,50 @@ mod tests {
             ["10.0.0.1", "localhost"]
         );
     }
+}
+
+/// Who is at the other end of a TLS connection: its address, and the
+/// fingerprint of the certificate it presented, if it presented one
+/// (servers configured with [`server_config_peer_certs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Its certificate's fingerprint.
+    pub cert: Option<Fingerprint>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        let cert = stream
+            .io()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(<[CertificateDer<'_>]>::first)
+            .map(Fingerprint::of);
+        Self {
+            addr: *stream.remote_addr(),
+            cert,
+        }
+    }
+}
+
+/// As [`serve_tls`], with the handlers seeing the client as [`Peer`].
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve_tls_peers(
+    listener: TcpListener,
+    router: Router,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = TlsListener::new(listener, config)?;
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

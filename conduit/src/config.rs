@@ -155,6 +155,18 @@ pub struct SiteConfig {
     /// only those (default true); false re-hashes every disk instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_tracking: Option<bool>,
+    /// The site's agent (`https://HOST:PORT`): the site is driven through
+    /// `fluidcloud agent` running there, whose own sites file says where
+    /// the data lives (so this entry has no `path`, `uri` or `pool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The pinned SHA-256 fingerprint of the agent's certificate
+    /// (`sha256:HEX`, as the agent prints it when it starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_fingerprint: Option<String>,
+    /// The environment variable holding the agent's bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_token_env: Option<String>,
     /// How instances arriving at this site are adapted to it: network and
     /// bridge names, MAC addresses, disk bus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -420,6 +432,61 @@ pub fn move_address(old: &str, subnet: &str) -> Option<String> {
     Some(std::net::Ipv4Addr::from(o).to_string())
 }
 
+/// The keys of a site reached through its agent.
+fn validate_agent(name: &str, site: &SiteConfig, diags: &mut Vec<Diagnostic>) {
+    let key = |k: &str| format!("sites.{name}.{k}");
+    if let Some(a) = &site.agent {
+        let ok = url::Url::parse(a)
+            .is_ok_and(|u| u.scheme() == "https" && u.host().is_some() && u.path() == "/");
+        if !ok {
+            diags.push(
+                Diagnostic::error(format!("`{a}` is not an agent URL (https://HOST:PORT)"))
+                    .at_key(key("agent")),
+            );
+        }
+    }
+    match &site.agent_fingerprint {
+        None => diags.push(
+            Diagnostic::error(
+                "a site with `agent` needs `agent_fingerprint`, the sha256:HEX the agent printed when it started",
+            )
+            .at_key(format!("sites.{name}")),
+        ),
+        Some(f) => {
+            if let Err(e) = f.parse::<fluidcloud_broker::tls::Fingerprint>() {
+                diags.push(Diagnostic::error(e.to_string()).at_key(key("agent_fingerprint")));
+            }
+        }
+    }
+    if let Some(v) = &site.agent_token_env {
+        let ok = !v.is_empty()
+            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !v.as_bytes()[0].is_ascii_digit();
+        if !ok {
+            diags.push(
+                Diagnostic::error(format!(
+                    "`{v}` is not an environment variable name (the token is given by variable name, never inline)"
+                ))
+                .at_key(key("agent_token_env")),
+            );
+        }
+    }
+    for (k, set) in [
+        ("path", site.path.is_some()),
+        ("uri", site.uri.is_some()),
+        ("pool", site.pool.is_some()),
+    ] {
+        if set {
+            diags.push(
+                Diagnostic::error(format!(
+                    "a site reached through its agent has no `{k}`: the agent's own sites file says where its data lives"
+                ))
+                .at_key(key(k)),
+            );
+        }
+    }
+}
+
 fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<Diagnostic>) {
     let key = |k: &str| format!("sites.{name}.{k}");
     let valid_name = !name.is_empty()
@@ -524,7 +591,17 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             }
         }
     }
-    if site.kind == "libvirt" {
+    if site.agent.is_some() {
+        validate_agent(name, site, diags);
+    } else if site.agent_fingerprint.is_some() || site.agent_token_env.is_some() {
+        diags.push(
+            Diagnostic::error(
+                "agent_fingerprint and agent_token_env apply to a site with `agent = \"https://HOST:PORT\"`",
+            )
+            .at_key(format!("sites.{name}")),
+        );
+    }
+    if site.kind == "libvirt" && site.agent.is_none() {
         match &site.uri {
             None => diags.push(
                 Diagnostic::error(
@@ -628,7 +705,7 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             );
         }
     }
-    if site.kind == "local" && site.path.is_none() {
+    if site.kind == "local" && site.path.is_none() && site.agent.is_none() {
         diags.push(
             Diagnostic::error("a local site needs `path`, the site's directory")
                 .at_key(format!("sites.{name}")),

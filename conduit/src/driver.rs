@@ -332,6 +332,100 @@ pub trait ChangeTracking: Send + Sync {
     async fn end_tracking(&self, name: &str) -> Result<()>;
 }
 
+/// Which store of a site holds a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskStore {
+    /// The image store (boot disks, kernels, initrds).
+    Image,
+    /// The block store (volumes).
+    Volume,
+}
+
+impl DiskStore {
+    /// `image` or `volume`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Volume => "volume",
+        }
+    }
+}
+
+/// Whole disks as streams of extents: what a transfer between two sites
+/// reads at one and writes at the other. A disk is read as its guest sees
+/// it (virtual bytes, with the ranges that hold no data marked), whatever
+/// its container format, and written the same way into the format the
+/// target keeps it in. Blocking: callers run it off the async runtime.
+pub trait Disks: Send + Sync {
+    /// Opens disk `name` of `store` for reading, as `format`: the format
+    /// the site declares for it, never one its bytes suggest. Its backing
+    /// files and extents stay inside the site's store.
+    ///
+    /// # Errors
+    /// `NotFound` for a missing disk; the image reader's errors.
+    fn read(
+        &self,
+        store: DiskStore,
+        name: &str,
+        format: ImageFormat,
+    ) -> Result<Box<dyn fluidcloud_migrators::image::ImageReader>>;
+
+    /// Opens disk `name` of `store` for writing `virtual_size` guest bytes,
+    /// kept as `format`. A new disk appears under its name only when
+    /// [`DiskWriter::finish`] succeeds. An existing disk is written only
+    /// when `owner`'s relocation created it (tags `RELOCATION/STEP`: the
+    /// same `RELOCATION/` prefix): a repeated transfer (the final delta) or
+    /// one resumed after a crash updates it; anything else is refused.
+    ///
+    /// # Errors
+    /// `Precondition` for a disk someone else created or of another size.
+    fn write(
+        &self,
+        store: DiskStore,
+        name: &str,
+        format: ImageFormat,
+        virtual_size: u64,
+        owner: &str,
+    ) -> Result<Box<dyn DiskWriter>>;
+
+    /// Removes disk `name` of `store`, and whatever transfers left for it,
+    /// when `owner`'s relocation created it (the rollback of a transfer).
+    /// Whether there was anything to remove.
+    ///
+    /// # Errors
+    /// `Precondition` for a disk someone else created; I/O errors.
+    fn remove(&self, store: DiskStore, name: &str, owner: &str) -> Result<bool>;
+}
+
+/// A disk being written by a transfer (see [`Disks::write`]). Positioned
+/// writes from several threads at once are allowed.
+pub trait DiskWriter: Send + Sync {
+    /// What the disk holds now, as guest bytes: an earlier run's work
+    /// (resumed or repeated), or all zeros for a new disk. A transfer
+    /// hashes it to send only what differs.
+    ///
+    /// # Errors
+    /// I/O errors naming the file.
+    fn current(&self) -> Result<Box<dyn fluidcloud_migrators::image::ImageReader>>;
+    /// Writes `data` at `offset`.
+    ///
+    /// # Errors
+    /// I/O errors naming the file; a range past the virtual size.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes `offset..offset + len` read as zeros (a hole where it can).
+    ///
+    /// # Errors
+    /// As [`Self::write_at`].
+    fn zero(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes everything written durable and the disk visible under its
+    /// name in its format. Its record.
+    ///
+    /// # Errors
+    /// I/O or conversion errors; the disk keeps its earlier state.
+    fn finish(&self) -> Result<ImageRecord>;
+}
+
 /// The required core of every site driver.
 #[async_trait]
 pub trait SiteDriver: Send + Sync {
@@ -354,6 +448,12 @@ pub trait SiteDriver: Send + Sync {
     /// Change tracking of instances' disks, if the site offers it and its
     /// configuration does not turn it off.
     fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        None
+    }
+    /// Whole-disk streams of the image and block stores, where this
+    /// process reaches the site's data (a site agent serves them to
+    /// other agents; see `crate::transfer`).
+    fn disks(&self) -> Option<&dyn Disks> {
         None
     }
 
@@ -426,4 +526,15 @@ pub fn require_object_storage(site: &dyn SiteDriver) -> Result<&dyn ObjectStorag
 pub fn require_compute(site: &dyn SiteDriver) -> Result<&dyn Compute> {
     site.compute()
         .ok_or_else(|| not_supported(site, Capability::Compute))
+}
+
+/// The site's whole-disk streams, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "disk transfers", site }`.
+pub fn require_disks(site: &dyn SiteDriver) -> Result<&dyn Disks> {
+    site.disks().ok_or_else(|| Error::NotSupported {
+        operation: "disk transfers".to_owned(),
+        site: Some(site.name().to_owned()),
+    })
 }

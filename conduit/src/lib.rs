@@ -11,6 +11,7 @@
 //! conformance suite (`conduit/tests/conformance.rs`, exported as
 //! [`conformance`] so out-of-tree drivers can run it too).
 
+pub mod agent;
 pub mod config;
 pub mod conformance;
 pub mod demo;
@@ -21,6 +22,7 @@ pub mod introspect;
 pub mod relocate;
 pub mod scan;
 pub mod tomlfile;
+pub mod transfer;
 
 pub use config::{SiteConfig, SitesFile};
 pub use driver::SiteDriver;

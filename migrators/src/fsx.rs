@@ -40,6 +40,28 @@ pub(crate) fn preallocate(file: &File, off: u64, len: u64) {
     let _ = fallocate(file, libc::FALLOC_FL_KEEP_SIZE, off, len);
 }
 
+/// Makes `off..off + len` of `file` read as zeros: a hole where the file
+/// system can punch one, else zeros written (past the end of the file, the
+/// size does not change).
+///
+/// # Errors
+/// The system call's or the write's error.
+pub fn zero_range(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    if fallocate(file, punch, off, len)? {
+        return Ok(());
+    }
+    use std::os::unix::fs::FileExt as _;
+    static ZEROS: [u8; 65536] = [0; 65536];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(ZEROS.get(..n).unwrap_or_default(), off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

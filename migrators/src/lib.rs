@@ -70,7 +70,7 @@
 pub mod changes;
 pub mod config;
 pub mod error;
-mod fsx;
+pub mod fsx;
 pub mod image;
 pub mod image_convert;
 pub mod objects;

@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub(crate) mod agent;
 pub(crate) mod demo;
 pub(crate) mod image;
 pub(crate) mod introspect;
@@ -9,6 +10,7 @@ pub(crate) mod relocate;
 pub(crate) mod runner;
 pub(crate) mod serve;
 pub(crate) mod sites;
+pub(crate) mod transfer;
 
 use anyhow::Result;
 use fluidcloud_conduit::{SitesFile, drivers};

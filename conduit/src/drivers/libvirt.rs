@@ -894,6 +894,93 @@ impl SiteDriver for LibvirtSite {
     fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
         (self.change_tracking && self.is_local()).then_some(self as &dyn ChangeTracking)
     }
+
+    fn disks(&self) -> Option<&dyn crate::driver::Disks> {
+        self.is_local().then_some(self as &dyn crate::driver::Disks)
+    }
+}
+
+/// The pool's files as disks. Called on blocking threads of the runtime
+/// (as [`crate::driver::Disks`] says), so the daemon is asked through it.
+impl crate::driver::Disks for LibvirtSite {
+    fn read(
+        &self,
+        store: crate::driver::DiskStore,
+        name: &str,
+        format: ImageFormat,
+    ) -> Result<Box<dyn fluidcloud_migrators::image::ImageReader>> {
+        self.files()?.read(store, name, format)
+    }
+
+    fn write(
+        &self,
+        store: crate::driver::DiskStore,
+        name: &str,
+        format: ImageFormat,
+        virtual_size: u64,
+        owner: &str,
+    ) -> Result<Box<dyn crate::driver::DiskWriter>> {
+        let inner = self
+            .files()?
+            .write(store, name, format, virtual_size, owner)?;
+        Ok(Box::new(RefreshingWriter {
+            inner,
+            site: self.clone(),
+        }))
+    }
+
+    fn remove(&self, store: crate::driver::DiskStore, name: &str, owner: &str) -> Result<bool> {
+        let removed = self.files()?.remove_disk(store, name, owner)?;
+        if removed {
+            tokio::runtime::Handle::try_current()
+                .map_err(|e| Error::Transient(format!("no runtime to ask libvirt with: {e}")))?
+                .block_on(self.refresh())?;
+        }
+        Ok(removed)
+    }
+}
+
+impl LibvirtSite {
+    fn files(&self) -> Result<super::filedisk::FileDisks> {
+        let dir = tokio::runtime::Handle::try_current()
+            .map_err(|e| Error::Transient(format!("no runtime to ask libvirt with: {e}")))?
+            .block_on(self.pool_path())?;
+        Ok(super::filedisk::FileDisks::new(
+            self.name.clone(),
+            dir.clone(),
+            dir,
+            Vec::new(),
+        ))
+    }
+}
+
+/// A disk written into the pool: the pool is refreshed once it is
+/// complete, so that libvirt lists it.
+struct RefreshingWriter {
+    inner: Box<dyn crate::driver::DiskWriter>,
+    site: LibvirtSite,
+}
+
+impl crate::driver::DiskWriter for RefreshingWriter {
+    fn current(&self) -> Result<Box<dyn fluidcloud_migrators::image::ImageReader>> {
+        self.inner.current()
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.inner.write_at(offset, data)
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.zero(offset, len)
+    }
+
+    fn finish(&self) -> Result<ImageRecord> {
+        let record = self.inner.finish()?;
+        tokio::runtime::Handle::try_current()
+            .map_err(|e| Error::Transient(format!("no runtime to ask libvirt with: {e}")))?
+            .block_on(self.site.refresh())?;
+        Ok(record)
+    }
 }
 
 #[async_trait]

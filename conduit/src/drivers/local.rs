@@ -66,7 +66,7 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
             Diagnostic::error("a local site needs `path`").at_key(format!("sites.{name}.path")),
         ],
     })?;
-    let mut site = LocalSite::new(name, root);
+    let mut site = LocalSite::new(name, root).with_backing_dirs(config.allow_backing_dirs.clone());
     if let Some(url) = &config.buckets_url {
         // Parse now so a malformed URL is a config error, not a late failure.
         crate::relocate::bucket_url(name, config, "probe")
@@ -101,6 +101,7 @@ pub struct LocalSite {
     name: String,
     root: PathBuf,
     s3: Option<S3Buckets>,
+    disks: super::filedisk::FileDisks,
 }
 
 const DIRS: [&str; 6] = [
@@ -115,11 +116,30 @@ const DIRS: [&str; 6] = [
 impl LocalSite {
     /// The site `name` rooted at `root` (nothing is checked until used).
     pub fn new(name: impl Into<String>, root: impl Into<PathBuf>) -> Self {
+        let (name, root) = (name.into(), root.into());
         Self {
-            name: name.into(),
-            root: root.into(),
+            disks: super::filedisk::FileDisks::new(
+                name.clone(),
+                root.join("images"),
+                root.join("volumes"),
+                Vec::new(),
+            ),
+            name,
+            root,
             s3: None,
         }
+    }
+
+    /// Backing files and extents of the site's disks may also be in `dirs`.
+    #[must_use]
+    pub fn with_backing_dirs(mut self, dirs: Vec<PathBuf>) -> Self {
+        self.disks = super::filedisk::FileDisks::new(
+            self.name.clone(),
+            self.root.join("images"),
+            self.root.join("volumes"),
+            dirs,
+        );
+        self
     }
 
     /// Creates the directory layout of an empty site.
@@ -400,6 +420,10 @@ impl SiteDriver for LocalSite {
 
     fn compute(&self) -> Option<&dyn Compute> {
         Some(self)
+    }
+
+    fn disks(&self) -> Option<&dyn crate::driver::Disks> {
+        Some(&self.disks)
     }
 }
 

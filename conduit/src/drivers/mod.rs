@@ -5,6 +5,8 @@
 //! add its descriptor to [`DRIVERS`]. It must pass the shared conformance
 //! suite (`conduit/tests/conformance.rs`).
 
+pub mod agent;
+pub(crate) mod filedisk;
 pub mod libvirt;
 pub mod local;
 
@@ -33,11 +35,15 @@ pub fn kinds() -> Vec<&'static str> {
     DRIVERS.iter().map(|d| d.kind).collect()
 }
 
-/// Opens the driver for site `name`.
+/// Opens the driver for site `name`: through its agent when it has one
+/// (whatever its kind), else in this process.
 ///
 /// # Errors
 /// `Config` for an unknown kind; whatever the driver's factory returns.
 pub fn open(name: &str, config: &SiteConfig) -> Result<Box<dyn SiteDriver>> {
+    if config.agent.is_some() {
+        return agent::open(name, config);
+    }
     let d = DRIVERS
         .iter()
         .find(|d| d.kind == config.kind)

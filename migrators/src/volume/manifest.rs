@@ -51,7 +51,7 @@ pub(crate) fn zero_hash(len: u64) -> [u8; 32] {
 }
 
 /// Lowercase hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -61,7 +61,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// Parses 64 hex digits.
-pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
     let b = s.as_bytes();
     if b.len() != 64 {
         return None;

@@ -1,0 +1,105 @@
+//! The control half: the orchestrator asks for a ticket at the source
+//! agent, starts the pull at the target agent, and follows it. Only these
+//! small JSON messages pass through the orchestrator.
+
+use std::time::Duration;
+
+use fluidcloud_plugins::{Error, Result};
+
+use super::{DiskRef, PeerRef, PullRequest, PullState, PullStatus, TicketGrant, TicketRequest};
+use crate::agent::client::AgentClient;
+
+/// How often the orchestrator asks the target agent how a pull goes.
+const POLL: Duration = Duration::from_millis(250);
+/// Failed status requests in a row before the orchestrator gives up on a
+/// target agent (the pull may go on; a resumed step hashes what it wrote).
+const POLL_FAILURES: u32 = 20;
+
+/// What to move, and how.
+#[derive(Debug, Clone)]
+pub struct Move {
+    /// The disk at the source.
+    pub from: DiskRef,
+    /// The disk at the target.
+    pub into: DiskRef,
+    /// Creator tag of the written disk (`RELOCATION/STEP`).
+    pub owner: String,
+    /// Stripes.
+    pub streams: Option<u32>,
+    /// Bytes per second on the wire.
+    pub bwlimit: Option<u64>,
+    /// What shares the limit.
+    pub limit_key: Option<String>,
+}
+
+/// Moves `m.from` from the site of `source` into `m.into` at the site of
+/// `target`, agent to agent; `progress` sees each status as it comes.
+///
+/// # Errors
+/// The agents' refusals, a failed pull's error, or a target agent that
+/// stopped answering.
+pub async fn transfer(
+    source: &AgentClient,
+    target: &AgentClient,
+    m: &Move,
+    progress: &(dyn Fn(&PullStatus, &TicketGrant) + Send + Sync),
+) -> Result<(PullStatus, TicketGrant)> {
+    let grant: TicketGrant = source
+        .post(
+            "/v1/tickets",
+            &TicketRequest {
+                disk: m.from.clone(),
+                peer: target.fingerprint().to_string(),
+                ttl_s: None,
+            },
+        )
+        .await?;
+    let req = PullRequest {
+        source: PeerRef {
+            url: source.url().to_owned(),
+            fingerprint: source.fingerprint().to_string(),
+            ticket: grant.ticket.clone(),
+        },
+        from: m.from.clone(),
+        into: m.into.clone(),
+        virtual_size: grant.virtual_size,
+        owner: m.owner.clone(),
+        streams: m.streams,
+        bwlimit: m.bwlimit,
+        limit_key: m.limit_key.clone(),
+    };
+    let started: PullStatus = target.post("/v1/pulls", &req).await?;
+    let path = format!("/v1/pulls/{}", started.id);
+    let mut failures = 0;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let status: PullStatus = match target.get(&path).await {
+            Ok(s) => {
+                failures = 0;
+                s
+            }
+            Err(e @ Error::Transient(_)) => {
+                failures += 1;
+                if failures >= POLL_FAILURES {
+                    return Err(e);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        progress(&status, &grant);
+        match status.state {
+            Some(PullState::Succeeded) => return Ok((status, grant)),
+            Some(PullState::Failed) => {
+                let why = status.error.clone().unwrap_or_default();
+                let problem = crate::agent::Problem {
+                    kind: status.error_kind.clone().unwrap_or_default(),
+                    detail: format!("moving {} from site {}: {why}", m.from, source.site()),
+                    what: None,
+                };
+                return Err(problem.into_error(target.site()));
+            }
+            _ => {}
+        }
+    }
+}

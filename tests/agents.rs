@@ -1,0 +1,652 @@
+//! Sites on different machines: `fluidcloud agent` in network namespaces
+//! (scripts/netns: orchestrator, site A and site B on a bridge, the site
+//! links shaped with tbf), each agent in a mount namespace that hides the
+//! other sites' directories. Disks move agent to agent; the orchestrator's
+//! own interface counters show what passed through it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fails, ok, random_file, same_bytes, stderr, stdout};
+
+const TOKEN: &str = "agent-token-for-tests";
+
+fn netns() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netns")
+}
+
+/// Three throw-away machines, deleted when dropped.
+struct Net {
+    name: String,
+}
+
+impl Net {
+    fn up(name: &str, rate: &str) -> Self {
+        let out = Command::new(netns())
+            .args(["up", name, "--rate", rate])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/netns up failed (run scripts/setup): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    fn script(&self, args: &[&str]) -> String {
+        let out = Command::new(netns()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/netns {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn addr(&self, site: &str) -> String {
+        self.script(&["addr", &self.name, site])
+    }
+
+    /// Bytes received and sent by `site`'s interface.
+    fn counters(&self, site: &str) -> u64 {
+        let line = self.script(&["counters", &self.name, site]);
+        line.split_whitespace()
+            .map(|n| n.parse::<u64>().unwrap())
+            .sum()
+    }
+
+    fn link(&self, site: &str, state: &str) {
+        self.script(&["link", &self.name, site, state]);
+    }
+
+    /// `CMD` in `site`'s namespace, the directories `hide` hidden.
+    fn command(&self, site: &str, hide: &[&Path], cmd: &[&str]) -> Command {
+        let mut c = Command::new(netns());
+        c.args(["exec", &self.name, site]);
+        for h in hide {
+            c.arg("--hide").arg(h);
+        }
+        c.arg("--").args(cmd);
+        c.env("FLUIDCLOUD_AGENT_TOKEN", TOKEN)
+            .env_remove("FLUIDCLOUD_CONFIG")
+            .env_remove("RUST_LOG");
+        c
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = Command::new(netns()).args(["down", &self.name]).output();
+    }
+}
+
+/// A test world: `root/site-a`, `root/site-b` (each a local site and the
+/// sites file of its agent) and `root/orch` (the orchestrator's).
+struct World {
+    net: Net,
+    root: PathBuf,
+    agents: Vec<(String, Child)>,
+    fingerprints: Vec<(String, String)>,
+}
+
+const PORT: u16 = 7400;
+
+impl World {
+    fn new(name: &str, rate: &str) -> Self {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("agents-{name}"));
+        let _ = std::fs::remove_dir_all(&root);
+        for s in ["a", "b"] {
+            let dir = root.join(format!("site-{s}"));
+            common::local_site(&dir.join("data"));
+            std::fs::write(
+                dir.join("sites.toml"),
+                format!(
+                    "[sites.{s}]\nkind = \"local\"\npath = \"data\"\njurisdiction = \"EU/FR\"\nimage_formats = [\"raw\", \"qcow2\"]\nlocation = {{ region = \"r-{s}\", latitude = 1.0, longitude = 2.0 }}\n"
+                ),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(root.join("orch")).unwrap();
+        Self {
+            net: Net::up(name, rate),
+            root,
+            agents: Vec::new(),
+            fingerprints: Vec::new(),
+        }
+    }
+
+    fn site_dir(&self, s: &str) -> PathBuf {
+        self.root.join(format!("site-{s}"))
+    }
+
+    fn data(&self, s: &str) -> PathBuf {
+        self.site_dir(s).join("data")
+    }
+
+    fn others(&self, s: &str) -> Vec<PathBuf> {
+        ["a", "b", "orch"]
+            .iter()
+            .filter(|o| **o != s)
+            .map(|o| {
+                if *o == "orch" {
+                    self.root.join("orch")
+                } else {
+                    self.site_dir(o)
+                }
+            })
+            .collect()
+    }
+
+    /// Starts site `s`'s agent in its namespace; waits for its fingerprint.
+    fn start_agent(&mut self, s: &str) {
+        let listen = format!("{}:{PORT}", self.net.addr(s));
+        let hide = self.others(s);
+        let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
+        let config = self.site_dir(s).join("sites.toml");
+        let mut child = self
+            .net
+            .command(
+                s,
+                &hide,
+                &[
+                    env!("CARGO_BIN_EXE_fluidcloud"),
+                    "--config",
+                    config.to_str().unwrap(),
+                    "agent",
+                    "--site",
+                    s,
+                    "--listen",
+                    &listen,
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let fp = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("agent {s} ended before printing its fingerprint"))
+                .unwrap();
+            if let Some(fp) = line.strip_prefix("fingerprint ") {
+                break fp.to_owned();
+            }
+        };
+        self.fingerprints.retain(|(n, _)| n != s);
+        self.fingerprints.push((s.to_owned(), fp));
+        self.agents.push((s.to_owned(), child));
+        self.write_orch_config(TOKEN_VAR);
+    }
+
+    fn kill_agent(&mut self, s: &str) {
+        for (n, c) in &mut self.agents {
+            if n == s {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.agents.retain(|(n, _)| n != s);
+    }
+
+    /// The orchestrator's sites file, its token from `token_var`.
+    fn write_orch_config(&self, token_var: &str) {
+        let mut text = String::new();
+        for (s, fp) in &self.fingerprints {
+            text.push_str(&format!(
+                "[sites.{s}]\nkind = \"local\"\nagent = \"https://{}:{PORT}\"\nagent_fingerprint = \"{fp}\"\nagent_token_env = \"{token_var}\"\njurisdiction = \"EU/FR\"\nimage_formats = [\"raw\", \"qcow2\"]\nlocation = {{ region = \"r-{s}\", latitude = 1.0, longitude = 2.0 }}\n\n",
+                self.net.addr(s)
+            ));
+        }
+        std::fs::write(self.root.join("orch/sites.toml"), text).unwrap();
+    }
+
+    /// `fluidcloud --config orch/sites.toml ARGS` in the orchestrator's
+    /// namespace, which sees neither site's directory.
+    fn orch(&self, args: &[&str]) -> Output {
+        let config = self.root.join("orch/sites.toml");
+        let mut cmd = vec![
+            env!("CARGO_BIN_EXE_fluidcloud"),
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        cmd.extend_from_slice(args);
+        let hide = [self.site_dir("a"), self.site_dir("b")];
+        let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
+        self.net
+            .command("orch", &hide, &cmd)
+            .env(TOKEN_VAR, TOKEN)
+            .output()
+            .unwrap()
+    }
+
+    fn orch_spawn(&self, args: &[&str]) -> Child {
+        let config = self.root.join("orch/sites.toml");
+        let mut cmd = vec![
+            env!("CARGO_BIN_EXE_fluidcloud"),
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        cmd.extend_from_slice(args);
+        let hide = [self.site_dir("a"), self.site_dir("b")];
+        let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
+        self.net
+            .command("orch", &hide, &cmd)
+            .env(TOKEN_VAR, TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+const TOKEN_VAR: &str = "TEST_AGENT_TOKEN";
+
+/// A disk of `size` MiB: random data and text in separate runs, holes
+/// between them; returns its data bytes.
+fn make_disk(path: &Path, size_mib: u64, random_mib: u64, text_mib: u64) -> u64 {
+    use std::os::unix::fs::FileExt as _;
+    let tmp = path.with_extension("random");
+    random_file(&tmp, random_mib << 20);
+    let random = std::fs::read(&tmp).unwrap();
+    std::fs::remove_file(&tmp).unwrap();
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    f.write_all_at(&random, 8 << 20).unwrap();
+    let mut text = String::new();
+    let mut i = 0u64;
+    while (text.len() as u64) < text_mib << 20 {
+        text.push_str(&format!(
+            "2026-12-04T10:{:02}:{:02} shop-web[{}]: GET /cart/{} 200 in {} ms\n",
+            (i / 60) % 60,
+            i % 60,
+            1000 + i % 7,
+            i * 7919 % 100_000,
+            i % 250
+        ));
+        i += 1;
+    }
+    text.truncate((text_mib << 20) as usize);
+    let text_at = ((8 + random_mib + 16) << 20).min((size_mib - text_mib) << 20);
+    f.write_all_at(text.as_bytes(), text_at).unwrap();
+    (random_mib + text_mib) << 20
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_str(stdout(o).trim()).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\nstdout:\n{}\nstderr:\n{}",
+            stdout(o),
+            stderr(o)
+        )
+    })
+}
+
+#[test]
+fn disks_move_agent_to_agent_and_never_through_the_orchestrator() {
+    let mut w = World::new("fc-agent-move", "400mbit");
+    let data = make_disk(&w.data("a").join("volumes/data.raw"), 256, 48, 48);
+    // A qcow2 boot disk at A (made by qemu-img from a raw one), kept raw at B.
+    let raw = w.data("a").join("boot.tmp");
+    make_disk(&raw, 64, 8, 8);
+    let out = Command::new(common::qemu_img())
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(w.data("a").join("images/boot.qcow2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.start_agent("a");
+    w.start_agent("b");
+    let before = w.net.counters("orch");
+    let o = w.orch(&[
+        "--json",
+        "transfer",
+        "--from",
+        "a:volume/data.raw",
+        "--to",
+        "b:volume/data.raw",
+    ]);
+    let doc = json(&o);
+    ok(&o);
+    let o = w.orch(&[
+        "--json",
+        "transfer",
+        "--from",
+        "a:image/boot.qcow2",
+        "--source-format",
+        "qcow2",
+        "--to",
+        "b:image/boot.raw",
+        "--format",
+        "raw",
+    ]);
+    let image = json(&o);
+    let through_orch = w.net.counters("orch") - before;
+    same_bytes(
+        &w.data("a").join("volumes/data.raw"),
+        &w.data("b").join("volumes/data.raw"),
+    );
+    same_bytes(&raw, &w.data("b").join("images/boot.raw"));
+    // The report's figures, against what the test wrote.
+    assert_eq!(doc["data_bytes"], data, "{doc}");
+    assert_eq!(doc["source_data_bytes"], data, "{doc}");
+    assert!(
+        doc["wire_bytes"].as_u64().unwrap() < data - (24 << 20),
+        "the text half is compressed: {doc}"
+    );
+    assert_eq!(image["state"], "succeeded", "{image}");
+    // Less than 1 % of the data crossed the orchestrator's interface.
+    let moved = data + (16 << 20);
+    assert!(
+        through_orch * 100 < moved,
+        "{through_orch} bytes through the orchestrator for {moved} bytes of data"
+    );
+    // Run again: nothing changed, nothing is sent but markers.
+    let o = w.orch(&[
+        "--json",
+        "transfer",
+        "--from",
+        "a:volume/data.raw",
+        "--to",
+        "b:volume/data.raw",
+    ]);
+    let again = json(&o);
+    assert_eq!(again["data_chunks"], 0, "{again}");
+    assert!(again["wire_bytes"].as_u64().unwrap() < 64 << 10, "{again}");
+}
+
+#[test]
+fn a_cut_link_and_a_killed_agent_resume_without_sending_much_twice() {
+    let mut w = World::new("fc-agent-cut", "200mbit");
+    // 160 MiB of random data: about 7 s at 200 Mbit/s.
+    let data = make_disk(&w.data("a").join("volumes/big.raw"), 256, 160, 0);
+    w.start_agent("a");
+    w.start_agent("b");
+    let args = [
+        "--json",
+        "transfer",
+        "--from",
+        "a:volume/big.raw",
+        "--to",
+        "b:volume/big.raw",
+        "--streams",
+        "4",
+    ];
+    let child = w.orch_spawn(&args);
+    // Cut A's link for 5 s once the transfer is under way.
+    let part = w.data("b").join("volumes/.big.raw.fcpart");
+    wait_for_bytes(&part, 16 << 20);
+    w.net.link("a", "down");
+    std::thread::sleep(Duration::from_secs(5));
+    w.net.link("a", "up");
+    let o = child.wait_with_output().unwrap();
+    let doc = json(&o);
+    ok(&o);
+    same_bytes(
+        &w.data("a").join("volumes/big.raw"),
+        &w.data("b").join("volumes/big.raw"),
+    );
+    assert_eq!(
+        doc["data_bytes"].as_u64().unwrap(),
+        data + doc["resent_chunks"].as_u64().unwrap() * (4 << 20),
+        "{doc}"
+    );
+    assert!(
+        doc["resent_chunks"].as_u64().unwrap() <= 2 * 4,
+        "at most a few chunks per stream sent twice: {doc}"
+    );
+
+    // SIGKILL the source agent mid-transfer: the transfer fails with one
+    // clear line; after a restart, running it again sends what is missing.
+    std::fs::remove_file(w.data("b").join("volumes/big.raw")).unwrap();
+    let _ = std::fs::remove_file(w.data("b").join("volumes/.big.raw.fcowner"));
+    let child = w.orch_spawn(&args);
+    wait_for_bytes(&part, 48 << 20);
+    w.kill_agent("a");
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "the transfer survived its source: {err}"
+    );
+    assert!(err.contains("source agent"), "{err}");
+    w.start_agent("a");
+    let o = w.orch(&args);
+    let doc = json(&o);
+    ok(&o);
+    same_bytes(
+        &w.data("a").join("volumes/big.raw"),
+        &w.data("b").join("volumes/big.raw"),
+    );
+    let same = doc["same_chunks"].as_u64().unwrap();
+    assert!(
+        same >= 12,
+        "the second run kept what the first wrote: {doc}"
+    );
+    assert!(
+        doc["data_bytes"].as_u64().unwrap() <= data - (same - 4) * (4 << 20),
+        "{doc}"
+    );
+}
+
+/// Waits until the file `path` holds at least `n` bytes of data.
+fn wait_for_bytes(path: &Path, n: u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let start = Instant::now();
+    loop {
+        if std::fs::metadata(path).is_ok_and(|m| m.blocks() * 512 >= n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} never reached {n} bytes",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn wrong_token_wrong_fingerprint_and_a_down_agent_are_one_clear_line_each() {
+    let mut w = World::new("fc-agent-bad", "1gbit");
+    make_disk(&w.data("a").join("volumes/v.raw"), 32, 4, 4);
+    w.start_agent("a");
+    w.start_agent("b");
+    let args = [
+        "transfer",
+        "--from",
+        "a:volume/v.raw",
+        "--to",
+        "b:volume/v.raw",
+    ];
+    let target_dir = w.data("b").join("volumes");
+    let untouched = || {
+        let names: Vec<_> = std::fs::read_dir(&target_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "the target changed: {names:?}");
+    };
+    // A wrong token.
+    let config = w.root.join("orch/sites.toml");
+    let o = {
+        let mut cmd = w.net.command(
+            "orch",
+            &[],
+            &[
+                env!("CARGO_BIN_EXE_fluidcloud"),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        );
+        cmd.args(args)
+            .env(TOKEN_VAR, "not-the-token")
+            .output()
+            .unwrap()
+    };
+    let err = fails(&o, 10);
+    assert!(
+        err.contains("refused the token in $TEST_AGENT_TOKEN"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    untouched();
+    // A wrong fingerprint for B.
+    let good = std::fs::read_to_string(&config).unwrap();
+    let fp_b = w
+        .fingerprints
+        .iter()
+        .find(|(n, _)| n == "b")
+        .unwrap()
+        .1
+        .clone();
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    std::fs::write(&config, good.replace(&fp_b, &wrong)).unwrap();
+    let err = fails(&w.orch(&args), 10);
+    assert!(err.contains(&fp_b) && err.contains(&wrong), "{err}");
+    assert!(err.contains("not the pinned"), "{err}");
+    untouched();
+    std::fs::write(&config, &good).unwrap();
+    // An agent that is down.
+    w.kill_agent("b");
+    let err = fails(&w.orch(&args), 1);
+    assert!(err.contains("does not answer"), "{err}");
+    assert!(
+        err.contains(&format!("https://{}:{PORT}", w.net.addr("b"))),
+        "{err}"
+    );
+    untouched();
+    // No token at all at the orchestrator: a config error naming the key.
+    let o = {
+        let mut cmd = w.net.command(
+            "orch",
+            &[],
+            &[
+                env!("CARGO_BIN_EXE_fluidcloud"),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        );
+        cmd.args(args).env_remove(TOKEN_VAR).output().unwrap()
+    };
+    let err = fails(&o, 3);
+    assert!(
+        err.contains("TEST_AGENT_TOKEN") && err.contains("agent_token_env"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_ticket_serves_only_the_agent_it_was_granted_to() {
+    let mut w = World::new("fc-agent-ticket", "1gbit");
+    make_disk(&w.data("a").join("volumes/v.raw"), 16, 4, 0);
+    w.start_agent("a");
+    w.start_agent("b");
+    let a = format!("https://{}:{PORT}", w.net.addr("a"));
+    let fp_b = w
+        .fingerprints
+        .iter()
+        .find(|(n, _)| n == "b")
+        .unwrap()
+        .1
+        .clone();
+    // The orchestrator asks A for a ticket for B...
+    let curl = |args: &[&str]| -> String {
+        let mut cmd = vec!["curl", "-sk", "--max-time", "10"];
+        cmd.extend_from_slice(args);
+        let o = w.net.command("orch", &[], &cmd).output().unwrap();
+        stdout(&o)
+    };
+    let body =
+        format!(r#"{{"disk":{{"store":"volume","name":"v.raw","format":"raw"}},"peer":"{fp_b}"}}"#);
+    let grant: serde_json::Value = serde_json::from_str(&curl(&[
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &body,
+        &format!("{a}/v1/tickets"),
+    ]))
+    .unwrap();
+    let ticket = grant["ticket"].as_str().unwrap().to_owned();
+    assert_eq!(grant["data_bytes"], 4 << 20);
+    // ... and whoever holds the ticket without B's certificate is refused.
+    let stripe = r#"{"stripe":0,"stripes":1,"from":0}"#;
+    let refused = curl(&[
+        "-H",
+        &format!("Authorization: Ticket {ticket}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        stripe,
+        &format!("{a}/v1/transfers/stripe"),
+    ]);
+    assert!(refused.contains("presented none"), "{refused}");
+    // A made-up ticket, and none at all.
+    let unknown = curl(&[
+        "-H",
+        "Authorization: Ticket 00",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        stripe,
+        &format!("{a}/v1/transfers/stripe"),
+    ]);
+    assert!(unknown.contains("unknown transfer ticket"), "{unknown}");
+    // The bearer token does not open transfers, nor a ticket the API.
+    let with_token = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        stripe,
+        &format!("{a}/v1/transfers/stripe"),
+    ]);
+    assert!(
+        with_token.contains("a transfer ticket is required"),
+        "{with_token}"
+    );
+    let api = curl(&[
+        "-H",
+        &format!("Authorization: Ticket {ticket}"),
+        &format!("{a}/v1/volumes"),
+    ]);
+    assert!(api.contains("bearer token is required"), "{api}");
+    // Health needs nothing, and says which site and certificate.
+    let health: serde_json::Value = serde_json::from_str(&curl(&[&format!("{a}/health")])).unwrap();
+    assert_eq!(health["site"], "a");
+    assert_eq!(
+        health["fingerprint"],
+        w.fingerprints
+            .iter()
+            .find(|(n, _)| n == "a")
+            .unwrap()
+            .1
+            .as_str()
+    );
+}
