@@ -650,3 +650,142 @@ fn a_ticket_serves_only_the_agent_it_was_granted_to() {
             .as_str()
     );
 }
+
+/// Instance `web` of service `shop2` at site `s`: a qcow2 boot disk and a
+/// raw volume. Returns the raw content of the boot disk (for comparing).
+fn service_at(w: &World, s: &str, volume_mib: u64) -> PathBuf {
+    let data = w.data(s);
+    std::fs::write(
+        data.join("instances/web.toml"),
+        "name = \"web\"\nservice = \"shop2\"\nstate = \"running\"\nvcpus = 1\nmemory_mib = 256\nboot_image = \"web.qcow2\"\nvolumes = [\"data.raw\"]\n\n[format]\n\"web.qcow2\" = \"qcow2\"\n\"data.raw\" = \"raw\"\n",
+    )
+    .unwrap();
+    let raw = w.root.join("web.raw");
+    make_disk(&raw, 64, 8, 8);
+    let out = Command::new(common::qemu_img())
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(data.join("images/web.qcow2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    make_disk(&data.join("volumes/data.raw"), 256, volume_mib, 0);
+    raw
+}
+
+fn state_of(w: &World, s: &str) -> String {
+    let text = std::fs::read_to_string(w.data(s).join("instances/web.toml")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("state = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn check_moved(w: &World, raw: &Path) {
+    same_bytes(
+        &w.data("a").join("volumes/data.raw"),
+        &w.data("b").join("volumes/data.raw"),
+    );
+    let out = Command::new(common::qemu_img())
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(raw)
+        .arg(w.data("b").join("images/web.qcow2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(state_of(w, "a"), "stopped");
+    assert_eq!(state_of(w, "b"), "running");
+}
+
+#[test]
+fn a_service_relocates_between_agents_and_resumes_after_its_source_agent_was_killed() {
+    let mut w = World::new("fc-agent-reloc", "200mbit");
+    let raw = service_at(&w, "a", 96);
+    w.start_agent("a");
+    w.start_agent("b");
+    let before = w.net.counters("orch");
+    let relocate = [
+        "--json",
+        "relocate",
+        "--from",
+        "a",
+        "--service",
+        "shop2",
+        "--to",
+        "b",
+        "--yes",
+    ];
+    // The source agent dies in the middle of the volume's pre-copy and
+    // stays down until the relocation gives up.
+    let child = w.orch_spawn(&relocate);
+    wait_for_bytes(&w.data("b").join("volumes/.data.raw.fcpart"), 24 << 20);
+    w.kill_agent("a");
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        !o.status.success(),
+        "the relocation survived its source agent"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("does not answer") || err.contains("source agent"),
+        "{err}"
+    );
+    assert_eq!(state_of(&w, "a"), "running", "the source was never stopped");
+    let doc: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap_or_default();
+    let id = doc["id"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| {
+            std::fs::read_dir(w.root.join("orch/.fluidcloud/relocations"))
+                .ok()?
+                .find_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        })
+        .unwrap();
+    // Restarted, the agent serves again; `resume` completes the relocation
+    // and the volume's pre-copy keeps what it had sent.
+    w.start_agent("a");
+    let o = w.orch(&["resume", &id]);
+    ok(&o);
+    check_moved(&w, &raw);
+    let o = w.orch(&["--json", "report", &id]);
+    let report = json(&o);
+    let pre = common::report_step(&report, "precopy:data.raw");
+    let written = pre["bytes_written"].as_u64().unwrap();
+    assert!(
+        written <= (96 - 24) << 20,
+        "the resumed pre-copy kept what was written before the kill: {pre}"
+    );
+    let sync = common::report_step(&report, "sync:data.raw");
+    assert_eq!(
+        sync["bytes_written"], 0,
+        "nothing changed after the pre-copy: {sync}"
+    );
+    // Everything went site to site: less than 1 % through the orchestrator.
+    let moved = (96u64 + 16) << 20;
+    let through_orch = w.net.counters("orch") - before;
+    assert!(
+        through_orch * 100 < moved,
+        "{through_orch} bytes through the orchestrator for {moved} bytes of data"
+    );
+    // The rollback (forced: the service ran at b) removes all it made at
+    // b, through b's agent, and starts the source again.
+    let o = w.orch(&["rollback", "--force", &id]);
+    ok(&o);
+    for d in ["images", "volumes", "instances"] {
+        let left: Vec<_> = std::fs::read_dir(w.data("b").join(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{d} at b after the rollback: {left:?}");
+    }
+    assert_eq!(state_of(&w, "a"), "running");
+}

@@ -456,6 +456,11 @@ pub trait SiteDriver: Send + Sync {
     fn disks(&self) -> Option<&dyn Disks> {
         None
     }
+    /// The site's agent, when the site is reached through one (disks then
+    /// move agent to agent, `crate::transfer`).
+    fn agent(&self) -> Option<&crate::agent::client::AgentClient> {
+        None
+    }
 
     /// Capabilities detected from the accessors above.
     fn capabilities(&self) -> BTreeSet<Capability> {

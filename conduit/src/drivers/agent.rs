@@ -174,6 +174,10 @@ impl SiteDriver for AgentSite {
             .then_some(self as _)
     }
 
+    fn agent(&self) -> Option<&AgentClient> {
+        Some(&self.client)
+    }
+
     fn capabilities(&self) -> BTreeSet<Capability> {
         let mut set = BTreeSet::new();
         for cap in [

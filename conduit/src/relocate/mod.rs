@@ -39,6 +39,7 @@ pub mod report;
 pub mod steps;
 pub mod store;
 pub mod tracking;
+pub mod transfer_step;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,8 +54,9 @@ use fluidcloud_viaduct::{InputBinding, Registry, StepSpec, WorkflowBuilder, Work
 use serde::{Deserialize, Serialize};
 
 use crate::config::{SiteConfig, SitesFile, move_address};
-use crate::driver::{InstanceRecord, InstanceState};
+use crate::driver::{DiskStore, InstanceRecord, InstanceState};
 use crate::error::{Error, Result};
+use crate::transfer::DiskRef;
 
 /// Formats `image-convert` writes, in order of preference after the
 /// source's own format (raw is the cheapest to produce and to boot).
@@ -484,8 +486,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         };
         let unit = r.id.as_str().to_owned();
         let (target, tcfg) = target_of(&unit)?;
-        let tdirs = site_dirs(target, tcfg)?;
-        let from_dirs = site_dirs(input.from, from_cfg)?;
+        let data_path = DataPath::of(input.from, from_cfg, target, tcfg)?;
         let source_rec = input.source_instances.iter().find(|i| i.name == r.name);
         let to_domain = tcfg.internal_domains.first().cloned();
         let new_host = match (hostname, &to_domain) {
@@ -587,35 +588,68 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     } else {
                         format!("{stem}.{}", image_ext(to))
                     };
-                    let out = tdirs.images.join(&new_name);
                     let id = step_id("image", &dep.name);
                     if !wf_has(&wf, &id) {
                         bytes_to_move += allocated;
-                        let disk = ImageStep {
-                            id: &id,
-                            name: &dep.name,
-                            target,
-                            from: input.from,
-                            relocation: &input.id,
-                            source: locator,
-                            source_format: *format,
-                            allocated: *allocated,
-                            output: &out,
-                            format: to,
-                            backing: backing_policy(from_cfg, &from_dirs.images),
-                            tracking: &tracking,
-                        };
-                        if is_kernel || is_initrd {
-                            // Host files the guest never writes: one copy,
-                            // compared by the verify step.
-                            wf.push(disk.convert());
-                            images_to_compare.push(disk.pair());
-                        } else {
-                            // A disk the running guest writes: pre-copied
-                            // now, its last writes sent once it stopped.
-                            let (pre, last) = disk.warm();
-                            wf.push(pre);
-                            after_stop.push(last);
+                        match &data_path {
+                            DataPath::Files { tdirs, from_dirs } => {
+                                let out = tdirs.images.join(&new_name);
+                                let disk = ImageStep {
+                                    id: &id,
+                                    name: &dep.name,
+                                    target,
+                                    from: input.from,
+                                    relocation: &input.id,
+                                    source: locator,
+                                    source_format: *format,
+                                    allocated: *allocated,
+                                    output: &out,
+                                    format: to,
+                                    backing: backing_policy(from_cfg, &from_dirs.images),
+                                    tracking: &tracking,
+                                };
+                                if is_kernel || is_initrd {
+                                    // Host files the guest never writes: one
+                                    // copy, compared by the verify step.
+                                    wf.push(disk.convert());
+                                    images_to_compare.push(disk.pair());
+                                } else {
+                                    // A disk the running guest writes:
+                                    // pre-copied now, its last writes sent
+                                    // once it stopped.
+                                    let (pre, last) = disk.warm();
+                                    wf.push(pre);
+                                    after_stop.push(last);
+                                }
+                            }
+                            DataPath::Agents => {
+                                let disk = AgentDisk {
+                                    target,
+                                    from: input.from,
+                                    relocation: &input.id,
+                                    sites_file: &sites_file_s,
+                                    source: DiskRef {
+                                        store: DiskStore::Image,
+                                        name: dep.name.clone(),
+                                        format: *format,
+                                    },
+                                    into: DiskRef {
+                                        store: DiskStore::Image,
+                                        name: new_name.clone(),
+                                        format: to,
+                                    },
+                                    allocated: *allocated,
+                                    tracking: &tracking,
+                                };
+                                if is_kernel || is_initrd {
+                                    // Compared end to end by the transfer.
+                                    wf.push(disk.once(&id));
+                                } else {
+                                    let (pre, last) = disk.warm(&id, &step_id("final", &dep.name));
+                                    wf.push(pre);
+                                    after_stop.push(last);
+                                }
+                            }
                         }
                     }
                     if is_kernel {
@@ -639,40 +673,71 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| dep.name.clone());
                     let new_name = format!("{stem}.raw");
-                    let out = tdirs.volumes.join(&new_name);
                     let pre = step_id("precopy", &dep.name);
                     bytes_to_move += allocated;
-                    let params = serde_json::json!({
-                        "output": out.display().to_string(),
-                        "site": target,
-                        "source_format": format.as_str(),
-                        "backing": backing_policy(from_cfg, &from_dirs.volumes),
-                        "relocation": input.id,
-                    });
-                    let source = given(
-                        ArtifactKind::Volume,
-                        input.from,
-                        locator.clone(),
-                        Some(*allocated),
-                    );
-                    wf.push(
-                        tracking.precopy(
-                            StepSpec::new(&pre, "volume-copy", target)
-                                .params(params.clone())
-                                .input("volume", source.clone())
-                                .output("volume", ArtifactKind::Volume),
-                        ),
-                    );
-                    after_stop.push(
-                        tracking.final_delta(
-                            StepSpec::new(step_id("sync", &dep.name), "volume-copy", target)
-                                .params(params)
-                                .input("volume", source)
-                                .output("volume", ArtifactKind::Volume)
-                                .after(&pre),
-                            locator,
-                        ),
-                    );
+                    match &data_path {
+                        DataPath::Files { tdirs, from_dirs } => {
+                            let out = tdirs.volumes.join(&new_name);
+                            let params = serde_json::json!({
+                                "output": out.display().to_string(),
+                                "site": target,
+                                "source_format": format.as_str(),
+                                "backing": backing_policy(from_cfg, &from_dirs.volumes),
+                                "relocation": input.id,
+                            });
+                            let source = given(
+                                ArtifactKind::Volume,
+                                input.from,
+                                locator.clone(),
+                                Some(*allocated),
+                            );
+                            wf.push(
+                                tracking.precopy(
+                                    StepSpec::new(&pre, "volume-copy", target)
+                                        .params(params.clone())
+                                        .input("volume", source.clone())
+                                        .output("volume", ArtifactKind::Volume),
+                                ),
+                            );
+                            after_stop.push(
+                                tracking.final_delta(
+                                    StepSpec::new(
+                                        step_id("sync", &dep.name),
+                                        "volume-copy",
+                                        target,
+                                    )
+                                    .params(params)
+                                    .input("volume", source)
+                                    .output("volume", ArtifactKind::Volume)
+                                    .after(&pre),
+                                    locator,
+                                ),
+                            );
+                        }
+                        DataPath::Agents => {
+                            let disk = AgentDisk {
+                                target,
+                                from: input.from,
+                                relocation: &input.id,
+                                sites_file: &sites_file_s,
+                                source: DiskRef {
+                                    store: DiskStore::Volume,
+                                    name: dep.name.clone(),
+                                    format: *format,
+                                },
+                                into: DiskRef {
+                                    store: DiskStore::Volume,
+                                    name: new_name.clone(),
+                                    format: ImageFormat::Raw,
+                                },
+                                allocated: *allocated,
+                                tracking: &tracking,
+                            };
+                            let (first, last) = disk.warm(&pre, &step_id("sync", &dep.name));
+                            wf.push(first);
+                            after_stop.push(last);
+                        }
+                    }
                     plan.record
                         .formats
                         .insert(new_name.clone(), ImageFormat::Raw);
@@ -680,6 +745,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     plan.volumes.push(pre);
                 }
                 ResourceSpec::ConfigFile { path, .. } => {
+                    let DataPath::Files { tdirs, .. } = &data_path else {
+                        return Err(not_supported(
+                            format!(
+                                "config file {path}: adapting config files between sites reached through agents (not built yet)"
+                            ),
+                            target,
+                        ));
+                    };
                     let src = site_root(input.from, from_cfg)?.join("config").join(path);
                     let config_dir = tdirs.config.as_ref().ok_or_else(|| {
                         not_supported(
@@ -745,6 +818,15 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         };
         let unit = r.id.as_str().to_owned();
         let (target, tcfg) = target_of(&unit)?;
+        if from_cfg.agent.is_some() || tcfg.agent.is_some() {
+            return Err(not_supported(
+                format!(
+                    "bucket {}: moving buckets between sites reached through agents (not built yet)",
+                    r.name
+                ),
+                target,
+            ));
+        }
         let source = bucket_url(input.from, from_cfg, &r.name)?;
         let id = step_id("bucket", &r.name);
         let mut params = serde_json::json!({
@@ -899,6 +981,93 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         bytes_to_move,
         config_files,
     })
+}
+
+/// How a unit's data reaches its target.
+enum DataPath {
+    /// Both sites' data is on this machine: the data steps read and write
+    /// their directories.
+    Files {
+        /// The target's.
+        tdirs: SiteDirs,
+        /// The source's.
+        from_dirs: SiteDirs,
+    },
+    /// Both sites are reached through their agents: disks move agent to
+    /// agent (`disk-transfer`).
+    Agents,
+}
+
+impl DataPath {
+    fn of(from: &str, from_cfg: &SiteConfig, target: &str, tcfg: &SiteConfig) -> Result<Self> {
+        match (from_cfg.agent.is_some(), tcfg.agent.is_some()) {
+            (true, true) => Ok(Self::Agents),
+            (false, false) => Ok(Self::Files {
+                tdirs: site_dirs(target, tcfg)?,
+                from_dirs: site_dirs(from, from_cfg)?,
+            }),
+            (true, false) => Err(not_supported(
+                format!(
+                    "relocating from a site reached through its agent ({from}) to one in this process: give {target} an agent too (`fluidcloud agent`)"
+                ),
+                target,
+            )),
+            (false, true) => Err(not_supported(
+                format!(
+                    "relocating from a site in this process to one reached through its agent ({target}): give {from} an agent too (`fluidcloud agent`)"
+                ),
+                from,
+            )),
+        }
+    }
+}
+
+/// One disk moved agent to agent.
+struct AgentDisk<'a> {
+    target: &'a str,
+    from: &'a str,
+    relocation: &'a str,
+    sites_file: &'a str,
+    source: DiskRef,
+    into: DiskRef,
+    allocated: u64,
+    tracking: &'a Tracking,
+}
+
+impl AgentDisk<'_> {
+    fn step(&self, id: &str) -> StepSpec {
+        let kind = match self.into.store {
+            DiskStore::Volume => ArtifactKind::Volume,
+            DiskStore::Image => ArtifactKind::DiskImage {
+                format: self.into.format,
+            },
+        };
+        StepSpec::new(id, "disk-transfer", self.target)
+            .params(serde_json::json!({
+                "sites_file": self.sites_file,
+                "from": self.from,
+                "site": self.target,
+                "source": self.source,
+                "into": self.into,
+                "relocation": self.relocation,
+                "allocated": self.allocated,
+            }))
+            .output("disk", kind)
+    }
+
+    /// One transfer (kernels, initrds: files the guest never writes).
+    fn once(&self, id: &str) -> StepSpec {
+        self.step(id)
+    }
+
+    /// A pre-copy while the source runs, and the final delta once it
+    /// stopped: the same transfer again, which sends only what differs.
+    fn warm(&self, id: &str, last: &str) -> (StepSpec, StepSpec) {
+        (
+            self.tracking.precopy(self.step(id)),
+            self.tracking.after_collect(self.step(last).after(id)),
+        )
+    }
 }
 
 /// One disk image of an instance, to be written at its target.
@@ -1157,6 +1326,7 @@ pub fn registry() -> Registry {
         Arc::new(steps::StopSource),
         Arc::new(steps::Cutover),
         Arc::new(tracking::ChangeTrack),
+        Arc::new(transfer_step::DiskTransfer),
     ];
     let mut r = Registry::new();
     for m in builtins {

@@ -32,13 +32,50 @@ pub struct Move {
     pub limit_key: Option<String>,
 }
 
+/// Whole transfers tried (each with a new ticket) before giving up.
+const ATTEMPTS: u32 = 4;
+
 /// Moves `m.from` from the site of `source` into `m.into` at the site of
 /// `target`, agent to agent; `progress` sees each status as it comes.
+///
+/// A transfer that fails for a reason that may pass (an agent restarted,
+/// and its tickets went with it; an agent that does not answer for a
+/// while) is started again with a new ticket, up to [`ATTEMPTS`] times
+/// with backoff: the target keeps what it wrote, so each new attempt sends
+/// only what is missing.
 ///
 /// # Errors
 /// The agents' refusals, a failed pull's error, or a target agent that
 /// stopped answering.
 pub async fn transfer(
+    source: &AgentClient,
+    target: &AgentClient,
+    m: &Move,
+    progress: &(dyn Fn(&PullStatus, &TicketGrant) + Send + Sync),
+) -> Result<(PullStatus, TicketGrant)> {
+    let mut attempt = 1;
+    loop {
+        match once(source, target, m, progress).await {
+            Err(e) if attempt < ATTEMPTS && may_pass(&e) => {
+                tracing::info!(attempt, error = %e, "transfer failed; starting it again");
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether a failed transfer may succeed if started again.
+fn may_pass(e: &Error) -> bool {
+    match e {
+        Error::Transient(_) => true,
+        Error::PermissionDenied { what, .. } => what.contains("unknown transfer ticket"),
+        _ => false,
+    }
+}
+
+async fn once(
     source: &AgentClient,
     target: &AgentClient,
     m: &Move,

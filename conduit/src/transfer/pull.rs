@@ -19,7 +19,7 @@ use super::{
 use crate::driver::{DiskWriter, SiteDriver};
 
 /// Connection attempts in a row, without progress, before a stripe fails.
-const MAX_ATTEMPTS: u32 = 8;
+const MAX_ATTEMPTS: u32 = 6;
 /// Longest wait for the next bytes of a stripe before the connection is
 /// given up and opened again.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -313,7 +313,7 @@ impl Stripe {
                     }
                     tracing::info!(stripe = self.stripe, %why, "reconnecting");
                     self.pull.lock().reconnects += 1;
-                    let backoff = Duration::from_millis(250 << failures.min(5));
+                    let backoff = Duration::from_millis(250 << failures.min(4));
                     tokio::time::sleep(backoff).await;
                 }
             }
