@@ -96,6 +96,9 @@ struct World {
     root: PathBuf,
     agents: Vec<(String, Child)>,
     fingerprints: Vec<(String, String)>,
+    /// Per namespace (`a`, `b`): the site's name, and its entry in the
+    /// orchestrator's sites file without the agent keys.
+    sites: Vec<(String, String, String)>,
 }
 
 const PORT: u16 = 7400;
@@ -116,12 +119,64 @@ impl World {
             .unwrap();
         }
         std::fs::create_dir_all(root.join("orch")).unwrap();
+        let sites = ["a", "b"]
+            .iter()
+            .map(|s| {
+                (
+                    (*s).to_owned(),
+                    (*s).to_owned(),
+                    format!(
+                        "[sites.{s}]\nkind = \"local\"\njurisdiction = \"EU/FR\"\nimage_formats = [\"raw\", \"qcow2\"]\nlocation = {{ region = \"r-{s}\", latitude = 1.0, longitude = 2.0 }}\n"
+                    ),
+                )
+            })
+            .collect();
         Self {
             net: Net::up(name, rate),
             root,
             agents: Vec::new(),
             fingerprints: Vec::new(),
+            sites,
         }
+    }
+
+    /// The demo's `dc-paris` as site A and `edge-nantes` as site B, each
+    /// with its own sites file; the orchestrator's entries keep every key
+    /// but `path`.
+    fn demo(name: &str, rate: &str) -> Self {
+        let mut w = Self::new(name, rate);
+        let demo = w.root.join("demo");
+        ok(&common::run(&["demo", "init", demo.to_str().unwrap()]));
+        let text = std::fs::read_to_string(demo.join("fluidcloud.toml")).unwrap();
+        w.sites.clear();
+        for (ns, site) in [("a", "dc-paris"), ("b", "edge-nantes")] {
+            let start = text.find(&format!("[sites.{site}]")).unwrap();
+            let end = text[start + 1..]
+                .find("\n[sites.")
+                .map_or(text.len(), |i| start + 1 + i);
+            let block = &text[start..end];
+            let data = w.data(ns);
+            std::fs::remove_dir_all(&data).unwrap();
+            std::fs::rename(demo.join("sites").join(site), &data).unwrap();
+            let with_path = block.replace(&format!("path = \"sites/{site}\""), "path = \"data\"");
+            std::fs::write(w.site_dir(ns).join("sites.toml"), with_path).unwrap();
+            let without: String = block
+                .lines()
+                .filter(|l| !l.starts_with("path = "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            w.sites.push((ns.to_owned(), site.to_owned(), without));
+        }
+        std::fs::remove_dir_all(&demo).unwrap();
+        w
+    }
+
+    fn site_name(&self, ns: &str) -> String {
+        self.sites
+            .iter()
+            .find(|(n, _, _)| n == ns)
+            .map(|(_, s, _)| s.clone())
+            .unwrap()
     }
 
     fn site_dir(&self, s: &str) -> PathBuf {
@@ -152,6 +207,7 @@ impl World {
         let hide = self.others(s);
         let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
         let config = self.site_dir(s).join("sites.toml");
+        let site = self.site_name(s);
         let mut child = self
             .net
             .command(
@@ -163,7 +219,7 @@ impl World {
                     config.to_str().unwrap(),
                     "agent",
                     "--site",
-                    s,
+                    &site,
                     "--listen",
                     &listen,
                 ],
@@ -202,8 +258,10 @@ impl World {
     fn write_orch_config(&self, token_var: &str) {
         let mut text = String::new();
         for (s, fp) in &self.fingerprints {
+            let (_, _, block) = self.sites.iter().find(|(n, _, _)| n == s).unwrap();
+            text.push_str(block);
             text.push_str(&format!(
-                "[sites.{s}]\nkind = \"local\"\nagent = \"https://{}:{PORT}\"\nagent_fingerprint = \"{fp}\"\nagent_token_env = \"{token_var}\"\njurisdiction = \"EU/FR\"\nimage_formats = [\"raw\", \"qcow2\"]\nlocation = {{ region = \"r-{s}\", latitude = 1.0, longitude = 2.0 }}\n\n",
+                "agent = \"https://{}:{PORT}\"\nagent_fingerprint = \"{fp}\"\nagent_token_env = \"{token_var}\"\n\n",
                 self.net.addr(s)
             ));
         }
@@ -788,4 +846,107 @@ fn a_service_relocates_between_agents_and_resumes_after_its_source_agent_was_kil
         assert!(left.is_empty(), "{d} at b after the rollback: {left:?}");
     }
     assert_eq!(state_of(&w, "a"), "running");
+}
+
+/// SHA-256 of every file under `dir` (relative path → digest), hidden
+/// files (fluidcloud's records) left out.
+fn digests(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let o = Command::new("sha256sum").arg(&p).output().unwrap();
+                let sum = String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), sum);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_demo_shop_relocates_from_site_a_to_site_b_through_agents_only() {
+    let mut w = World::demo("fc-agent-shop", "400mbit");
+    let source_images = digests(&w.data("a").join("images"));
+    let source_volumes = digests(&w.data("a").join("volumes"));
+    let source_media = digests(&w.data("a").join("buckets/shop-media"));
+    w.start_agent("a");
+    w.start_agent("b");
+    let before = w.net.counters("orch");
+    let o = w.orch(&[
+        "--json",
+        "relocate",
+        "--from",
+        "dc-paris",
+        "--service",
+        "shop",
+        "--to",
+        "edge-nantes",
+        "--yes",
+    ]);
+    ok(&o);
+    let through_orch = w.net.counters("orch") - before;
+    // Every disk, volume and object is at B, equal (re-hashed here), and
+    // the configs name B's endpoints.
+    let subset = |dir: &str, source: &std::collections::BTreeMap<String, String>, want: &[&str]| {
+        let got = digests(&w.data("b").join(dir));
+        let names: Vec<&str> = got.keys().map(String::as_str).collect();
+        assert_eq!(names, want, "{dir} at b");
+        for (k, v) in &got {
+            assert_eq!(source.get(k), Some(v), "{dir}/{k} differs from its source");
+        }
+    };
+    subset(
+        "images",
+        &source_images,
+        &["shop-app.qcow2", "shop-db.qcow2", "shop-web.qcow2"],
+    );
+    subset("volumes", &source_volumes, &["db-data.raw"]);
+    assert_eq!(
+        digests(&w.data("b").join("buckets/shop-media")),
+        source_media
+    );
+    let app = std::fs::read_to_string(w.data("b").join("config/shop/app/app.yaml")).unwrap();
+    assert!(
+        app.contains("nantes.internal") && !app.contains("paris.internal"),
+        "{app}"
+    );
+    let data: u64 = ["images", "volumes", "buckets/shop-media"]
+        .iter()
+        .map(|d| {
+            let o = Command::new("du")
+                .args(["-sb"])
+                .arg(w.data("a").join(d))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        through_orch * 100 < data,
+        "{through_orch} bytes through the orchestrator for {data} bytes of data"
+    );
+    assert!(
+        std::fs::read_to_string(w.data("a").join("instances/web.toml"))
+            .unwrap()
+            .contains("state = \"stopped\"")
+    );
 }

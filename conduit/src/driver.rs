@@ -218,6 +218,26 @@ pub trait Inventory: Send + Sync {
     /// The service manifest stored on the site for `service`, if any:
     /// (where it is, its TOML text).
     async fn service_manifest(&self, service: &str) -> Result<Option<(PathBuf, String)>>;
+    /// Writes a config file (readable by its owner only, as config files
+    /// hold credentials), atomically. `owner` (`RELOCATION/STEP`) is
+    /// recorded first; an existing file is replaced only when `owner`'s
+    /// relocation wrote it.
+    async fn put_config_file(&self, path: &str, content: &[u8], owner: &str) -> Result<()> {
+        let _ = (content, owner);
+        Err(Error::NotSupported {
+            operation: format!("writing config file {path}"),
+            site: None,
+        })
+    }
+    /// Removes a config file that `owner`'s relocation wrote (the rollback
+    /// of [`Self::put_config_file`]); whether there was one.
+    async fn remove_config_file(&self, path: &str, owner: &str) -> Result<bool> {
+        let _ = owner;
+        Err(Error::NotSupported {
+            operation: format!("removing config file {path}"),
+            site: None,
+        })
+    }
 }
 
 /// Stores disk images.
@@ -270,6 +290,29 @@ pub trait ObjectStorage: Send + Sync {
     async fn bucket(&self, name: &str) -> Result<Arc<dyn ObjectStore>>;
     /// Removes a bucket and everything in it.
     async fn delete_bucket(&self, name: &str) -> Result<()>;
+    /// How many objects and bytes bucket `name` holds.
+    async fn summary(&self, name: &str) -> Result<BucketSummary> {
+        use futures::TryStreamExt as _;
+        let store = self.bucket(name).await?;
+        store
+            .list(None)
+            .map_err(|e| Error::Transient(format!("listing bucket {name}: {e}")))
+            .try_fold(BucketSummary::default(), |mut s, meta| async move {
+                s.objects += 1;
+                s.bytes += meta.size;
+                Ok(s)
+            })
+            .await
+    }
+}
+
+/// Objects and bytes of a bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSummary {
+    /// Objects.
+    pub objects: u64,
+    /// Bytes.
+    pub bytes: u64,
 }
 
 /// Runs instances.

@@ -26,7 +26,6 @@ use fluidcloud_plugins::{
     ConfigFormat, Diagnostic, EndpointKind, Error as SdkError, ImageFormat, Origin, Relation,
     Resource, ResourceId, ResourceKind, ResourceSpec, Severity, Topology,
 };
-use futures::TryStreamExt as _;
 use serde::Deserialize;
 
 use crate::config::SiteConfig;
@@ -327,15 +326,11 @@ async fn bucket_spec(
     bucket: &str,
 ) -> fluidcloud_plugins::Result<ResourceSpec> {
     let os = crate::driver::require_object_storage(driver)?;
-    let store = os.bucket(bucket).await?;
-    let (objects, bytes) = store
-        .list(None)
-        .map_err(|e| SdkError::Transient(format!("listing bucket {bucket}: {e}")))
-        .try_fold((0u64, 0u64), |(n, b), meta| async move {
-            Ok((n + 1, b + meta.size))
-        })
-        .await?;
-    Ok(ResourceSpec::Bucket { objects, bytes })
+    let s = os.summary(bucket).await?;
+    Ok(ResourceSpec::Bucket {
+        objects: s.objects,
+        bytes: s.bytes,
+    })
 }
 
 struct Builder<'a> {

@@ -46,8 +46,9 @@ pub(crate) struct AgentArgs {
     /// Serve without a bearer token (only on a loopback address).
     #[arg(long)]
     no_auth: bool,
-    /// Where the agent keeps its certificate (default: the sites file's
-    /// state directory, `agent-SITE/`).
+    /// Where the agent keeps its certificate and the records of the
+    /// buckets it created (default: the sites file's state directory,
+    /// `agent-SITE/`).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Transfer stripes sent at once, over every transfer (each holds
@@ -117,6 +118,7 @@ pub(crate) async fn run(g: &Globals, a: AgentArgs) -> Result<()> {
         &AgentOptions {
             token,
             max_stripes: a.max_stripes,
+            state_dir: state_dir.clone(),
         },
     );
     if g.json {

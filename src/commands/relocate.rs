@@ -211,13 +211,26 @@ pub(crate) async fn make_plan(
                 .into()
         ));
     }
+    let store = store_of(file);
+    let id = store::new_id(&store, topology.service(), now_secs());
     let manifest_path = match (&a.manifest, &manifest) {
         (Some(p), _) => Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
         (None, _) => {
             let inv = fluidcloud_conduit::driver::require_inventory(driver.as_ref())?;
-            inv.service_manifest(topology.service())
-                .await?
-                .map(|(p, _)| p)
+            match inv.service_manifest(topology.service()).await? {
+                // A site behind an agent: its path is on another machine,
+                // so the relocation keeps the text it read.
+                Some((_, text)) if driver.agent().is_some() => {
+                    let dir = store.state_dir().join("manifests");
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    let kept = dir.join(format!("{id}.toml"));
+                    std::fs::write(&kept, text)
+                        .with_context(|| format!("cannot write {}", kept.display()))?;
+                    Some(kept)
+                }
+                found => found.map(|(p, _)| p),
+            }
         }
     };
     // Sites keeping buckets on S3 read their credentials when a step runs:
@@ -229,8 +242,6 @@ pub(crate) async fn make_plan(
             c.resolve(site)?;
         }
     }
-    let store = store_of(file);
-    let id = store::new_id(&store, topology.service(), now_secs());
     let records = store.dir(&id).join("records");
     let source_instances = fluidcloud_conduit::driver::require_inventory(driver.as_ref())?
         .instances()

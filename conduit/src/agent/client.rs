@@ -133,7 +133,8 @@ impl AgentClient {
         &self.site
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// A request to `path` with the bearer token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.url));
         match &self.token {
             Some(t) => r.bearer_auth(t),

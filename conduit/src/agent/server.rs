@@ -38,6 +38,8 @@ pub struct AgentOptions {
     /// Stripes sent at once, over every transfer: bounds the agent's memory
     /// (each holds about three chunks).
     pub max_stripes: usize,
+    /// The agent's state directory (records of the buckets it created).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// The agent's shared state.
@@ -51,6 +53,7 @@ pub struct AgentState {
     stripes: Arc<Semaphore>,
     sending: AtomicU64,
     next_pull: AtomicU64,
+    state_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -85,6 +88,7 @@ impl AgentState {
             stripes: Arc::new(Semaphore::new(options.max_stripes.max(1))),
             sending: AtomicU64::new(0),
             next_pull: AtomicU64::new(1),
+            state_dir: options.state_dir.clone(),
         })
     }
 
@@ -151,7 +155,10 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/instances/{name}/changes", get(changes))
         .route("/v1/instances/{name}/{action}", post(instance_action))
         .route("/v1/config-files", get(config_files))
-        .route("/v1/config-files/{*path}", get(config_file))
+        .route(
+            "/v1/config-files/{*path}",
+            get(config_file).put(put_config).delete(remove_config),
+        )
         .route("/v1/manifests/{service}", get(manifest))
         .route("/v1/images", get(images))
         .route("/v1/images/{name}", get(image_info).delete(delete_image))
@@ -166,11 +173,17 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/disks/remove", post(remove_disk))
         .route("/v1/tickets", post(grant_ticket))
         .route("/v1/pulls", post(start_pull))
+        .route("/v1/bucket-pulls", post(start_bucket_pull))
+        .route("/v1/buckets", get(buckets))
+        .route("/v1/buckets/{name}", get(bucket_summary))
+        .route("/v1/buckets/remove", post(remove_bucket))
         .route("/v1/pulls/{id}", get(pull_status))
         .layer(middleware::from_fn_with_state(state.clone(), bearer));
     let transfers = Router::new()
         .route("/v1/transfers/stripe", post(stripe))
-        .route("/v1/transfers/root", post(root));
+        .route("/v1/transfers/root", post(root))
+        .route("/v1/transfers/objects", post(list_objects))
+        .route("/v1/transfers/object", post(get_object));
     Router::new()
         .route("/health", get(health))
         .merge(control)
@@ -353,6 +366,33 @@ async fn config_file(
     Ok((headers, rec.content).into_response())
 }
 
+/// `?owner=TAG` of a config write or removal.
+#[derive(Debug, Deserialize)]
+struct OwnerQuery {
+    owner: String,
+}
+
+async fn put_config(
+    State(s): Shared,
+    Path(path): Path<String>,
+    Query(q): Query<OwnerQuery>,
+    body: Bytes,
+) -> Answer<()> {
+    ok(require_inventory(s.driver.as_ref())?
+        .put_config_file(&path, &body, &q.owner)
+        .await?)
+}
+
+async fn remove_config(
+    State(s): Shared,
+    Path(path): Path<String>,
+    Query(q): Query<OwnerQuery>,
+) -> Answer<bool> {
+    ok(require_inventory(s.driver.as_ref())?
+        .remove_config_file(&path, &q.owner)
+        .await?)
+}
+
 async fn manifest(
     State(s): Shared,
     Path(service): Path<String>,
@@ -486,14 +526,37 @@ async fn grant_ticket(
     req.peer
         .parse::<fluidcloud_broker::tls::Fingerprint>()
         .map_err(|e| refuse(400, "invalid", format!("peer: {e}")))?;
-    let state = s.clone();
-    let grant = blocking(move || {
-        let disks = driver::require_disks(state.driver.as_ref())?;
-        let reader = disks.read(req.disk.store, &req.disk.name, req.disk.format)?;
-        state.tickets.grant(&req, reader.as_ref())
-    })
-    .await?;
-    ok(grant)
+    match (&req.disk, &req.bucket) {
+        (Some(_), None) => {
+            let state = s.clone();
+            let grant = blocking(move || {
+                let disks = driver::require_disks(state.driver.as_ref())?;
+                let disk = req.disk.as_ref().ok_or_else(|| {
+                    Error::Precondition("a ticket for a disk names the disk".into())
+                })?;
+                let reader = disks.read(disk.store, &disk.name, disk.format)?;
+                state.tickets.grant(&req, Some(reader.as_ref()))
+            })
+            .await?;
+            ok(grant)
+        }
+        (None, Some(b)) => {
+            let os = driver::require_object_storage(s.driver.as_ref())?;
+            if !os.list_buckets().await?.iter().any(|n| n == b) {
+                return Err(Error::NotFound {
+                    what: format!("bucket {b}"),
+                    site: Some(s.driver.name().to_owned()),
+                }
+                .into());
+            }
+            ok(s.tickets.grant(&req, None)?)
+        }
+        _ => Err(refuse(
+            400,
+            "invalid",
+            "a ticket is for one `disk` or one `bucket`".into(),
+        )),
+    }
 }
 
 /// The ticket of a transfer request, checked against the connection's
@@ -593,6 +656,110 @@ async fn root(
     .await?)
 }
 
+async fn list_objects(
+    State(s): Shared,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Answer<Vec<crate::transfer::objects::ObjectEntry>> {
+    let ticket = ticket_of(&s, &headers, &peer)?;
+    let bucket = ticket.bucket()?;
+    let store = driver::require_object_storage(s.driver.as_ref())?
+        .bucket(bucket)
+        .await?;
+    ok(crate::transfer::objects::list_hashed(store.as_ref(), bucket).await?)
+}
+
+async fn get_object(
+    State(s): Shared,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    axum::Json(req): axum::Json<crate::transfer::objects::ObjectRequest>,
+) -> std::result::Result<Response, Failure> {
+    let ticket = ticket_of(&s, &headers, &peer)?;
+    let bucket = ticket.bucket()?;
+    let store = driver::require_object_storage(s.driver.as_ref())?
+        .bucket(bucket)
+        .await?;
+    let got = object_store::ObjectStoreExt::get(
+        store.as_ref(),
+        &object_store::path::Path::from(req.key.as_str()),
+    )
+    .await
+    .map_err(|e| match e {
+        object_store::Error::NotFound { .. } => Error::NotFound {
+            what: format!("object {} of bucket {bucket}", req.key),
+            site: Some(s.driver.name().to_owned()),
+        },
+        e => Error::Transient(format!("bucket {bucket}: {e}")),
+    })?;
+    let body = Body::from_stream(got.into_stream());
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(body)
+        .unwrap_or_default())
+}
+
+async fn start_bucket_pull(
+    State(s): Shared,
+    axum::Json(req): axum::Json<crate::transfer::objects::BucketPullRequest>,
+) -> Answer<PullStatus> {
+    if s.ctx.stopping.load(Ordering::Relaxed) {
+        return Err(refuse(
+            503,
+            "transient",
+            "the agent is shutting down".into(),
+        ));
+    }
+    let pull = s.new_pull(0);
+    tokio::spawn(crate::transfer::objects::run(
+        s.ctx.clone(),
+        s.state_dir.clone(),
+        req,
+        pull.clone(),
+    ));
+    ok(pull.status())
+}
+
+async fn buckets(State(s): Shared) -> Answer<Vec<String>> {
+    ok(driver::require_object_storage(s.driver.as_ref())?
+        .list_buckets()
+        .await?)
+}
+
+async fn bucket_summary(
+    State(s): Shared,
+    Path(name): Path<String>,
+) -> Answer<driver::BucketSummary> {
+    ok(driver::require_object_storage(s.driver.as_ref())?
+        .summary(&name)
+        .await?)
+}
+
+/// `POST /v1/buckets/remove`: a bucket transfer's rollback.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveBucket {
+    /// The bucket.
+    pub bucket: String,
+    /// The creator tag of the transfer that wrote it.
+    pub owner: String,
+}
+
+async fn remove_bucket(State(s): Shared, axum::Json(r): axum::Json<RemoveBucket>) -> Answer<bool> {
+    ok(crate::transfer::objects::remove(&s.ctx, &s.state_dir, &r.bucket, &r.owner).await?)
+}
+
+impl AgentState {
+    fn new_pull(&self, chunks: u64) -> Arc<Pull> {
+        let id = format!("pull-{}", self.next_pull.fetch_add(1, Ordering::Relaxed));
+        let pull = Arc::new(Pull::new(id.clone(), chunks));
+        self.pulls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, pull.clone());
+        pull
+    }
+}
+
 async fn start_pull(
     State(s): Shared,
     axum::Json(req): axum::Json<PullRequest>,
@@ -604,12 +771,7 @@ async fn start_pull(
             "the agent is shutting down".into(),
         ));
     }
-    let id = format!("pull-{}", s.next_pull.fetch_add(1, Ordering::Relaxed));
-    let pull = Arc::new(Pull::new(id.clone(), chunks_of(req.virtual_size)));
-    s.pulls
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, pull.clone());
+    let pull = s.new_pull(chunks_of(req.virtual_size));
     tokio::spawn(crate::transfer::pull::run(s.ctx.clone(), req, pull.clone()));
     ok(pull.status())
 }

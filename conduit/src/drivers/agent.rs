@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use fluidcloud_migrators::changes::ChangeSet;
@@ -160,8 +160,7 @@ impl SiteDriver for AgentSite {
     }
 
     fn object_storage(&self) -> Option<&dyn ObjectStorage> {
-        // Buckets through an agent are not served yet: reported missing.
-        None
+        self.has(Capability::ObjectStorage).then_some(self as _)
     }
 
     fn compute(&self) -> Option<&dyn Compute> {
@@ -184,6 +183,7 @@ impl SiteDriver for AgentSite {
             Capability::Inventory,
             Capability::ImageStore,
             Capability::BlockStore,
+            Capability::ObjectStorage,
             Capability::Compute,
         ] {
             if self.has(cap) {
@@ -194,9 +194,14 @@ impl SiteDriver for AgentSite {
     }
 }
 
+/// A config file's relative path, each segment percent-encoded.
+fn config_path(path: &str) -> String {
+    path.split('/').map(segment).collect::<Vec<_>>().join("/")
+}
+
 fn unsupported(site: &str, operation: &str) -> Error {
     Error::NotSupported {
-        operation: format!("{operation} through an agent (disks move agent to agent)"),
+        operation: format!("{operation} through an agent (disks and objects move agent to agent)"),
         site: Some(site.to_owned()),
     }
 }
@@ -208,10 +213,9 @@ impl Inventory for AgentSite {
     }
 
     async fn config_file(&self, path: &str) -> Result<ConfigFileRecord> {
-        let p: String = path.split('/').map(segment).collect::<Vec<_>>().join("/");
         let content = self
             .client
-            .get_bytes(&format!("/v1/config-files/{p}"))
+            .get_bytes(&format!("/v1/config-files/{}", config_path(path)))
             .await?;
         Ok(ConfigFileRecord {
             path: path.to_owned(),
@@ -228,6 +232,34 @@ impl Inventory for AgentSite {
         self.client
             .get(&format!("/v1/manifests/{}", segment(service)))
             .await
+    }
+
+    async fn put_config_file(&self, path: &str, content: &[u8], owner: &str) -> Result<()> {
+        self.client
+            .put_bytes(
+                &format!(
+                    "/v1/config-files/{}?owner={}",
+                    config_path(path),
+                    segment(owner)
+                ),
+                content.to_vec(),
+            )
+            .await
+    }
+
+    async fn remove_config_file(&self, path: &str, owner: &str) -> Result<bool> {
+        let resp = self
+            .client
+            .send(self.client.request(
+                reqwest::Method::DELETE,
+                &format!(
+                    "/v1/config-files/{}?owner={}",
+                    config_path(path),
+                    segment(owner)
+                ),
+            ))
+            .await?;
+        Ok(resp.text().await.is_ok_and(|t| t.trim() == "true"))
     }
 }
 
@@ -332,6 +364,37 @@ impl BlockStore for AgentSite {
     async fn delete_volume(&self, name: &str) -> Result<()> {
         self.client
             .delete(&format!("/v1/volumes/{}", segment(name)))
+            .await
+    }
+}
+
+#[async_trait]
+impl ObjectStorage for AgentSite {
+    async fn list_buckets(&self) -> Result<Vec<String>> {
+        self.client.get("/v1/buckets").await
+    }
+
+    async fn create_bucket(&self, _name: &str) -> Result<()> {
+        Err(unsupported(
+            &self.name,
+            "creating a bucket from this process",
+        ))
+    }
+
+    async fn bucket(&self, _name: &str) -> Result<Arc<dyn object_store::ObjectStore>> {
+        Err(unsupported(&self.name, "opening a bucket in this process"))
+    }
+
+    async fn delete_bucket(&self, _name: &str) -> Result<()> {
+        Err(unsupported(
+            &self.name,
+            "deleting a bucket from this process",
+        ))
+    }
+
+    async fn summary(&self, name: &str) -> Result<crate::driver::BucketSummary> {
+        self.client
+            .get(&format!("/v1/buckets/{}", segment(name)))
             .await
     }
 }

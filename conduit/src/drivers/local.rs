@@ -495,6 +495,78 @@ impl Inventory for LocalSite {
             Err(e) => Err(self.io(&path, "read", e)),
         }
     }
+
+    async fn put_config_file(&self, path: &str, content: &[u8], owner: &str) -> Result<()> {
+        let file = self.config_path(path)?;
+        let (site, content, owner) = (self.name.clone(), content.to_vec(), owner.to_owned());
+        blocking(move || {
+            let recorded = fluidcloud_migrators::owner::read(&file)?;
+            let relocation = owner.split('/').next().unwrap_or(&owner);
+            let ours = recorded
+                .as_deref()
+                .is_some_and(|t| t.split('/').next() == Some(relocation));
+            if file.exists() && !ours {
+                return Err(Error::Precondition(format!(
+                    "site {site}: {} is {}; this relocation ({relocation}) does not overwrite it",
+                    file.display(),
+                    fluidcloud_migrators::owner::describe(recorded.as_deref())
+                )));
+            }
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::io(format!("site {site}: creating {}", dir.display()), e)
+                })?;
+            }
+            if recorded.is_none() {
+                fluidcloud_migrators::owner::write(&file, &owner)?;
+            }
+            fluidcloud_migrators::config::write_atomic_mode(&file, &content, 0o600)
+                .map_err(|e| Error::Precondition(format!("site {site}: {e}")))
+        })
+        .await
+    }
+
+    async fn remove_config_file(&self, path: &str, owner: &str) -> Result<bool> {
+        let file = self.config_path(path)?;
+        let top = self.root.join("config");
+        let (site, owner) = (self.name.clone(), owner.to_owned());
+        blocking(move || {
+            let recorded = fluidcloud_migrators::owner::read(&file)?;
+            let relocation = owner.split('/').next().unwrap_or(&owner);
+            match recorded.as_deref() {
+                None if !file.exists() => return Ok(false),
+                Some(t) if t.split('/').next() == Some(relocation) => {}
+                other => {
+                    return Err(Error::Precondition(format!(
+                        "site {site}: {} is {}; this relocation ({relocation}) does not remove it",
+                        file.display(),
+                        fluidcloud_migrators::owner::describe(other)
+                    )));
+                }
+            }
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("site {site}: removing {}", file.display()),
+                        e,
+                    ));
+                }
+            }
+            fluidcloud_migrators::owner::remove(&file)?;
+            // Directories left empty, up to the config root.
+            let mut dir = file.parent();
+            while let Some(d) = dir.filter(|d| *d != top.as_path() && d.starts_with(&top)) {
+                if std::fs::remove_dir(d).is_err() {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(true)
+        })
+        .await
+    }
 }
 
 #[async_trait]

@@ -33,6 +33,7 @@
 //! [`steps`]; the state a relocation keeps on disk in [`store`].
 
 pub mod clock;
+pub mod config_step;
 pub mod extra;
 pub mod lock;
 pub mod report;
@@ -745,25 +746,6 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     plan.volumes.push(pre);
                 }
                 ResourceSpec::ConfigFile { path, .. } => {
-                    let DataPath::Files { tdirs, .. } = &data_path else {
-                        return Err(not_supported(
-                            format!(
-                                "config file {path}: adapting config files between sites reached through agents (not built yet)"
-                            ),
-                            target,
-                        ));
-                    };
-                    let src = site_root(input.from, from_cfg)?.join("config").join(path);
-                    let config_dir = tdirs.config.as_ref().ok_or_else(|| {
-                        not_supported(
-                            format!(
-                                "config file {path}: a {} site holds no config files",
-                                tcfg.kind
-                            ),
-                            target,
-                        )
-                    })?;
-                    let out = config_dir.join(path);
                     let id = step_id("config", path);
                     if let Some(other) = configs_done.get(path) {
                         if other != target {
@@ -773,25 +755,25 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                         }
                     } else {
                         configs_done.insert(path.clone(), target.to_owned());
-                        config_files.push((src.clone(), out.clone()));
-                        wf.push(
-                            StepSpec::new(&id, "config-adapt", target)
+                        let step = match &data_path {
+                            DataPath::Files { tdirs, .. } => {
+                                let (step, src, out) = config_adapt_step(
+                                    &id, path, input, from_cfg, target, tcfg, tdirs,
+                                )?;
+                                config_files.push((src, out));
+                                step
+                            }
+                            DataPath::Agents => StepSpec::new(&id, "config-transfer", target)
                                 .params(serde_json::json!({
-                                    "output": out.display().to_string(),
+                                    "sites_file": sites_file_s,
+                                    "from": input.from,
                                     "site": target,
-                                    "prune_up_to": config_dir.display().to_string(),
+                                    "path": path,
+                                    "relocation": input.id,
                                 }))
-                                .input(
-                                    "config",
-                                    given(
-                                        ArtifactKind::ConfigFile,
-                                        input.from,
-                                        src.display().to_string(),
-                                        None,
-                                    ),
-                                )
                                 .output("config", ArtifactKind::ConfigFile),
-                        );
+                        };
+                        wf.push(step);
                     }
                     plan.record.config_files.push(path.clone());
                     plan.configs.push(id);
@@ -818,17 +800,46 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         };
         let unit = r.id.as_str().to_owned();
         let (target, tcfg) = target_of(&unit)?;
+        let id = step_id("bucket", &r.name);
         if from_cfg.agent.is_some() || tcfg.agent.is_some() {
-            return Err(not_supported(
-                format!(
-                    "bucket {}: moving buckets between sites reached through agents (not built yet)",
-                    r.name
-                ),
-                target,
-            ));
+            if !matches!(
+                DataPath::of(input.from, from_cfg, target, tcfg)?,
+                DataPath::Agents
+            ) || input.bucket_mode != BucketMode::Copy
+            {
+                return Err(not_supported(
+                    format!(
+                        "bucket {}: leaving buckets in place (`--buckets repoint`) at a site reached through its agent",
+                        r.name
+                    ),
+                    target,
+                ));
+            }
+            bytes_to_move += bytes;
+            if let (Some(old), Some(new)) = (&from_cfg.object_endpoint, &tcfg.object_endpoint) {
+                push_change(
+                    EndpointKind::Url,
+                    old,
+                    new.clone(),
+                    format!("{unit} moves to {target}"),
+                );
+            }
+            wf.push(
+                StepSpec::new(&id, "bucket-transfer", target)
+                    .params(serde_json::json!({
+                        "sites_file": sites_file_s,
+                        "from": input.from,
+                        "site": target,
+                        "bucket": r.name,
+                        "relocation": input.id,
+                        "bytes": bytes,
+                    }))
+                    .output("bucket", ArtifactKind::Bucket),
+            );
+            bucket_steps.push(id);
+            continue;
         }
         let source = bucket_url(input.from, from_cfg, &r.name)?;
-        let id = step_id("bucket", &r.name);
         let mut params = serde_json::json!({
             "mode": input.bucket_mode.as_str(),
             "record_dir": input.records.display().to_string(),
@@ -861,7 +872,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
     let map_json = adapt_map_json(&map);
     let mut def = wf.clone().into_def();
     for s in &mut def.steps {
-        if s.migrator == "config-adapt" {
+        if s.migrator == "config-adapt" || s.migrator == "config-transfer" {
             s.params["map"] = map_json.clone();
         }
     }
@@ -981,6 +992,47 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
         bytes_to_move,
         config_files,
     })
+}
+
+/// The `config-adapt` step of config file `path` between two sites whose
+/// files are on this machine: (the step, the source file, the output).
+fn config_adapt_step(
+    id: &str,
+    path: &str,
+    input: &PlanInput<'_>,
+    from_cfg: &SiteConfig,
+    target: &str,
+    tcfg: &SiteConfig,
+    tdirs: &SiteDirs,
+) -> Result<(StepSpec, PathBuf, PathBuf)> {
+    let src = site_root(input.from, from_cfg)?.join("config").join(path);
+    let config_dir = tdirs.config.as_ref().ok_or_else(|| {
+        not_supported(
+            format!(
+                "config file {path}: a {} site holds no config files",
+                tcfg.kind
+            ),
+            target,
+        )
+    })?;
+    let out = config_dir.join(path);
+    let step = StepSpec::new(id, "config-adapt", target)
+        .params(serde_json::json!({
+            "output": out.display().to_string(),
+            "site": target,
+            "prune_up_to": config_dir.display().to_string(),
+        }))
+        .input(
+            "config",
+            given(
+                ArtifactKind::ConfigFile,
+                input.from,
+                src.display().to_string(),
+                None,
+            ),
+        )
+        .output("config", ArtifactKind::ConfigFile);
+    Ok((step, src, out))
 }
 
 /// How a unit's data reaches its target.
@@ -1327,6 +1379,8 @@ pub fn registry() -> Registry {
         Arc::new(steps::Cutover),
         Arc::new(tracking::ChangeTrack),
         Arc::new(transfer_step::DiskTransfer),
+        Arc::new(config_step::ConfigTransfer),
+        Arc::new(transfer_step::BucketTransfer),
     ];
     let mut r = Registry::new();
     for m in builtins {

@@ -216,6 +216,17 @@ pub fn viaduct_err(e: fluidcloud_viaduct::Error) -> crate::Error {
     }
 }
 
+/// The config diff a step recorded in its facts (`config-transfer`, whose
+/// files are at other sites).
+fn config_fact(o: &fluidcloud_plugins::StepOutput) -> Option<ConfigDiff> {
+    let text = |k: &str| o.facts.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    Some(ConfigDiff {
+        source: text("config_source")?,
+        target: text("config_target")?,
+        diff: text("config_diff")?,
+    })
+}
+
 /// Builds the report of `r` from its journal entries. `diff` renders a
 /// unified diff of two texts (the caller's choice of implementation).
 pub fn build(
@@ -268,8 +279,12 @@ pub fn build(
     }
     let mut steps = Vec::new();
     let (mut read, mut written) = (0, 0);
+    let mut step_configs = Vec::new();
     for s in &r.workflow.steps {
         let a = acc.remove(s.id.as_str()).unwrap_or_default();
+        if let Some(d) = a.output.as_ref().and_then(config_fact) {
+            step_configs.push(d);
+        }
         let seconds = match (a.started, a.ended) {
             (Some(b), Some(e)) => Some((e - b).max(0) as f64 / 1000.0),
             _ => None,
@@ -372,6 +387,7 @@ pub fn build(
                     .unwrap_or_default(),
             }
         })
+        .chain(step_configs)
         .collect();
     Report {
         id: r.id.clone(),

@@ -24,6 +24,7 @@
 
 pub mod frame;
 pub mod limit;
+pub mod objects;
 pub mod orchestrate;
 pub mod pull;
 pub mod source;
@@ -67,12 +68,16 @@ impl std::fmt::Display for DiskRef {
     }
 }
 
-/// Orchestrator → source agent: a ticket to read one disk.
+/// Orchestrator → source agent: a ticket to read one disk or one bucket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TicketRequest {
     /// The disk.
-    pub disk: DiskRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRef>,
+    /// Or the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
     /// Fingerprint (`sha256:HEX`) of the agent that will pull it.
     pub peer: String,
     /// How long the ticket admits new connections, in seconds.

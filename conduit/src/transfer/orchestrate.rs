@@ -85,7 +85,8 @@ async fn once(
         .post(
             "/v1/tickets",
             &TicketRequest {
-                disk: m.from.clone(),
+                disk: Some(m.from.clone()),
+                bucket: None,
                 peer: target.fingerprint().to_string(),
                 ttl_s: None,
             },
@@ -106,7 +107,103 @@ async fn once(
         limit_key: m.limit_key.clone(),
     };
     let started: PullStatus = target.post("/v1/pulls", &req).await?;
-    let path = format!("/v1/pulls/{}", started.id);
+    let what = m.from.to_string();
+    follow(source, target, &started.id, &what, &|s| progress(s, &grant))
+        .await
+        .map(|s| (s, grant.clone()))
+}
+
+/// A bucket to move, and how.
+#[derive(Debug, Clone)]
+pub struct BucketMove {
+    /// The bucket at the source.
+    pub from: String,
+    /// The bucket at the target.
+    pub into: String,
+    /// Creator tag (`RELOCATION/STEP`).
+    pub owner: String,
+    /// Objects fetched at once.
+    pub streams: Option<u32>,
+    /// Bytes per second on the wire.
+    pub bwlimit: Option<u64>,
+    /// What shares the limit.
+    pub limit_key: Option<String>,
+}
+
+/// Moves bucket `m.from` of the site of `source` into `m.into` at the site
+/// of `target`, agent to agent, retried as [`transfer`] is.
+///
+/// # Errors
+/// As [`transfer`].
+pub async fn transfer_bucket(
+    source: &AgentClient,
+    target: &AgentClient,
+    m: &BucketMove,
+    progress: &(dyn Fn(&PullStatus) + Send + Sync),
+) -> Result<PullStatus> {
+    let mut attempt = 1;
+    loop {
+        match bucket_once(source, target, m, progress).await {
+            Err(e) if attempt < ATTEMPTS && may_pass(&e) => {
+                tracing::info!(attempt, error = %e, "bucket transfer failed; starting it again");
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn bucket_once(
+    source: &AgentClient,
+    target: &AgentClient,
+    m: &BucketMove,
+    progress: &(dyn Fn(&PullStatus) + Send + Sync),
+) -> Result<PullStatus> {
+    let grant: TicketGrant = source
+        .post(
+            "/v1/tickets",
+            &TicketRequest {
+                disk: None,
+                bucket: Some(m.from.clone()),
+                peer: target.fingerprint().to_string(),
+                ttl_s: None,
+            },
+        )
+        .await?;
+    let req = super::objects::BucketPullRequest {
+        source: PeerRef {
+            url: source.url().to_owned(),
+            fingerprint: source.fingerprint().to_string(),
+            ticket: grant.ticket.clone(),
+        },
+        from: m.from.clone(),
+        into: m.into.clone(),
+        owner: m.owner.clone(),
+        streams: m.streams,
+        bwlimit: m.bwlimit,
+        limit_key: m.limit_key.clone(),
+    };
+    let started: PullStatus = target.post("/v1/bucket-pulls", &req).await?;
+    follow(
+        source,
+        target,
+        &started.id,
+        &format!("bucket {}", m.from),
+        progress,
+    )
+    .await
+}
+
+/// Follows pull `id` at `target` to its end.
+async fn follow(
+    source: &AgentClient,
+    target: &AgentClient,
+    id: &str,
+    what: &str,
+    progress: &(dyn Fn(&PullStatus) + Send + Sync),
+) -> Result<PullStatus> {
+    let path = format!("/v1/pulls/{id}");
     let mut failures = 0;
     loop {
         tokio::time::sleep(POLL).await;
@@ -124,14 +221,14 @@ async fn once(
             }
             Err(e) => return Err(e),
         };
-        progress(&status, &grant);
+        progress(&status);
         match status.state {
-            Some(PullState::Succeeded) => return Ok((status, grant)),
+            Some(PullState::Succeeded) => return Ok(status),
             Some(PullState::Failed) => {
                 let why = status.error.clone().unwrap_or_default();
                 let problem = crate::agent::Problem {
                     kind: status.error_kind.clone().unwrap_or_default(),
-                    detail: format!("moving {} from site {}: {why}", m.from, source.site()),
+                    detail: format!("moving {what} from site {}: {why}", source.site()),
                     what: None,
                 };
                 return Err(problem.into_error(target.site()));

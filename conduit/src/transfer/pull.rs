@@ -81,25 +81,41 @@ impl Pull {
     pub fn ended(&self) -> bool {
         self.lock().state != Some(PullState::Running)
     }
+
+    /// Sets how many chunks (or objects) there are.
+    pub fn set_chunks(&self, n: u64) {
+        self.lock().chunks = n;
+    }
+
+    /// Updates the counters.
+    pub fn add(&self, f: impl FnOnce(&mut PullStatus)) {
+        f(&mut self.lock());
+    }
+
+    /// Records the outcome: the verified root (or summary) and the record
+    /// written, or the error.
+    pub fn finish(&self, result: Result<(String, Option<crate::driver::ImageRecord>)>) {
+        let mut s = self.lock();
+        match result {
+            Ok((root, record)) => {
+                s.state = Some(PullState::Succeeded);
+                s.root = Some(root);
+                s.record = record;
+            }
+            Err(e) => {
+                let (_, p) = crate::agent::Problem::of(&e);
+                s.state = Some(PullState::Failed);
+                s.error = Some(p.detail);
+                s.error_kind = Some(p.kind);
+            }
+        }
+    }
 }
 
 /// Runs `req` to its end, recording the outcome in `pull`.
 pub async fn run(ctx: PullContext, req: PullRequest, pull: Arc<Pull>) {
     let result = run_inner(&ctx, &req, &pull).await;
-    let mut s = pull.lock();
-    match result {
-        Ok((root, record)) => {
-            s.state = Some(PullState::Succeeded);
-            s.root = Some(root);
-            s.record = Some(record);
-        }
-        Err(e) => {
-            let (_, p) = crate::agent::Problem::of(&e);
-            s.state = Some(PullState::Failed);
-            s.error = Some(p.detail);
-            s.error_kind = Some(p.kind);
-        }
-    }
+    pull.finish(result.map(|(root, record)| (root, Some(record))));
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -113,11 +129,6 @@ async fn run_inner(
     req: &PullRequest,
     pull: &Arc<Pull>,
 ) -> Result<(String, crate::driver::ImageRecord)> {
-    let pin: Fingerprint = req
-        .source
-        .fingerprint
-        .parse()
-        .map_err(|e: tls::TlsError| Error::Precondition(e.to_string()))?;
     let writer: Arc<dyn DiskWriter> = {
         let driver = ctx.driver.clone();
         let (into, size, owner) = (req.into.clone(), req.virtual_size, req.owner.clone());
@@ -134,7 +145,7 @@ async fn run_inner(
         let size = req.virtual_size;
         blocking(move || hash_current(w.as_ref(), size)).await?
     };
-    let client = client(pin, &ctx.identity)?;
+    let client = client_for(&req.source.fingerprint, &ctx.identity)?;
     let bucket = req.bwlimit.map(|rate| {
         let key = req
             .limit_key
@@ -184,11 +195,17 @@ async fn run_inner(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .root_hex();
-    let theirs: RootReply = post_json(&client, req, "/v1/transfers/root", &serde_json::json!({}))
+    let theirs: RootReply = peer(&client, req)
+        .post("/v1/transfers/root", &serde_json::json!({}))
         .await?
         .json()
         .await
-        .map_err(|e| peer_error(req, format!("an unreadable root: {e}")))?;
+        .map_err(|e| {
+            Error::Transient(format!(
+                "source agent {}: an unreadable root: {e}",
+                req.source.url
+            ))
+        })?;
     if theirs.root != ours {
         return Err(Error::Corrupt {
             what: format!(
@@ -214,8 +231,15 @@ fn hash_current(writer: &dyn DiskWriter, size: u64) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The HTTP client of a pull: pins the source's certificate, presents ours.
-fn client(pin: Fingerprint, identity: &ServerIdentity) -> Result<reqwest::Client> {
+/// The HTTP client of a pull: pins the source's certificate
+/// (`fingerprint`), presents ours.
+///
+/// # Errors
+/// A malformed fingerprint.
+pub fn client_for(fingerprint: &str, identity: &ServerIdentity) -> Result<reqwest::Client> {
+    let pin: Fingerprint = fingerprint
+        .parse()
+        .map_err(|e: tls::TlsError| Error::Precondition(e.to_string()))?;
     let tls = tls::pinned_client_config_as(pin, identity)
         .map_err(|e| Error::Precondition(e.to_string()))?;
     reqwest::Client::builder()
@@ -227,43 +251,67 @@ fn client(pin: Fingerprint, identity: &ServerIdentity) -> Result<reqwest::Client
         .map_err(|e| Error::Precondition(format!("building an HTTP client: {e}")))
 }
 
-fn peer_error(req: &PullRequest, detail: String) -> Error {
-    Error::Transient(format!("source agent {}: {detail}", req.source.url))
+/// The source agent of a pull, with its ticket.
+pub struct Peer<'a> {
+    /// The pull's client.
+    pub client: &'a reqwest::Client,
+    /// The source agent's URL.
+    pub url: &'a str,
+    /// The ticket.
+    pub ticket: &'a str,
 }
 
-/// POSTs `body` to the source agent with the ticket; the response if 2xx.
-async fn post_json(
-    client: &reqwest::Client,
-    req: &PullRequest,
-    path: &str,
-    body: &impl serde::Serialize,
-) -> Result<reqwest::Response> {
-    let url = format!("{}{path}", req.source.url.trim_end_matches('/'));
-    let resp = client
-        .post(&url)
-        .header("authorization", format!("Ticket {}", req.source.ticket))
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| peer_error(req, crate::agent::client::describe_reqwest(&e)))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
+fn peer<'a>(client: &'a reqwest::Client, req: &'a PullRequest) -> Peer<'a> {
+    Peer {
+        client,
+        url: &req.source.url,
+        ticket: &req.source.ticket,
     }
-    let detail = crate::agent::client::problem_detail(resp).await;
-    let msg = format!("source agent {}: {detail}", req.source.url);
-    Err(match status.as_u16() {
-        401 | 403 => Error::PermissionDenied {
-            what: msg,
-            site: None,
-        },
-        404 => Error::NotFound {
-            what: msg,
-            site: None,
-        },
-        409 | 412 | 422 => Error::Precondition(msg),
-        _ => Error::Transient(msg),
-    })
+}
+
+impl Peer<'_> {
+    fn error(&self, detail: String) -> Error {
+        Error::Transient(format!("source agent {}: {detail}", self.url))
+    }
+
+    /// POSTs `body` to `path` with the ticket; the response if 2xx.
+    ///
+    /// # Errors
+    /// `Transient` when the source does not answer or fails,
+    /// `PermissionDenied` for a refused ticket, and its other refusals.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let resp = self
+            .client
+            .post(&url)
+            .header("authorization", format!("Ticket {}", self.ticket))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.error(crate::agent::client::describe_reqwest(&e)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let detail = crate::agent::client::problem_detail(resp).await;
+        let msg = format!("source agent {}: {detail}", self.url);
+        Err(match status.as_u16() {
+            401 | 403 => Error::PermissionDenied {
+                what: msg,
+                site: None,
+            },
+            404 => Error::NotFound {
+                what: msg,
+                site: None,
+            },
+            409 | 412 | 422 => Error::Precondition(msg),
+            _ => Error::Transient(msg),
+        })
+    }
 }
 
 /// One stripe of a pull.
@@ -332,7 +380,9 @@ impl Stripe {
             have: self.have.clone(),
             idle_s: Some(READ_TIMEOUT.as_secs()),
         };
-        let mut resp = match post_json(&self.client, &self.req, "/v1/transfers/stripe", &body).await
+        let mut resp = match peer(&self.client, &self.req)
+            .post("/v1/transfers/stripe", &body)
+            .await
         {
             Ok(r) => r,
             Err(Error::Transient(why)) => return Ok(Ended::Broken { progress: 0, why }),

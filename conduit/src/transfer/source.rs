@@ -26,7 +26,9 @@ const MAX_TICKET_TTL: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug)]
 pub struct Ticket {
     /// The disk it reads.
-    pub disk: DiskRef,
+    pub disk: Option<DiskRef>,
+    /// Or the bucket.
+    pub bucket: Option<String>,
     /// The certificate fingerprint the pulling agent must present.
     pub peer: String,
     /// Until when it admits new connections.
@@ -35,6 +37,28 @@ pub struct Ticket {
     pub virtual_size: u64,
     /// Leaves the stripes computed, for the root.
     leaves: Mutex<BTreeMap<u64, Leaf>>,
+}
+
+impl Ticket {
+    /// The disk of a disk ticket.
+    ///
+    /// # Errors
+    /// `Precondition` for a bucket ticket.
+    pub fn disk(&self) -> Result<&DiskRef> {
+        self.disk.as_ref().ok_or_else(|| {
+            Error::Precondition("this transfer ticket is for a bucket, not a disk".into())
+        })
+    }
+
+    /// The bucket of a bucket ticket.
+    ///
+    /// # Errors
+    /// `Precondition` for a disk ticket.
+    pub fn bucket(&self) -> Result<&str> {
+        self.bucket.as_deref().ok_or_else(|| {
+            Error::Precondition("this transfer ticket is for a disk, not a bucket".into())
+        })
+    }
 }
 
 /// Why a ticket was refused.
@@ -83,22 +107,34 @@ fn random_secret() -> Result<String> {
 }
 
 impl Tickets {
-    /// Grants a ticket for `req` on `reader`'s disk.
+    /// Grants a ticket for `req`: its disk, opened as `reader`, or its
+    /// bucket (no reader).
     ///
     /// # Errors
     /// Reading the disk's extent map.
-    pub fn grant(&self, req: &TicketRequest, reader: &dyn ImageReader) -> Result<TicketGrant> {
+    pub fn grant(
+        &self,
+        req: &TicketRequest,
+        reader: Option<&dyn ImageReader>,
+    ) -> Result<TicketGrant> {
         let ttl = req
             .ttl_s
             .map_or(DEFAULT_TICKET_TTL, Duration::from_secs)
             .min(MAX_TICKET_TTL);
-        let data_bytes = fluidcloud_migrators::image::data_bytes(reader).map_err(Error::from)?;
+        let (virtual_size, data_bytes) = match reader {
+            Some(r) => (
+                r.virtual_size(),
+                fluidcloud_migrators::image::data_bytes(r).map_err(Error::from)?,
+            ),
+            None => (0, 0),
+        };
         let secret = random_secret()?;
         let ticket = Arc::new(Ticket {
             disk: req.disk.clone(),
+            bucket: req.bucket.clone(),
             peer: req.peer.to_ascii_lowercase(),
             expires: Instant::now() + ttl,
-            virtual_size: reader.virtual_size(),
+            virtual_size,
             leaves: Mutex::new(BTreeMap::new()),
         });
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
@@ -106,7 +142,7 @@ impl Tickets {
         map.insert(*blake3::hash(secret.as_bytes()).as_bytes(), ticket);
         Ok(TicketGrant {
             ticket: secret,
-            virtual_size: reader.virtual_size(),
+            virtual_size,
             data_bytes,
             ttl_s: ttl.as_secs(),
         })
@@ -177,11 +213,12 @@ fn stripe_frames(
             req.stripe, req.stripes
         )));
     }
-    let reader = disks.read(ticket.disk.store, &ticket.disk.name, ticket.disk.format)?;
+    let disk = ticket.disk()?;
+    let reader = disks.read(disk.store, &disk.name, disk.format)?;
     if reader.virtual_size() != ticket.virtual_size {
         return Err(Error::Precondition(format!(
             "{} changed size since the ticket was granted ({} bytes, now {})",
-            ticket.disk,
+            disk,
             ticket.virtual_size,
             reader.virtual_size()
         )));
@@ -257,15 +294,12 @@ pub fn root(disks: &dyn Disks, ticket: &Ticket) -> Result<RootReply> {
             Some(l) => *l,
             None => {
                 if reader.is_none() {
-                    reader = Some(disks.read(
-                        ticket.disk.store,
-                        &ticket.disk.name,
-                        ticket.disk.format,
-                    )?);
+                    let disk = ticket.disk()?;
+                    reader = Some(disks.read(disk.store, &disk.name, disk.format)?);
                 }
-                let r = reader.as_deref().ok_or_else(|| {
-                    Error::Precondition(format!("{} could not be opened", ticket.disk))
-                })?;
+                let r = reader
+                    .as_deref()
+                    .ok_or_else(|| Error::Precondition("the disk could not be opened".into()))?;
                 read_leaf(r, index, &mut buf)?
             }
         };
