@@ -8,86 +8,12 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::{Net, TOKEN};
 use common::{fails, ok, random_file, same_bytes, stderr, stdout};
-
-const TOKEN: &str = "agent-token-for-tests";
-
-fn netns() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netns")
-}
-
-/// Three throw-away machines, deleted when dropped.
-struct Net {
-    name: String,
-}
-
-impl Net {
-    fn up(name: &str, rate: &str) -> Self {
-        let out = Command::new(netns())
-            .args(["up", name, "--rate", rate])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/netns up failed (run scripts/setup): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self {
-            name: name.to_owned(),
-        }
-    }
-
-    fn script(&self, args: &[&str]) -> String {
-        let out = Command::new(netns()).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/netns {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn addr(&self, site: &str) -> String {
-        self.script(&["addr", &self.name, site])
-    }
-
-    /// Bytes received and sent by `site`'s interface.
-    fn counters(&self, site: &str) -> u64 {
-        let line = self.script(&["counters", &self.name, site]);
-        line.split_whitespace()
-            .map(|n| n.parse::<u64>().unwrap())
-            .sum()
-    }
-
-    fn link(&self, site: &str, state: &str) {
-        self.script(&["link", &self.name, site, state]);
-    }
-
-    /// `CMD` in `site`'s namespace, the directories `hide` hidden.
-    fn command(&self, site: &str, hide: &[&Path], cmd: &[&str]) -> Command {
-        let mut c = Command::new(netns());
-        c.args(["exec", &self.name, site]);
-        for h in hide {
-            c.arg("--hide").arg(h);
-        }
-        c.arg("--").args(cmd);
-        c.env("FLUIDCLOUD_AGENT_TOKEN", TOKEN)
-            .env_remove("FLUIDCLOUD_CONFIG")
-            .env_remove("RUST_LOG");
-        c
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = Command::new(netns()).args(["down", &self.name]).output();
-    }
-}
 
 /// A test world: `root/site-a`, `root/site-b` (each a local site and the
 /// sites file of its agent) and `root/orch` (the orchestrator's).
@@ -203,41 +129,11 @@ impl World {
 
     /// Starts site `s`'s agent in its namespace; waits for its fingerprint.
     fn start_agent(&mut self, s: &str) {
-        let listen = format!("{}:{PORT}", self.net.addr(s));
         let hide = self.others(s);
         let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
         let config = self.site_dir(s).join("sites.toml");
-        let site = self.site_name(s);
-        let mut child = self
-            .net
-            .command(
-                s,
-                &hide,
-                &[
-                    env!("CARGO_BIN_EXE_fluidcloud"),
-                    "--config",
-                    config.to_str().unwrap(),
-                    "agent",
-                    "--site",
-                    &site,
-                    "--listen",
-                    &listen,
-                ],
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let fp = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("agent {s} ended before printing its fingerprint"))
-                .unwrap();
-            if let Some(fp) = line.strip_prefix("fingerprint ") {
-                break fp.to_owned();
-            }
-        };
+        let (child, fp) =
+            common::netns::spawn_agent(&self.net, s, &config, &self.site_name(s), PORT, &hide);
         self.fingerprints.retain(|(n, _)| n != s);
         self.fingerprints.push((s.to_owned(), fp));
         self.agents.push((s.to_owned(), child));
@@ -260,10 +156,10 @@ impl World {
         for (s, fp) in &self.fingerprints {
             let (_, _, block) = self.sites.iter().find(|(n, _, _)| n == s).unwrap();
             text.push_str(block);
-            text.push_str(&format!(
-                "agent = \"https://{}:{PORT}\"\nagent_fingerprint = \"{fp}\"\nagent_token_env = \"{token_var}\"\n\n",
-                self.net.addr(s)
+            text.push_str(&common::netns::agent_keys(
+                &self.net, s, PORT, fp, token_var,
             ));
+            text.push('\n');
         }
         std::fs::write(self.root.join("orch/sites.toml"), text).unwrap();
     }

@@ -655,7 +655,15 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             ("shutdown_timeout_s", site.shutdown_timeout_s.is_some()),
             ("accel", site.accel.is_some()),
         ] {
-            if set {
+            let agent = site.agent.is_some();
+            if set && agent && !matches!(k, "uri" | "pool") {
+                diags.push(
+                    Diagnostic::error(format!(
+                        "`{k}` belongs in the agent's own sites file: a site reached through its agent is configured there"
+                    ))
+                    .at_key(key(k)),
+                );
+            } else if set && !agent {
                 diags.push(
                     Diagnostic::error(format!("`{k}` applies to libvirt sites only"))
                         .at_key(key(k)),

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod netns;
+
 /// Runs the binary with `args`; no sites file from the environment leaks in.
 pub fn run(args: &[&str]) -> Output {
     run_in(Path::new(env!("CARGO_TARGET_TMPDIR")), args)
