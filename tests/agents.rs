@@ -846,3 +846,38 @@ fn the_demo_shop_relocates_from_site_a_to_site_b_through_agents_only() {
             .contains("state = \"stopped\"")
     );
 }
+
+#[test]
+fn bwlimit_holds_a_transfer_to_its_rate() {
+    let mut w = World::new("fc-agent-bw", "1gbit");
+    let data = make_disk(&w.data("a").join("volumes/v.raw"), 64, 16, 0);
+    w.start_agent("a");
+    w.start_agent("b");
+    let start = Instant::now();
+    let o = w.orch(&[
+        "--json",
+        "transfer",
+        "--from",
+        "a:volume/v.raw",
+        "--to",
+        "b:volume/v.raw",
+        "--bwlimit",
+        "4MiB",
+    ]);
+    let took = start.elapsed().as_secs_f64();
+    let doc = json(&o);
+    ok(&o);
+    same_bytes(
+        &w.data("a").join("volumes/v.raw"),
+        &w.data("b").join("volumes/v.raw"),
+    );
+    // 16 MiB at 4 MiB/s after a quarter second's burst: at least 3.75 s,
+    // on a link that carries it in a fraction of a second.
+    let wire = doc["wire_bytes"].as_u64().unwrap();
+    assert!(wire >= data, "{doc}");
+    let floor = (wire as f64 - 1048576.0) / 4194304.0;
+    assert!(
+        took >= floor,
+        "{took:.2} s for {wire} bytes at 4 MiB/s (at least {floor:.2} s)"
+    );
+}

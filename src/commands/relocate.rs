@@ -70,6 +70,11 @@ pub(crate) struct RelocateArgs {
     /// fails (default 60); `resume` continues from there.
     #[arg(long, value_name = "SECS")]
     retry_budget: Option<f64>,
+    /// Between sites reached through agents: bytes per second on the wire
+    /// for each pair of sites of this relocation, shared by all its disk
+    /// and bucket transfers between them (`100M`, `20MiB`, `1gbit`).
+    #[arg(long, value_name = "RATE", value_parser = super::transfer::parse_rate)]
+    bwlimit: Option<u64>,
     /// Relocate even though an earlier relocation of this service from this
     /// site is unfinished, or succeeded and stopped its source. (A
     /// relocation that is running is never joined.)
@@ -91,6 +96,7 @@ impl RelocateArgs {
             dry_run: false,
             yes: true,
             retry_budget: None,
+            bwlimit: None,
             force: false,
         }
     }
@@ -111,6 +117,7 @@ impl RelocateArgs {
             dry_run: false,
             yes: true,
             retry_budget: r.retry_budget_secs,
+            bwlimit: None,
             force: r.force,
         }
     }
@@ -273,6 +280,21 @@ pub(crate) async fn make_plan(
             if s.migrator == "object-copy" {
                 s.params["retry_budget_ms"] = serde_json::json!(ms);
             }
+        }
+    }
+    if let Some(rate) = a.bwlimit {
+        let mut agents = false;
+        for s in &mut relocation.workflow.steps {
+            if matches!(s.migrator.as_str(), "disk-transfer" | "bucket-transfer") {
+                s.params["bwlimit"] = serde_json::json!(rate);
+                agents = true;
+            }
+        }
+        if !agents {
+            bail!(ExitWith(
+                2,
+                "--bwlimit applies to transfers between sites reached through agents, and this relocation has none".into()
+            ));
         }
     }
     let registry = reloc::registry_for(&relocation.workflow, &file.plugin_env())?;

@@ -85,7 +85,8 @@ mod tests {
         for _ in 0..48 {
             b.take(64 << 10).await;
         }
+        // A lower bound only: a busy machine may be slower, never faster.
         let t = start.elapsed().as_secs_f64();
-        assert!((0.4..1.5).contains(&t), "{t} s");
+        assert!(t >= 0.45, "{t} s");
     }
 }
