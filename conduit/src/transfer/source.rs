@@ -228,7 +228,6 @@ fn stripe_frames(
     let mut buf = Vec::with_capacity(CHUNK as usize);
     let mut level = Level::default();
     let mut stats = StripeStats::default();
-    let capacity = tx.max_capacity();
     let mut index = first;
     while index < chunks {
         let leaf = read_leaf(reader.as_ref(), index, &mut buf)?;
@@ -238,10 +237,12 @@ fn stripe_frames(
             .unwrap_or_else(PoisonError::into_inner)
             .insert(index, leaf);
         let have = req.have.get(&index).and_then(|h| unhex32(h));
-        let (bytes, compressed) = match leaf {
-            Leaf::Zero => (frame::marker(Marker::Zero, index), false),
-            Leaf::Data(h) if have == Some(h) => (frame::marker(Marker::Same, index), false),
+        let mut compress_time = None;
+        let bytes = match leaf {
+            Leaf::Zero => frame::marker(Marker::Zero, index),
+            Leaf::Data(h) if have == Some(h) => frame::marker(Marker::Same, index),
             Leaf::Data(h) => {
+                let started = Instant::now();
                 let l = if worth_compressing(&buf) {
                     level.now()
                 } else {
@@ -250,16 +251,18 @@ fn stripe_frames(
                 let (f, z) = frame::data(index, &h, &buf, l);
                 stats.data += 1;
                 stats.compressed += u64::from(z);
-                (f, z)
+                if z {
+                    compress_time = Some(started.elapsed());
+                }
+                f
             }
         };
-        let queue_full = tx.capacity() == 0;
-        let queue_empty = tx.capacity() == capacity;
+        let sending = Instant::now();
         if tx.blocking_send(bytes).is_err() {
             return Ok(stats);
         }
-        if compressed {
-            level.learn(queue_full, queue_empty);
+        if let Some(c) = compress_time {
+            level.learn(c, sending.elapsed());
         }
         index += req.stripes;
     }
