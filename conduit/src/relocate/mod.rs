@@ -29,6 +29,13 @@
 //! - only then `stop-source` stops (never deletes) the source instances,
 //!   the volumes get their final delta and `cutover` starts the target.
 //!
+//! [`plan`] has one planner per resource kind: each instance (its new
+//! hostname and addresses into the endpoint map, its record at the target)
+//! with the images, volumes and config files it depends on, then each
+//! bucket; the steps after them (provision, verify, stop-source, the change
+//! tracking's collect, final deltas, cutover, the manifest's extra steps)
+//! come last, once the endpoint map is complete.
+//!
 //! The conduit's own migrators (provision, verify, stop, cut-over) are in
 //! [`steps`]; the state a relocation keeps on disk in [`store`].
 
@@ -49,7 +56,7 @@ use std::sync::Arc;
 use fluidcloud_migrators::image::BackingPolicy;
 use fluidcloud_plugins::{
     Artifact, ArtifactKind, Diagnostic, EndpointKind, Error as SdkError, ImageFormat, Migrator,
-    ResourceId, ResourceKind, ResourceSpec, Topology,
+    Resource, ResourceId, ResourceKind, ResourceSpec, Topology,
 };
 use fluidcloud_viaduct::{InputBinding, Registry, StepSpec, WorkflowBuilder, WorkflowDef};
 use serde::{Deserialize, Serialize};
@@ -410,6 +417,8 @@ fn given(kind: ArtifactKind, site: &str, locator: String, size: Option<u64>) -> 
     }
 }
 
+/// An instance as planned: its record at the target and the steps it
+/// waits for.
 struct InstancePlan {
     record: InstanceRecord,
     target: String,
@@ -421,60 +430,138 @@ struct InstancePlan {
 /// Builds the relocation. Pure planning: reads nothing but `input` and the
 /// site directories' locations.
 ///
+/// One planner per resource kind: every instance in the topology's order,
+/// with the images, volumes and config files it depends on in the order of
+/// its dependencies, then every bucket; then the steps that follow them
+/// all (provision, verify, stop-source, the final deltas, cutover, the
+/// manifest's extra steps).
+///
 /// # Errors
 /// `Config` when a unit has no target or names an unknown site;
 /// `NotSupported` for a site kind without local data, or an image no
 /// format of the target can hold.
 pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
-    let topo = input.topology;
-    let from_cfg = input.sites.site(input.from)?;
-    let from_domains = from_cfg.internal_domains.clone();
-    let sites_file = std::fs::canonicalize(&input.sites.path).map_err(|e| Error::Site {
-        site: input.from.to_owned(),
-        source: SdkError::io(format!("sites file {}", input.sites.path.display()), e),
-    })?;
-    let sites_file_s = sites_file.display().to_string();
-    let target_of = |unit: &str| -> Result<(&str, &SiteConfig)> {
+    let mut planner = Planner::new(input)?;
+    for r in input.topology.resources() {
+        planner.instance(r)?;
+    }
+    for r in input.topology.resources() {
+        planner.bucket(r)?;
+    }
+    planner.finish()
+}
+
+/// What [`plan`] builds up, unit by unit: the workflow so far, the
+/// endpoint map and what the last steps need to know.
+struct Planner<'a> {
+    input: &'a PlanInput<'a>,
+    /// The source site.
+    from_cfg: &'a SiteConfig,
+    /// The sites file (absolute).
+    sites_file: PathBuf,
+    /// The same, as the steps' parameters give it.
+    sites_file_s: String,
+    wf: WorkflowBuilder,
+    /// Old endpoint → new endpoint, in the order found.
+    map: Vec<EndpointChange>,
+    bytes_to_move: u64,
+    config_files: Vec<(PathBuf, PathBuf)>,
+    instances: Vec<InstancePlan>,
+    /// What runs once the source stopped: every disk's final delta.
+    after_stop: Vec<StepSpec>,
+    bucket_steps: Vec<String>,
+    images_to_compare: Vec<steps::ImagePair>,
+    /// Config file path → the target it is written to.
+    configs_done: BTreeMap<String, String>,
+    boot_checks: Vec<steps::BootCheckPlan>,
+    tracking: Tracking,
+}
+
+/// Where an instance goes: what its images, volumes and config files are
+/// planned against.
+struct Placement<'a> {
+    /// The target site.
+    target: &'a str,
+    tcfg: &'a SiteConfig,
+    data_path: DataPath,
+    /// The source site's record of the instance, if it has one.
+    source: Option<&'a InstanceRecord>,
+}
+
+/// An image or a volume at the source.
+struct SourceDisk<'a> {
+    name: &'a str,
+    locator: &'a str,
+    format: ImageFormat,
+    allocated: u64,
+}
+
+impl<'a> Planner<'a> {
+    /// An empty workflow for `input`, begun with the change-tracking
+    /// `begin` step when the source site tracks disk writes.
+    fn new(input: &'a PlanInput<'a>) -> Result<Self> {
+        let from_cfg = input.sites.site(input.from)?;
+        let sites_file = std::fs::canonicalize(&input.sites.path).map_err(|e| Error::Site {
+            site: input.from.to_owned(),
+            source: SdkError::io(format!("sites file {}", input.sites.path.display()), e),
+        })?;
+        let sites_file_s = sites_file.display().to_string();
+        let mut wf = WorkflowBuilder::new(format!(
+            "relocate {} from {} ({})",
+            input.topology.service(),
+            input.from,
+            input.id
+        ));
+        let tracking = Tracking::plan(input, from_cfg, input.topology, &sites_file_s);
+        if let Some(begin) = tracking.step(tracking::Op::Begin) {
+            wf.push(begin);
+        }
+        Ok(Self {
+            input,
+            from_cfg,
+            sites_file,
+            sites_file_s,
+            wf,
+            map: Vec::new(),
+            bytes_to_move: 0,
+            config_files: Vec::new(),
+            instances: Vec::new(),
+            after_stop: Vec::new(),
+            bucket_steps: Vec::new(),
+            images_to_compare: Vec::new(),
+            configs_done: BTreeMap::new(),
+            boot_checks: Vec::new(),
+            tracking,
+        })
+    }
+
+    /// The target site of `unit`.
+    fn target_of(&self, unit: &str) -> Result<(&'a str, &'a SiteConfig)> {
+        let input = self.input;
         let t = input
             .assignments
             .get(unit)
             .ok_or_else(|| invalid(format!("no target site for {unit}")))?;
         Ok((t.as_str(), input.sites.site(t)?))
-    };
+    }
 
-    let mut map: Vec<EndpointChange> = Vec::new();
-    let mut push_change = |kind, old: &str, new: String, because: String| {
-        if old != new && !map.iter().any(|c: &EndpointChange| c.old == old) {
-            map.push(EndpointChange {
+    /// Adds `old` → `new` to the endpoint map, unless it is no change or
+    /// `old` is mapped already (the first change of a value wins).
+    fn push_change(&mut self, kind: EndpointKind, old: &str, new: String, because: String) {
+        if old != new && !self.map.iter().any(|c| c.old == old) {
+            self.map.push(EndpointChange {
                 kind,
                 old: old.to_owned(),
                 new,
                 because,
             });
         }
-    };
-
-    let mut wf = WorkflowBuilder::new(format!(
-        "relocate {} from {} ({})",
-        topo.service(),
-        input.from,
-        input.id
-    ));
-    let mut bytes_to_move = 0u64;
-    let mut config_files = Vec::new();
-    let mut instances: Vec<InstancePlan> = Vec::new();
-    // What runs once the source stopped: every disk's final delta.
-    let mut after_stop: Vec<StepSpec> = Vec::new();
-    let mut bucket_steps: Vec<String> = Vec::new();
-    let mut images_to_compare: Vec<steps::ImagePair> = Vec::new();
-    let mut configs_done: BTreeMap<String, String> = BTreeMap::new();
-    let mut boot_checks: Vec<steps::BootCheckPlan> = Vec::new();
-    let tracking = Tracking::plan(input, from_cfg, topo, &sites_file_s);
-    if let Some(begin) = tracking.step(tracking::Op::Begin) {
-        wf.push(begin);
     }
 
-    for r in topo.resources() {
+    /// An instance: its hostname and addresses at the target (into the
+    /// endpoint map), its record there, and the images, volumes and config
+    /// files it depends on. Any other resource is left alone.
+    fn instance(&mut self, r: &Resource) -> Result<()> {
         let ResourceSpec::Instance {
             vcpus,
             memory_mib,
@@ -483,45 +570,24 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
             ..
         } = &r.spec
         else {
-            continue;
+            return Ok(());
         };
+        let input = self.input;
         let unit = r.id.as_str().to_owned();
-        let (target, tcfg) = target_of(&unit)?;
-        let data_path = DataPath::of(input.from, from_cfg, target, tcfg)?;
-        let source_rec = input.source_instances.iter().find(|i| i.name == r.name);
-        let to_domain = tcfg.internal_domains.first().cloned();
-        let new_host = match (hostname, &to_domain) {
-            (Some(h), Some(d)) => move_host(h, &from_domains, d).unwrap_or_else(|| h.clone()),
-            (Some(h), None) => h.clone(),
-            (None, _) => String::new(),
+        let (target, tcfg) = self.target_of(&unit)?;
+        let at = Placement {
+            target,
+            tcfg,
+            data_path: DataPath::of(input.from, self.from_cfg, target, tcfg)?,
+            source: input.source_instances.iter().find(|i| i.name == r.name),
         };
-        if let Some(h) = hostname {
-            push_change(
-                EndpointKind::Host,
-                h,
-                new_host.clone(),
-                format!("{unit} moves to {target}"),
-            );
-        }
-        let mut new_addresses = Vec::new();
-        for a in addresses {
-            let moved = tcfg
-                .subnet
-                .as_deref()
-                .and_then(|net| move_address(a, net))
-                .unwrap_or_else(|| a.clone());
-            push_change(
-                EndpointKind::Ip,
-                a,
-                moved.clone(),
-                format!("{unit} moves to {target}"),
-            );
-            new_addresses.push(moved);
-        }
+        let new_host = self.moved_host(hostname.as_deref(), &unit, &at);
+        let new_addresses = self.moved_addresses(addresses, &unit, &at);
+        let source_rec = at.source;
         let mut plan = InstancePlan {
             record: InstanceRecord {
                 name: r.name.clone(),
-                service: Some(topo.service().to_owned()),
+                service: Some(input.topology.service().to_owned()),
                 state: InstanceState::Stopped,
                 vcpus: *vcpus,
                 memory_mib: *memory_mib,
@@ -541,6 +607,70 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
             volumes: Vec::new(),
             configs: Vec::new(),
         };
+        self.dependencies(r, &at, &mut plan)?;
+        adapt_record(&mut plan.record, tcfg, &input.id);
+        if let Some(check) = &tcfg.boot_check {
+            self.boot_checks.push(steps::BootCheckPlan {
+                site: target.to_owned(),
+                instance: plan.record.name.clone(),
+                source_site: input.from.to_owned(),
+                console: check.console.clone(),
+                timeout_s: check.timeout_s,
+            });
+        }
+        self.instances.push(plan);
+        Ok(())
+    }
+
+    /// The hostname at the target (moved into the target's first internal
+    /// domain when it is in one of the source's), its change into the
+    /// endpoint map; empty without a hostname.
+    fn moved_host(&mut self, hostname: Option<&str>, unit: &str, at: &Placement<'_>) -> String {
+        let from_domains = &self.from_cfg.internal_domains;
+        let new_host = match (hostname, at.tcfg.internal_domains.first()) {
+            (Some(h), Some(d)) => move_host(h, from_domains, d).unwrap_or_else(|| h.to_owned()),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => String::new(),
+        };
+        if let Some(h) = hostname {
+            let because = format!("{unit} moves to {}", at.target);
+            self.push_change(EndpointKind::Host, h, new_host.clone(), because);
+        }
+        new_host
+    }
+
+    /// The addresses at the target (moved into its subnet, keeping their
+    /// host part), each change into the endpoint map.
+    fn moved_addresses(
+        &mut self,
+        addresses: &[String],
+        unit: &str,
+        at: &Placement<'_>,
+    ) -> Vec<String> {
+        let mut new_addresses = Vec::new();
+        for a in addresses {
+            let moved = at
+                .tcfg
+                .subnet
+                .as_deref()
+                .and_then(|net| move_address(a, net))
+                .unwrap_or_else(|| a.clone());
+            let because = format!("{unit} moves to {}", at.target);
+            self.push_change(EndpointKind::Ip, a, moved.clone(), because);
+            new_addresses.push(moved);
+        }
+        new_addresses
+    }
+
+    /// What instance `r` depends on, in the order of its dependencies:
+    /// each image, volume and config file to its planner.
+    fn dependencies(
+        &mut self,
+        r: &Resource,
+        at: &Placement<'_>,
+        plan: &mut InstancePlan,
+    ) -> Result<()> {
+        let topo = self.input.topology;
         for edge in topo.dependencies(&r.id) {
             let Some(dep) = topo.get(&edge.to) else {
                 continue;
@@ -551,447 +681,574 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Relocation> {
                     allocated,
                     locator,
                     ..
-                } => {
-                    let is_kernel =
-                        source_rec.is_some_and(|s| s.kernel.as_ref() == Some(&dep.name));
-                    let is_initrd =
-                        source_rec.is_some_and(|s| s.initrd.as_ref() == Some(&dep.name));
-                    let accepted: Vec<ImageFormat> = if is_kernel || is_initrd {
-                        // Kernels and initrds are files the hypervisor
-                        // reads, never disk images: copied byte for byte.
-                        vec![ImageFormat::Raw]
-                    } else {
-                        tcfg.image_formats.clone()
-                    };
-                    let to = target_format(*format, &accepted).ok_or_else(|| {
-                        let why = if accepted.is_empty() {
-                            format!(
-                                "{target} accepts no disk image format (`image_formats` is empty)"
-                            )
-                        } else {
-                            format!(
-                                "no format {target} accepts ({}) can be written by image-convert",
-                                accepted
-                                    .iter()
-                                    .map(|f| f.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
-                        };
-                        not_supported(format!("image {} ({format}): {why}", dep.name), target)
-                    })?;
-                    let stem = Path::new(&dep.name)
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| dep.name.clone());
-                    let new_name = if is_kernel || is_initrd {
-                        dep.name.clone()
-                    } else {
-                        format!("{stem}.{}", image_ext(to))
-                    };
-                    let id = step_id("image", &dep.name);
-                    if !wf_has(&wf, &id) {
-                        bytes_to_move += allocated;
-                        match &data_path {
-                            DataPath::Files { tdirs, from_dirs } => {
-                                let out = tdirs.images.join(&new_name);
-                                let disk = ImageStep {
-                                    id: &id,
-                                    name: &dep.name,
-                                    target,
-                                    from: input.from,
-                                    relocation: &input.id,
-                                    source: locator,
-                                    source_format: *format,
-                                    allocated: *allocated,
-                                    output: &out,
-                                    format: to,
-                                    backing: backing_policy(from_cfg, &from_dirs.images),
-                                    tracking: &tracking,
-                                };
-                                if is_kernel || is_initrd {
-                                    // Host files the guest never writes: one
-                                    // copy, compared by the verify step.
-                                    wf.push(disk.convert());
-                                    images_to_compare.push(disk.pair());
-                                } else {
-                                    // A disk the running guest writes:
-                                    // pre-copied now, its last writes sent
-                                    // once it stopped.
-                                    let (pre, last) = disk.warm();
-                                    wf.push(pre);
-                                    after_stop.push(last);
-                                }
-                            }
-                            DataPath::Agents => {
-                                let disk = AgentDisk {
-                                    target,
-                                    from: input.from,
-                                    relocation: &input.id,
-                                    sites_file: &sites_file_s,
-                                    source: DiskRef {
-                                        store: DiskStore::Image,
-                                        name: dep.name.clone(),
-                                        format: *format,
-                                    },
-                                    into: DiskRef {
-                                        store: DiskStore::Image,
-                                        name: new_name.clone(),
-                                        format: to,
-                                    },
-                                    allocated: *allocated,
-                                    tracking: &tracking,
-                                };
-                                if is_kernel || is_initrd {
-                                    // Compared end to end by the transfer.
-                                    wf.push(disk.once(&id));
-                                } else {
-                                    let (pre, last) = disk.warm(&id, &step_id("final", &dep.name));
-                                    wf.push(pre);
-                                    after_stop.push(last);
-                                }
-                            }
-                        }
-                    }
-                    if is_kernel {
-                        plan.record.kernel = Some(new_name);
-                    } else if is_initrd {
-                        plan.record.initrd = Some(new_name);
-                    } else {
-                        plan.record.formats.insert(new_name.clone(), to);
-                        plan.record.boot_image = Some(new_name);
-                    }
-                    plan.images.push(id);
                 }
-                ResourceSpec::Volume {
+                | ResourceSpec::Volume {
                     allocated,
                     locator,
                     format,
                     ..
                 } => {
-                    let stem = Path::new(&dep.name)
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| dep.name.clone());
-                    let new_name = format!("{stem}.raw");
-                    let pre = step_id("precopy", &dep.name);
-                    bytes_to_move += allocated;
-                    match &data_path {
-                        DataPath::Files { tdirs, from_dirs } => {
-                            let out = tdirs.volumes.join(&new_name);
-                            let params = serde_json::json!({
-                                "output": out.display().to_string(),
-                                "site": target,
-                                "source_format": format.as_str(),
-                                "backing": backing_policy(from_cfg, &from_dirs.volumes),
-                                "relocation": input.id,
-                            });
-                            let source = given(
-                                ArtifactKind::Volume,
-                                input.from,
-                                locator.clone(),
-                                Some(*allocated),
-                            );
-                            wf.push(
-                                tracking.precopy(
-                                    StepSpec::new(&pre, "volume-copy", target)
-                                        .params(params.clone())
-                                        .input("volume", source.clone())
-                                        .output("volume", ArtifactKind::Volume),
-                                ),
-                            );
-                            after_stop.push(
-                                tracking.final_delta(
-                                    StepSpec::new(
-                                        step_id("sync", &dep.name),
-                                        "volume-copy",
-                                        target,
-                                    )
-                                    .params(params)
-                                    .input("volume", source)
-                                    .output("volume", ArtifactKind::Volume)
-                                    .after(&pre),
-                                    locator,
-                                ),
-                            );
-                        }
-                        DataPath::Agents => {
-                            let disk = AgentDisk {
-                                target,
-                                from: input.from,
-                                relocation: &input.id,
-                                sites_file: &sites_file_s,
-                                source: DiskRef {
-                                    store: DiskStore::Volume,
-                                    name: dep.name.clone(),
-                                    format: *format,
-                                },
-                                into: DiskRef {
-                                    store: DiskStore::Volume,
-                                    name: new_name.clone(),
-                                    format: ImageFormat::Raw,
-                                },
-                                allocated: *allocated,
-                                tracking: &tracking,
-                            };
-                            let (first, last) = disk.warm(&pre, &step_id("sync", &dep.name));
-                            wf.push(first);
-                            after_stop.push(last);
-                        }
-                    }
-                    plan.record
-                        .formats
-                        .insert(new_name.clone(), ImageFormat::Raw);
-                    plan.record.volumes.push(new_name);
-                    plan.volumes.push(pre);
-                }
-                ResourceSpec::ConfigFile { path, .. } => {
-                    let id = step_id("config", path);
-                    if let Some(other) = configs_done.get(path) {
-                        if other != target {
-                            return Err(invalid(format!(
-                                "config file {path} is read by instances placed on {other} and {target}; place them together"
-                            )));
-                        }
+                    let disk = SourceDisk {
+                        name: &dep.name,
+                        locator,
+                        format: *format,
+                        allocated: *allocated,
+                    };
+                    if dep.kind() == ResourceKind::Image {
+                        self.image(at, &disk, plan)?;
                     } else {
-                        configs_done.insert(path.clone(), target.to_owned());
-                        let step = match &data_path {
-                            DataPath::Files { tdirs, .. } => {
-                                let (step, src, out) = config_adapt_step(
-                                    &id, path, input, from_cfg, target, tcfg, tdirs,
-                                )?;
-                                config_files.push((src, out));
-                                step
-                            }
-                            DataPath::Agents => StepSpec::new(&id, "config-transfer", target)
-                                .params(serde_json::json!({
-                                    "sites_file": sites_file_s,
-                                    "from": input.from,
-                                    "site": target,
-                                    "path": path,
-                                    "relocation": input.id,
-                                }))
-                                .output("config", ArtifactKind::ConfigFile),
-                        };
-                        wf.push(step);
+                        self.volume(at, &disk, plan);
                     }
-                    plan.record.config_files.push(path.clone());
-                    plan.configs.push(id);
                 }
+                ResourceSpec::ConfigFile { path, .. } => self.config(at, path, plan)?,
                 _ => {}
             }
         }
-        adapt_record(&mut plan.record, tcfg, &input.id);
-        if let Some(check) = &tcfg.boot_check {
-            boot_checks.push(steps::BootCheckPlan {
-                site: target.to_owned(),
-                instance: plan.record.name.clone(),
-                source_site: input.from.to_owned(),
-                console: check.console.clone(),
-                timeout_s: check.timeout_s,
-            });
+        Ok(())
+    }
+}
+
+impl Planner<'_> {
+    /// An image an instance boots: a disk the guest writes (pre-copied
+    /// while the source runs, its last writes sent once it stopped), or
+    /// its kernel or initrd (copied once, byte for byte). An image several
+    /// instances boot is moved once.
+    fn image(
+        &mut self,
+        at: &Placement<'_>,
+        disk: &SourceDisk<'_>,
+        plan: &mut InstancePlan,
+    ) -> Result<()> {
+        let is_kernel = at
+            .source
+            .is_some_and(|s| s.kernel.as_deref() == Some(disk.name));
+        let is_initrd = at
+            .source
+            .is_some_and(|s| s.initrd.as_deref() == Some(disk.name));
+        let to = image_format(disk, is_kernel || is_initrd, at)?;
+        let new_name = if is_kernel || is_initrd {
+            disk.name.to_owned()
+        } else {
+            format!("{}.{}", file_stem(disk.name), image_ext(to))
+        };
+        let id = step_id("image", disk.name);
+        if !wf_has(&self.wf, &id) {
+            self.bytes_to_move += disk.allocated;
+            self.image_steps(at, disk, &id, &new_name, to, is_kernel || is_initrd);
         }
-        instances.push(plan);
+        if is_kernel {
+            plan.record.kernel = Some(new_name);
+        } else if is_initrd {
+            plan.record.initrd = Some(new_name);
+        } else {
+            plan.record.formats.insert(new_name.clone(), to);
+            plan.record.boot_image = Some(new_name);
+        }
+        plan.images.push(id);
+        Ok(())
     }
 
-    for r in topo.resources() {
+    /// The steps writing image `disk` at the target as `new_name`, in
+    /// format `to`; `host_file`: a kernel or initrd.
+    fn image_steps(
+        &mut self,
+        at: &Placement<'_>,
+        disk: &SourceDisk<'_>,
+        id: &str,
+        new_name: &str,
+        to: ImageFormat,
+        host_file: bool,
+    ) {
+        match &at.data_path {
+            DataPath::Files { tdirs, from_dirs } => {
+                let out = tdirs.images.join(new_name);
+                let step = ImageStep {
+                    id,
+                    name: disk.name,
+                    target: at.target,
+                    from: self.input.from,
+                    relocation: &self.input.id,
+                    source: disk.locator,
+                    source_format: disk.format,
+                    allocated: disk.allocated,
+                    output: &out,
+                    format: to,
+                    backing: backing_policy(self.from_cfg, &from_dirs.images),
+                    tracking: &self.tracking,
+                };
+                if host_file {
+                    // Host files the guest never writes: one
+                    // copy, compared by the verify step.
+                    self.wf.push(step.convert());
+                    self.images_to_compare.push(step.pair());
+                } else {
+                    // A disk the running guest writes:
+                    // pre-copied now, its last writes sent
+                    // once it stopped.
+                    let (pre, last) = step.warm();
+                    self.wf.push(pre);
+                    self.after_stop.push(last);
+                }
+            }
+            DataPath::Agents => {
+                let transfer = self.agent_disk(at.target, DiskStore::Image, disk, new_name, to);
+                if host_file {
+                    // Compared end to end by the transfer.
+                    let once = transfer.once(id);
+                    self.wf.push(once);
+                } else {
+                    let (pre, last) = transfer.warm(id, &step_id("final", disk.name));
+                    self.wf.push(pre);
+                    self.after_stop.push(last);
+                }
+            }
+        }
+    }
+
+    /// A volume an instance uses: raw at the target, copied while the
+    /// source runs (`precopy:`) and again once it stopped (`sync:`), which
+    /// sends only what changed.
+    fn volume(&mut self, at: &Placement<'_>, disk: &SourceDisk<'_>, plan: &mut InstancePlan) {
+        let new_name = format!("{}.raw", file_stem(disk.name));
+        let pre = step_id("precopy", disk.name);
+        let sync = step_id("sync", disk.name);
+        self.bytes_to_move += disk.allocated;
+        match &at.data_path {
+            DataPath::Files { tdirs, from_dirs } => {
+                let out = tdirs.volumes.join(&new_name);
+                let params = serde_json::json!({
+                    "output": out.display().to_string(),
+                    "site": at.target,
+                    "source_format": disk.format.as_str(),
+                    "backing": backing_policy(self.from_cfg, &from_dirs.volumes),
+                    "relocation": self.input.id,
+                });
+                let source = given(
+                    ArtifactKind::Volume,
+                    self.input.from,
+                    disk.locator.to_owned(),
+                    Some(disk.allocated),
+                );
+                let copy = |id: &str| {
+                    StepSpec::new(id, "volume-copy", at.target)
+                        .params(params.clone())
+                        .input("volume", source.clone())
+                        .output("volume", ArtifactKind::Volume)
+                };
+                self.wf.push(self.tracking.precopy(copy(&pre)));
+                self.after_stop.push(
+                    self.tracking
+                        .final_delta(copy(&sync).after(&pre), disk.locator),
+                );
+            }
+            DataPath::Agents => {
+                let transfer = self.agent_disk(
+                    at.target,
+                    DiskStore::Volume,
+                    disk,
+                    &new_name,
+                    ImageFormat::Raw,
+                );
+                let (first, last) = transfer.warm(&pre, &sync);
+                self.wf.push(first);
+                self.after_stop.push(last);
+            }
+        }
+        plan.record
+            .formats
+            .insert(new_name.clone(), ImageFormat::Raw);
+        plan.record.volumes.push(new_name);
+        plan.volumes.push(pre);
+    }
+
+    /// Disk `disk` moved agent to agent into `store` at `target`, as
+    /// `new_name` in format `to`.
+    fn agent_disk<'s>(
+        &'s self,
+        target: &'s str,
+        store: DiskStore,
+        disk: &SourceDisk<'_>,
+        new_name: &str,
+        to: ImageFormat,
+    ) -> AgentDisk<'s> {
+        AgentDisk {
+            target,
+            from: self.input.from,
+            relocation: &self.input.id,
+            sites_file: &self.sites_file_s,
+            source: DiskRef {
+                store,
+                name: disk.name.to_owned(),
+                format: disk.format,
+            },
+            into: DiskRef {
+                store,
+                name: new_name.to_owned(),
+                format: to,
+            },
+            allocated: disk.allocated,
+            tracking: &self.tracking,
+        }
+    }
+
+    /// A config file an instance reads: rewritten with the endpoint map
+    /// into the target (`config:PATH`), once however many instances read
+    /// it, which must then be placed on the same site.
+    fn config(&mut self, at: &Placement<'_>, path: &str, plan: &mut InstancePlan) -> Result<()> {
+        let target = at.target;
+        let id = step_id("config", path);
+        if let Some(other) = self.configs_done.get(path) {
+            if other != target {
+                return Err(invalid(format!(
+                    "config file {path} is read by instances placed on {other} and {target}; place them together"
+                )));
+            }
+        } else {
+            self.configs_done.insert(path.to_owned(), target.to_owned());
+            let step = match &at.data_path {
+                DataPath::Files { tdirs, .. } => {
+                    let (step, src, out) = config_adapt_step(
+                        &id,
+                        path,
+                        self.input,
+                        self.from_cfg,
+                        target,
+                        at.tcfg,
+                        tdirs,
+                    )?;
+                    self.config_files.push((src, out));
+                    step
+                }
+                DataPath::Agents => StepSpec::new(&id, "config-transfer", target)
+                    .params(serde_json::json!({
+                        "sites_file": self.sites_file_s,
+                        "from": self.input.from,
+                        "site": target,
+                        "path": path,
+                        "relocation": self.input.id,
+                    }))
+                    .output("config", ArtifactKind::ConfigFile),
+            };
+            self.wf.push(step);
+        }
+        plan.record.config_files.push(path.to_owned());
+        plan.configs.push(id);
+        Ok(())
+    }
+
+    /// A bucket: copied to its target (`bucket:NAME`), agent to agent or
+    /// between object stores, or left in place (`--buckets repoint`). Any
+    /// other resource is left alone.
+    fn bucket(&mut self, r: &Resource) -> Result<()> {
         let ResourceSpec::Bucket { bytes, .. } = &r.spec else {
-            continue;
+            return Ok(());
         };
         let unit = r.id.as_str().to_owned();
-        let (target, tcfg) = target_of(&unit)?;
+        let (target, tcfg) = self.target_of(&unit)?;
         let id = step_id("bucket", &r.name);
-        if from_cfg.agent.is_some() || tcfg.agent.is_some() {
-            if !matches!(
-                DataPath::of(input.from, from_cfg, target, tcfg)?,
-                DataPath::Agents
-            ) || input.bucket_mode != BucketMode::Copy
-            {
-                return Err(not_supported(
-                    format!(
-                        "bucket {}: leaving buckets in place (`--buckets repoint`) at a site reached through its agent",
-                        r.name
-                    ),
-                    target,
-                ));
-            }
-            bytes_to_move += bytes;
+        let step = if self.from_cfg.agent.is_some() || tcfg.agent.is_some() {
+            self.bucket_transfer(&id, &r.name, *bytes, target, tcfg)?
+        } else {
+            self.object_copy(&id, &r.name, *bytes, target, tcfg)?
+        };
+        if self.input.bucket_mode == BucketMode::Copy {
+            self.bytes_to_move += bytes;
+            let from_cfg = self.from_cfg;
             if let (Some(old), Some(new)) = (&from_cfg.object_endpoint, &tcfg.object_endpoint) {
-                push_change(
+                self.push_change(
                     EndpointKind::Url,
                     old,
                     new.clone(),
                     format!("{unit} moves to {target}"),
                 );
             }
-            wf.push(
-                StepSpec::new(&id, "bucket-transfer", target)
-                    .params(serde_json::json!({
-                        "sites_file": sites_file_s,
-                        "from": input.from,
-                        "site": target,
-                        "bucket": r.name,
-                        "relocation": input.id,
-                        "bytes": bytes,
-                    }))
-                    .output("bucket", ArtifactKind::Bucket),
-            );
-            bucket_steps.push(id);
-            continue;
         }
-        let source = bucket_url(input.from, from_cfg, &r.name)?;
+        self.wf.push(step);
+        self.bucket_steps.push(id);
+        Ok(())
+    }
+
+    /// The `bucket-transfer` step of bucket `name` between sites reached
+    /// through their agents (copied: leaving it in place is refused).
+    fn bucket_transfer(
+        &self,
+        id: &str,
+        name: &str,
+        bytes: u64,
+        target: &str,
+        tcfg: &SiteConfig,
+    ) -> Result<StepSpec> {
+        let input = self.input;
+        if !matches!(
+            DataPath::of(input.from, self.from_cfg, target, tcfg)?,
+            DataPath::Agents
+        ) || input.bucket_mode != BucketMode::Copy
+        {
+            return Err(not_supported(
+                format!(
+                    "bucket {name}: leaving buckets in place (`--buckets repoint`) at a site reached through its agent"
+                ),
+                target,
+            ));
+        }
+        Ok(StepSpec::new(id, "bucket-transfer", target)
+            .params(serde_json::json!({
+                "sites_file": self.sites_file_s,
+                "from": input.from,
+                "site": target,
+                "bucket": name,
+                "relocation": input.id,
+                "bytes": bytes,
+            }))
+            .output("bucket", ArtifactKind::Bucket))
+    }
+
+    /// The `object-copy` step of bucket `name` between sites whose buckets
+    /// this process reaches: a copy, or in place (`--buckets repoint`).
+    fn object_copy(
+        &self,
+        id: &str,
+        name: &str,
+        bytes: u64,
+        target: &str,
+        tcfg: &SiteConfig,
+    ) -> Result<StepSpec> {
+        let input = self.input;
+        let source = bucket_url(input.from, self.from_cfg, name)?;
         let mut params = serde_json::json!({
             "mode": input.bucket_mode.as_str(),
             "record_dir": input.records.display().to_string(),
         });
         if input.bucket_mode == BucketMode::Copy {
-            params["target"] = serde_json::json!(bucket_url(target, tcfg, &r.name)?);
-            bytes_to_move += bytes;
-            if let (Some(old), Some(new)) = (&from_cfg.object_endpoint, &tcfg.object_endpoint) {
-                push_change(
-                    EndpointKind::Url,
-                    old,
-                    new.clone(),
-                    format!("{unit} moves to {target}"),
-                );
+            params["target"] = serde_json::json!(bucket_url(target, tcfg, name)?);
+        }
+        Ok(StepSpec::new(id, "object-copy", target)
+            .params(params)
+            .input(
+                "bucket",
+                given(ArtifactKind::Bucket, input.from, source, Some(bytes)),
+            )
+            .output("bucket", ArtifactKind::Bucket))
+    }
+}
+
+impl Planner<'_> {
+    /// The steps that follow every instance and bucket, and the
+    /// relocation: the endpoint map given to every config step,
+    /// `provision:` per instance, `verify`, `stop-source`, the change
+    /// tracking's `collect`, every disk's final delta, `cutover`, then the
+    /// manifest's extra steps.
+    fn finish(mut self) -> Result<Relocation> {
+        self.map_to_configs();
+        let provisioned = self.provision();
+        let targets: Vec<String> = {
+            let mut t: Vec<String> = self.input.assignments.values().cloned().collect();
+            t.sort();
+            t.dedup();
+            t
+        };
+        let primary = targets.first().cloned().ok_or_else(|| {
+            invalid("nothing to relocate: the service has no instances or buckets")
+        })?;
+        self.verify(&targets, &primary, &provisioned);
+        self.stop_source();
+        self.cutover(&primary);
+        let workflow = std::mem::replace(&mut self.wf, WorkflowBuilder::new("")).into_def();
+        let workflow = self.extra_steps(workflow, &targets, &primary)?;
+        let input = self.input;
+        Ok(Relocation {
+            id: input.id.clone(),
+            service: input.topology.service().to_owned(),
+            from: input.from.to_owned(),
+            assignments: input.assignments.clone(),
+            sites_file: self.sites_file,
+            manifest: input.manifest.clone(),
+            bucket_mode: input.bucket_mode,
+            endpoint_map: self.map,
+            workflow,
+            bytes_to_move: self.bytes_to_move,
+            config_files: self.config_files,
+        })
+    }
+
+    /// The endpoint map is known only now: gives it to every config step.
+    fn map_to_configs(&mut self) {
+        let map_json = adapt_map_json(&self.map);
+        let mut def = std::mem::replace(&mut self.wf, WorkflowBuilder::new("")).into_def();
+        for s in &mut def.steps {
+            if s.migrator == "config-adapt" || s.migrator == "config-transfer" {
+                s.params["map"] = map_json.clone();
             }
         }
-        wf.push(
-            StepSpec::new(&id, "object-copy", target)
-                .params(params)
-                .input(
-                    "bucket",
-                    given(ArtifactKind::Bucket, input.from, source, Some(*bytes)),
-                )
-                .output("bucket", ArtifactKind::Bucket),
-        );
-        bucket_steps.push(id);
+        self.wf = WorkflowBuilder::from_def(def);
     }
 
-    // The endpoint map is known only now: give it to every config step.
-    let map_json = adapt_map_json(&map);
-    let mut def = wf.clone().into_def();
-    for s in &mut def.steps {
-        if s.migrator == "config-adapt" || s.migrator == "config-transfer" {
-            s.params["map"] = map_json.clone();
+    /// `provision:` per instance, after its images, volumes and config
+    /// files: their ids.
+    fn provision(&mut self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for p in &self.instances {
+            let id = step_id("provision", &p.record.name);
+            let mut spec = StepSpec::new(&id, "instance-provision", &p.target)
+                .params(serde_json::json!({
+                    "sites_file": self.sites_file_s,
+                    "site": p.target,
+                    "record": p.record,
+                }))
+                .output("instance", ArtifactKind::Instance);
+            for v in p.images.iter().chain(&p.volumes).chain(&p.configs) {
+                spec = spec.after(v);
+            }
+            self.wf.push(spec);
+            ids.push(id);
         }
+        ids
     }
-    let mut wf = WorkflowBuilder::from_def(def);
 
-    let mut provision_ids = Vec::new();
-    for p in &instances {
-        let id = step_id("provision", &p.record.name);
-        let mut spec = StepSpec::new(&id, "instance-provision", &p.target)
-            .params(serde_json::json!({
-                "sites_file": sites_file_s,
-                "site": p.target,
-                "record": p.record,
-            }))
-            .output("instance", ArtifactKind::Instance);
-        for v in p.images.iter().chain(&p.volumes).chain(&p.configs) {
-            spec = spec.after(v);
+    /// `verify` on `primary`, after every instance was provisioned and
+    /// every bucket moved.
+    fn verify(&mut self, targets: &[String], primary: &str, provisioned: &[String]) {
+        let input = self.input;
+        let mut verify =
+            StepSpec::new("verify", "service-verify", primary).params(serde_json::json!({
+                "sites_file": self.sites_file_s,
+                "service": input.topology.service(),
+                "from": input.from,
+                "manifest": input.manifest.as_ref().map(|m| m.display().to_string()),
+                "targets": targets,
+                "images": self.images_to_compare,
+                "endpoint_map": self.map,
+                "boot_checks": self.boot_checks,
+            }));
+        for id in provisioned.iter().chain(&self.bucket_steps) {
+            verify = verify.after(id);
         }
-        wf.push(spec);
-        provision_ids.push(id);
+        self.wf.push(verify);
     }
 
-    let targets: Vec<String> = {
-        let mut t: Vec<String> = input.assignments.values().cloned().collect();
-        t.sort();
-        t.dedup();
-        t
-    };
-    let primary = targets
-        .first()
-        .cloned()
-        .ok_or_else(|| invalid("nothing to relocate: the service has no instances or buckets"))?;
-    let mut verify =
-        StepSpec::new("verify", "service-verify", &primary).params(serde_json::json!({
-            "sites_file": sites_file_s,
-            "service": topo.service(),
-            "from": input.from,
-            "manifest": input.manifest.as_ref().map(|m| m.display().to_string()),
-            "targets": targets,
-            "images": images_to_compare,
-            "endpoint_map": map,
-            "boot_checks": boot_checks,
-        }));
-    for id in provision_ids.iter().chain(&bucket_steps) {
-        verify = verify.after(id);
-    }
-    wf.push(verify);
-
-    let source_instances: Vec<String> = instances.iter().map(|p| p.record.name.clone()).collect();
-    wf.push(
-        StepSpec::new("stop-source", "source-stop", input.from)
-            .params(serde_json::json!({
-                "sites_file": sites_file_s,
-                "site": input.from,
-                "instances": source_instances,
-                "record_dir": input.records.display().to_string(),
-            }))
-            .after("verify"),
-    );
-    let mut cutover = StepSpec::new("cutover", "cutover", &primary).params(serde_json::json!({
-        "sites_file": sites_file_s,
-        "instances": instances
+    /// `stop-source`, after `verify`: stops (never deletes) the source
+    /// instances.
+    fn stop_source(&mut self) {
+        let input = self.input;
+        let source_instances: Vec<String> = self
+            .instances
             .iter()
-            .map(|p| (p.target.clone(), p.record.name.clone()))
-            .collect::<Vec<_>>(),
-        "boot_checks": boot_checks,
-    }));
-    cutover = cutover.after("stop-source");
-    if let Some(collect) = tracking.step(tracking::Op::Collect) {
-        wf.push(collect.after("stop-source"));
+            .map(|p| p.record.name.clone())
+            .collect();
+        self.wf.push(
+            StepSpec::new("stop-source", "source-stop", input.from)
+                .params(serde_json::json!({
+                    "sites_file": self.sites_file_s,
+                    "site": input.from,
+                    "instances": source_instances,
+                    "record_dir": input.records.display().to_string(),
+                }))
+                .after("verify"),
+        );
     }
-    for last in after_stop {
-        let id = last.id.clone();
-        wf.push(last.after("stop-source"));
-        cutover = cutover.after(id);
-    }
-    wf.push(cutover);
 
-    let mut workflow = wf.into_def();
-    if let Some(m) = &input.manifest {
-        let steps = crate::introspect::ServiceManifest::load(m)?.0.steps;
-        if !steps.is_empty() {
-            let ctx = extra::Context {
-                manifest: m,
-                service: topo.service(),
-                relocation: &input.id,
-                from: input.from,
-                from_root: site_root(input.from, from_cfg).ok(),
-                instance_targets: instances
-                    .iter()
-                    .map(|p| (p.record.name.clone(), p.target.clone()))
-                    .collect(),
-                primary: &primary,
-                roots: targets
-                    .iter()
-                    .filter_map(|t| {
-                        let root = site_root(t, input.sites.site(t).ok()?).ok()?;
-                        Some((t.clone(), root))
-                    })
-                    .collect(),
-                endpoint_map: adapt_map_json(&map),
-            };
-            workflow = extra::add_steps(workflow, &steps, &ctx)?;
+    /// After `stop-source`: the change tracking's `collect`, every disk's
+    /// final delta, then `cutover` on `primary`, after them all.
+    fn cutover(&mut self, primary: &str) {
+        let mut cutover = StepSpec::new("cutover", "cutover", primary).params(serde_json::json!({
+            "sites_file": self.sites_file_s,
+            "instances": self
+                .instances
+                .iter()
+                .map(|p| (p.target.clone(), p.record.name.clone()))
+                .collect::<Vec<_>>(),
+            "boot_checks": self.boot_checks,
+        }));
+        cutover = cutover.after("stop-source");
+        if let Some(collect) = self.tracking.step(tracking::Op::Collect) {
+            self.wf.push(collect.after("stop-source"));
         }
+        for last in std::mem::take(&mut self.after_stop) {
+            let id = last.id.clone();
+            self.wf.push(last.after("stop-source"));
+            cutover = cutover.after(id);
+        }
+        self.wf.push(cutover);
     }
 
-    Ok(Relocation {
-        id: input.id.clone(),
-        service: topo.service().to_owned(),
-        from: input.from.to_owned(),
-        assignments: input.assignments.clone(),
-        sites_file,
-        manifest: input.manifest.clone(),
-        bucket_mode: input.bucket_mode,
-        endpoint_map: map,
-        workflow,
-        bytes_to_move,
-        config_files,
+    /// `workflow` with the steps the service manifest adds, if any.
+    fn extra_steps(
+        &self,
+        workflow: WorkflowDef,
+        targets: &[String],
+        primary: &str,
+    ) -> Result<WorkflowDef> {
+        let input = self.input;
+        let Some(m) = &input.manifest else {
+            return Ok(workflow);
+        };
+        let steps = crate::introspect::ServiceManifest::load(m)?.0.steps;
+        if steps.is_empty() {
+            return Ok(workflow);
+        }
+        let ctx = extra::Context {
+            manifest: m,
+            service: input.topology.service(),
+            relocation: &input.id,
+            from: input.from,
+            from_root: site_root(input.from, self.from_cfg).ok(),
+            instance_targets: self
+                .instances
+                .iter()
+                .map(|p| (p.record.name.clone(), p.target.clone()))
+                .collect(),
+            primary,
+            roots: targets
+                .iter()
+                .filter_map(|t| {
+                    let root = site_root(t, input.sites.site(t).ok()?).ok()?;
+                    Some((t.clone(), root))
+                })
+                .collect(),
+            endpoint_map: adapt_map_json(&self.map),
+        };
+        extra::add_steps(workflow, &steps, &ctx)
+    }
+}
+
+/// The format image `disk` takes at its target: the source's, else raw,
+/// else one `image-convert` writes ([`target_format`]) among those the
+/// target accepts; raw for a kernel or initrd (`host_file`).
+fn image_format(disk: &SourceDisk<'_>, host_file: bool, at: &Placement<'_>) -> Result<ImageFormat> {
+    let target = at.target;
+    let accepted: Vec<ImageFormat> = if host_file {
+        // Kernels and initrds are files the hypervisor
+        // reads, never disk images: copied byte for byte.
+        vec![ImageFormat::Raw]
+    } else {
+        at.tcfg.image_formats.clone()
+    };
+    target_format(disk.format, &accepted).ok_or_else(|| {
+        let why = if accepted.is_empty() {
+            format!("{target} accepts no disk image format (`image_formats` is empty)")
+        } else {
+            format!(
+                "no format {target} accepts ({}) can be written by image-convert",
+                accepted
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        not_supported(
+            format!("image {} ({}): {why}", disk.name, disk.format),
+            target,
+        )
     })
+}
+
+/// `name` without its extension.
+fn file_stem(name: &str) -> String {
+    Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_owned())
 }
 
 /// The `config-adapt` step of config file `path` between two sites whose
