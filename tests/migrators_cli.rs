@@ -53,9 +53,12 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
     assert_eq!(
         names,
         [
+            "bucket-transfer",
             "change-tracking",
             "config-adapt",
+            "config-transfer",
             "cutover",
+            "disk-transfer",
             "image-convert",
             "instance-provision",
             "object-copy",
@@ -66,9 +69,9 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
             "sqlite-dump"
         ]
     );
-    assert_eq!(v[10]["consumes"], serde_json::json!([{"type": "volume"}]));
-    assert_eq!(v[10]["protocol"], "fluidcloud-migrator 1.0.0");
-    assert_eq!(v[9]["path"], dns_zone_plugin().display().to_string());
+    assert_eq!(v[13]["consumes"], serde_json::json!([{"type": "volume"}]));
+    assert_eq!(v[13]["protocol"], "fluidcloud-migrator 1.0.0");
+    assert_eq!(v[12]["path"], dns_zone_plugin().display().to_string());
 }
 
 #[test]
@@ -105,8 +108,8 @@ fn a_broken_plugin_is_a_warning_and_never_hides_the_others() {
         "{err}"
     );
     assert!(err.contains("I am not a plugin"), "{err}");
-    // The header, the nine built-ins and the one working plugin.
-    assert_eq!(stdout(&o).lines().count(), 11);
+    // The header, the twelve built-ins and the one working plugin.
+    assert_eq!(stdout(&o).lines().count(), 14);
 }
 
 /// A describe-only plugin converting qcow2 to raw, named to sort before
