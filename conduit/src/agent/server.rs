@@ -776,7 +776,18 @@ async fn start_pull(
     ok(pull.status())
 }
 
-async fn pull_status(State(s): Shared, Path(id): Path<String>) -> Answer<PullStatus> {
+/// `?wait_ms=N`: answer when the pull ends, or after N ms (at most 5 s).
+#[derive(Debug, Deserialize)]
+struct Wait {
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+async fn pull_status(
+    State(s): Shared,
+    Path(id): Path<String>,
+    Query(w): Query<Wait>,
+) -> Answer<PullStatus> {
     let pull = s
         .pulls
         .lock()
@@ -790,5 +801,6 @@ async fn pull_status(State(s): Shared, Path(id): Path<String>) -> Answer<PullSta
                 format!("no pull {id} at this agent (did it restart?)"),
             )
         })?;
-    ok(pull.status())
+    let wait = std::time::Duration::from_millis(w.wait_ms.unwrap_or(0).min(5000));
+    ok(pull.status_within(wait).await)
 }

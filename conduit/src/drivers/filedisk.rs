@@ -202,6 +202,25 @@ pub(crate) fn leftovers(path: &Path) -> [PathBuf; 3] {
 /// as with `cp --sparse=always`.
 const BLOCK: usize = 4096;
 
+/// Starts writing `offset..offset + len` back to disk without waiting, so
+/// the final sync finds little left to do: the disk writes overlap the
+/// transfer instead of following it (measured: the last 0.85 s of a
+/// 1.5 GiB transfer was the sync alone). Only a hint; failures surface at
+/// the sync.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd as _;
+    let (Ok(o), Ok(l)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Writes `data` at `offset`, its runs of zero blocks as holes.
 fn write_sparse(file: &std::fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
     let mut pos = 0;
@@ -339,7 +358,9 @@ impl DiskWriter for FileDiskWriter {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         write_sparse(&self.file, offset, data)
-            .map_err(|e| self.io(format!("writing {} at {offset}", self.staging.display()), e))
+            .map_err(|e| self.io(format!("writing {} at {offset}", self.staging.display()), e))?;
+        start_writeback(&self.file, offset, data.len() as u64);
+        Ok(())
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {

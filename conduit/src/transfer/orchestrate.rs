@@ -9,7 +9,9 @@ use fluidcloud_plugins::{Error, Result};
 use super::{DiskRef, PeerRef, PullRequest, PullState, PullStatus, TicketGrant, TicketRequest};
 use crate::agent::client::AgentClient;
 
-/// How often the orchestrator asks the target agent how a pull goes.
+/// How long a status request waits at the target agent for the pull to
+/// end before it answers with the progress so far: the orchestrator hears
+/// of the end at once, and of progress four times a second.
 const POLL: Duration = Duration::from_millis(250);
 /// Failed status requests in a row before the orchestrator gives up on a
 /// target agent (the pull may go on; a resumed step hashes what it wrote).
@@ -203,10 +205,9 @@ async fn follow(
     what: &str,
     progress: &(dyn Fn(&PullStatus) + Send + Sync),
 ) -> Result<PullStatus> {
-    let path = format!("/v1/pulls/{id}");
+    let path = format!("/v1/pulls/{id}?wait_ms={}", POLL.as_millis());
     let mut failures = 0;
     loop {
-        tokio::time::sleep(POLL).await;
         let status: PullStatus = match target.get(&path).await {
             Ok(s) => {
                 failures = 0;
@@ -217,6 +218,7 @@ async fn follow(
                 if failures >= POLL_FAILURES {
                     return Err(e);
                 }
+                tokio::time::sleep(POLL).await;
                 continue;
             }
             Err(e) => return Err(e),

@@ -50,6 +50,7 @@ impl std::fmt::Debug for PullContext {
 pub struct Pull {
     status: Mutex<PullStatus>,
     started: Instant,
+    ended: tokio::sync::Notify,
 }
 
 impl Pull {
@@ -63,7 +64,17 @@ impl Pull {
                 ..PullStatus::default()
             }),
             started: Instant::now(),
+            ended: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Its status once it ended, or after `wait`, whichever is first.
+    pub async fn status_within(&self, wait: Duration) -> PullStatus {
+        let ended = self.ended.notified();
+        if !self.ended() {
+            let _ = tokio::time::timeout(wait, ended).await;
+        }
+        self.status()
     }
 
     /// Its status now.
@@ -95,6 +106,11 @@ impl Pull {
     /// Records the outcome: the verified root (or summary) and the record
     /// written, or the error.
     pub fn finish(&self, result: Result<(String, Option<crate::driver::ImageRecord>)>) {
+        self.record(result);
+        self.ended.notify_waiters();
+    }
+
+    fn record(&self, result: Result<(String, Option<crate::driver::ImageRecord>)>) {
         let mut s = self.lock();
         match result {
             Ok((root, record)) => {
