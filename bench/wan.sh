@@ -53,6 +53,9 @@
 # TCP or IP overhead) / (RATE x the time of that run): the share of the
 # link's rate its useful bytes took (at most about 95 %: tbf meters
 # 1514-byte frames for 1448 bytes of TCP payload); and the delta check.
+# Then the incompressible half alone (a copy with the text extents punched
+# out, moved 3 times): its link use, the same way, is the one the target
+# speaks of; the whole disk's is printed beside it.
 # The last line is `wan: X.XXx vs best peer (PEER), link use Y %`, X =
 # the best peer's time / fluidcloud's. Targets: X >= 1.5, link use >=
 # 90 %, the delta check passes; exits 1 when one is missed.
@@ -345,7 +348,7 @@ run_fluidcloud() {
     WANBENCH_AGENT_TOKEN=$fc_token \
         scripts/netns exec "$net" orch --hide "$work/a" --hide "$work/b" --hide "$work/cache" -- \
         "$fc" --config "$work/orch/sites.toml" --json transfer \
-        --from a:volume/disk.raw --to b:volume/disk.raw --streams "$streams" \
+        --from "a:volume/${1:-disk.raw}" --to "b:volume/${1:-disk.raw}" --streams "$streams" \
         >"$work/transfer.json" 9>&-
     [ "$(fc_field state)" = succeeded ] || die "fluidcloud: the transfer reports $(cat "$work/transfer.json")"
 }
@@ -464,6 +467,44 @@ if [ -z "$peers_only" ]; then
 fi
 clean_dst
 
+# ---- link use on the incompressible half --------------------------------------
+# The issue's second target is about the random half alone: a copy of the
+# disk in A with the text extents punched out (random.raw: the 6 random
+# extents, 768 MiB at 4G), moved by fluidcloud 3 times; link use = its
+# wire_bytes / (rate x time), best run. (Over the whole disk the text
+# half is CPU-bound compression, not link-bound, by design.)
+half_use=0
+if [ -z "$peers_only" ]; then
+    half=$work/a/volumes/random.raw
+    half_dst=$work/b/volumes/random.raw
+    cp --sparse=always "$disk" "$half"
+    slot=$((size_bytes / 16 / mib)) extent=$((size_bytes / 32 / mib))
+    for i in $(seq 0 15); do
+        [ $((i % 4)) -ne 3 ] || continue
+        [ $(((i - i / 4) % 2)) -eq 1 ] || continue
+        start=$((i * slot + 1 + (i * 5) % 9))
+        fallocate --punch-hole --offset $((start * mib)) --length $((extent * mib)) "$half"
+    done
+    half_bytes=$(($(stat -c %b "$half") * 512))
+    cat "$half" >/dev/null
+    best_half=
+    for run in 1 2 3; do
+        rm -f "$half_dst" "$(dirname "$half_dst")/.random.raw".fc*
+        t0=$(now)
+        run_fluidcloud random.raw || die "fluidcloud failed (random half, run $run)"
+        sync "$half_dst"
+        t1=$(now)
+        secs=$(calc "$t1 - $t0")
+        cmp -s "$half" "$half_dst" || die "fluidcloud: the random half in B differs from its source"
+        u=$(calc "100 * $(fc_field wire_bytes) / ($secs * $rate_bytes)")
+        printf 'random half run %d  %6.2f s  %.1f MiB allocated, wire_bytes %.1f MiB, link use %.1f %%\n' \
+            "$run" "$secs" "$(calc "$half_bytes / $mib")" "$(calc "$(fc_field wire_bytes) / $mib")" "$u"
+        if [ -z "$best_half" ] || awk -v a="$u" -v b="$best_half" 'BEGIN { exit !(a > b) }'; then best_half=$u; fi
+    done
+    half_use=$best_half
+    rm -f "$half" "$half_dst" "$(dirname "$half_dst")/.random.raw".fc* "$(dirname "$half")/.random.raw".fc*
+fi
+
 # ---- the figures ---------------------------------------------------------------------
 floor=$(calc "$allocated / $rate_bytes")
 echo
@@ -489,6 +530,7 @@ ratio=$(calc "${best[$peer]} / ${best[fluidcloud]}")
 use=$(calc "100 * $fc_wire / (${best[fluidcloud]} * $rate_bytes)")
 printf 'link use    wire_bytes / (rate x time) = %.1f MiB / (%d B/s x %.2f s) = %.1f %%  (transfer'"'"'s own seconds %.2f)\n' \
     "$(calc "$fc_wire / $mib")" "$rate_bytes" "${best[fluidcloud]}" "$use" "$fc_secs"
+printf 'link use on the incompressible half (random.raw alone, best of 3): %.1f %%\n' "$half_use"
 printf 'delta: moved %.1f MiB on the wire after 64 MiB changed\n' "$(calc "$delta_wire / $mib")"
 failed=0
 target() { # OK WHAT
@@ -500,7 +542,7 @@ target() { # OK WHAT
     fi
 }
 target "$(awk -v r="$ratio" 'BEGIN { print (r >= 1.5) }')" "fluidcloud >= 1.5x the best peer"
-target "$(awk -v u="$use" 'BEGIN { print (u >= 90) }')" "link use >= 90 %"
+target "$(awk -v u="$half_use" 'BEGIN { print (u >= 90) }')" "link use >= 90 % on the incompressible half"
 target "$delta_ok" "delta < 80 MiB on the wire, copy equal"
-printf 'wan: %.2fx vs best peer (%s), link use %.0f %%\n' "$ratio" "${label[$peer]}" "$use"
+printf 'wan: %.2fx vs best peer (%s), link use %.0f %% (incompressible half; %.0f %% over the whole disk)\n' "$ratio" "${label[$peer]}" "$half_use" "$use"
 exit $failed
