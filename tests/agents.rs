@@ -166,7 +166,7 @@ impl World {
 
     /// `fluidcloud --config orch/sites.toml ARGS` in the orchestrator's
     /// namespace, which sees neither site's directory.
-    fn orch(&self, args: &[&str]) -> Output {
+    fn orch_command(&self, args: &[&str]) -> Command {
         let config = self.root.join("orch/sites.toml");
         let mut cmd = vec![
             env!("CARGO_BIN_EXE_fluidcloud"),
@@ -176,26 +176,19 @@ impl World {
         cmd.extend_from_slice(args);
         let hide = [self.site_dir("a"), self.site_dir("b")];
         let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
-        self.net
-            .command("orch", &hide, &cmd)
-            .env(TOKEN_VAR, TOKEN)
-            .output()
-            .unwrap()
+        let mut c = self.net.command("orch", &hide, &cmd);
+        c.env(TOKEN_VAR, TOKEN);
+        c
     }
 
+    /// Runs [`Self::orch_command`] to its end.
+    fn orch(&self, args: &[&str]) -> Output {
+        self.orch_command(args).output().unwrap()
+    }
+
+    /// Starts [`Self::orch_command`], its output piped.
     fn orch_spawn(&self, args: &[&str]) -> Child {
-        let config = self.root.join("orch/sites.toml");
-        let mut cmd = vec![
-            env!("CARGO_BIN_EXE_fluidcloud"),
-            "--config",
-            config.to_str().unwrap(),
-        ];
-        cmd.extend_from_slice(args);
-        let hide = [self.site_dir("a"), self.site_dir("b")];
-        let hide: Vec<&Path> = hide.iter().map(PathBuf::as_path).collect();
-        self.net
-            .command("orch", &hide, &cmd)
-            .env(TOKEN_VAR, TOKEN)
+        self.orch_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

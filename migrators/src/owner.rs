@@ -69,6 +69,18 @@ pub fn remove(output: &Path) -> Result<()> {
     }
 }
 
+/// The relocation of a creator tag `RELOCATION/STEP` (the whole tag when
+/// it has no step).
+pub fn relocation_of(tag: &str) -> &str {
+    tag.split('/').next().unwrap_or(tag)
+}
+
+/// Whether two creator tags belong to the same relocation: a later step of
+/// a relocation may write or remove what an earlier one of it created.
+pub fn same_relocation(a: &str, b: &str) -> bool {
+    relocation_of(a) == relocation_of(b)
+}
+
 /// "created by `TAG`" or "created by no relocation", for messages.
 pub fn describe(tag: Option<&str>) -> String {
     tag.map_or_else(

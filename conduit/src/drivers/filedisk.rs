@@ -139,10 +139,10 @@ impl FileDisks {
     ) -> Result<bool> {
         let path = self.path(store, name)?;
         let recorded = owner::read(&path).map_err(from_codec)?;
-        let relocation = owner_tag.split('/').next().unwrap_or(owner_tag);
+        let relocation = owner::relocation_of(owner_tag);
         match recorded.as_deref() {
             None if !path.exists() => {}
-            Some(t) if t.split('/').next() == Some(relocation) => {}
+            Some(t) if owner::same_relocation(t, owner_tag) => {}
             other => {
                 return Err(Error::Precondition(format!(
                     "site {}: {} is {}; this relocation ({relocation}) does not remove it",
@@ -269,10 +269,10 @@ impl FileDiskWriter {
         let io = |what: String, e| Error::io(format!("site {site}: {what}"), e);
         let exists = path.exists();
         let recorded = owner::read(&path).map_err(from_codec)?;
-        let relocation = owner_tag.split('/').next().unwrap_or(owner_tag);
+        let relocation = owner::relocation_of(owner_tag);
         let ours = recorded
             .as_deref()
-            .is_some_and(|t| t.split('/').next() == Some(relocation));
+            .is_some_and(|t| owner::same_relocation(t, owner_tag));
         match (&recorded, exists) {
             (Some(_), _) if !ours => {
                 return Err(Error::Precondition(format!(

@@ -501,10 +501,10 @@ impl Inventory for LocalSite {
         let (site, content, owner) = (self.name.clone(), content.to_vec(), owner.to_owned());
         blocking(move || {
             let recorded = fluidcloud_migrators::owner::read(&file)?;
-            let relocation = owner.split('/').next().unwrap_or(&owner);
+            let relocation = fluidcloud_migrators::owner::relocation_of(&owner);
             let ours = recorded
                 .as_deref()
-                .is_some_and(|t| t.split('/').next() == Some(relocation));
+                .is_some_and(|t| fluidcloud_migrators::owner::same_relocation(t, &owner));
             if file.exists() && !ours {
                 return Err(Error::Precondition(format!(
                     "site {site}: {} is {}; this relocation ({relocation}) does not overwrite it",
@@ -532,10 +532,10 @@ impl Inventory for LocalSite {
         let (site, owner) = (self.name.clone(), owner.to_owned());
         blocking(move || {
             let recorded = fluidcloud_migrators::owner::read(&file)?;
-            let relocation = owner.split('/').next().unwrap_or(&owner);
+            let relocation = fluidcloud_migrators::owner::relocation_of(&owner);
             match recorded.as_deref() {
                 None if !file.exists() => return Ok(false),
-                Some(t) if t.split('/').next() == Some(relocation) => {}
+                Some(t) if fluidcloud_migrators::owner::same_relocation(t, &owner) => {}
                 other => {
                     return Err(Error::Precondition(format!(
                         "site {site}: {} is {}; this relocation ({relocation}) does not remove it",

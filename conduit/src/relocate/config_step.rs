@@ -67,8 +67,7 @@ impl Migrator for ConfigTransfer {
 
     async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: ConfigParams = params(request)?;
-        let (_, source) = open_site(&p.sites_file, &p.from)?;
-        let (_, target) = open_site(&p.sites_file, &p.site)?;
+        let (source, target) = super::transfer_step::both_sites(&p.sites_file, &p.from, &p.site)?;
         let rec = require_inventory(source.as_ref())?
             .config_file(&p.path)
             .await?;

@@ -56,6 +56,34 @@ fn agent_of<'a>(site: &'a dyn SiteDriver, name: &str) -> SdkResult<&'a AgentClie
     })
 }
 
+/// What a transfer between two sites is estimated to cost: its bytes read,
+/// sent and written, over a WAN link of 100 Mbit/s until measured otherwise.
+fn wan_estimate(bytes: u64) -> Estimate {
+    Estimate {
+        bytes_read: bytes,
+        bytes_sent: bytes,
+        bytes_written: bytes,
+        seconds: bytes as f64 / 12.5e6,
+    }
+}
+
+/// The source and target sites of a transfer step.
+pub(super) fn both_sites(
+    sites_file: &std::path::Path,
+    from: &str,
+    to: &str,
+) -> SdkResult<(Box<dyn SiteDriver>, Box<dyn SiteDriver>)> {
+    let (_, source) = open_site(sites_file, from)?;
+    let (_, target) = open_site(sites_file, to)?;
+    Ok((source, target))
+}
+
+/// What a relocation's transfers between two sites share a bandwidth
+/// limit by.
+fn limit_key(relocation: &str, from: &str, to: &str) -> String {
+    format!("{relocation}:{from}->{to}")
+}
+
 fn owner(p: &TransferParams) -> String {
     format!("{}/{}", p.relocation, p.into.name)
 }
@@ -87,26 +115,19 @@ impl Migrator for DiskTransfer {
 
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let p: TransferParams = params(request)?;
-        Ok(Estimate {
-            bytes_read: p.allocated,
-            bytes_sent: p.allocated,
-            bytes_written: p.allocated,
-            // A WAN link of 100 Mbit/s until measured otherwise.
-            seconds: p.allocated as f64 / 12.5e6,
-        })
+        Ok(wan_estimate(p.allocated))
     }
 
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: TransferParams = params(request)?;
-        let (_, source) = open_site(&p.sites_file, &p.from)?;
-        let (_, target) = open_site(&p.sites_file, &p.site)?;
+        let (source, target) = both_sites(&p.sites_file, &p.from, &p.site)?;
         let m = Move {
             from: p.source.clone(),
             into: p.into.clone(),
             owner: owner(&p),
             streams: p.streams,
             bwlimit: p.bwlimit,
-            limit_key: Some(format!("{}:{}->{}", p.relocation, p.from, p.site)),
+            limit_key: Some(limit_key(&p.relocation, &p.from, &p.site)),
         };
         let show = |s: &crate::transfer::PullStatus, g: &crate::transfer::TicketGrant| {
             ctx.progress
@@ -220,25 +241,19 @@ impl Migrator for BucketTransfer {
 
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let p: BucketParams = params(request)?;
-        Ok(Estimate {
-            bytes_read: p.bytes,
-            bytes_sent: p.bytes,
-            bytes_written: p.bytes,
-            seconds: p.bytes as f64 / 12.5e6,
-        })
+        Ok(wan_estimate(p.bytes))
     }
 
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: BucketParams = params(request)?;
-        let (_, source) = open_site(&p.sites_file, &p.from)?;
-        let (_, target) = open_site(&p.sites_file, &p.site)?;
+        let (source, target) = both_sites(&p.sites_file, &p.from, &p.site)?;
         let m = BucketMove {
             from: p.bucket.clone(),
             into: p.bucket.clone(),
             owner: bucket_owner(&p),
             streams: p.streams,
             bwlimit: p.bwlimit,
-            limit_key: Some(format!("{}:{}->{}", p.relocation, p.from, p.site)),
+            limit_key: Some(limit_key(&p.relocation, &p.from, &p.site)),
         };
         let show = |s: &crate::transfer::PullStatus| ctx.progress.progress(s.done, Some(s.chunks));
         let status = transfer_bucket(

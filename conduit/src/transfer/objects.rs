@@ -110,10 +110,6 @@ pub fn bucket_owner(state: &Path, bucket: &str) -> Option<String> {
         .map(|t| t.trim().to_owned())
 }
 
-fn same_relocation(a: &str, b: &str) -> bool {
-    a.split('/').next() == b.split('/').next()
-}
-
 /// Makes bucket `into` ready for `owner`: created (the record first) when
 /// it does not exist, taken when `owner`'s relocation created it, refused
 /// otherwise.
@@ -121,7 +117,7 @@ async fn claim(ctx: &PullContext, state: &Path, into: &str, owner: &str) -> Resu
     let os = crate::driver::require_object_storage(ctx.driver.as_ref())?;
     let exists = os.list_buckets().await?.iter().any(|b| b == into);
     match (exists, bucket_owner(state, into)) {
-        (true, Some(t)) if same_relocation(&t, owner) => Ok(()),
+        (true, Some(t)) if fluidcloud_migrators::owner::same_relocation(&t, owner) => Ok(()),
         (true, t) => Err(Error::Precondition(format!(
             "bucket {into} exists at site {} and {}; this relocation does not write it",
             ctx.driver.name(),
@@ -303,7 +299,7 @@ pub async fn remove(ctx: &PullContext, state: &Path, bucket: &str, owner: &str) 
     let os = crate::driver::require_object_storage(ctx.driver.as_ref())?;
     let exists = os.list_buckets().await?.iter().any(|b| b == bucket);
     match bucket_owner(state, bucket) {
-        Some(t) if same_relocation(&t, owner) => {
+        Some(t) if fluidcloud_migrators::owner::same_relocation(&t, owner) => {
             if exists {
                 os.delete_bucket(bucket).await?;
             }

@@ -55,13 +55,23 @@ pub async fn transfer(
     m: &Move,
     progress: &(dyn Fn(&PullStatus, &TicketGrant) + Send + Sync),
 ) -> Result<(PullStatus, TicketGrant)> {
-    let mut attempt = 1;
+    retrying(|| once(source, target, m, progress)).await
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or has failed
+/// [`ATTEMPTS`] times in all, waiting 1, 2, 4 s between attempts.
+async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut n = 1;
     loop {
-        match once(source, target, m, progress).await {
-            Err(e) if attempt < ATTEMPTS && may_pass(&e) => {
-                tracing::info!(attempt, error = %e, "transfer failed; starting it again");
-                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
-                attempt += 1;
+        match attempt().await {
+            Err(e) if n < ATTEMPTS && may_pass(&e) => {
+                tracing::info!(attempt = n, error = %e, "transfer failed; starting it again");
+                tokio::time::sleep(Duration::from_secs(1 << (n - 1))).await;
+                n += 1;
             }
             other => return other,
         }
@@ -143,17 +153,7 @@ pub async fn transfer_bucket(
     m: &BucketMove,
     progress: &(dyn Fn(&PullStatus) + Send + Sync),
 ) -> Result<PullStatus> {
-    let mut attempt = 1;
-    loop {
-        match bucket_once(source, target, m, progress).await {
-            Err(e) if attempt < ATTEMPTS && may_pass(&e) => {
-                tracing::info!(attempt, error = %e, "bucket transfer failed; starting it again");
-                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    retrying(|| bucket_once(source, target, m, progress)).await
 }
 
 async fn bucket_once(
