@@ -880,3 +880,84 @@ fn bwlimit_holds_a_transfer_to_its_rate() {
         "{took:.2} s for {wire} bytes at 4 MiB/s (at least {floor:.2} s)"
     );
 }
+
+/// A site of the orchestrator's own process, `here`, in `orch/here`.
+fn add_site_here(w: &World) -> PathBuf {
+    let here = w.root.join("orch/here");
+    common::local_site(&here);
+    let mut text = std::fs::read_to_string(w.root.join("orch/sites.toml")).unwrap();
+    text.push_str(
+        "[sites.here]\nkind = \"local\"\npath = \"here\"\njurisdiction = \"EU/FR\"\nimage_formats = [\"raw\", \"qcow2\"]\nlocation = { region = \"r-here\", latitude = 1.0, longitude = 2.0 }\n",
+    );
+    std::fs::write(w.root.join("orch/sites.toml"), text).unwrap();
+    here
+}
+
+#[test]
+fn a_service_moves_from_an_agent_into_this_process_and_on_to_another_agent() {
+    let mut w = World::new("fc-agent-mix", "400mbit");
+    let raw = service_at(&w, "a", 32);
+    w.start_agent("a");
+    w.start_agent("b");
+    let here = add_site_here(&w);
+    let relocate = |from: &str, to: &str| {
+        let o = w.orch(&[
+            "--json",
+            "relocate",
+            "--from",
+            from,
+            "--service",
+            "shop2",
+            "--to",
+            to,
+            "--yes",
+        ]);
+        ok(&o);
+        json(&o)["id"].as_str().unwrap().to_owned()
+    };
+    let qcow2_holds = |disk: &Path| {
+        let out = Command::new(common::qemu_img())
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(&raw)
+            .arg(disk)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    // a (its agent) → here: this process pulls from a's agent.
+    let first = relocate("a", "here");
+    same_bytes(
+        &w.data("a").join("volumes/data.raw"),
+        &here.join("volumes/data.raw"),
+    );
+    qcow2_holds(&here.join("images/web.qcow2"));
+    let report = json(&w.orch(&["--json", "report", &first]));
+    let pre = common::report_step(&report, "precopy:data.raw");
+    assert_eq!(pre["migrator"], "disk-transfer", "{pre}");
+    assert!(pre["bytes_sent"].as_u64().unwrap() > 0, "{pre}");
+    // here → b: b's agent pulls from this process, which serves the
+    // disks for the length of each transfer only.
+    let second = relocate("here", "b");
+    same_bytes(
+        &here.join("volumes/data.raw"),
+        &w.data("b").join("volumes/data.raw"),
+    );
+    qcow2_holds(&w.data("b").join("images/web.qcow2"));
+    assert_eq!(state_of(&w, "b"), "running");
+    let stopped = std::fs::read_to_string(here.join("instances/web.toml")).unwrap();
+    assert!(stopped.contains("state = \"stopped\""), "{stopped}");
+    // Rolled back, b keeps nothing this relocation made.
+    ok(&w.orch(&["rollback", "--force", &second]));
+    for d in ["images", "volumes", "instances"] {
+        let left: Vec<_> = std::fs::read_dir(w.data("b").join(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{d} at b after the rollback: {left:?}");
+    }
+}

@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    chunks_logged, fails, instance_state, ok, random_file, run, same_bytes, stderr, stdout,
+    chunks_written, fails, instance_state, ok, random_file, run, same_bytes, stderr, stdout,
 };
 use serde_json::{Value, json};
 
@@ -214,12 +214,12 @@ fn site(dir: &Path, name: &str) -> PathBuf {
     dir.join("sites").join(name)
 }
 
-/// Waits until the volume copy to `target_site` has durably logged `n`
+/// Waits until the volume's transfer to `target_site` has written `n`
 /// chunks; panics if the relocation ends first.
 async fn wait_for_chunks(url: &str, id: &str, dir: &Path, target_site: &str, n: u64) {
-    let log = site(dir, target_site).join("volumes/.db-data.raw.fcprogress");
+    let part = site(dir, target_site).join("volumes/.db-data.raw.fcpart");
     let start = Instant::now();
-    while chunks_logged(&log) < n {
+    while chunks_written(&part) < n {
         let (_, _, v) = call(url, "GET", &format!("/relocations/{id}"), Some(TOKEN), None).await;
         assert_eq!(
             v["status"], "running",
@@ -625,7 +625,7 @@ fn the_cli_with_server_lists_matches_relocates_and_reports_through_the_service()
         serde_json::from_str(&ok(&remote(url, t, &["--json", "sites", "list"]))).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 5);
     let migrators = ok(&remote(url, t, &["migrators", "list"]));
-    assert!(migrators.contains("volume-copy"), "{migrators}");
+    assert!(migrators.contains("disk-transfer"), "{migrators}");
 
     // The service introspects and places; same text as the local command.
     let m = ok(&remote(

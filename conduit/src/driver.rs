@@ -439,6 +439,15 @@ pub trait Disks: Send + Sync {
     /// # Errors
     /// `Precondition` for a disk someone else created; I/O errors.
     fn remove(&self, store: DiskStore, name: &str, owner: &str) -> Result<bool>;
+
+    /// Who created disk `name` of `store`: `None` when there is no such
+    /// disk, `Some(None)` for a disk no relocation created, else the
+    /// creator's tag (`RELOCATION/STEP`). A relocation checks its targets
+    /// with it before it writes anything.
+    ///
+    /// # Errors
+    /// An unreadable owner record.
+    fn holder(&self, store: DiskStore, name: &str) -> Result<Option<Option<String>>>;
 }
 
 /// A disk being written by a transfer (see [`Disks::write`]). Positioned

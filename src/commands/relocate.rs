@@ -283,11 +283,14 @@ pub(crate) async fn make_plan(
         }
     }
     if let Some(rate) = a.bwlimit {
-        let mut agents = false;
+        // Between sites of this process data moves without a network to
+        // limit; a transfer with a site reached through its agent crosses
+        // one.
+        let mut sites = relocation.assignments.values().chain([&a.from]);
+        let agents = sites.any(|s| file.site(s).is_ok_and(|c| c.agent.is_some()));
         for s in &mut relocation.workflow.steps {
-            if matches!(s.migrator.as_str(), "disk-transfer" | "bucket-transfer") {
+            if agents && matches!(s.migrator.as_str(), "disk-transfer" | "bucket-transfer") {
                 s.params["bwlimit"] = serde_json::json!(rate);
-                agents = true;
             }
         }
         if !agents {
@@ -328,7 +331,11 @@ fn print_plan(r: &Relocation, plan: &Plan) -> Result<()> {
     if !r.endpoint_map.is_empty() {
         outln!(
             "\nendpoint map (applied to {} config files):",
-            r.config_files.len()
+            r.workflow
+                .steps
+                .iter()
+                .filter(|s| s.migrator == "config-transfer")
+                .count()
         )?;
         for c in &r.endpoint_map {
             outln!("  {:<5} {} -> {}", c.kind.as_str(), c.old, c.new)?;
@@ -376,7 +383,7 @@ pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
     let store = store_of(&file);
     let _lock = ServiceLock::acquire(&store, &relocation)?;
     lock::check_earlier(&store, &relocation.from, &relocation.service, a.force)?;
-    lock::check_outputs(&relocation)?;
+    lock::check_outputs(&relocation).await?;
     store.create(&relocation)?;
     let journal = SqliteJournal::open(store.journal(&relocation.id))
         .with_context(|| format!("opening the journal of {}", relocation.id))?;
@@ -677,7 +684,16 @@ fn print_report(rep: &Report) -> Result<()> {
         .steps
         .iter()
         .flat_map(|s| s.outputs.iter())
-        .filter_map(|o| o.checksum.as_ref().map(|c| format!("  {c}  {}", o.locator)))
+        .filter_map(|o| {
+            // A name in a site's store reads as `SITE:NAME`; paths and
+            // URLs as they are.
+            let at = if o.locator.contains("://") || o.locator.starts_with('/') {
+                o.locator.clone()
+            } else {
+                format!("{}:{}", o.site, o.locator)
+            };
+            o.checksum.as_ref().map(|c| format!("  {c}  {at}"))
+        })
         .collect();
     sums.sort();
     sums.dedup();
@@ -784,7 +800,7 @@ async fn drive(
         .filter(|s| {
             matches!(
                 s.migrator.as_str(),
-                "image-convert" | "volume-copy" | "object-copy"
+                "disk-transfer" | "bucket-transfer" | "object-copy"
             ) && !s.id.starts_with("sync:")
         })
         .map(|s| s.id.clone())

@@ -290,7 +290,9 @@ impl Relocations for Runner {
         let lock = ServiceLock::acquire(store, &relocation)
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;
         lock::check_earlier(store, &relocation.from, &relocation.service, request.force)
-            .and_then(|()| lock::check_outputs(&relocation))
+            .map_err(|e| RunnerError::Conflict(e.to_string()))?;
+        lock::check_outputs(&relocation)
+            .await
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;
         store.create(&relocation).map_err(failed)?;
         let journal = SqliteJournal::open(store.journal(&relocation.id))

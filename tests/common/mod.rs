@@ -246,11 +246,13 @@ pub fn random_file(path: &Path, len: u64) {
     f.flush().unwrap();
 }
 
-/// Chunks a volume copy's progress log records as durably written.
-pub fn chunks_logged(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .map(|t| t.lines().skip(1).filter(|l| !l.ends_with(" ?")).count() as u64)
-        .unwrap_or(0)
+/// 4 MiB chunks of random data a transfer has written into `part` (the
+/// file a new disk is written in, `.NAME.fcpart`), as the file system
+/// counts its allocated blocks.
+pub fn chunks_written(part: &Path) -> u64 {
+    std::fs::metadata(part).map_or(0, |m| {
+        std::os::unix::fs::MetadataExt::blocks(&m) * 512 / (4 << 20)
+    })
 }
 
 /// Creates the directories of an empty `local` site at `root`.

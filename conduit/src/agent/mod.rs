@@ -19,6 +19,7 @@
 //! [`server`] is the agent, [`client`] the orchestrator's side of it.
 
 pub mod client;
+pub mod embedded;
 pub mod server;
 
 use fluidcloud_plugins::{Diagnostic, Error};

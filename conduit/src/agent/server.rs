@@ -171,6 +171,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         )
         .route("/v1/volumes/{name}/flush", post(flush_volume))
         .route("/v1/disks/remove", post(remove_disk))
+        .route("/v1/disks/holder", post(disk_holder))
         .route("/v1/tickets", post(grant_ticket))
         .route("/v1/pulls", post(start_pull))
         .route("/v1/bucket-pulls", post(start_bucket_pull))
@@ -517,6 +518,17 @@ async fn remove_disk(State(s): Shared, axum::Json(r): axum::Json<RemoveDisk>) ->
         driver::require_disks(state.driver.as_ref())?.remove(r.disk.store, &r.disk.name, &r.owner)
     })
     .await?)
+}
+
+async fn disk_holder(
+    State(s): Shared,
+    axum::Json(d): axum::Json<crate::transfer::DiskRef>,
+) -> Answer<Option<Option<String>>> {
+    let state = s.clone();
+    ok(
+        blocking(move || driver::require_disks(state.driver.as_ref())?.holder(d.store, &d.name))
+            .await?,
+    )
 }
 
 async fn grant_ticket(

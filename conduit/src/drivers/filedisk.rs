@@ -8,10 +8,12 @@
 //! - a raw disk is written in `.NAME.fcpart`, renamed to `NAME` when the
 //!   transfer finishes; a repeated transfer (the final delta) writes in
 //!   place, into the disk its own relocation created;
-//! - any other format keeps a raw mirror, `.NAME.fcmirror`, that transfers
-//!   write, and each finish converts the mirror into `NAME` (through a
-//!   temporary file, renamed). The mirror stays for the next delta and
-//!   goes with the disk's rollback.
+//! - a qcow2 disk a relocation wrote earlier is patched in place
+//!   ([`super::patchdisk`]): only what changed is written;
+//! - any other format is written into a raw mirror, `.NAME.fcmirror`,
+//!   which the finish converts into `NAME` (through a temporary file,
+//!   renamed) and then removes. A repeated transfer onto such a disk (VMDK,
+//!   VHD, VHDX) first fills the mirror from the disk.
 //!
 //! The creator tag (`.NAME.fcowner`, [`fluidcloud_migrators::owner`]) is
 //! written before any byte, so a crashed transfer's leftovers belong to
@@ -110,6 +112,12 @@ impl Disks for FileDisks {
         self.remove_disk(store, name, owner)
     }
 
+    fn holder(&self, store: DiskStore, name: &str) -> Result<Option<Option<String>>> {
+        let path = self.path(store, name)?;
+        let owner = owner::read(&path).map_err(from_codec)?;
+        Ok((path.exists() || owner.is_some()).then_some(owner))
+    }
+
     fn write(
         &self,
         store: DiskStore,
@@ -119,12 +127,25 @@ impl Disks for FileDisks {
         owner: &str,
     ) -> Result<Box<dyn DiskWriter>> {
         let path = self.path(store, name)?;
+        let exists = claim(&self.site, &path, owner)?;
+        let mirror = staging_path(&path, format, exists);
+        if format == ImageFormat::Qcow2
+            && exists
+            && !mirror.exists()
+            && let Some(w) =
+                super::patchdisk::PatchWriter::open(&self.site, path.clone(), virtual_size)?
+        {
+            return Ok(Box::new(w));
+        }
+        if format != ImageFormat::Raw && exists && !mirror.exists() {
+            fill_mirror(&path, format, &mirror)?;
+        }
         Ok(Box::new(FileDiskWriter::open(
             &self.site,
             path,
             format,
             virtual_size,
-            owner,
+            exists,
         )?))
     }
 }
@@ -258,38 +279,97 @@ struct FileDiskWriter {
     virtual_size: u64,
 }
 
+/// Claims the disk at `path` for `owner_tag`: a new disk gets its owner
+/// record before any byte; an existing one must be this relocation's.
+/// Whether the disk exists.
+fn claim(site: &str, path: &Path, owner_tag: &str) -> Result<bool> {
+    let exists = path.exists();
+    let recorded = owner::read(path).map_err(from_codec)?;
+    let relocation = owner::relocation_of(owner_tag);
+    let ours = recorded
+        .as_deref()
+        .is_some_and(|t| owner::same_relocation(t, owner_tag));
+    match (&recorded, exists) {
+        (Some(_), _) if !ours => Err(Error::Precondition(format!(
+            "site {site}: {} is {}; this relocation ({relocation}) does not write it",
+            path.display(),
+            owner::describe(recorded.as_deref())
+        ))),
+        (None, true) => Err(Error::Precondition(format!(
+            "site {site}: {} exists and no relocation of fluidcloud created it; it is not overwritten",
+            path.display()
+        ))),
+        (None, false) => owner::write(path, owner_tag)
+            .map_err(from_codec)
+            .map(|()| false),
+        (Some(_), _) => Ok(exists),
+    }
+}
+
+/// Fills `mirror` with the guest bytes of the `format` disk at `path`
+/// (through a temporary file, renamed), for a transfer to bring it up to
+/// date.
+fn fill_mirror(path: &Path, format: ImageFormat, mirror: &Path) -> Result<()> {
+    let reader = image::open_with(
+        path,
+        &OpenOptions {
+            format: Some(format),
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(from_codec)?;
+    let tmp = beside(path, "fcconvert");
+    let opts = image::ConvertOptions {
+        format: ImageFormat::Raw,
+        overwrite: true,
+        ..image::ConvertOptions::default()
+    };
+    image::convert(reader.as_ref(), &tmp, &opts, &|_, _| {}).map_err(from_codec)?;
+    std::fs::rename(&tmp, mirror).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), mirror.display()),
+            e,
+        )
+    })
+}
+
+/// The record of the `format` disk at `path`, its allocation as the file
+/// system says.
+pub(crate) fn record_of(
+    path: &Path,
+    format: ImageFormat,
+    virtual_size: u64,
+) -> Result<ImageRecord> {
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    let allocated = std::fs::metadata(path)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or_default();
+    Ok(ImageRecord {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        format,
+        virtual_size,
+        allocated,
+        backing: None,
+        locator: path.display().to_string(),
+    })
+}
+
 impl FileDiskWriter {
     fn open(
         site: &str,
         path: PathBuf,
         format: ImageFormat,
         virtual_size: u64,
-        owner_tag: &str,
+        exists: bool,
     ) -> Result<Self> {
         let io = |what: String, e| Error::io(format!("site {site}: {what}"), e);
-        let exists = path.exists();
-        let recorded = owner::read(&path).map_err(from_codec)?;
-        let relocation = owner::relocation_of(owner_tag);
-        let ours = recorded
-            .as_deref()
-            .is_some_and(|t| owner::same_relocation(t, owner_tag));
-        match (&recorded, exists) {
-            (Some(_), _) if !ours => {
-                return Err(Error::Precondition(format!(
-                    "site {site}: {} is {}; this relocation ({relocation}) does not write it",
-                    path.display(),
-                    owner::describe(recorded.as_deref())
-                )));
-            }
-            (None, true) => {
-                return Err(Error::Precondition(format!(
-                    "site {site}: {} exists and no relocation of fluidcloud created it; it is not overwritten",
-                    path.display()
-                )));
-            }
-            (None, false) => owner::write(&path, owner_tag).map_err(from_codec)?,
-            (Some(_), _) => {}
-        }
         let staging = staging_path(&path, format, exists);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -387,26 +467,11 @@ impl DiskWriter for FileDiskWriter {
             image::convert(&source, &tmp, &opts, &|_, _| {}).map_err(from_codec)?;
             std::fs::rename(&tmp, &self.path)
                 .map_err(|e| self.io(format!("renaming {}", tmp.display()), e))?;
+            // The disk holds it all now; a later transfer patches the disk
+            // (qcow2) or fills a new mirror from it.
+            std::fs::remove_file(&self.staging)
+                .map_err(|e| self.io(format!("removing {}", self.staging.display()), e))?;
         }
-        if let Some(dir) = self.path.parent()
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
-        let allocated = std::fs::metadata(&self.path)
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-            .unwrap_or_default();
-        Ok(ImageRecord {
-            name: self
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            format: self.format,
-            virtual_size: self.virtual_size,
-            allocated,
-            backing: None,
-            locator: self.path.display().to_string(),
-        })
+        record_of(&self.path, self.format, self.virtual_size)
     }
 }

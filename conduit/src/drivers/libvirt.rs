@@ -48,6 +48,7 @@ use crate::driver::{
 /// Registration of the `libvirt` kind.
 pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
     kind: "libvirt",
+    disk_bus: true,
     help: "a libvirt daemon (through virsh): domains as instances, one storage pool as image and block store",
     options: &[
         (
@@ -927,6 +928,14 @@ impl crate::driver::Disks for LibvirtSite {
             inner,
             site: self.clone(),
         }))
+    }
+
+    fn holder(
+        &self,
+        store: crate::driver::DiskStore,
+        name: &str,
+    ) -> Result<Option<Option<String>>> {
+        self.files()?.holder(store, name)
     }
 
     fn remove(&self, store: crate::driver::DiskStore, name: &str, owner: &str) -> Result<bool> {

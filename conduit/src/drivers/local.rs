@@ -49,6 +49,7 @@ use crate::tomlfile;
 /// Registration of the `local` kind.
 pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
     kind: "local",
+    disk_bus: false,
     help: "a directory on this machine: instances as manifests, images and volumes as files, buckets as folders",
     options: &[
         ("path", "the site's directory (relative to the sites file)"),

@@ -9,6 +9,7 @@ pub mod agent;
 pub(crate) mod filedisk;
 pub mod libvirt;
 pub mod local;
+pub(crate) mod patchdisk;
 
 use crate::config::SiteConfig;
 use crate::driver::SiteDriver;
@@ -23,12 +24,21 @@ pub struct DriverDescriptor {
     pub help: &'static str,
     /// Sites-file keys this kind uses beyond the common ones, with help.
     pub options: &'static [(&'static str, &'static str)],
+    /// Whether the instances it defines name their disks' bus (a
+    /// hypervisor's domains do; a relocation then always sets one).
+    pub disk_bus: bool,
     /// Builds a driver for the named site.
     pub open: fn(name: &str, config: &SiteConfig) -> Result<Box<dyn SiteDriver>>,
 }
 
 /// Every built-in driver.
 pub const DRIVERS: &[DriverDescriptor] = &[local::DESCRIPTOR, libvirt::DESCRIPTOR];
+
+/// Whether instances of sites of `kind` name their disks' bus
+/// ([`DriverDescriptor::disk_bus`]).
+pub fn names_disk_bus(kind: &str) -> bool {
+    DRIVERS.iter().any(|d| d.kind == kind && d.disk_bus)
+}
 
 /// The kinds of every built-in driver.
 pub fn kinds() -> Vec<&'static str> {

@@ -1,5 +1,6 @@
-//! `config-transfer`: one config file from a site reached through its
-//! agent to another, rewritten with the endpoint map on the way.
+//! `config-transfer`: one config file from the source site to the target
+//! site, rewritten with the endpoint map on the way, through the sites'
+//! inventories (in this process or at their agents).
 //!
 //! The orchestrator reads the file through the source's inventory,
 //! rewrites it with the same format-aware rewriter as `config-adapt`
@@ -61,11 +62,22 @@ impl Migrator for ConfigTransfer {
         validate_params::<ConfigParams>(request)
     }
 
-    async fn plan(&self, _request: &StepRequest) -> SdkResult<Estimate> {
-        Ok(nothing())
+    /// The file's size, as the source's inventory gives it.
+    async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
+        let p: ConfigParams = params(request)?;
+        let (_, source) = open_site(&p.sites_file, &p.from)?;
+        let size = require_inventory(source.as_ref())?
+            .config_file(&p.path)
+            .await
+            .map_or(0, |rec| rec.content.len() as u64);
+        Ok(Estimate {
+            bytes_read: size,
+            bytes_written: size,
+            ..nothing()
+        })
     }
 
-    async fn execute(&self, request: &StepRequest, _ctx: &ExecContext) -> SdkResult<StepOutput> {
+    async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: ConfigParams = params(request)?;
         let (source, target) = super::transfer_step::both_sites(&p.sites_file, &p.from, &p.site)?;
         let rec = require_inventory(source.as_ref())?
@@ -85,6 +97,12 @@ impl Migrator for ConfigTransfer {
         require_inventory(target.as_ref())?
             .put_config_file(&p.path, adapted.content.as_bytes(), &owner(&p))
             .await?;
+        ctx.progress.message(&format!(
+            "writing {}:config/{} ({} change(s)) (details in the report)",
+            p.site,
+            p.path,
+            adapted.changes.len()
+        ));
         let mut out = StepOutput::default();
         out.measured.bytes_read = text.len() as u64;
         out.measured.bytes_written = adapted.content.len() as u64;

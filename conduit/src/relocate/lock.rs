@@ -152,33 +152,60 @@ pub fn check_earlier(store: &Store, from: &str, service: &str, force: bool) -> R
 
 /// Refuses to start when a disk the relocation would write already exists
 /// at its target and was not made by this relocation (another relocation's
-/// live target, or a file no relocation made): nothing is written then.
+/// live target, or a disk no relocation made): nothing is written then.
+/// Each target site is asked through its disks, in this process or at its
+/// agent.
 ///
 /// # Errors
-/// `Precondition` naming the path and its owner.
-pub fn check_outputs(r: &super::Relocation) -> Result<()> {
-    for step in &r.workflow.steps {
-        let Some(out) = step.params.get("output").and_then(|v| v.as_str()) else {
+/// `Precondition` naming the disk and its owner; a site that cannot be
+/// opened or asked.
+pub async fn check_outputs(r: &super::Relocation) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Target {
+        site: String,
+        into: crate::transfer::DiskRef,
+    }
+    let file = crate::config::SitesFile::load(&r.sites_file, &crate::drivers::kinds())?;
+    for step in r
+        .workflow
+        .steps
+        .iter()
+        .filter(|s| s.migrator == "disk-transfer")
+    {
+        let Ok(t) = serde_json::from_value::<Target>(step.params.clone()) else {
             continue;
         };
-        let out = std::path::Path::new(out);
-        if !out.exists() {
-            continue;
-        }
-        let owner = match step.migrator.as_str() {
-            "image-convert" => fluidcloud_migrators::owner::read(out),
-            "volume-copy" => fluidcloud_migrators::volume::created_by(out),
-            _ => continue,
-        }
-        .map_err(|e| precondition(e.to_string()))?;
+        let site_err = |source: SdkError| Error::Site {
+            site: t.site.clone(),
+            source,
+        };
+        let driver = crate::drivers::open(&t.site, file.site(&t.site)?)?;
+        let holder = match driver.agent() {
+            Some(agent) => agent
+                .post::<_, Option<Option<String>>>("/v1/disks/holder", &t.into)
+                .await
+                .map_err(site_err)?,
+            None => {
+                let into = t.into.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::driver::require_disks(driver.as_ref())?.holder(into.store, &into.name)
+                })
+                .await
+                .map_err(|e| SdkError::Transient(format!("a check task failed: {e}")))
+                .and_then(|r| r)
+                .map_err(site_err)?
+            }
+        };
+        let Some(owner) = holder else { continue };
         let ours = owner
             .as_deref()
-            .is_some_and(|o| o.starts_with(&format!("{}/", r.id)));
+            .is_some_and(|o| fluidcloud_migrators::owner::relocation_of(o) == r.id);
         if !ours {
             return Err(precondition(format!(
-                "site {} already holds {}, {}; relocate to another site, or roll that relocation back first",
-                step.site,
-                out.display(),
+                "site {} already holds {} {}, {}; relocate to another site, or roll that relocation back first",
+                t.site,
+                t.into.store.as_str(),
+                t.into.name,
                 fluidcloud_migrators::owner::describe(owner.as_deref())
             )));
         }

@@ -53,7 +53,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fluidcloud_migrators::image::BackingPolicy;
 use fluidcloud_plugins::{
     Artifact, ArtifactKind, Diagnostic, EndpointKind, Error as SdkError, ImageFormat, Migrator,
     Resource, ResourceId, ResourceKind, ResourceSpec, Topology,
@@ -133,7 +132,11 @@ pub struct Relocation {
     pub workflow: WorkflowDef,
     /// Bytes the data steps will move (allocated bytes, not virtual sizes).
     pub bytes_to_move: u64,
-    /// Config files rewritten: (source path, target path).
+    /// Config files rewritten as files of this machine, (source path,
+    /// target path), by relocations planned before config files moved
+    /// through the sites' inventories (`config-transfer`); read for their
+    /// reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_files: Vec<(PathBuf, PathBuf)>,
 }
 
@@ -205,101 +208,11 @@ pub fn site_root(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
     }
 }
 
-/// Where a site keeps the files the data steps write.
-#[derive(Debug, Clone)]
-pub struct SiteDirs {
-    /// Boot images, kernels and initrds.
-    pub images: PathBuf,
-    /// Block volumes.
-    pub volumes: PathBuf,
-    /// Config files, where the site has them.
-    pub config: Option<PathBuf>,
-}
-
-/// The directories of a site whose data lives on this machine: a local
-/// site's `images/`, `volumes/`, `config/`; a libvirt site's storage pool
-/// (images and volumes alike; no config files).
-///
-/// # Errors
-/// `NotSupported` for site kinds whose data is not reachable as files (a
-/// libvirt daemon on another host); the daemon's error for a missing pool.
-pub fn site_dirs(name: &str, cfg: &SiteConfig) -> Result<SiteDirs> {
-    if cfg.kind == "libvirt" {
-        let site = crate::drivers::libvirt::LibvirtSite::new(
-            name,
-            cfg.uri.clone().unwrap_or_default(),
-            cfg.pool.clone().unwrap_or_default(),
-        );
-        if !site.is_local() {
-            return Err(not_supported(
-                "relocating disks to or from a libvirt daemon on another host (the disks are copied as files; run fluidcloud on that host)".into(),
-                name,
-            ));
-        }
-        let pool = pool_path_blocking(name, cfg)?;
-        return Ok(SiteDirs {
-            images: pool.clone(),
-            volumes: pool,
-            config: None,
-        });
-    }
-    let root = site_root(name, cfg)?;
-    Ok(SiteDirs {
-        images: root.join("images"),
-        volumes: root.join("volumes"),
-        config: Some(root.join("config")),
-    })
-}
-
-/// The target path of a libvirt site's pool, asked of the daemon.
-fn pool_path_blocking(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
-    let uri = cfg.uri.clone().unwrap_or_default();
-    let pool = cfg.pool.clone().unwrap_or_default();
-    let site_err = |source: SdkError| Error::Site {
-        site: name.to_owned(),
-        source,
-    };
-    let out = std::process::Command::new("virsh")
-        .args(["-q", "-c", &uri, "pool-dumpxml", &pool])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| site_err(SdkError::io("running virsh (Debian: libvirt-clients)", e)))?;
-    if !out.status.success() {
-        return Err(site_err(SdkError::Precondition(format!(
-            "storage pool {pool} at {uri}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))));
-    }
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let doc = roxmltree::Document::parse(&text)
-        .map_err(|e| site_err(SdkError::Precondition(format!("pool XML: {e}"))))?;
-    doc.descendants()
-        .find(|n| n.has_tag_name("target"))
-        .and_then(|t| t.children().find(|n| n.has_tag_name("path")))
-        .and_then(|p| p.text())
-        .map(|p| PathBuf::from(p.trim()))
-        .ok_or_else(|| {
-            site_err(SdkError::NotSupported {
-                operation: format!("storage pool {pool} without a target path (use a dir pool)"),
-                site: Some(name.to_owned()),
-            })
-        })
-}
-
-/// Where the backing files and extents of a source disk in `store` may be
-/// (an image-convert or volume-copy `backing` param): under the site's
-/// store, or in a directory the site allows with `allow_backing_dirs`.
-fn backing_policy(cfg: &SiteConfig, store: &Path) -> BackingPolicy {
-    BackingPolicy {
-        root: Some(store.to_owned()),
-        allow_dirs: cfg.allow_backing_dirs.clone(),
-    }
-}
-
 /// `record` adapted to a target site: network and bridge names mapped,
 /// MAC addresses kept or regenerated (stable for one relocation id), the
-/// disk bus set. A libvirt target always gets an explicit disk bus, so the
-/// domain it defines reads back as the same record.
+/// disk bus set. A target whose instances name their disks' bus (libvirt)
+/// always gets one, so the instance it defines reads back as the same
+/// record.
 pub fn adapt_record(record: &mut InstanceRecord, target: &SiteConfig, relocation_id: &str) {
     let adapt = target.adapt.clone().unwrap_or_default();
     for (i, nic) in record.nics.iter_mut().enumerate() {
@@ -321,7 +234,7 @@ pub fn adapt_record(record: &mut InstanceRecord, target: &SiteConfig, relocation
         record.disk_bus = Some(bus.clone());
     }
     let has_disks = record.boot_image.is_some() || !record.volumes.is_empty();
-    if target.kind == "libvirt" && has_disks && record.disk_bus.is_none() {
+    if crate::drivers::names_disk_bus(&target.kind) && has_disks && record.disk_bus.is_none() {
         record.disk_bus = Some("virtio".into());
     }
     if !has_disks {
@@ -465,12 +378,10 @@ struct Planner<'a> {
     /// Old endpoint → new endpoint, in the order found.
     map: Vec<EndpointChange>,
     bytes_to_move: u64,
-    config_files: Vec<(PathBuf, PathBuf)>,
     instances: Vec<InstancePlan>,
     /// What runs once the source stopped: every disk's final delta.
     after_stop: Vec<StepSpec>,
     bucket_steps: Vec<String>,
-    images_to_compare: Vec<steps::ImagePair>,
     /// Config file path → the target it is written to.
     configs_done: BTreeMap<String, String>,
     boot_checks: Vec<steps::BootCheckPlan>,
@@ -483,7 +394,6 @@ struct Placement<'a> {
     /// The target site.
     target: &'a str,
     tcfg: &'a SiteConfig,
-    data_path: DataPath,
     /// The source site's record of the instance, if it has one.
     source: Option<&'a InstanceRecord>,
 }
@@ -524,11 +434,9 @@ impl<'a> Planner<'a> {
             wf,
             map: Vec::new(),
             bytes_to_move: 0,
-            config_files: Vec::new(),
             instances: Vec::new(),
             after_stop: Vec::new(),
             bucket_steps: Vec::new(),
-            images_to_compare: Vec::new(),
             configs_done: BTreeMap::new(),
             boot_checks: Vec::new(),
             tracking,
@@ -578,7 +486,6 @@ impl<'a> Planner<'a> {
         let at = Placement {
             target,
             tcfg,
-            data_path: DataPath::of(input.from, self.from_cfg, target, tcfg)?,
             source: input.source_instances.iter().find(|i| i.name == r.name),
         };
         let new_host = self.moved_host(hostname.as_deref(), &unit, &at);
@@ -759,49 +666,17 @@ impl Planner<'_> {
         to: ImageFormat,
         host_file: bool,
     ) {
-        match &at.data_path {
-            DataPath::Files { tdirs, from_dirs } => {
-                let out = tdirs.images.join(new_name);
-                let step = ImageStep {
-                    id,
-                    name: disk.name,
-                    target: at.target,
-                    from: self.input.from,
-                    relocation: &self.input.id,
-                    source: disk.locator,
-                    source_format: disk.format,
-                    allocated: disk.allocated,
-                    output: &out,
-                    format: to,
-                    backing: backing_policy(self.from_cfg, &from_dirs.images),
-                    tracking: &self.tracking,
-                };
-                if host_file {
-                    // Host files the guest never writes: one
-                    // copy, compared by the verify step.
-                    self.wf.push(step.convert());
-                    self.images_to_compare.push(step.pair());
-                } else {
-                    // A disk the running guest writes:
-                    // pre-copied now, its last writes sent
-                    // once it stopped.
-                    let (pre, last) = step.warm();
-                    self.wf.push(pre);
-                    self.after_stop.push(last);
-                }
-            }
-            DataPath::Agents => {
-                let transfer = self.agent_disk(at.target, DiskStore::Image, disk, new_name, to);
-                if host_file {
-                    // Compared end to end by the transfer.
-                    let once = transfer.once(id);
-                    self.wf.push(once);
-                } else {
-                    let (pre, last) = transfer.warm(id, &step_id("final", disk.name));
-                    self.wf.push(pre);
-                    self.after_stop.push(last);
-                }
-            }
+        let transfer = self.site_disk(at.target, DiskStore::Image, disk, new_name, to);
+        if host_file {
+            // Files the guest never writes: one transfer, compared end to
+            // end by its Merkle roots.
+            self.wf.push(transfer.step(id));
+        } else {
+            // A disk the running guest writes: pre-copied now, its last
+            // writes sent once it stopped.
+            let (pre, last) = transfer.warm(id, &step_id("final", disk.name));
+            self.wf.push(pre);
+            self.after_stop.push(last);
         }
     }
 
@@ -813,47 +688,16 @@ impl Planner<'_> {
         let pre = step_id("precopy", disk.name);
         let sync = step_id("sync", disk.name);
         self.bytes_to_move += disk.allocated;
-        match &at.data_path {
-            DataPath::Files { tdirs, from_dirs } => {
-                let out = tdirs.volumes.join(&new_name);
-                let params = serde_json::json!({
-                    "output": out.display().to_string(),
-                    "site": at.target,
-                    "source_format": disk.format.as_str(),
-                    "backing": backing_policy(self.from_cfg, &from_dirs.volumes),
-                    "relocation": self.input.id,
-                });
-                let source = given(
-                    ArtifactKind::Volume,
-                    self.input.from,
-                    disk.locator.to_owned(),
-                    Some(disk.allocated),
-                );
-                let copy = |id: &str| {
-                    StepSpec::new(id, "volume-copy", at.target)
-                        .params(params.clone())
-                        .input("volume", source.clone())
-                        .output("volume", ArtifactKind::Volume)
-                };
-                self.wf.push(self.tracking.precopy(copy(&pre)));
-                self.after_stop.push(
-                    self.tracking
-                        .final_delta(copy(&sync).after(&pre), disk.locator),
-                );
-            }
-            DataPath::Agents => {
-                let transfer = self.agent_disk(
-                    at.target,
-                    DiskStore::Volume,
-                    disk,
-                    &new_name,
-                    ImageFormat::Raw,
-                );
-                let (first, last) = transfer.warm(&pre, &sync);
-                self.wf.push(first);
-                self.after_stop.push(last);
-            }
-        }
+        let transfer = self.site_disk(
+            at.target,
+            DiskStore::Volume,
+            disk,
+            &new_name,
+            ImageFormat::Raw,
+        );
+        let (first, last) = transfer.warm(&pre, &sync);
+        self.wf.push(first);
+        self.after_stop.push(last);
         plan.record
             .formats
             .insert(new_name.clone(), ImageFormat::Raw);
@@ -861,17 +705,17 @@ impl Planner<'_> {
         plan.volumes.push(pre);
     }
 
-    /// Disk `disk` moved agent to agent into `store` at `target`, as
-    /// `new_name` in format `to`.
-    fn agent_disk<'s>(
+    /// Disk `disk` moved into `store` at `target`, as `new_name` in
+    /// format `to`.
+    fn site_disk<'s>(
         &'s self,
         target: &'s str,
         store: DiskStore,
         disk: &SourceDisk<'_>,
         new_name: &str,
         to: ImageFormat,
-    ) -> AgentDisk<'s> {
-        AgentDisk {
+    ) -> SiteDisk<'s> {
+        SiteDisk {
             target,
             from: self.input.from,
             relocation: &self.input.id,
@@ -886,8 +730,14 @@ impl Planner<'_> {
                 name: new_name.to_owned(),
                 format: to,
             },
+            locator: disk.locator.to_owned(),
             allocated: disk.allocated,
             tracking: &self.tracking,
+            leaves: self
+                .input
+                .records
+                .join("leaves")
+                .join(format!("{}-{new_name}.json", store.as_str())),
         }
     }
 
@@ -905,30 +755,15 @@ impl Planner<'_> {
             }
         } else {
             self.configs_done.insert(path.to_owned(), target.to_owned());
-            let step = match &at.data_path {
-                DataPath::Files { tdirs, .. } => {
-                    let (step, src, out) = config_adapt_step(
-                        &id,
-                        path,
-                        self.input,
-                        self.from_cfg,
-                        target,
-                        at.tcfg,
-                        tdirs,
-                    )?;
-                    self.config_files.push((src, out));
-                    step
-                }
-                DataPath::Agents => StepSpec::new(&id, "config-transfer", target)
-                    .params(serde_json::json!({
-                        "sites_file": self.sites_file_s,
-                        "from": self.input.from,
-                        "site": target,
-                        "path": path,
-                        "relocation": self.input.id,
-                    }))
-                    .output("config", ArtifactKind::ConfigFile),
-            };
+            let step = StepSpec::new(&id, "config-transfer", target)
+                .params(serde_json::json!({
+                    "sites_file": self.sites_file_s,
+                    "from": self.input.from,
+                    "site": target,
+                    "path": path,
+                    "relocation": self.input.id,
+                }))
+                .output("config", ArtifactKind::ConfigFile);
             self.wf.push(step);
         }
         plan.record.config_files.push(path.to_owned());
@@ -947,7 +782,7 @@ impl Planner<'_> {
         let (target, tcfg) = self.target_of(&unit)?;
         let id = step_id("bucket", &r.name);
         let step = if self.from_cfg.agent.is_some() || tcfg.agent.is_some() {
-            self.bucket_transfer(&id, &r.name, *bytes, target, tcfg)?
+            self.bucket_transfer(&id, &r.name, *bytes, target)?
         } else {
             self.object_copy(&id, &r.name, *bytes, target, tcfg)?
         };
@@ -968,22 +803,11 @@ impl Planner<'_> {
         Ok(())
     }
 
-    /// The `bucket-transfer` step of bucket `name` between sites reached
-    /// through their agents (copied: leaving it in place is refused).
-    fn bucket_transfer(
-        &self,
-        id: &str,
-        name: &str,
-        bytes: u64,
-        target: &str,
-        tcfg: &SiteConfig,
-    ) -> Result<StepSpec> {
+    /// The `bucket-transfer` step of bucket `name` when either site is
+    /// reached through its agent (copied: leaving it in place is refused).
+    fn bucket_transfer(&self, id: &str, name: &str, bytes: u64, target: &str) -> Result<StepSpec> {
         let input = self.input;
-        if !matches!(
-            DataPath::of(input.from, self.from_cfg, target, tcfg)?,
-            DataPath::Agents
-        ) || input.bucket_mode != BucketMode::Copy
-        {
+        if input.bucket_mode != BucketMode::Copy {
             return Err(not_supported(
                 format!(
                     "bucket {name}: leaving buckets in place (`--buckets repoint`) at a site reached through its agent"
@@ -1067,7 +891,7 @@ impl Planner<'_> {
             endpoint_map: self.map,
             workflow,
             bytes_to_move: self.bytes_to_move,
-            config_files: self.config_files,
+            config_files: Vec::new(),
         })
     }
 
@@ -1116,7 +940,6 @@ impl Planner<'_> {
                 "from": input.from,
                 "manifest": input.manifest.as_ref().map(|m| m.display().to_string()),
                 "targets": targets,
-                "images": self.images_to_compare,
                 "endpoint_map": self.map,
                 "boot_checks": self.boot_checks,
             }));
@@ -1251,99 +1074,24 @@ fn file_stem(name: &str) -> String {
         .unwrap_or_else(|| name.to_owned())
 }
 
-/// The `config-adapt` step of config file `path` between two sites whose
-/// files are on this machine: (the step, the source file, the output).
-fn config_adapt_step(
-    id: &str,
-    path: &str,
-    input: &PlanInput<'_>,
-    from_cfg: &SiteConfig,
-    target: &str,
-    tcfg: &SiteConfig,
-    tdirs: &SiteDirs,
-) -> Result<(StepSpec, PathBuf, PathBuf)> {
-    let src = site_root(input.from, from_cfg)?.join("config").join(path);
-    let config_dir = tdirs.config.as_ref().ok_or_else(|| {
-        not_supported(
-            format!(
-                "config file {path}: a {} site holds no config files",
-                tcfg.kind
-            ),
-            target,
-        )
-    })?;
-    let out = config_dir.join(path);
-    let step = StepSpec::new(id, "config-adapt", target)
-        .params(serde_json::json!({
-            "output": out.display().to_string(),
-            "site": target,
-            "prune_up_to": config_dir.display().to_string(),
-        }))
-        .input(
-            "config",
-            given(
-                ArtifactKind::ConfigFile,
-                input.from,
-                src.display().to_string(),
-                None,
-            ),
-        )
-        .output("config", ArtifactKind::ConfigFile);
-    Ok((step, src, out))
-}
-
-/// How a unit's data reaches its target.
-enum DataPath {
-    /// Both sites' data is on this machine: the data steps read and write
-    /// their directories.
-    Files {
-        /// The target's.
-        tdirs: SiteDirs,
-        /// The source's.
-        from_dirs: SiteDirs,
-    },
-    /// Both sites are reached through their agents: disks move agent to
-    /// agent (`disk-transfer`).
-    Agents,
-}
-
-impl DataPath {
-    fn of(from: &str, from_cfg: &SiteConfig, target: &str, tcfg: &SiteConfig) -> Result<Self> {
-        match (from_cfg.agent.is_some(), tcfg.agent.is_some()) {
-            (true, true) => Ok(Self::Agents),
-            (false, false) => Ok(Self::Files {
-                tdirs: site_dirs(target, tcfg)?,
-                from_dirs: site_dirs(from, from_cfg)?,
-            }),
-            (true, false) => Err(not_supported(
-                format!(
-                    "relocating from a site reached through its agent ({from}) to one in this process: give {target} an agent too (`fluidcloud agent`)"
-                ),
-                target,
-            )),
-            (false, true) => Err(not_supported(
-                format!(
-                    "relocating from a site in this process to one reached through its agent ({target}): give {from} an agent too (`fluidcloud agent`)"
-                ),
-                from,
-            )),
-        }
-    }
-}
-
-/// One disk moved agent to agent.
-struct AgentDisk<'a> {
+/// One disk moved from the source site into the target's image or block
+/// store (`disk-transfer`).
+struct SiteDisk<'a> {
     target: &'a str,
     from: &'a str,
     relocation: &'a str,
     sites_file: &'a str,
     source: DiskRef,
     into: DiskRef,
+    /// The disk's locator at the source, which its change set is named by.
+    locator: String,
     allocated: u64,
     tracking: &'a Tracking,
+    /// Where the leaves of its last verified run are kept.
+    leaves: PathBuf,
 }
 
-impl AgentDisk<'_> {
+impl SiteDisk<'_> {
     fn step(&self, id: &str) -> StepSpec {
         let kind = match self.into.store {
             DiskStore::Volume => ArtifactKind::Volume,
@@ -1360,39 +1108,21 @@ impl AgentDisk<'_> {
                 "into": self.into,
                 "relocation": self.relocation,
                 "allocated": self.allocated,
+                "leaves": self.leaves.display().to_string(),
             }))
             .output("disk", kind)
     }
 
-    /// One transfer (kernels, initrds: files the guest never writes).
-    fn once(&self, id: &str) -> StepSpec {
-        self.step(id)
-    }
-
     /// A pre-copy while the source runs, and the final delta once it
-    /// stopped: the same transfer again, which sends only what differs.
+    /// stopped: the same transfer again, which writes only what differs,
+    /// and looks only at what the guest wrote when the source tracked it.
     fn warm(&self, id: &str, last: &str) -> (StepSpec, StepSpec) {
         (
             self.tracking.precopy(self.step(id)),
-            self.tracking.after_collect(self.step(last).after(id)),
+            self.tracking
+                .final_delta(self.step(last).after(id), &self.locator),
         )
     }
-}
-
-/// One disk image of an instance, to be written at its target.
-struct ImageStep<'a> {
-    id: &'a str,
-    name: &'a str,
-    target: &'a str,
-    from: &'a str,
-    relocation: &'a str,
-    source: &'a str,
-    source_format: ImageFormat,
-    allocated: u64,
-    output: &'a Path,
-    format: ImageFormat,
-    backing: BackingPolicy,
-    tracking: &'a Tracking,
 }
 
 /// Whether the source site tracks disk writes during this relocation, and
@@ -1429,11 +1159,6 @@ impl Tracking {
             })
         });
         Self { params, dir }
-    }
-
-    /// Whether the source site tracks changes.
-    fn is_on(&self) -> bool {
-        self.params.is_some()
     }
 
     /// The step of `op`, when tracking is on.
@@ -1476,122 +1201,6 @@ impl Tracking {
         let file = fluidcloud_migrators::changes::ChangeSet::file_in(&self.dir, locator);
         spec.params["changes"] = serde_json::json!(file.display().to_string());
         self.after_collect(spec)
-    }
-}
-
-impl ImageStep<'_> {
-    fn input(&self) -> InputBinding {
-        given(
-            ArtifactKind::DiskImage {
-                format: self.source_format,
-            },
-            self.from,
-            self.source.to_owned(),
-            Some(self.allocated),
-        )
-    }
-
-    fn convert_params(&self) -> serde_json::Value {
-        let mut params = serde_json::json!({
-            "format": self.format.as_str(),
-            "output": self.output.display().to_string(),
-            "backing": self.backing,
-            "relocation": self.relocation,
-        });
-        if self.format == ImageFormat::Vhd {
-            params["azure"] = serde_json::json!(true);
-        }
-        params
-    }
-
-    /// One conversion into the target format.
-    fn convert(&self) -> StepSpec {
-        StepSpec::new(self.id, "image-convert", self.target)
-            .params(self.convert_params())
-            .input("image", self.input())
-            .output(
-                "image",
-                ArtifactKind::DiskImage {
-                    format: self.format,
-                },
-            )
-    }
-
-    /// What the verify step compares.
-    fn pair(&self) -> steps::ImagePair {
-        steps::ImagePair {
-            source: self.source.to_owned(),
-            source_format: self.source_format,
-            target: self.output.display().to_string(),
-            target_format: self.format,
-            backing: self.backing.clone(),
-        }
-    }
-
-    /// The warm path: a copy while the source runs, then, once it stopped,
-    /// a last step that brings the target up to the stopped source and
-    /// proves them equal.
-    ///
-    /// A raw target is a `volume-copy`: the last step is its re-sync, which
-    /// writes only the chunks that changed and compares the Merkle roots.
-    /// A qcow2 target is patched in place by `image-convert` (`patch`):
-    /// only differing chunks are written. Either reads only the ranges the
-    /// guest wrote when the source site tracks changes, else every chunk
-    /// holding data. VMDK, VHD and VHDX targets are converted again from
-    /// the stopped source, replacing the pre-copy's output once compared
-    /// with the source (downtime grows with the disk; docs/relocate.md).
-    fn warm(&self) -> (StepSpec, StepSpec) {
-        let last = step_id("final", self.name);
-        if self.format != ImageFormat::Raw {
-            let mut pre = self.convert();
-            if self.tracking.is_on() {
-                // The source no longer changes under the pre-copy: compare
-                // it now, while the guest still runs, so that the final
-                // delta need only compare what changed.
-                pre.params["verify"] = serde_json::json!(true);
-            }
-            let mut params = self.convert_params();
-            params["replaces"] = serde_json::json!(self.id);
-            params["verify"] = serde_json::json!(true);
-            let patch = self.format == ImageFormat::Qcow2;
-            if patch {
-                params["patch"] = serde_json::json!(true);
-            }
-            let again = StepSpec::new(&last, "image-convert", self.target)
-                .params(params)
-                .input("image", self.input())
-                .output(
-                    "image",
-                    ArtifactKind::DiskImage {
-                        format: self.format,
-                    },
-                )
-                .after(self.id);
-            let again = if patch {
-                self.tracking.final_delta(again, self.source)
-            } else {
-                self.tracking.after_collect(again)
-            };
-            return (self.tracking.precopy(pre), again);
-        }
-        let params = serde_json::json!({
-            "output": self.output.display().to_string(),
-            "site": self.target,
-            "source_format": self.source_format.as_str(),
-            "backing": self.backing,
-            "relocation": self.relocation,
-        });
-        let copy = |id: &str| {
-            StepSpec::new(id, "volume-copy", self.target)
-                .params(params.clone())
-                .input("volume", self.input())
-                .output("volume", ArtifactKind::Volume)
-        };
-        (
-            self.tracking.precopy(copy(self.id)),
-            self.tracking
-                .final_delta(copy(&last).after(self.id), self.source),
-        )
     }
 }
 

@@ -48,7 +48,7 @@ pub(super) fn validate_params<T: DeserializeOwned>(request: &StepRequest) -> Vec
     }
 }
 
-pub(super) fn to_sdk(e: crate::Error) -> SdkError {
+pub(crate) fn to_sdk(e: crate::Error) -> SdkError {
     match e {
         crate::Error::Site { source, .. } => source,
         crate::Error::Config { diagnostics } => SdkError::Invalid(diagnostics),
@@ -199,6 +199,7 @@ struct VerifyParams {
     from: String,
     manifest: Option<PathBuf>,
     targets: Vec<String>,
+    #[serde(default)]
     images: Vec<ImagePair>,
     endpoint_map: Vec<EndpointChange>,
     #[serde(default)]

@@ -1,6 +1,9 @@
-//! `disk-transfer`: one disk moved from the source site's agent to the
-//! target site's agent (`crate::transfer`). The orchestrator only starts
-//! the pull and follows it; the bytes go site to site.
+//! `disk-transfer`: one disk moved from the source site to the target
+//! site, through their disk capabilities. Between sites reached through
+//! agents it is an agent-to-agent transfer (`crate::transfer`): the
+//! orchestrator only starts the pull and follows it, and the bytes go site
+//! to site. Between sites that run in this process it is the same chunked,
+//! hashed move without a network (`crate::transfer::local`).
 //!
 //! The same step serves the pre-copy and the final delta: a second run
 //! onto the disk the first wrote sends only the chunks that differ, and
@@ -9,6 +12,7 @@
 //! relocation created it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use fluidcloud_plugins::{
@@ -19,9 +23,11 @@ use serde::Deserialize;
 
 use super::steps::{descriptor, open_site, params, validate_params};
 use crate::agent::client::AgentClient;
-use crate::driver::{DiskStore, SiteDriver};
+use crate::agent::embedded::Embedded;
+use crate::driver::{DiskStore, SiteDriver, require_disks};
+use crate::transfer::local::{self, Leaves, LocalMove};
 use crate::transfer::orchestrate::{BucketMove, Move, transfer, transfer_bucket};
-use crate::transfer::{CHUNK, DiskRef};
+use crate::transfer::{CHUNK, DiskRef, PullStatus};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,19 +47,84 @@ struct TransferParams {
     streams: Option<u32>,
     #[serde(default)]
     bwlimit: Option<u64>,
+    /// The source disk's change set since the pre-copy (a final delta),
+    /// when the source tracked it.
+    #[serde(default)]
+    changes: Option<PathBuf>,
+    /// Where the orchestrator keeps the leaves of the last verified run
+    /// onto this disk, for a final delta between sites of this process.
+    #[serde(default)]
+    leaves: Option<PathBuf>,
 }
 
 /// `disk-transfer`: see the module docs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DiskTransfer;
 
-fn agent_of<'a>(site: &'a dyn SiteDriver, name: &str) -> SdkResult<&'a AgentClient> {
-    site.agent().ok_or_else(|| SdkError::NotSupported {
-        operation: format!(
-            "moving disks agent to agent: site {name} has no `agent` (run `fluidcloud agent` there)"
-        ),
-        site: Some(name.to_owned()),
-    })
+/// The agents of both ends of a transfer that involves at least one site
+/// reached through its agent: each site's own, or, for a site of this
+/// process, an agent embedded in this process for the transfer
+/// ([`Embedded`]).
+struct Ends {
+    source: Arc<dyn SiteDriver>,
+    target: Arc<dyn SiteDriver>,
+    embedded: Option<Embedded>,
+}
+
+impl Ends {
+    async fn of(
+        sites_file: &std::path::Path,
+        source: Arc<dyn SiteDriver>,
+        target: Arc<dyn SiteDriver>,
+    ) -> SdkResult<Self> {
+        let embed = |here: &Arc<dyn SiteDriver>, peer: &AgentClient| {
+            let (here, peer) = (here.clone(), peer.url().to_owned());
+            async move {
+                let name = here.name().to_owned();
+                Embedded::start(sites_file, &name, here, Some(&peer)).await
+            }
+        };
+        let embedded = match (source.agent(), target.agent()) {
+            (Some(_), Some(_)) => None,
+            (Some(peer), None) => Some(embed(&target, peer).await?),
+            (None, Some(peer)) => Some(embed(&source, peer).await?),
+            (None, None) => {
+                return Err(SdkError::Precondition(format!(
+                    "a transfer between {} and {}, both in this process, needs no agents",
+                    source.name(),
+                    target.name()
+                )));
+            }
+        };
+        Ok(Self {
+            source,
+            target,
+            embedded,
+        })
+    }
+
+    fn agent<'a>(&'a self, site: &'a Arc<dyn SiteDriver>) -> SdkResult<&'a AgentClient> {
+        site.agent()
+            .or_else(|| self.embedded.as_ref().map(Embedded::client))
+            .ok_or_else(|| SdkError::NotSupported {
+                operation: "a transfer without an agent".into(),
+                site: Some(site.name().to_owned()),
+            })
+    }
+
+    fn source(&self) -> SdkResult<&AgentClient> {
+        self.agent(&self.source)
+    }
+
+    fn target(&self) -> SdkResult<&AgentClient> {
+        self.agent(&self.target)
+    }
+
+    async fn close(self) {
+        if let Some(e) = self.embedded {
+            e.stop().await;
+        }
+    }
 }
 
 /// What a transfer between two sites is estimated to cost: its bytes read,
@@ -72,10 +143,10 @@ pub(super) fn both_sites(
     sites_file: &std::path::Path,
     from: &str,
     to: &str,
-) -> SdkResult<(Box<dyn SiteDriver>, Box<dyn SiteDriver>)> {
+) -> SdkResult<(Arc<dyn SiteDriver>, Arc<dyn SiteDriver>)> {
     let (_, source) = open_site(sites_file, from)?;
     let (_, target) = open_site(sites_file, to)?;
-    Ok((source, target))
+    Ok((Arc::from(source), Arc::from(target)))
 }
 
 /// What a relocation's transfers between two sites share a bandwidth
@@ -121,57 +192,36 @@ impl Migrator for DiskTransfer {
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: TransferParams = params(request)?;
         let (source, target) = both_sites(&p.sites_file, &p.from, &p.site)?;
-        let m = Move {
-            from: p.source.clone(),
-            into: p.into.clone(),
-            owner: owner(&p),
-            streams: p.streams,
-            bwlimit: p.bwlimit,
-            limit_key: Some(limit_key(&p.relocation, &p.from, &p.site)),
+        let (status, read, tracked) = if source.agent().is_none() && target.agent().is_none() {
+            local_move(&p, source, target, ctx).await?
+        } else {
+            let ends = Ends::of(&p.sites_file, source, target).await?;
+            let moved = match (ends.source(), ends.target()) {
+                (Ok(from), Ok(into)) => agent_move(&p, from, into, ctx).await,
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            ends.close().await;
+            let (status, read) = moved?;
+            (status, read, false)
         };
-        let show = |s: &crate::transfer::PullStatus, g: &crate::transfer::TicketGrant| {
-            ctx.progress
-                .progress((s.done * CHUNK).min(g.virtual_size), Some(g.virtual_size));
-        };
-        let (status, grant) = transfer(
-            agent_of(source.as_ref(), &p.from)?,
-            agent_of(target.as_ref(), &p.site)?,
-            &m,
-            &show,
-        )
-        .await?;
-        let kind = match p.into.store {
-            DiskStore::Volume => ArtifactKind::Volume,
-            DiskStore::Image => ArtifactKind::DiskImage {
-                format: p.into.format,
-            },
-        };
-        let mut out = StepOutput::default();
-        out.artifacts.insert(
-            "disk".into(),
-            Artifact {
-                kind,
-                site: p.site.clone(),
-                locator: p.into.name.clone(),
-                size: Some(grant.virtual_size),
-                checksum: status.root.as_ref().map(|r| format!("merkle:{r}")),
-            },
-        );
-        out.measured = Estimate {
-            bytes_read: grant.data_bytes,
-            bytes_sent: status.wire_bytes,
-            bytes_written: status.data_bytes,
-            seconds: status.elapsed_s,
-        };
-        for (k, v) in [
-            ("data_bytes", status.data_bytes),
-            ("wire_bytes", status.wire_bytes),
-            ("same_chunks", status.same_chunks),
-            ("resent_chunks", status.resent_chunks),
-            ("reconnects", status.reconnects),
-        ] {
-            out.facts.insert(k.into(), serde_json::json!(v));
-        }
+        ctx.progress.message(&format!(
+            "{} {} at {}: {} of {} chunks written ({} bytes), {} unchanged{}",
+            p.into.store.as_str(),
+            p.into.name,
+            p.site,
+            status.data_chunks,
+            status.chunks,
+            status.data_bytes,
+            status.same_chunks,
+            if tracked {
+                "; only the chunks the guest wrote were looked at"
+            } else {
+                ""
+            }
+        ));
+        let mut out = transfer_output(&p, &status, read);
+        // Whether it looked only at the chunks the change set named.
+        out.facts.insert("tracked".into(), tracked.into());
         Ok(out)
     }
 
@@ -183,17 +233,145 @@ impl Migrator for DiskTransfer {
     ) -> SdkResult<()> {
         let p: TransferParams = params(request)?;
         let (_, target) = open_site(&p.sites_file, &p.site)?;
-        let _: bool = agent_of(target.as_ref(), &p.site)?
-            .post(
-                "/v1/disks/remove",
-                &crate::agent::server::RemoveDisk {
-                    disk: p.into.clone(),
-                    owner: owner(&p),
-                },
-            )
-            .await?;
+        if let Some(agent) = target.agent() {
+            let _: bool = agent
+                .post(
+                    "/v1/disks/remove",
+                    &crate::agent::server::RemoveDisk {
+                        disk: p.into.clone(),
+                        owner: owner(&p),
+                    },
+                )
+                .await?;
+        } else {
+            let into = p.into.clone();
+            let who = owner(&p);
+            tokio::task::spawn_blocking(move || {
+                require_disks(target.as_ref())?
+                    .remove(into.store, &into.name, &who)
+                    .map(drop)
+            })
+            .await
+            .map_err(|e| SdkError::Transient(format!("a rollback task failed: {e}")))??;
+        }
+        if let Some(path) = &p.leaves {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SdkError::io(format!("removing {}", path.display()), e)),
+            }
+        }
         Ok(())
     }
+}
+
+/// The move agent to agent: its status, and the bytes the source read.
+async fn agent_move(
+    p: &TransferParams,
+    from: &AgentClient,
+    into: &AgentClient,
+    ctx: &ExecContext,
+) -> SdkResult<(PullStatus, u64)> {
+    let m = Move {
+        from: p.source.clone(),
+        into: p.into.clone(),
+        owner: owner(p),
+        streams: p.streams,
+        bwlimit: p.bwlimit,
+        limit_key: Some(limit_key(&p.relocation, &p.from, &p.site)),
+    };
+    let show = |s: &PullStatus, g: &crate::transfer::TicketGrant| {
+        ctx.progress
+            .progress((s.done * CHUNK).min(g.virtual_size), Some(g.virtual_size));
+    };
+    let (status, grant) = transfer(from, into, &m, &show).await?;
+    Ok((status, grant.data_bytes))
+}
+
+/// Threads of a move between sites of this process.
+const LOCAL_WORKERS: usize = 4;
+
+/// The move between two sites of this process (`transfer::local`): its
+/// status, the bytes read at the source, and whether it looked only at the
+/// changed chunks (given a change set and the leaves of the last verified
+/// run).
+async fn local_move(
+    p: &TransferParams,
+    source: Arc<dyn SiteDriver>,
+    target: Arc<dyn SiteDriver>,
+    ctx: &ExecContext,
+) -> SdkResult<(PullStatus, u64, bool)> {
+    let since = match (&p.changes, &p.leaves) {
+        (Some(c), Some(l)) if c.exists() => {
+            let set = fluidcloud_migrators::changes::ChangeSet::load(c)?;
+            Leaves::load(l)?
+                .filter(|base| base.virtual_size == set.virtual_size)
+                .map(|base| (set.chunks(CHUNK), base))
+        }
+        _ => None,
+    };
+    let tracked = since.is_some();
+    let (from, into, who) = (p.source.clone(), p.into.clone(), owner(p));
+    let (progress, cancel) = (ctx.progress.clone(), ctx.cancel.clone());
+    let leaves_at = p.leaves.clone();
+    tokio::task::spawn_blocking(move || {
+        let m = LocalMove {
+            source: require_disks(source.as_ref())?,
+            from: &from,
+            target: require_disks(target.as_ref())?,
+            into: &into,
+            owner: &who,
+            workers: LOCAL_WORKERS,
+            since,
+            cancel: &cancel,
+            progress: &|done, of| progress.progress(done * CHUNK, Some(of * CHUNK)),
+        };
+        let moved = local::run(&m)?;
+        if let Some(path) = &leaves_at {
+            Leaves::store(path, &moved.leaves)?;
+        }
+        Ok((moved.status, moved.read, tracked))
+    })
+    .await
+    .map_err(|e| SdkError::Transient(format!("a transfer task failed: {e}")))?
+}
+
+/// The step's output: the disk written, with its verified root, and what
+/// the move read, sent and wrote.
+fn transfer_output(p: &TransferParams, status: &PullStatus, read: u64) -> StepOutput {
+    let kind = match p.into.store {
+        DiskStore::Volume => ArtifactKind::Volume,
+        DiskStore::Image => ArtifactKind::DiskImage {
+            format: p.into.format,
+        },
+    };
+    let mut out = StepOutput::default();
+    out.artifacts.insert(
+        "disk".into(),
+        Artifact {
+            kind,
+            site: p.site.clone(),
+            locator: p.into.name.clone(),
+            size: status.record.as_ref().map(|r| r.virtual_size),
+            checksum: status.root.as_ref().map(|r| format!("blake3-merkle:{r}")),
+        },
+    );
+    out.measured = Estimate {
+        bytes_read: read,
+        bytes_sent: status.wire_bytes,
+        bytes_written: status.data_bytes,
+        seconds: status.elapsed_s,
+    };
+    for (k, v) in [
+        ("data_bytes", status.data_bytes),
+        ("wire_bytes", status.wire_bytes),
+        ("same_chunks", status.same_chunks),
+        ("resent_chunks", status.resent_chunks),
+        ("reconnects", status.reconnects),
+    ] {
+        out.facts.insert(k.into(), serde_json::json!(v));
+    }
+    out
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,7 +395,8 @@ fn bucket_owner(p: &BucketParams) -> String {
 }
 
 /// `bucket-transfer`: a bucket moved from the source site's agent to the
-/// target site's agent (`crate::transfer::objects`): every object checked
+/// target site's agent (`crate::transfer::objects`), one of them embedded
+/// in this process when its site runs here: every object checked
 /// against its BLAKE3 hash, both listings compared at the end. A second
 /// run (the final delta) fetches only what changed and removes what the
 /// source no longer has. Rollback removes the bucket when this relocation
@@ -256,13 +435,13 @@ impl Migrator for BucketTransfer {
             limit_key: Some(limit_key(&p.relocation, &p.from, &p.site)),
         };
         let show = |s: &crate::transfer::PullStatus| ctx.progress.progress(s.done, Some(s.chunks));
-        let status = transfer_bucket(
-            agent_of(source.as_ref(), &p.from)?,
-            agent_of(target.as_ref(), &p.site)?,
-            &m,
-            &show,
-        )
-        .await?;
+        let ends = Ends::of(&p.sites_file, source, target).await?;
+        let moved = match (ends.source(), ends.target()) {
+            (Ok(from), Ok(into)) => transfer_bucket(from, into, &m, &show).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        ends.close().await;
+        let status = moved?;
         let mut out = StepOutput::default();
         out.artifacts.insert(
             "bucket".into(),
@@ -293,15 +472,22 @@ impl Migrator for BucketTransfer {
     ) -> SdkResult<()> {
         let p: BucketParams = params(request)?;
         let (_, target) = open_site(&p.sites_file, &p.site)?;
-        let _: bool = agent_of(target.as_ref(), &p.site)?
-            .post(
-                "/v1/buckets/remove",
-                &crate::agent::server::RemoveBucket {
-                    bucket: p.bucket.clone(),
-                    owner: bucket_owner(&p),
-                },
-            )
-            .await?;
-        Ok(())
+        let remove = crate::agent::server::RemoveBucket {
+            bucket: p.bucket.clone(),
+            owner: bucket_owner(&p),
+        };
+        if let Some(agent) = target.agent() {
+            let _: bool = agent.post("/v1/buckets/remove", &remove).await?;
+            return Ok(());
+        }
+        // A site of this process: its buckets' creators are recorded by
+        // the agent embedded for the transfer, which removes it again.
+        let here = Embedded::start(&p.sites_file, &p.site, Arc::from(target), None).await?;
+        let removed = here
+            .client()
+            .post::<_, bool>("/v1/buckets/remove", &remove)
+            .await;
+        here.stop().await;
+        removed.map(drop)
     }
 }

@@ -24,6 +24,7 @@
 
 pub mod frame;
 pub mod limit;
+pub mod local;
 pub mod objects;
 pub mod orchestrate;
 pub mod pull;

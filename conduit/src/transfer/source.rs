@@ -97,7 +97,7 @@ pub struct Tickets {
     map: Mutex<HashMap<[u8; 32], Arc<Ticket>>>,
 }
 
-fn random_secret() -> Result<String> {
+pub(crate) fn random_secret() -> Result<String> {
     use std::io::Read as _;
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")
