@@ -290,6 +290,13 @@ pub trait ObjectStorage: Send + Sync {
     async fn bucket(&self, name: &str) -> Result<Arc<dyn ObjectStore>>;
     /// Removes a bucket and everything in it.
     async fn delete_bucket(&self, name: &str) -> Result<()>;
+    /// Where `object-copy` reaches bucket `name` from this process, when
+    /// it can: `file:///…`, or `s3://…` naming its credentials by variable
+    /// only. `None` for object storage it cannot open as a URL.
+    fn location(&self, name: &str) -> Option<Result<String>> {
+        let _ = name;
+        None
+    }
     /// How many objects and bytes bucket `name` holds.
     async fn summary(&self, name: &str) -> Result<BucketSummary> {
         use futures::TryStreamExt as _;

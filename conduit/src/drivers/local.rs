@@ -70,9 +70,8 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
     let mut site = LocalSite::new(name, root).with_backing_dirs(config.allow_backing_dirs.clone());
     if let Some(url) = &config.buckets_url {
         // Parse now so a malformed URL is a config error, not a late failure.
-        crate::relocate::bucket_url(name, config, "probe")
+        BucketLocation::parse(&s3_url(config, "probe"))
             .ok()
-            .and_then(|u| BucketLocation::parse(&u).ok())
             .filter(|l| matches!(l, BucketLocation::S3(_)))
             .ok_or_else(|| crate::Error::Config {
                 diagnostics: vec![
@@ -87,6 +86,28 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
         });
     }
     Ok(Box::new(site))
+}
+
+/// Bucket `bucket` on the S3 endpoint of `config.buckets_url`, as an
+/// `object-copy` location: its query with the credentials' variable names
+/// added.
+fn s3_url(config: &SiteConfig, bucket: &str) -> String {
+    let base = config.buckets_url.as_deref().unwrap_or_default();
+    let rest = base.trim_start_matches("s3://");
+    let (_, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut q: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(c) = &config.credentials {
+        for (field, var) in c.references() {
+            if field != "token_env" && !q.iter().any(|p| p.starts_with(field)) {
+                q.push(format!("{field}={var}"));
+            }
+        }
+    }
+    format!("s3://{bucket}?{}", q.join("&"))
 }
 
 /// Buckets kept on an S3 endpoint (`buckets_url`).
@@ -770,8 +791,7 @@ impl LocalSite {
                 other => Error::Precondition(other.to_string()),
             })?;
         }
-        let url = crate::relocate::bucket_url(&self.name, &s3.config, bucket)
-            .map_err(|e| Error::Precondition(e.to_string()))?;
+        let url = s3_url(&s3.config, bucket);
         match BucketLocation::parse(&url).map_err(|e| self.s3_error(e))? {
             BucketLocation::S3(l) => Ok(Some(l)),
             BucketLocation::Dir { .. } => Err(Error::Precondition(format!(
@@ -798,6 +818,17 @@ impl LocalSite {
 
 #[async_trait]
 impl ObjectStorage for LocalSite {
+    fn location(&self, name: &str) -> Option<Result<String>> {
+        if let Some(s3) = &self.s3 {
+            return Some(Ok(s3_url(&s3.config, name)));
+        }
+        Some(
+            std::fs::canonicalize(&self.root)
+                .map(|root| format!("file://{}", root.join("buckets").join(name).display()))
+                .map_err(|e| Error::io(format!("site directory {}", self.root.display()), e)),
+        )
+    }
+
     async fn list_buckets(&self) -> Result<Vec<String>> {
         // Any valid name: only the endpoint and key are used.
         if let Some(loc) = self.s3_location("list")? {

@@ -191,11 +191,14 @@ fn not_supported(operation: String, site: &str) -> Error {
     }
 }
 
-/// The directory of a site whose data lives on this machine.
+/// The directory of a `local` site of this process: the value of
+/// `${source_root}` and `${target_root}` in the steps a service manifest
+/// adds (`extra.rs`). The data steps never use it: they go through the
+/// sites' capabilities.
 ///
 /// # Errors
-/// `NotSupported` for site kinds whose data is not reachable as files.
-pub fn site_root(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
+/// `NotSupported` for any other site.
+fn site_root(name: &str, cfg: &SiteConfig) -> Result<PathBuf> {
     match (&cfg.path, cfg.kind.as_str()) {
         (Some(p), "local") => std::fs::canonicalize(p).map_err(|e| Error::Site {
             site: name.to_owned(),
@@ -261,36 +264,6 @@ pub fn generated_mac(relocation_id: &str, instance: &str, index: usize) -> Strin
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[5], b[6], b[7])
 }
 
-/// Where bucket `bucket` of site `name` lives, as an object-copy location
-/// URL (`file:///…` or `s3://…`; credentials by variable name only).
-///
-/// # Errors
-/// As [`site_root`].
-pub fn bucket_url(name: &str, cfg: &SiteConfig, bucket: &str) -> Result<String> {
-    if let Some(base) = &cfg.buckets_url {
-        let rest = base.trim_start_matches("s3://");
-        let (_, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut q: Vec<String> = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if let Some(c) = &cfg.credentials {
-            for (field, var) in c.references() {
-                if field != "token_env" && !q.iter().any(|p| p.starts_with(field)) {
-                    q.push(format!("{field}={var}"));
-                }
-            }
-        }
-        return Ok(format!("s3://{bucket}?{}", q.join("&")));
-    }
-    let root = site_root(name, cfg)?;
-    Ok(format!(
-        "file://{}",
-        root.join("buckets").join(bucket).display()
-    ))
-}
-
 fn image_ext(f: ImageFormat) -> &'static str {
     f.as_str()
 }
@@ -311,6 +284,29 @@ fn move_host(host: &str, from_domains: &[String], to_domain: &str) -> Option<Str
             .filter(|head| head.ends_with('.'))
             .map(|head| format!("{head}{to_domain}"))
     })
+}
+
+/// Where `object-copy` reaches bucket `bucket` of site `site` from this
+/// process, as its object storage says ([`crate::driver::ObjectStorage::location`]).
+///
+/// # Errors
+/// `NotSupported` for a site without object storage this process reaches.
+fn bucket_location(site: &str, cfg: &SiteConfig, bucket: &str) -> Result<String> {
+    let driver = crate::drivers::open(site, cfg)?;
+    let site_err = |source: SdkError| Error::Site {
+        site: site.to_owned(),
+        source,
+    };
+    driver
+        .object_storage()
+        .and_then(|o| o.location(bucket))
+        .ok_or_else(|| {
+            not_supported(
+                format!("copying bucket {bucket} to or from a `{}` site", cfg.kind),
+                site,
+            )
+        })?
+        .map_err(site_err)
 }
 
 /// A step id safe for the journal and for file names.
@@ -838,13 +834,13 @@ impl Planner<'_> {
         tcfg: &SiteConfig,
     ) -> Result<StepSpec> {
         let input = self.input;
-        let source = bucket_url(input.from, self.from_cfg, name)?;
+        let source = bucket_location(input.from, self.from_cfg, name)?;
         let mut params = serde_json::json!({
             "mode": input.bucket_mode.as_str(),
             "record_dir": input.records.display().to_string(),
         });
         if input.bucket_mode == BucketMode::Copy {
-            params["target"] = serde_json::json!(bucket_url(target, tcfg, name)?);
+            params["target"] = serde_json::json!(bucket_location(target, tcfg, name)?);
         }
         Ok(StepSpec::new(id, "object-copy", target)
             .params(params)
