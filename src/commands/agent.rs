@@ -51,8 +51,9 @@ pub(crate) struct AgentArgs {
     /// `agent-SITE/`).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Transfer stripes sent at once, over every transfer (each holds
-    /// about three 4 MiB chunks in memory).
+    /// Transfer stripes sent at once over every transfer, and received at
+    /// once over every pull (each holds about three 4 MiB chunks in
+    /// memory); more wait their turn.
     #[arg(long, default_value_t = 32, value_name = "N")]
     max_stripes: usize,
 }
@@ -88,6 +89,7 @@ pub(crate) async fn run(g: &Globals, a: AgentArgs) -> Result<()> {
             )
         ));
     }
+    fluidcloud_conduit::agent::server::return_chunks_to_the_system();
     let driver: Arc<dyn fluidcloud_conduit::driver::SiteDriver> =
         Arc::from(drivers::open(&a.site, cfg)?);
     driver

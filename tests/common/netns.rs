@@ -91,22 +91,33 @@ pub fn spawn_agent(
     port: u16,
     hide: &[&Path],
 ) -> (Child, String) {
+    spawn_agent_with(net, ns, config, site, port, hide, &[])
+}
+
+/// [`spawn_agent`] with `extra` arguments for the agent.
+pub fn spawn_agent_with(
+    net: &Net,
+    ns: &str,
+    config: &Path,
+    site: &str,
+    port: u16,
+    hide: &[&Path],
+    extra: &[&str],
+) -> (Child, String) {
     let listen = format!("{}:{port}", net.addr(ns));
+    let mut args = vec![
+        env!("CARGO_BIN_EXE_fluidcloud"),
+        "--config",
+        config.to_str().unwrap(),
+        "agent",
+        "--site",
+        site,
+        "--listen",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
     let mut child = net
-        .command(
-            ns,
-            hide,
-            &[
-                env!("CARGO_BIN_EXE_fluidcloud"),
-                "--config",
-                config.to_str().unwrap(),
-                "agent",
-                "--site",
-                site,
-                "--listen",
-                &listen,
-            ],
-        )
+        .command(ns, hide, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

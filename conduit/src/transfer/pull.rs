@@ -35,6 +35,9 @@ pub struct PullContext {
     pub limits: Arc<Limits>,
     /// Set when the agent shuts down: stripes stop at the next frame.
     pub stopping: Arc<AtomicBool>,
+    /// Stripes received at once, over every pull: each holds about three
+    /// chunks in memory, so this bounds what pulls cost.
+    pub receiving: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for PullContext {
@@ -357,6 +360,13 @@ enum Ended {
 
 impl Stripe {
     async fn run(mut self) -> Result<()> {
+        let _permit = self
+            .ctx
+            .receiving
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Transient("the agent is shutting down".into()))?;
         let mut next = 0u64;
         let mut failures = 0u32;
         loop {
