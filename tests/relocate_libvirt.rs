@@ -909,6 +909,31 @@ fn a_guest_moves_between_pools_served_by_agents_in_two_namespaces_and_boots_with
         let _ = a.wait();
     }
     assert!(text.contains("disk-transfer"), "{text}");
+    // The source agent tracked the guest's writes; the final delta between
+    // the agents looked only at the chunks they touched.
+    let id = common::relocation_id(&text);
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+            .args([
+                "--config",
+                orch_config.to_str().unwrap(),
+                "--json",
+                "report",
+                &id,
+            ])
+            .output()
+            .unwrap()))
+        .unwrap();
+    assert_eq!(report["final_delta"]["disks_rehashed"], 0, "{report}");
+    assert!(
+        report["final_delta"]["disks_tracked"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    let last = common::report_step(&report, "final:guest.qcow2");
+    assert_eq!(last["state"], "succeeded", "{last}");
+    if report["final_delta"]["changed_bytes"] == 0 {
+        assert_eq!(last["bytes_written"], 0, "the guest wrote nothing: {last}");
+    }
     let target = format!("{}tiny", w.b.prefix());
     let disk = w.b.dir.join("guest.raw");
     assert_eq!(qemu_format(&disk), "raw");

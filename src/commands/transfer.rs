@@ -138,6 +138,7 @@ pub(crate) async fn run(g: &Globals, a: TransferArgs) -> Result<()> {
         streams: a.streams,
         bwlimit: a.bwlimit,
         limit_key: Some(format!("{from_site}->{to_site}")),
+        only: None,
     };
     let bar = progress_bar(g.json);
     let started = Instant::now();

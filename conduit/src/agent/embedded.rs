@@ -58,6 +58,7 @@ impl Embedded {
         driver: Arc<dyn SiteDriver>,
         peer_url: Option<&str>,
     ) -> Result<Self> {
+        super::server::return_chunks_to_the_system();
         let ip = match peer_url {
             Some(url) => local_ip_towards(url).await?,
             None => IpAddr::from([127, 0, 0, 1]),

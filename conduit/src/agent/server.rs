@@ -95,6 +95,7 @@ impl AgentState {
                 limits: Arc::new(Limits::default()),
                 stopping: Arc::new(AtomicBool::new(false)),
                 receiving: Arc::new(Semaphore::new(options.max_stripes.max(1))),
+                state_dir: options.state_dir.clone(),
             },
             driver,
             token: options.token.as_deref().map(|t| blake3::hash(t.as_bytes())),

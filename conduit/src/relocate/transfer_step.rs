@@ -202,7 +202,8 @@ impl Migrator for DiskTransfer {
             };
             ends.close().await;
             let (status, read) = moved?;
-            (status, read, false)
+            let tracked = status.tracked;
+            (status, read, tracked)
         };
         ctx.progress.message(&format!(
             "{} {} at {}: {} of {} chunks written ({} bytes), {} unchanged{}",
@@ -272,6 +273,12 @@ async fn agent_move(
     into: &AgentClient,
     ctx: &ExecContext,
 ) -> SdkResult<(PullStatus, u64)> {
+    let only = match &p.changes {
+        Some(c) if c.exists() => {
+            Some(fluidcloud_migrators::changes::ChangeSet::load(c)?.chunks(CHUNK))
+        }
+        _ => None,
+    };
     let m = Move {
         from: p.source.clone(),
         into: p.into.clone(),
@@ -279,13 +286,20 @@ async fn agent_move(
         streams: p.streams,
         bwlimit: p.bwlimit,
         limit_key: Some(limit_key(&p.relocation, &p.from, &p.site)),
+        only,
     };
     let show = |s: &PullStatus, g: &crate::transfer::TicketGrant| {
         ctx.progress
             .progress((s.done * CHUNK).min(g.virtual_size), Some(g.virtual_size));
     };
     let (status, grant) = transfer(from, into, &m, &show).await?;
-    Ok((status, grant.data_bytes))
+    // A tracked delta read the chunks of its change set only.
+    let read = if status.tracked {
+        grant.data_bytes.min(status.chunks * CHUNK)
+    } else {
+        grant.data_bytes
+    };
+    Ok((status, read))
 }
 
 /// Threads of a move between sites of this process.
@@ -328,7 +342,7 @@ async fn local_move(
         };
         let moved = local::run(&m)?;
         if let Some(path) = &leaves_at {
-            Leaves::store(path, &moved.leaves)?;
+            Leaves::store(path, &moved.leaves, None)?;
         }
         Ok((moved.status, moved.read, tracked))
     })

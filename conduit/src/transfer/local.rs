@@ -295,6 +295,10 @@ pub struct Leaves {
     chunk: u64,
     /// Chunks holding data, by index: their BLAKE3, hex.
     data: BTreeMap<u64, String>,
+    /// Creator tag of the transfer that left them (kept by agents, whose
+    /// disks outlive a relocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
 }
 
 impl Leaves {
@@ -303,6 +307,15 @@ impl Leaves {
     /// # Errors
     /// An unreadable or malformed file, naming it.
     pub fn load(path: &Path) -> Result<Option<Manifest>> {
+        Self::load_for(path, None)
+    }
+
+    /// As [`Self::load`], and only when a transfer of the same relocation
+    /// as `owner` left them (any, without `owner`).
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    pub fn load_for(path: &Path, owner: Option<&str>) -> Result<Option<Manifest>> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -313,7 +326,12 @@ impl Leaves {
             offset: 0,
         };
         let l: Self = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if l.chunk != CHUNK {
+        let same = match (owner, &l.owner) {
+            (None, _) => true,
+            (Some(want), Some(had)) => fluidcloud_migrators::owner::same_relocation(had, want),
+            (Some(_), None) => false,
+        };
+        if l.chunk != CHUNK || !same {
             return Ok(None);
         }
         let mut m = Manifest::zero(CHUNK, l.virtual_size);
@@ -327,15 +345,17 @@ impl Leaves {
         Ok(Some(m))
     }
 
-    /// Stores `m` at `path`, replacing it whole.
+    /// Stores `m` at `path`, left by the transfer of `owner`, replacing
+    /// it whole.
     ///
     /// # Errors
     /// I/O errors naming the file.
-    pub fn store(path: &Path, m: &Manifest) -> Result<()> {
+    pub fn store(path: &Path, m: &Manifest, owner: Option<&str>) -> Result<()> {
         let l = Self {
             virtual_size: m.virtual_size,
             chunk: m.chunk_size,
             data: m.data.iter().map(|(i, h)| (*i, hex(h))).collect(),
+            owner: owner.map(str::to_owned),
         };
         let text = serde_json::to_vec(&l).map_err(|e| Error::Transient(e.to_string()))?;
         if let Some(dir) = path.parent() {
@@ -547,7 +567,7 @@ mod tests {
         let path = dir.path().join("l/x.json");
         let mut m = Manifest::zero(CHUNK, 9 * MIB);
         m.set(1, Leaf::Data([7; 32]));
-        Leaves::store(&path, &m).unwrap();
+        Leaves::store(&path, &m, None).unwrap();
         assert_eq!(Leaves::load(&path).unwrap(), Some(m));
         assert_eq!(Leaves::load(&dir.path().join("none")).unwrap(), None);
         std::fs::write(

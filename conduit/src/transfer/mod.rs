@@ -116,6 +116,11 @@ pub struct StripeRequest {
     /// gives up the stripe.
     #[serde(default)]
     pub idle_s: Option<u64>,
+    /// Only these chunks of the stripe, at or after `from`, in increasing
+    /// order: the target knows every other chunk is unchanged (a change
+    /// set after a verified transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<u64>>,
 }
 
 /// Source agent → target agent: the source disk's Merkle root.
@@ -163,6 +168,12 @@ pub struct PullRequest {
     /// What the limit is shared by (a relocation, a site pair).
     #[serde(default)]
     pub limit_key: Option<String>,
+    /// The only chunks that can differ from what the target's last
+    /// verified pull of this disk (by the same relocation) left: the
+    /// source's change set since. Without the leaves of that pull the
+    /// target looks at every chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<u64>>,
 }
 
 /// Where a pull is.
@@ -202,6 +213,9 @@ pub struct PullStatus {
     pub same_chunks: u64,
     /// Seconds since the pull started.
     pub elapsed_s: f64,
+    /// Whether only the chunks of the change set were looked at.
+    #[serde(default)]
+    pub tracked: bool,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -32,6 +32,9 @@ pub struct Move {
     pub bwlimit: Option<u64>,
     /// What shares the limit.
     pub limit_key: Option<String>,
+    /// The only chunks that can have changed since the last verified
+    /// transfer of this disk (a change set); see [`PullRequest::only`].
+    pub only: Option<Vec<u64>>,
 }
 
 /// Whole transfers tried (each with a new ticket) before giving up.
@@ -117,6 +120,7 @@ async fn once(
         streams: m.streams,
         bwlimit: m.bwlimit,
         limit_key: m.limit_key.clone(),
+        only: m.only.clone(),
     };
     let started: PullStatus = target.post("/v1/pulls", &req).await?;
     let what = m.from.to_string();

@@ -12,6 +12,7 @@ use fluidcloud_plugins::{Error, Result};
 
 use super::frame::{self, Expect, Frame};
 use super::limit::{Bucket, Limits};
+use super::local::Leaves;
 use super::{
     CHUNK, DEFAULT_STREAMS, MAX_STREAMS, PullRequest, PullState, PullStatus, RootReply,
     StripeRequest, chunk_len, chunks_of, hex, read_leaf,
@@ -38,6 +39,9 @@ pub struct PullContext {
     /// Stripes received at once, over every pull: each holds about three
     /// chunks in memory, so this bounds what pulls cost.
     pub receiving: Arc<tokio::sync::Semaphore>,
+    /// Where the leaves of each verified pull are kept (`leaves/`), for a
+    /// later delta that names only the changed chunks.
+    pub state_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for PullContext {
@@ -159,11 +163,15 @@ async fn run_inner(
             .await?,
         )
     };
-    let have = {
-        let w = writer.clone();
-        let size = req.virtual_size;
-        blocking(move || hash_current(w.as_ref(), size)).await?
+    let leaves_at = leaves_path(ctx, &req.into);
+    let held = {
+        let (w, size, only) = (writer.clone(), req.virtual_size, req.only.clone());
+        let (at, owner) = (leaves_at.clone(), req.owner.clone());
+        blocking(move || Held::of(w.as_ref(), size, only.as_deref(), &at, &owner)).await?
     };
+    if let Some(only) = &held.only {
+        pull.set_chunks(only.len() as u64);
+    }
     let client = client_for(&req.source.fingerprint, &ctx.identity)?;
     let bucket = req.bwlimit.map(|rate| {
         let key = req
@@ -173,7 +181,7 @@ async fn run_inner(
         ctx.limits.bucket(&key, rate)
     });
     let stripes = u64::from(req.streams.unwrap_or(DEFAULT_STREAMS).clamp(1, MAX_STREAMS));
-    let written = Arc::new(Mutex::new(have.clone()));
+    let written = Arc::new(Mutex::new(held.written.clone()));
     let mut tasks = Vec::new();
     for k in 0..stripes {
         let stripe = Stripe {
@@ -182,12 +190,17 @@ async fn run_inner(
             req: req.clone(),
             stripe: k,
             stripes,
-            have: have
+            have: held
+                .have
                 .data
                 .iter()
                 .filter(|(i, _)| *i % stripes == k)
                 .map(|(i, h)| (*i, hex(h)))
                 .collect(),
+            only: held
+                .only
+                .as_ref()
+                .map(|o| o.iter().copied().filter(|i| i % stripes == k).collect()),
             writer: writer.clone(),
             written: written.clone(),
             pull: pull.clone(),
@@ -210,11 +223,24 @@ async fn run_inner(
     if let Some(e) = first_error {
         return Err(e);
     }
-    let ours = written
+    let leaves = written
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .root_hex();
-    let theirs: RootReply = peer(&client, req)
+        .clone();
+    let ours = leaves.root_hex();
+    if held.only.is_none() {
+        check_root(&client, req, &ours).await?;
+    }
+    pull.add(|s| s.tracked = held.only.is_some());
+    let record = blocking(move || writer.finish()).await?;
+    let owner = req.owner.clone();
+    blocking(move || Leaves::store(&leaves_at, &leaves, Some(&owner))).await?;
+    Ok((ours, record))
+}
+
+/// Compares `ours` with the Merkle root the source computes of its disk.
+async fn check_root(client: &reqwest::Client, req: &PullRequest, ours: &str) -> Result<()> {
+    let theirs: RootReply = peer(client, req)
         .post("/v1/transfers/root", &serde_json::json!({}))
         .await?
         .json()
@@ -234,8 +260,67 @@ async fn run_inner(
             offset: 0,
         });
     }
-    let record = blocking(move || writer.finish()).await?;
-    Ok((ours, record))
+    Ok(())
+}
+
+/// Where the leaves of the last verified pull of `disk` are kept.
+fn leaves_path(ctx: &PullContext, disk: &super::DiskRef) -> std::path::PathBuf {
+    ctx.state_dir
+        .join("leaves")
+        .join(format!("{}-{}.json", disk.store.as_str(), disk.name))
+}
+
+/// What the target holds before a pull: the leaves it sends as `have`,
+/// the leaves the pull starts from, and the chunks it looks at.
+struct Held {
+    have: Manifest,
+    written: Manifest,
+    /// `Some`: only these chunks (a change set, with the leaves of the
+    /// last verified pull by the same relocation for every other one).
+    only: Option<Vec<u64>>,
+}
+
+impl Held {
+    fn of(
+        writer: &dyn DiskWriter,
+        size: u64,
+        only: Option<&[u64]>,
+        leaves_at: &std::path::Path,
+        owner: &str,
+    ) -> Result<Self> {
+        let base = match only {
+            Some(_) => Leaves::load_for(leaves_at, Some(owner))?.filter(|b| b.virtual_size == size),
+            None => None,
+        };
+        let (Some(only), Some(mut written)) = (only, base) else {
+            let have = hash_current(writer, size)?;
+            return Ok(Self {
+                written: have.clone(),
+                have,
+                only: None,
+            });
+        };
+        let mut only: Vec<u64> = only
+            .iter()
+            .copied()
+            .filter(|i| *i < chunks_of(size))
+            .collect();
+        only.sort_unstable();
+        only.dedup();
+        let reader = writer.current()?;
+        let mut have = Manifest::zero(CHUNK, size);
+        let mut buf = Vec::new();
+        for &index in &only {
+            let leaf = read_leaf(reader.as_ref(), index, &mut buf)?;
+            have.set(index, leaf);
+            written.set(index, leaf);
+        }
+        Ok(Self {
+            have,
+            written,
+            only: Some(only),
+        })
+    }
 }
 
 /// Leaves of what the writer holds now; holes cost nothing.
@@ -341,6 +426,8 @@ struct Stripe {
     stripe: u64,
     stripes: u64,
     have: BTreeMap<u64, String>,
+    /// This stripe's chunks of a tracked pull; `None`: all of its chunks.
+    only: Option<Vec<u64>>,
     writer: Arc<dyn DiskWriter>,
     written: Arc<Mutex<Manifest>>,
     pull: Arc<Pull>,
@@ -399,12 +486,16 @@ impl Stripe {
     /// frame, a failing disk) return `Err`.
     async fn connection(&mut self, next: &mut u64) -> Result<Ended> {
         self.have.retain(|i, _| *i >= *next);
+        if let Some(only) = &mut self.only {
+            only.retain(|i| *i >= *next);
+        }
         let body = StripeRequest {
             stripe: self.stripe,
             stripes: self.stripes,
             from: *next,
             have: self.have.clone(),
             idle_s: Some(READ_TIMEOUT.as_secs()),
+            only: self.only.clone(),
         };
         let mut resp = match peer(&self.client, &self.req)
             .post("/v1/transfers/stripe", &body)

@@ -225,11 +225,26 @@ fn stripe_frames(
     }
     let chunks = chunks_of(ticket.virtual_size);
     let first = first_of_stripe(req.from, req.stripe, req.stripes);
+    let indices: Box<dyn Iterator<Item = u64>> = match &req.only {
+        Some(only) => {
+            let ordered = only.windows(2).all(|w| w.first() < w.get(1));
+            let ours = only
+                .iter()
+                .all(|i| *i < chunks && *i >= req.from && i % req.stripes == req.stripe);
+            if !ordered || !ours {
+                return Err(Error::Precondition(format!(
+                    "the chunks asked of stripe {} of {} are not its own, past {}, in order",
+                    req.stripe, req.stripes, req.from
+                )));
+            }
+            Box::new(only.clone().into_iter())
+        }
+        None => Box::new((first..chunks).step_by(usize::try_from(req.stripes).unwrap_or(1))),
+    };
     let mut buf = Vec::with_capacity(CHUNK as usize);
     let mut level = Level::default();
     let mut stats = StripeStats::default();
-    let mut index = first;
-    while index < chunks {
+    for index in indices {
         let leaf = read_leaf(reader.as_ref(), index, &mut buf)?;
         ticket
             .leaves
@@ -264,7 +279,6 @@ fn stripe_frames(
         if let Some(c) = compress_time {
             level.learn(c, sending.elapsed());
         }
-        index += req.stripes;
     }
     let _ = tx.blocking_send(frame::marker(Marker::End, chunks));
     Ok(stats)
