@@ -1122,3 +1122,66 @@ fn many_transfers_at_once_stay_within_the_agents_stripe_budget() {
         );
     }
 }
+
+#[test]
+fn a_relocation_rides_out_a_five_second_cut_of_the_site_link() {
+    let mut w = World::new("fc-agent-rcut", "200mbit");
+    // 128 MiB of random data in the volume: its pre-copy is the largest
+    // transfer, about 5 s at 200 Mbit/s.
+    let raw = service_at(&w, "a", 128);
+    w.start_agent("a");
+    w.start_agent("b");
+    let child = w.orch_spawn(&[
+        "--json",
+        "relocate",
+        "--from",
+        "a",
+        "--service",
+        "shop2",
+        "--to",
+        "b",
+        "--yes",
+    ]);
+    wait_for_bytes(&w.data("b").join("volumes/.data.raw.fcpart"), 24 << 20);
+    w.net.link("a", "down");
+    std::thread::sleep(Duration::from_secs(5));
+    w.net.link("a", "up");
+    let o = child.wait_with_output().unwrap();
+    ok(&o);
+    let id = json(&o)["id"].as_str().unwrap().to_owned();
+    check_moved(&w, &raw);
+    // Chunks that were on the wire when the link went down came again: at
+    // most two per stream (4 streams), over what the volume holds.
+    let report = json(&w.orch(&["--json", "report", &id]));
+    let pre = common::report_step(&report, "precopy:data.raw");
+    assert_eq!(pre["attempts"], 1, "it rode the cut out by itself: {pre}");
+    let written = pre["bytes_written"].as_u64().unwrap();
+    let held = data_chunks(&w.data("a").join("volumes/data.raw")) * (4 << 20);
+    assert!(
+        written >= held && written <= held + 2 * 4 * (4 << 20),
+        "{written} bytes written for {held} bytes of data chunks: {pre}"
+    );
+}
+
+/// 4 MiB chunks of the file at `path` that are not all zeros.
+fn data_chunks(path: &Path) -> u64 {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0;
+    loop {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read(&mut buf[got..]).unwrap() {
+                0 => break,
+                k => got += k,
+            }
+        }
+        if got == 0 {
+            return n;
+        }
+        if buf[..got].iter().any(|&b| b != 0) {
+            n += 1;
+        }
+    }
+}

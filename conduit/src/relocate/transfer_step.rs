@@ -127,14 +127,22 @@ impl Ends {
     }
 }
 
-/// What a transfer between two sites is estimated to cost: its bytes read,
-/// sent and written, over a WAN link of 100 Mbit/s until measured otherwise.
-fn wan_estimate(bytes: u64) -> Estimate {
+/// What a transfer of `bytes` between sites `from` and `to` is estimated
+/// to cost: its bytes read, sent and written, over a WAN link of
+/// 100 Mbit/s when either site is reached through its agent (until
+/// measured otherwise), else at local disk speed with nothing sent.
+fn estimate(sites_file: &std::path::Path, from: &str, to: &str, bytes: u64) -> Estimate {
+    let here =
+        crate::config::SitesFile::load(sites_file, &crate::drivers::kinds()).is_ok_and(|f| {
+            [from, to]
+                .iter()
+                .all(|s| f.site(s).is_ok_and(|c| c.agent.is_none()))
+        });
     Estimate {
         bytes_read: bytes,
-        bytes_sent: bytes,
+        bytes_sent: if here { 0 } else { bytes },
         bytes_written: bytes,
-        seconds: bytes as f64 / 12.5e6,
+        seconds: bytes as f64 / if here { 500e6 } else { 12.5e6 },
     }
 }
 
@@ -186,7 +194,7 @@ impl Migrator for DiskTransfer {
 
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let p: TransferParams = params(request)?;
-        Ok(wan_estimate(p.allocated))
+        Ok(estimate(&p.sites_file, &p.from, &p.site, p.allocated))
     }
 
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
@@ -434,7 +442,7 @@ impl Migrator for BucketTransfer {
 
     async fn plan(&self, request: &StepRequest) -> SdkResult<Estimate> {
         let p: BucketParams = params(request)?;
-        Ok(wan_estimate(p.bytes))
+        Ok(estimate(&p.sites_file, &p.from, &p.site, p.bytes))
     }
 
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
