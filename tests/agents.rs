@@ -757,6 +757,13 @@ fn a_service_relocates_between_agents_and_resumes_after_its_source_agent_was_kil
             .collect();
         assert!(left.is_empty(), "{d} at b after the rollback: {left:?}");
     }
+    // The leaves b's agent kept of the pulls went with the disks.
+    let leaves = w.site_dir("b").join(".fluidcloud/agent-b/leaves");
+    let kept: Vec<_> = std::fs::read_dir(&leaves)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
     assert_eq!(state_of(&w, "a"), "running");
 }
 
@@ -1184,4 +1191,64 @@ fn data_chunks(path: &Path) -> u64 {
             n += 1;
         }
     }
+}
+
+#[test]
+fn an_agent_without_a_token_answers_only_requests_naming_loopback() {
+    use std::io::BufRead as _;
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agents-noauth");
+    let _ = std::fs::remove_dir_all(&root);
+    common::local_site(&root.join("data"));
+    let config = root.join("sites.toml");
+    std::fs::write(
+        &config,
+        "[sites.here]\nkind = \"local\"\npath = \"data\"\njurisdiction = \"EU/FR\"\nlocation = { region = \"r\", latitude = 1.0, longitude = 2.0 }\n",
+    )
+    .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "agent",
+            "--site",
+            "here",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--no-auth"])
+        .env_remove("FLUIDCLOUD_AGENT_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let url = lines
+        .find_map(|l| {
+            l.unwrap()
+                .split_whitespace()
+                .find(|w| w.starts_with("https://"))
+                .map(str::to_owned)
+        })
+        .unwrap();
+    let get = |host: Option<&str>| {
+        let mut c = Command::new("curl");
+        c.args(["-sk", "-o", "/dev/stderr", "-w", "%{http_code}"]);
+        if let Some(h) = host {
+            c.args(["-H", &format!("Host: {h}")]);
+        }
+        let o = c.arg(format!("{url}/v1/site")).output().unwrap();
+        (stdout(&o), stderr(&o))
+    };
+    let (code, body) = get(None);
+    assert_eq!(code, "200", "{body}");
+    // A name that is not loopback (a DNS-rebinding page would send its
+    // own) is refused with one clear line.
+    let (code, body) = get(Some("evil.example"));
+    assert_eq!(code, "421", "{body}");
+    assert!(
+        body.contains("evil.example") && body.contains("without a token"),
+        "{body}"
+    );
+    let (code, _) = get(Some("localhost"));
+    assert_eq!(code, "200");
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

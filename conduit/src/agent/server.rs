@@ -217,9 +217,57 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .with_state(state)
 }
 
+/// The host a request names (`Host`, or the authority of an absolute
+/// URI), without its port.
+fn requested_host(req: &Request) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })?;
+    let host = match raw.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default().to_owned(),
+        None => raw
+            .rsplit_once(':')
+            .map_or(raw.as_str(), |(h, _)| h)
+            .to_owned(),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Whether `host` names this machine's loopback: `localhost`, or a
+/// loopback address.
+fn is_loopback_name(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn bearer(State(s): Shared, req: Request, next: Next) -> Response {
     let Some(want) = s.token else {
-        return next.run(req).await;
+        // Without a token (loopback only): answer only requests that name
+        // this machine's loopback, so that a web page cannot reach the
+        // agent through a name of its own that resolves to it (DNS
+        // rebinding).
+        let host = requested_host(&req);
+        if host.as_deref().is_some_and(is_loopback_name) {
+            return next.run(req).await;
+        }
+        return refuse(
+            421,
+            "unknown-host",
+            format!(
+                "this agent runs without a token and answers only for localhost and loopback addresses, not for Host `{}`",
+                host.unwrap_or_default()
+            ),
+        )
+        .into_response();
     };
     let given = req
         .headers()
@@ -532,7 +580,19 @@ pub struct RemoveDisk {
 async fn remove_disk(State(s): Shared, axum::Json(r): axum::Json<RemoveDisk>) -> Answer<bool> {
     let state = s.clone();
     ok(blocking(move || {
-        driver::require_disks(state.driver.as_ref())?.remove(r.disk.store, &r.disk.name, &r.owner)
+        let removed = driver::require_disks(state.driver.as_ref())?.remove(
+            r.disk.store,
+            &r.disk.name,
+            &r.owner,
+        )?;
+        // The leaves of the pulls that wrote it go with it.
+        let leaves = crate::transfer::pull::leaves_path(&state.ctx, &r.disk);
+        match std::fs::remove_file(&leaves) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", leaves.display()), e)),
+        }
+        Ok(removed)
     })
     .await?)
 }
@@ -832,4 +892,41 @@ async fn pull_status(
         })?;
     let wait = std::time::Duration::from_millis(w.wait_ms.unwrap_or(0).min(5000));
     ok(pull.status_within(wait).await)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn host_of(uri: &str, host: Option<&str>) -> Option<String> {
+        let mut b = axum::http::Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        requested_host(&b.body(axum::body::Body::empty()).unwrap())
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_names_are_answered() {
+        for (h, want) in [
+            ("127.0.0.1:7400", true),
+            ("localhost:7400", true),
+            ("LOCALHOST", true),
+            ("[::1]:7400", true),
+            ("127.9.9.9", true),
+            ("evil.example:7400", false),
+            ("10.0.0.1:7400", false),
+            ("[fe80::1]:7400", false),
+            ("localhost.evil.example", false),
+        ] {
+            let host = host_of("/v1/site", Some(h)).unwrap();
+            assert_eq!(is_loopback_name(&host), want, "{h} -> {host}");
+        }
+        assert_eq!(host_of("/v1/site", None), None);
+        assert_eq!(
+            host_of("https://evil.example:7400/v1/site", Some("127.0.0.1")).as_deref(),
+            Some("evil.example")
+        );
+    }
 }

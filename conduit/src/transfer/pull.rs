@@ -264,7 +264,7 @@ async fn check_root(client: &reqwest::Client, req: &PullRequest, ours: &str) -> 
 }
 
 /// Where the leaves of the last verified pull of `disk` are kept.
-fn leaves_path(ctx: &PullContext, disk: &super::DiskRef) -> std::path::PathBuf {
+pub(crate) fn leaves_path(ctx: &PullContext, disk: &super::DiskRef) -> std::path::PathBuf {
     ctx.state_dir
         .join("leaves")
         .join(format!("{}-{}.json", disk.store.as_str(), disk.name))
