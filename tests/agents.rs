@@ -342,30 +342,45 @@ fn disks_move_agent_to_agent_and_never_through_the_orchestrator() {
     assert!(again["wire_bytes"].as_u64().unwrap() < 64 << 10, "{again}");
 }
 
-#[test]
-fn a_cut_link_and_a_killed_agent_resume_without_sending_much_twice() {
-    let mut w = World::new("fc-agent-cut", "200mbit");
-    // 160 MiB of random data: about 7 s at 200 Mbit/s.
+/// `transfer` of a's `big.raw` to b, four stripes.
+const BIG_TRANSFER: [&str; 8] = [
+    "--json",
+    "transfer",
+    "--from",
+    "a:volume/big.raw",
+    "--to",
+    "b:volume/big.raw",
+    "--streams",
+    "4",
+];
+
+/// A world at 200 Mbit/s whose site a holds `volumes/big.raw` with 160 MiB
+/// of random data (about 7 s on the link), both agents started; its data
+/// bytes.
+fn big_disk_world(name: &str) -> (World, u64) {
+    let mut w = World::new(name, "200mbit");
     let data = make_disk(&w.data("a").join("volumes/big.raw"), 256, 160, 0);
     w.start_agent("a");
     w.start_agent("b");
-    let args = [
-        "--json",
-        "transfer",
-        "--from",
-        "a:volume/big.raw",
-        "--to",
-        "b:volume/big.raw",
-        "--streams",
-        "4",
-    ];
-    let child = w.orch_spawn(&args);
-    // Cut A's link for 5 s once the transfer is under way.
-    let part = w.data("b").join("volumes/.big.raw.fcpart");
-    wait_for_bytes(&part, 16 << 20);
+    (w, data)
+}
+
+/// Cuts a's link for 5 s once `part` holds `bytes` of data.
+fn cut_link_after(w: &World, part: &Path, bytes: u64) {
+    wait_for_bytes(part, bytes);
     w.net.link("a", "down");
     std::thread::sleep(Duration::from_secs(5));
     w.net.link("a", "up");
+}
+
+#[test]
+fn a_cut_link_and_a_killed_agent_resume_without_sending_much_twice() {
+    let (mut w, data) = big_disk_world("fc-agent-cut");
+    let args = BIG_TRANSFER;
+    let child = w.orch_spawn(&args);
+    // Cut A's link for 5 s once the transfer is under way.
+    let part = w.data("b").join("volumes/.big.raw.fcpart");
+    cut_link_after(&w, &part, 16 << 20);
     let o = child.wait_with_output().unwrap();
     let doc = json(&o);
     ok(&o);
@@ -1008,18 +1023,8 @@ fn memory_of(pid: u32) -> (u64, u64) {
 
 #[test]
 fn an_agent_stopped_with_sigterm_exits_at_a_chunk_and_the_transfer_resumes() {
-    let mut w = World::new("fc-agent-term", "200mbit");
-    let data = make_disk(&w.data("a").join("volumes/big.raw"), 256, 160, 0);
-    w.start_agent("a");
-    w.start_agent("b");
-    let args = [
-        "--json",
-        "transfer",
-        "--from",
-        "a:volume/big.raw",
-        "--to",
-        "b:volume/big.raw",
-    ];
+    let (mut w, data) = big_disk_world("fc-agent-term");
+    let args = BIG_TRANSFER;
     let child = w.orch_spawn(&args);
     let part = w.data("b").join("volumes/.big.raw.fcpart");
     wait_for_bytes(&part, 48 << 20);
@@ -1149,10 +1154,7 @@ fn a_relocation_rides_out_a_five_second_cut_of_the_site_link() {
         "b",
         "--yes",
     ]);
-    wait_for_bytes(&w.data("b").join("volumes/.data.raw.fcpart"), 24 << 20);
-    w.net.link("a", "down");
-    std::thread::sleep(Duration::from_secs(5));
-    w.net.link("a", "up");
+    cut_link_after(&w, &w.data("b").join("volumes/.data.raw.fcpart"), 24 << 20);
     let o = child.wait_with_output().unwrap();
     ok(&o);
     let id = json(&o)["id"].as_str().unwrap().to_owned();

@@ -287,6 +287,20 @@ fn too_many(kind: &str, detail: String, retry_after: u32) -> Response {
     resp
 }
 
+/// What a request names as its host, with the port if it gives one: the
+/// authority of an absolute URI, else the `Host` header.
+pub fn requested_authority(req: &Request) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
 /// Limits and the `Host` check, before anything else (see the module docs).
 async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let ip = req
@@ -308,16 +322,7 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
         }
     };
     if let Some(hosts) = &state.hosts {
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            });
+        let host = requested_authority(&req);
         let known = host
             .as_deref()
             .is_some_and(|h| hosts.iter().any(|k| k.eq_ignore_ascii_case(h)));

@@ -220,16 +220,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
 /// The host a request names (`Host`, or the authority of an absolute
 /// URI), without its port.
 fn requested_host(req: &Request) -> Option<String> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })?;
+    let raw = fluidcloud_broker::rest::requested_authority(req)?;
     let host = match raw.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or_default().to_owned(),
         None => raw

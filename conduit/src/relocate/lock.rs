@@ -166,6 +166,11 @@ pub async fn check_outputs(r: &super::Relocation) -> Result<()> {
         into: crate::transfer::DiskRef,
     }
     let file = crate::config::SitesFile::load(&r.sites_file, &crate::drivers::kinds())?;
+    // One driver per site, however many of its disks the relocation writes.
+    let mut drivers: std::collections::BTreeMap<
+        String,
+        std::sync::Arc<dyn crate::driver::SiteDriver>,
+    > = std::collections::BTreeMap::new();
     for step in r
         .workflow
         .steps
@@ -179,7 +184,15 @@ pub async fn check_outputs(r: &super::Relocation) -> Result<()> {
             site: t.site.clone(),
             source,
         };
-        let driver = crate::drivers::open(&t.site, file.site(&t.site)?)?;
+        let driver = match drivers.get(&t.site) {
+            Some(d) => d.clone(),
+            None => {
+                let d: std::sync::Arc<dyn crate::driver::SiteDriver> =
+                    crate::drivers::open(&t.site, file.site(&t.site)?)?.into();
+                drivers.insert(t.site.clone(), d.clone());
+                d
+            }
+        };
         let holder = match driver.agent() {
             Some(agent) => agent
                 .post::<_, Option<Option<String>>>("/v1/disks/holder", &t.into)
