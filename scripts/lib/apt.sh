@@ -18,11 +18,16 @@
 
 # Install groups. A group is installed in one apt transaction; setup
 # installs all groups in one.
-APT_GROUPS=(peers qemu libvirt guest fuzz client)
+APT_GROUPS=(peers qemu libvirt guest guestfs fuzz client)
 APT_peers=(rsync rclone)                   # benchmark peers
 APT_qemu=(qemu-utils qemu-system-x86)      # QEMU family, from backports
 APT_libvirt=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 APT_guest=(busybox-static cpio)            # the libvirt test guest's initramfs
+# Inside guests (conduit/src/guest): libguestfs's appliance boots the
+# kernel of linux-image-amd64; the root-filesystem test guests are made
+# with sfdisk and mkfs.ext4 (e2fsprogs: in every Debian base system), the
+# encrypted one with cryptsetup.
+APT_guestfs=(libguestfs-tools linux-image-amd64 fdisk cryptsetup-bin)
 APT_fuzz=(g++)                             # libFuzzer is built from C++ (scripts/fuzz)
 APT_client=(curl)                          # raw HTTPS requests to site agents (tests/agents.rs)
 # The test guest's kernel: downloaded and unpacked, never installed.
