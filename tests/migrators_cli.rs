@@ -59,6 +59,8 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
             "config-transfer",
             "cutover",
             "disk-transfer",
+            "guest-adapt",
+            "guest-prepare",
             "image-convert",
             "instance-provision",
             "object-copy",
@@ -69,9 +71,9 @@ fn list_shows_built_ins_and_both_example_plugins_with_origin_and_kinds() {
             "sqlite-dump"
         ]
     );
-    assert_eq!(v[13]["consumes"], serde_json::json!([{"type": "volume"}]));
-    assert_eq!(v[13]["protocol"], "fluidcloud-migrator 1.0.0");
-    assert_eq!(v[12]["path"], dns_zone_plugin().display().to_string());
+    assert_eq!(v[15]["consumes"], serde_json::json!([{"type": "volume"}]));
+    assert_eq!(v[15]["protocol"], "fluidcloud-migrator 1.0.0");
+    assert_eq!(v[14]["path"], dns_zone_plugin().display().to_string());
 }
 
 #[test]
@@ -108,8 +110,8 @@ fn a_broken_plugin_is_a_warning_and_never_hides_the_others() {
         "{err}"
     );
     assert!(err.contains("I am not a plugin"), "{err}");
-    // The header, the twelve built-ins and the one working plugin.
-    assert_eq!(stdout(&o).lines().count(), 14);
+    // The header, the fourteen built-ins and the one working plugin.
+    assert_eq!(stdout(&o).lines().count(), 16);
 }
 
 /// A describe-only plugin converting qcow2 to raw, named to sort before

@@ -43,6 +43,7 @@ fn topology() -> Value {
             state: "running".into(),
             hostname: None,
             addresses: vec![],
+            guest: None,
         },
         Origin::Discovered,
     );

@@ -212,6 +212,16 @@ pub struct AdaptConfig {
     /// Bus every disk is attached on here (`virtio`, `sata`, `scsi`, `ide`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bus: Option<String>,
+    /// Adapt inside arriving guests (their config files, network settings,
+    /// `/etc/hosts`, fstab), after the final delta; default true. Turn it
+    /// off for a guest fluidcloud cannot read (an encrypted root) whose
+    /// settings need no change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<bool>,
+    /// Remove cloud-init's instance state inside arriving guests, so that
+    /// cloud-init runs again at their first boot here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cloud_init_reset: bool,
 }
 
 /// Disk buses a domain can use.

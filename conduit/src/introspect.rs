@@ -34,6 +34,9 @@ use crate::error::{Error, Result};
 use crate::scan::{self, Reference, Strength};
 use crate::tomlfile;
 
+mod guests;
+pub use guests::GuestManifest;
+
 /// A declared service manifest.
 ///
 /// ```toml
@@ -73,6 +76,9 @@ pub struct ServiceManifest {
     /// [`crate::relocate::extra`]).
     #[serde(default)]
     pub steps: Vec<crate::relocate::extra::ManifestStep>,
+    /// Where the service's config is inside its guests.
+    #[serde(default)]
+    pub guest: GuestManifest,
 }
 
 /// A dependency declared in a manifest.
@@ -121,6 +127,35 @@ pub struct Introspection {
     pub notes: Vec<Diagnostic>,
 }
 
+/// What [`introspect_with`] looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Look inside the instances' boot disks (`crate::guest`): their config
+    /// files become topology nodes, and the instances carry what was found.
+    pub guests: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { guests: true }
+    }
+}
+
+/// Discovers the topology of `service` (or of every instance, when `None`)
+/// on a site, looking inside guests. `manifest` overrides the manifest
+/// stored on the site.
+///
+/// # Errors
+/// As [`introspect_with`].
+pub async fn introspect(
+    driver: &dyn SiteDriver,
+    site: &SiteConfig,
+    service: Option<&str>,
+    manifest: Option<(PathBuf, String)>,
+) -> Result<Introspection> {
+    introspect_with(driver, site, service, manifest, Options::default()).await
+}
+
 /// Discovers the topology of `service` (or of every instance, when `None`)
 /// on a site. `manifest` overrides the manifest stored on the site.
 ///
@@ -129,11 +164,12 @@ pub struct Introspection {
 /// malformed instance manifest as `Config`); `UnresolvedReference` for an
 /// internal-looking reference that resolves to nothing; `Config` for a
 /// malformed config file or manifest.
-pub async fn introspect(
+pub async fn introspect_with(
     driver: &dyn SiteDriver,
     site: &SiteConfig,
     service: Option<&str>,
     manifest: Option<(PathBuf, String)>,
+    options: Options,
 ) -> Result<Introspection> {
     let name = driver.name().to_owned();
     let sdk = |e: SdkError| match e {
@@ -209,7 +245,21 @@ pub async fn introspect(
             .as_ref()
             .map(|(m, ..)| m.external.iter().map(|e| e.to_ascii_lowercase()).collect())
             .unwrap_or_default(),
+        guests: BTreeMap::new(),
+        guest_files: manifest
+            .as_ref()
+            .map(|(m, ..)| m.guest.files.clone())
+            .unwrap_or_default(),
     };
+    if options.guests {
+        let declared = manifest
+            .as_ref()
+            .map(|(m, ..)| m.guest.clone())
+            .unwrap_or_default();
+        let (views, notes) = guests::look_inside(driver, site, &mine, &declared).await;
+        b.guests = views;
+        b.notes.extend(notes);
+    }
     for rec in &mine {
         b.add_instance(rec, Origin::Discovered).await.map_err(sdk)?;
     }
@@ -226,6 +276,8 @@ pub async fn introspect(
             bucket_names: BTreeSet::new(),
             all_instances: &all,
             external: BTreeSet::new(),
+            guests: BTreeMap::new(),
+            guest_files: Vec::new(),
         };
         for rec in &m.instances {
             declared_b
@@ -341,6 +393,10 @@ struct Builder<'a> {
     bucket_names: BTreeSet<String>,
     all_instances: &'a [InstanceRecord],
     external: BTreeSet<String>,
+    /// What was found inside guests, by instance.
+    guests: BTreeMap<String, crate::guest::GuestView>,
+    /// The manifest's `[guest] files`.
+    guest_files: Vec<String>,
 }
 
 /// What a reference designates.
@@ -377,6 +433,7 @@ impl Builder<'_> {
                 state: rec.state.as_str().to_owned(),
                 hostname: rec.hostname.clone(),
                 addresses: rec.addresses.clone(),
+                guest: self.guests.get(&rec.name).map(|v| v.facts.clone()),
             },
             origin,
         );
@@ -438,6 +495,22 @@ impl Builder<'_> {
                     format: ConfigFormat::from_file_name(path),
                     path: path.clone(),
                     bytes: file.content.len() as u64,
+                    guest: None,
+                },
+                origin,
+            );
+            let id = r.id.clone();
+            self.topology.add(r);
+            self.topology.link(&inst_id, &id, Relation::Reads, None)?;
+        }
+        for (path, bytes) in self.guest_configs(&rec.name) {
+            let r = Resource::new(
+                format!("{}:{path}", rec.name),
+                ResourceSpec::ConfigFile {
+                    format: ConfigFormat::from_file_name(&path),
+                    path,
+                    bytes,
+                    guest: Some(rec.name.clone()),
                 },
                 origin,
             );
@@ -446,6 +519,59 @@ impl Builder<'_> {
             self.topology.link(&inst_id, &id, Relation::Reads, None)?;
         }
         Ok(())
+    }
+
+    /// The service's config files inside guest `instance`: those the
+    /// manifest names, and those of its scanned directories with a
+    /// reference to an instance or a bucket of the site (network settings
+    /// excepted, but `/etc/hosts` included: they are adapted as the
+    /// guest's own). (path, size).
+    fn guest_configs(&self, instance: &str) -> Vec<(String, u64)> {
+        let Some(view) = self.guests.get(instance) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (path, content) in &view.files {
+            let declared = self.guest_files.iter().any(|f| f == path);
+            let system = crate::guest::adapt::is_network_file(path) && path != "/etc/hosts";
+            if !declared && system {
+                continue;
+            }
+            let refers = scan::scan(path, ConfigFormat::from_file_name(path), content)
+                .map(|refs| {
+                    refs.iter()
+                        .any(|r| matches!(self.resolve(r), Target::Instance(_) | Target::Bucket(_)))
+                })
+                .unwrap_or(false);
+            if declared || refers {
+                out.push((path.clone(), content.len() as u64));
+            }
+        }
+        out
+    }
+
+    /// The content of config file `cfg` (`path`, inside guest `guest`
+    /// when set).
+    async fn config_content(
+        &self,
+        path: &str,
+        guest: Option<&str>,
+    ) -> fluidcloud_plugins::Result<Vec<u8>> {
+        match guest {
+            Some(g) => self
+                .guests
+                .get(g)
+                .and_then(|v| v.files.get(path))
+                .cloned()
+                .ok_or_else(|| SdkError::NotFound {
+                    what: format!("{path} inside instance {g}"),
+                    site: Some(self.driver.name().to_owned()),
+                }),
+            None => Ok(require_inventory(self.driver)?
+                .config_file(path)
+                .await?
+                .content),
+        }
     }
 
     /// The format disk `disk` of `rec` is relocated as: what its site
@@ -595,23 +721,45 @@ impl Builder<'_> {
             .filter(|r| r.kind() == ResourceKind::ConfigFile)
             .cloned()
             .collect();
-        let inv = require_inventory(self.driver).map_err(sdk)?;
         // First pass: scan and resolve everything, so object-endpoint URLs
         // can be tied to the buckets of the same file.
         let mut resolved: Vec<(ResourceId, Reference, Target)> = Vec::new();
         for cfg in &configs {
-            let ResourceSpec::ConfigFile { format, path, .. } = &cfg.spec else {
+            let ResourceSpec::ConfigFile {
+                format,
+                path,
+                guest,
+                ..
+            } = &cfg.spec
+            else {
                 continue;
             };
-            let file = inv.config_file(path).await.map_err(sdk)?;
-            let refs =
-                scan::scan(&format!("config/{path}"), *format, &file.content).map_err(|d| {
-                    Error::Config {
-                        diagnostics: vec![d],
-                    }
-                })?;
+            let content = self
+                .config_content(path, guest.as_deref())
+                .await
+                .map_err(sdk)?;
+            let shown = match guest {
+                Some(g) => format!("{g}:{path}"),
+                None => format!("config/{path}"),
+            };
+            let refs = scan::scan(&shown, *format, &content).map_err(|d| Error::Config {
+                diagnostics: vec![d],
+            })?;
             for r in refs {
                 let t = self.resolve(&r);
+                if matches!(t, Target::Unresolved) && guest.is_some() {
+                    // Inside a guest, system files name addresses of the
+                    // old network that no service resource answers on.
+                    self.notes.push(
+                        Diagnostic::new(
+                            Severity::Note,
+                            format!("`{}` resolves to nothing of the service", r.value),
+                        )
+                        .in_file(&shown)
+                        .at_key(r.key.clone()),
+                    );
+                    continue;
+                }
                 if let Target::Unresolved = t {
                     return Err(Error::UnresolvedReference {
                         site: site_name.clone(),

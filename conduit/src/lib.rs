@@ -18,6 +18,7 @@ pub mod demo;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod guest;
 pub mod introspect;
 pub mod relocate;
 pub mod scan;

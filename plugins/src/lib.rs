@@ -39,8 +39,8 @@ pub use migrator::{
     NoProgress, ProgressSink, StepOutput, StepRequest,
 };
 pub use resource::{
-    ConfigFormat, EndpointKind, ImageFormat, Origin, Resource, ResourceId, ResourceKind,
-    ResourceSpec,
+    ConfigFormat, EndpointKind, GuestFacts, ImageFormat, Origin, Resource, ResourceId,
+    ResourceKind, ResourceSpec,
 };
 pub use serve::{Plugin, secret, serve};
 pub use site::{Capability, Capacity, Cost, Location, SiteInfo};

@@ -243,6 +243,9 @@ pub enum ResourceSpec {
         /// Addresses it answers on.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         addresses: Vec<String>,
+        /// What introspection found inside its boot disk, when it looked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<GuestFacts>,
     },
     /// A block volume.
     Volume {
@@ -280,10 +283,15 @@ pub enum ResourceSpec {
     ConfigFile {
         /// Its syntax.
         format: ConfigFormat,
-        /// Path relative to the site's config root.
+        /// Path relative to the site's config root; inside a guest, its
+        /// absolute path there.
         path: String,
         /// Size in bytes.
         bytes: u64,
+        /// The instance whose disk holds it, for a file inside a guest
+        /// (it moves with the disk and is adapted there).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<String>,
     },
     /// A reference found in configuration.
     Endpoint {
@@ -318,6 +326,21 @@ impl ResourceSpec {
             Self::Instance { .. } | Self::Endpoint { .. } => 0,
         }
     }
+}
+
+/// What introspection found inside an instance's boot disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct GuestFacts {
+    /// The operating system family (`linux`); empty when no root was found.
+    pub os: String,
+    /// Its root filesystem, e.g. `partition 1 (ext4)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// Why nothing inside it can be read or adapted, when so (an encrypted
+    /// or unrecognised filesystem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// One resource of a service.

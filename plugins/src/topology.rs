@@ -370,6 +370,7 @@ mod tests {
                 state: "running".into(),
                 hostname: None,
                 addresses: vec![],
+                guest: None,
             },
             Origin::Discovered,
         )

@@ -85,8 +85,9 @@ fn describe(r: &Resource) -> String {
             state,
             hostname,
             addresses,
+            guest,
         } => format!(
-            "{vcpus} vCPU, {} memory, {state}{}{}",
+            "{vcpus} vCPU, {} memory, {state}{}{}{}",
             bytes(memory_mib << 20),
             hostname
                 .as_deref()
@@ -96,6 +97,23 @@ fn describe(r: &Resource) -> String {
                 String::new()
             } else {
                 format!(" [{}]", addresses.join(", "))
+            },
+            match guest {
+                Some(g) if g.problem.is_some() => {
+                    format!(
+                        ", guest unreadable: {}",
+                        g.problem.as_deref().unwrap_or_default()
+                    )
+                }
+                Some(g) => format!(
+                    ", guest {}{}",
+                    g.os,
+                    g.root
+                        .as_deref()
+                        .map(|r| format!(" on {r}"))
+                        .unwrap_or_default()
+                ),
+                None => String::new(),
             }
         ),
         ResourceSpec::Image {
@@ -125,10 +143,19 @@ fn describe(r: &Resource) -> String {
         ),
         ResourceSpec::Bucket { objects, bytes: b } => format!("{objects} objects, {}", bytes(*b)),
         ResourceSpec::ConfigFile {
-            format, bytes: b, ..
-        } => {
-            format!("{}, {}", format!("{format:?}").to_lowercase(), bytes(*b))
-        }
+            format,
+            bytes: b,
+            guest,
+            ..
+        } => format!(
+            "{}, {}{}",
+            format!("{format:?}").to_lowercase(),
+            bytes(*b),
+            guest
+                .as_deref()
+                .map(|g| format!(", inside instance {g}"))
+                .unwrap_or_default()
+        ),
         ResourceSpec::Endpoint { external, .. } => {
             if *external {
                 "external".into()

@@ -330,12 +330,22 @@ fn print_plan(r: &Relocation, plan: &Plan) -> Result<()> {
     out!("{}", plan.render_text())?;
     if !r.endpoint_map.is_empty() {
         outln!(
-            "\nendpoint map (applied to {} config files):",
+            "\nendpoint map (applied to {} config files{}):",
             r.workflow
                 .steps
                 .iter()
                 .filter(|s| s.migrator == "config-transfer")
+                .count(),
+            match r
+                .workflow
+                .steps
+                .iter()
+                .filter(|s| s.migrator == "guest-adapt")
                 .count()
+            {
+                0 => String::new(),
+                n => format!(" and inside {n} guest(s)"),
+            }
         )?;
         for c in &r.endpoint_map {
             outln!("  {:<5} {} -> {}", c.kind.as_str(), c.old, c.new)?;
@@ -721,6 +731,12 @@ fn print_report(rep: &Report) -> Result<()> {
             out!("{d}")?;
         }
     }
+    if !rep.warnings.is_empty() {
+        outln!("\nwarnings:")?;
+        for w in &rep.warnings {
+            outln!("  {w}")?;
+        }
+    }
     Ok(())
 }
 
@@ -908,6 +924,8 @@ async fn drive(
     };
     ctrl_c.abort();
     drop(executor);
+    // An appliance a failed run left waiting for its `guest-adapt`.
+    fluidcloud_conduit::guest::release(&r.id);
     let _ = tokio::time::timeout(Duration::from_secs(2), ui).await;
     Ok(result?)
 }

@@ -217,6 +217,7 @@ impl Runner {
                 executor.run().await
             };
             drop(executor);
+            fluidcloud_conduit::guest::release(&r.id);
             drop(lock);
             if let Err(e) = result {
                 tracing::error!(relocation = %r.id, error = %e, "run ended with an error");

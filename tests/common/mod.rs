@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod libvirt;
 pub mod netns;
 
 /// Runs the binary with `args`; no sites file from the environment leaks in.

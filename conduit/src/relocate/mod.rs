@@ -42,6 +42,7 @@
 pub mod clock;
 pub mod config_step;
 pub mod extra;
+pub mod guest_step;
 pub mod lock;
 pub mod report;
 pub mod steps;
@@ -334,6 +335,16 @@ struct InstancePlan {
     images: Vec<String>,
     volumes: Vec<String>,
     configs: Vec<String>,
+    /// What introspection found inside its guest, if it looked.
+    guest: Option<fluidcloud_plugins::GuestFacts>,
+    /// The service's config files inside its guest.
+    guest_files: Vec<String>,
+    /// Its disks at the target, the boot disk first.
+    disks: Vec<DiskRef>,
+    /// The final deltas of its disks.
+    finals: Vec<String>,
+    /// (old, new) addresses.
+    addresses: Vec<(String, String)>,
 }
 
 /// Builds the relocation. Pure planning: reads nothing but `input` and the
@@ -471,6 +482,7 @@ impl<'a> Planner<'a> {
             memory_mib,
             hostname,
             addresses,
+            guest,
             ..
         } = &r.spec
         else {
@@ -486,6 +498,11 @@ impl<'a> Planner<'a> {
         };
         let new_host = self.moved_host(hostname.as_deref(), &unit, &at);
         let new_addresses = self.moved_addresses(addresses, &unit, &at);
+        let address_pairs = addresses
+            .iter()
+            .cloned()
+            .zip(new_addresses.iter().cloned())
+            .collect();
         let source_rec = at.source;
         let mut plan = InstancePlan {
             record: InstanceRecord {
@@ -509,6 +526,11 @@ impl<'a> Planner<'a> {
             images: Vec::new(),
             volumes: Vec::new(),
             configs: Vec::new(),
+            guest: guest.clone(),
+            guest_files: Vec::new(),
+            disks: Vec::new(),
+            finals: Vec::new(),
+            addresses: address_pairs,
         };
         self.dependencies(r, &at, &mut plan)?;
         adapt_record(&mut plan.record, tcfg, &input.id);
@@ -603,6 +625,11 @@ impl<'a> Planner<'a> {
                         self.volume(at, &disk, plan);
                     }
                 }
+                ResourceSpec::ConfigFile {
+                    path,
+                    guest: Some(_),
+                    ..
+                } => plan.guest_files.push(path.clone()),
                 ResourceSpec::ConfigFile { path, .. } => self.config(at, path, plan)?,
                 _ => {}
             }
@@ -645,6 +672,15 @@ impl Planner<'_> {
             plan.record.initrd = Some(new_name);
         } else {
             plan.record.formats.insert(new_name.clone(), to);
+            plan.disks.insert(
+                0,
+                DiskRef {
+                    store: DiskStore::Image,
+                    name: new_name.clone(),
+                    format: to,
+                },
+            );
+            plan.finals.push(step_id("final", disk.name));
             plan.record.boot_image = Some(new_name);
         }
         plan.images.push(id);
@@ -697,6 +733,12 @@ impl Planner<'_> {
         plan.record
             .formats
             .insert(new_name.clone(), ImageFormat::Raw);
+        plan.disks.push(DiskRef {
+            store: DiskStore::Volume,
+            name: new_name.clone(),
+            format: ImageFormat::Raw,
+        });
+        plan.finals.push(sync);
         plan.record.volumes.push(new_name);
         plan.volumes.push(pre);
     }
@@ -871,7 +913,8 @@ impl Planner<'_> {
             invalid("nothing to relocate: the service has no instances or buckets")
         })?;
         self.verify(&targets, &primary, &provisioned);
-        self.stop_source();
+        let prepared = self.guest_steps();
+        self.stop_source(&prepared);
         self.cutover(&primary);
         let workflow = std::mem::replace(&mut self.wf, WorkflowBuilder::new("")).into_def();
         let workflow = self.extra_steps(workflow, &targets, &primary)?;
@@ -945,25 +988,106 @@ impl Planner<'_> {
         self.wf.push(verify);
     }
 
-    /// `stop-source`, after `verify`: stops (never deletes) the source
-    /// instances.
-    fn stop_source(&mut self) {
+    /// Per instance whose guest introspection looked into, unless its
+    /// target turns it off: `guest-prepare:` after `verify` (the source
+    /// still runs) and `guest-adapt:` after its final deltas, which
+    /// `cutover` waits for (`guest_step.rs`). The prepare steps' ids.
+    fn guest_steps(&mut self) -> Vec<String> {
+        let mut prepared = Vec::new();
+        let map = adapt_map_json(&self.map);
+        for p in &self.instances {
+            let Some(facts) = &p.guest else {
+                continue;
+            };
+            let Ok(tcfg) = self.input.sites.site(&p.target) else {
+                continue;
+            };
+            let adapt = tcfg.adapt.clone().unwrap_or_default();
+            if adapt.guest == Some(false) || p.disks.is_empty() {
+                continue;
+            }
+            let source = self
+                .input
+                .source_instances
+                .iter()
+                .find(|s| s.name == p.record.name);
+            let macs = source
+                .map(|s| {
+                    s.nics
+                        .iter()
+                        .zip(&p.record.nics)
+                        .filter_map(|(a, b)| Some((a.mac.clone()?, b.mac.clone()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let bus_change = match (
+                source.and_then(|s| s.disk_bus.as_deref()),
+                &p.record.disk_bus,
+            ) {
+                (Some(a), Some(b)) => a != b,
+                _ => false,
+            };
+            let params = guest_step::GuestParams {
+                sites_file: self.sites_file.clone(),
+                from: self.input.from.to_owned(),
+                site: p.target.clone(),
+                instance: p.record.name.clone(),
+                relocation: self.input.id.clone(),
+                disks: p.disks.clone(),
+                plan: crate::guest::GuestPlan {
+                    map: map.clone(),
+                    addresses: p.addresses.clone(),
+                    subnet: tcfg.subnet.clone(),
+                    macs,
+                    files: p.guest_files.clone(),
+                    bus_change,
+                    reset_cloud_init: adapt.cloud_init_reset,
+                },
+                problem: facts.problem.clone(),
+            };
+            let params = serde_json::to_value(&params).unwrap_or_default();
+            let prepare = step_id("guest-prepare", &p.record.name);
+            let mut spec =
+                StepSpec::new(&prepare, "guest-prepare", &p.target).params(params.clone());
+            spec = spec.after("verify");
+            self.wf.push(spec);
+            let mut adapt_step = StepSpec::new(
+                step_id("guest-adapt", &p.record.name),
+                "guest-adapt",
+                &p.target,
+            )
+            .params(params)
+            .after(&prepare);
+            for f in &p.finals {
+                adapt_step = adapt_step.after(f);
+            }
+            self.after_stop.push(adapt_step);
+            prepared.push(prepare);
+        }
+        prepared
+    }
+
+    /// `stop-source`, after `verify` (and the guests' `guest-prepare`):
+    /// stops (never deletes) the source instances.
+    fn stop_source(&mut self, after: &[String]) {
         let input = self.input;
         let source_instances: Vec<String> = self
             .instances
             .iter()
             .map(|p| p.record.name.clone())
             .collect();
-        self.wf.push(
-            StepSpec::new("stop-source", "source-stop", input.from)
-                .params(serde_json::json!({
-                    "sites_file": self.sites_file_s,
-                    "site": input.from,
-                    "instances": source_instances,
-                    "record_dir": input.records.display().to_string(),
-                }))
-                .after("verify"),
-        );
+        let mut stop = StepSpec::new("stop-source", "source-stop", input.from)
+            .params(serde_json::json!({
+                "sites_file": self.sites_file_s,
+                "site": input.from,
+                "instances": source_instances,
+                "record_dir": input.records.display().to_string(),
+            }))
+            .after("verify");
+        for id in after {
+            stop = stop.after(id);
+        }
+        self.wf.push(stop);
     }
 
     /// After `stop-source`: the change tracking's `collect`, every disk's
@@ -1243,6 +1367,8 @@ pub fn registry() -> Registry {
         Arc::new(transfer_step::DiskTransfer),
         Arc::new(config_step::ConfigTransfer),
         Arc::new(transfer_step::BucketTransfer),
+        Arc::new(guest_step::GuestPrepare),
+        Arc::new(guest_step::GuestAdapt),
     ];
     let mut r = Registry::new();
     for m in builtins {

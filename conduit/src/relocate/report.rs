@@ -134,6 +134,10 @@ pub struct Report {
     pub endpoint_map: Vec<EndpointChange>,
     /// Config files and their diffs.
     pub config: Vec<ConfigDiff>,
+    /// What steps warn about (an address left in a guest, in a format
+    /// fluidcloud does not adapt).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The final delta's facts: each final step's (`final:`, `sync:`) last
@@ -216,15 +220,41 @@ pub fn viaduct_err(e: fluidcloud_viaduct::Error) -> crate::Error {
     }
 }
 
-/// The config diff a step recorded in its facts (`config-transfer`, whose
-/// files are at other sites).
-fn config_fact(o: &fluidcloud_plugins::StepOutput) -> Option<ConfigDiff> {
+/// The config diffs a step recorded in its facts: `config-transfer`'s
+/// one file, `guest-adapt`'s files inside a guest (`guest_diffs`).
+fn config_facts(o: &fluidcloud_plugins::StepOutput) -> Vec<ConfigDiff> {
     let text = |k: &str| o.facts.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    Some(ConfigDiff {
-        source: text("config_source")?,
-        target: text("config_target")?,
-        diff: text("config_diff")?,
-    })
+    let one = (|| {
+        Some(ConfigDiff {
+            source: text("config_source")?,
+            target: text("config_target")?,
+            diff: text("config_diff")?,
+        })
+    })();
+    let guest = o
+        .facts
+        .get("guest_diffs")
+        .and_then(|v| serde_json::from_value::<Vec<ConfigDiff>>(v.clone()).ok())
+        .unwrap_or_default();
+    one.into_iter().chain(guest).collect()
+}
+
+/// When the first `guest-adapt:` step began and the last one ended (ms).
+fn guest_span(entries: &[Entry]) -> Option<(i64, i64)> {
+    let mut span: Option<(i64, i64)> = None;
+    for e in entries {
+        if let Record::Transition { step, to, .. } = &e.record
+            && step.starts_with("guest-adapt:")
+        {
+            let (a, b) = span.unwrap_or((i64::MAX, i64::MIN));
+            span = Some(match to {
+                StepState::Running => (a.min(e.at_ms), b),
+                StepState::Succeeded => (a, b.max(e.at_ms)),
+                _ => (a, b),
+            });
+        }
+    }
+    span.filter(|(a, b)| a <= b)
 }
 
 /// Builds the report of `r` from its journal entries. `diff` renders a
@@ -280,10 +310,14 @@ pub fn build(
     let mut steps = Vec::new();
     let (mut read, mut written) = (0, 0);
     let mut step_configs = Vec::new();
+    let mut warnings = Vec::new();
     for s in &r.workflow.steps {
         let a = acc.remove(s.id.as_str()).unwrap_or_default();
-        if let Some(d) = a.output.as_ref().and_then(config_fact) {
-            step_configs.push(d);
+        if let Some(o) = a.output.as_ref() {
+            step_configs.extend(config_facts(o));
+            if let Some(notes) = o.facts.get("guest_notes").and_then(|v| v.as_array()) {
+                warnings.extend(notes.iter().filter_map(|n| n.as_str()).map(str::to_owned));
+            }
         }
         let seconds = match (a.started, a.ended) {
             (Some(b), Some(e)) => Some((e - b).max(0) as f64 / 1000.0),
@@ -348,19 +382,33 @@ pub fn build(
         match (fact("stop-source", "stopped"), fact("cutover", "running")) {
             (Some(stopped), Some(running)) => {
                 let total = running.since(&stopped).max(0.0);
+                let guest = guest_span(entries);
                 let stages = at("cutover", StepState::Running)
                     .map(|c| {
                         let last = ((c - stopped.unix_ms) as f64 / 1000.0).clamp(0.0, total);
-                        vec![
-                            DowntimeStage {
+                        let mut v = Vec::new();
+                        match guest {
+                            Some((g0, g1)) if g0 >= stopped.unix_ms && g1 <= c => {
+                                let adapt = (g1 - g0) as f64 / 1000.0;
+                                v.push(DowntimeStage {
+                                    stage: "final delta".into(),
+                                    seconds: (last - adapt).max(0.0),
+                                });
+                                v.push(DowntimeStage {
+                                    stage: "guest adaptation".into(),
+                                    seconds: adapt,
+                                });
+                            }
+                            _ => v.push(DowntimeStage {
                                 stage: "final delta and verify".into(),
                                 seconds: last,
-                            },
-                            DowntimeStage {
-                                stage: "start and boot check".into(),
-                                seconds: total - last,
-                            },
-                        ]
+                            }),
+                        }
+                        v.push(DowntimeStage {
+                            stage: "start and boot check".into(),
+                            seconds: total - last,
+                        });
+                        v
                     })
                     .unwrap_or_default();
                 (Some(total), stages)
@@ -408,6 +456,7 @@ pub fn build(
         steps,
         endpoint_map: r.endpoint_map.clone(),
         config,
+        warnings,
     }
 }
 

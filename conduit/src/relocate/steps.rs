@@ -428,13 +428,24 @@ impl Migrator for Verify {
         for t in &p.targets {
             let cfg = file.site(t).map_err(to_sdk)?;
             let driver = drivers::open(t, cfg).map_err(to_sdk)?;
-            let found = crate::introspect(driver.as_ref(), cfg, Some(&p.service), manifest.clone())
-                .await
-                .map_err(|e| SdkError::Precondition(format!("at {t}: {e}")))?;
+            // Guests are not looked into here: their disks are adapted
+            // after the final delta (`guest-adapt`), which checks its own.
+            let found = crate::introspect::introspect_with(
+                driver.as_ref(),
+                cfg,
+                Some(&p.service),
+                manifest.clone(),
+                crate::introspect::Options { guests: false },
+            )
+            .await
+            .map_err(|e| SdkError::Precondition(format!("at {t}: {e}")))?;
             // 3. No config at the target names an old internal endpoint.
             let inv = crate::driver::require_inventory(driver.as_ref())?;
             for r in found.topology.resources() {
-                let fluidcloud_plugins::ResourceSpec::ConfigFile { path, .. } = &r.spec else {
+                let fluidcloud_plugins::ResourceSpec::ConfigFile {
+                    path, guest: None, ..
+                } = &r.spec
+                else {
                     continue;
                 };
                 let text = inv.config_file(path).await?.content;
