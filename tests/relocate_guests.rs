@@ -138,7 +138,8 @@ struct World {
 }
 
 impl World {
-    fn new(tag: &str) -> Self {
+    /// `adapt`: the target's `adapt` table (TOML inline table).
+    fn new(tag: &str, adapt: &str) -> Self {
         libvirt_up();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("guests-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -178,7 +179,9 @@ location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
             site(
                 "lv-b",
                 &b,
-                "internal_domains = [\"edge.internal\"]\nsubnet = \"10.30.0.0/24\"\nadapt = { mac = \"generate\" }"
+                &format!(
+                    "internal_domains = [\"edge.internal\"]\nsubnet = \"10.30.0.0/24\"\nadapt = {adapt}"
+                )
             ),
         );
         let config_path = dir.join("fluidcloud.toml");
@@ -192,9 +195,21 @@ location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
     }
 
     /// Defines guest `g` of `service` in pool A (its disk `NAME.raw`
-    /// holding `disk`, or the guest's own root filesystem), started when
-    /// `start`.
+    /// holding `disk`, or the guest's own root filesystem, on the virtio
+    /// bus), started when `start`.
     fn guest(&self, g: &Guest, service: &str, disk: Option<&Path>, start: bool) -> PathBuf {
+        self.guest_on(g, service, disk, start, "virtio")
+    }
+
+    /// [`Self::guest`] with its disk on `bus` (`virtio`, `sata`).
+    fn guest_on(
+        &self,
+        g: &Guest,
+        service: &str,
+        disk: Option<&Path>,
+        start: bool,
+        bus: &str,
+    ) -> PathBuf {
         let file = self.a.dir.join(format!("{}.raw", g.name));
         match disk {
             Some(d) => {
@@ -227,7 +242,7 @@ location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
   <features><acpi/></features>
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='raw'/>
-      <source file='{file}'/><target dev='vda' bus='virtio'/></disk>
+      <source file='{file}'/><target dev='{dev}' bus='{bus}'/></disk>
     <interface type='user'><mac address='{mac}'/><model type='virtio'/></interface>
     <serial type='file'><source path='{log}' append='off'/><target port='0'/></serial>
   </devices>
@@ -238,6 +253,7 @@ location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
             mac = g.mac,
             a = self.a.dir.display(),
             file = file.display(),
+            dev = if bus == "virtio" { "vda" } else { "sda" },
             log = console_log(&domain).display()
         );
         let xml_path = self.dir.join(format!("{}.xml", g.name));
@@ -293,7 +309,7 @@ fn config_reaches(t: &Value, config: &str, instance: &str) -> bool {
 
 #[test]
 fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_macs() {
-    let w = World::new("pair");
+    let w = World::new("pair", r#"{ mac = "generate" }"#);
     let web_disk = w.guest(&web(), "shop", None, true);
     let db_disk = w.guest(&db(), "shop", None, true);
     let (src_web, src_db) = (
@@ -473,7 +489,7 @@ fn partitioned(dir: &Path, name: &str, partition: &Path, mib: u64) -> PathBuf {
 
 #[test]
 fn an_encrypted_or_unrecognised_guest_stops_the_relocation_before_the_source_stops() {
-    let w = World::new("bad");
+    let w = World::new("bad", r#"{ mac = "generate" }"#);
     // A LUKS2 partition, and one of random bytes.
     let luks = w.dir.join("luks.img");
     std::fs::write(&luks, vec![0u8; 24 << 20]).unwrap();
@@ -556,4 +572,82 @@ fn an_encrypted_or_unrecognised_guest_stops_the_relocation_before_the_source_sto
         "the sources were touched"
     );
     assert_eq!(state(&format!("{}vault", w.a.prefix())), "shut off");
+}
+
+#[test]
+fn a_guest_moving_from_sata_to_virtio_gets_fstab_by_uuid_a_fresh_cloud_init_and_an_initramfs_warning()
+ {
+    let w = World::new("bus", r#"{ disk_bus = "virtio", cloud_init_reset = true }"#);
+    // An initramfs with no virtio_blk (a gzipped cpio holding one file).
+    let initrd = w.dir.join("initrd-novirtio.img");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "d=$(mktemp -d) && echo '#!/bin/sh' > $d/init && (cd $d && echo init | cpio -o -H newc --quiet | gzip) > {} && rm -r $d",
+            initrd.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut g = web();
+    g.name = "legacy";
+    g.files = vec![
+        // fstab by device name, as on its old SATA disk.
+        ("etc/fstab", "/dev/sda1 / ext4 defaults 0 1\n".into()),
+        ("var/lib/cloud/instance/boot-finished", "1\n".into()),
+        (
+            "var/lib/cloud/instances/i-0123/datasource",
+            "DataSourceNoCloud\n".into(),
+        ),
+        (
+            "var/lib/cloud/seed/nocloud/meta-data",
+            "instance-id: i-0123\n".into(),
+        ),
+    ];
+    let tree = g.tree(&w.dir);
+    std::fs::create_dir_all(tree.join("boot")).unwrap();
+    std::fs::copy(&initrd, tree.join("boot/initrd.img-6.1.0-legacy")).unwrap();
+    let built = w.dir.join("legacy-built.raw");
+    script(&[
+        "rootfs-disk",
+        tree.to_str().unwrap(),
+        built.to_str().unwrap(),
+    ]);
+    let source = w.guest_on(&g, "legacy", Some(&built), false, "sata");
+    let before = sha256_file(&source);
+
+    let out = ok(&w.fc(&[
+        "relocate",
+        "--from",
+        "lv-a",
+        "--service",
+        "legacy",
+        "--to",
+        "lv-b",
+        "--yes",
+    ]));
+    assert!(
+        out.contains("/boot/initrd.img-6.1.0-legacy holds no virtio_blk module"),
+        "{out}"
+    );
+    let target = format!("{}legacy", w.b.prefix());
+    let xml = virsh(&["dumpxml", &target]);
+    assert!(xml.contains("bus='virtio'"), "{xml}");
+    let console = console_up(&target);
+    for line in [
+        format!("FLUIDCLOUD-ROOT UUID={}", g.uuid),
+        "FLUIDCLOUD-IP app0 10.30.0.21/24".to_owned(),
+        // cloud-init's instance state is gone, its seed kept.
+        "FLUIDCLOUD-CLOUD seed ".to_owned(),
+    ] {
+        assert!(
+            console.contains(&line),
+            "no `{line}` on the console:\n{console}"
+        );
+    }
+    assert_eq!(sha256_file(&source), before, "the source was touched");
 }

@@ -54,9 +54,10 @@ pub struct GuestPlan {
     /// The service's config files inside the guest (absolute paths).
     #[serde(default)]
     pub files: Vec<String>,
-    /// The disk bus changes (fstab entries by device name are rewritten).
+    /// The bus its disks move to, when it changes (fstab entries by
+    /// device name are rewritten; the initramfs is checked for its driver).
     #[serde(default)]
-    pub bus_change: bool,
+    pub new_bus: Option<String>,
     /// Remove cloud-init's instance state so that it runs again.
     #[serde(default)]
     pub reset_cloud_init: bool,
@@ -382,8 +383,13 @@ pub async fn apply(
     let mounted = inspect::mount_root(app, index, true, instance).await?;
     let files = read_files(app, &plan.files).await?;
     let mut edits = plan_edits(&files, plan, instance)?;
-    if plan.bus_change && !mounted.by_device.is_empty() {
-        fstab_by_uuid(app, &device, &files, &mut edits, instance).await?;
+    if let Some(bus) = &plan.new_bus {
+        if !mounted.by_device.is_empty() {
+            fstab_by_uuid(app, &device, &files, &mut edits, instance).await?;
+        }
+        edits
+            .notes
+            .extend(initramfs_check(app, bus, instance).await?);
     }
     for e in &edits.files {
         app.write(&e.path, e.new.as_bytes()).await?;
@@ -425,6 +431,66 @@ pub async fn read_files(app: &Appliance, extra: &[String]) -> Result<BTreeMap<St
         files.extend(inspect::read_tree(app, d).await?);
     }
     Ok(files)
+}
+
+/// The kernel module and the config option of each disk bus's driver.
+fn bus_driver(bus: &str) -> Option<(&'static str, &'static str)> {
+    match bus {
+        "virtio" => Some(("virtio_blk", "CONFIG_VIRTIO_BLK")),
+        "scsi" => Some(("virtio_scsi", "CONFIG_SCSI_VIRTIO")),
+        "sata" => Some(("ahci", "CONFIG_SATA_AHCI")),
+        "ide" => Some(("ata_piix", "CONFIG_ATA_PIIX")),
+        _ => None,
+    }
+}
+
+/// Warnings for each initramfs of `/boot` without the driver of `bus`
+/// (unless its kernel has the driver built in): that guest would not find
+/// its root after the bus change.
+async fn initramfs_check(app: &Appliance, bus: &str, instance: &str) -> Result<Vec<Diagnostic>> {
+    let Some((module, option)) = bus_driver(bus) else {
+        return Ok(Vec::new());
+    };
+    if app.call(&["is-dir", "/boot"]).await?.trim() != "true" {
+        return Ok(Vec::new());
+    }
+    let mut notes = Vec::new();
+    for name in app.lines(&["ls", "/boot"]).await? {
+        let version = match (
+            name.strip_prefix("initrd.img-"),
+            name.strip_prefix("initramfs-"),
+        ) {
+            (Some(v), _) => v.to_owned(),
+            (None, Some(v)) => v.trim_end_matches(".img").to_owned(),
+            (None, None) => continue,
+        };
+        let config = format!("/boot/config-{version}");
+        if app.call(&["is-file", &config]).await?.trim() == "true"
+            && app
+                .call(&["cat", &config])
+                .await?
+                .lines()
+                .any(|l| l == format!("{option}=y"))
+        {
+            continue;
+        }
+        let path = format!("/boot/{name}");
+        let listed = app.call(&["initrd-list", &path]).await?;
+        let has = listed.lines().any(|l| {
+            let file = l.rsplit('/').next().unwrap_or(l);
+            file.split('.').next() == Some(module) && file.contains(".ko")
+        });
+        if !has {
+            notes.push(
+                Diagnostic::new(
+                    Severity::Warning,
+                    format!("{instance}: {path} holds no {module} module and its kernel does not build it in: the guest may not find its root on the {bus} bus; rebuild its initramfs with it (update-initramfs, dracut --add-drivers {module})"),
+                )
+                .in_file(path.clone()),
+            );
+        }
+    }
+    Ok(notes)
 }
 
 /// fstab lines naming a device (`/dev/vda2`) name its UUID instead: the

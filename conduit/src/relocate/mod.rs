@@ -993,78 +993,89 @@ impl Planner<'_> {
     /// still runs) and `guest-adapt:` after its final deltas, which
     /// `cutover` waits for (`guest_step.rs`). The prepare steps' ids.
     fn guest_steps(&mut self) -> Vec<String> {
-        let mut prepared = Vec::new();
         let map = adapt_map_json(&self.map);
-        for p in &self.instances {
-            let Some(facts) = &p.guest else {
-                continue;
-            };
-            let Ok(tcfg) = self.input.sites.site(&p.target) else {
-                continue;
-            };
-            let adapt = tcfg.adapt.clone().unwrap_or_default();
-            if adapt.guest == Some(false) || p.disks.is_empty() {
-                continue;
+        let planned: Vec<(String, String, serde_json::Value, Vec<String>)> = self
+            .instances
+            .iter()
+            .filter_map(|p| {
+                let params = self.guest_params(p, &map)?;
+                Some((
+                    p.record.name.clone(),
+                    p.target.clone(),
+                    params,
+                    p.finals.clone(),
+                ))
+            })
+            .collect();
+        let mut prepared = Vec::new();
+        for (name, target, params, finals) in planned {
+            let prepare = step_id("guest-prepare", &name);
+            self.wf.push(
+                StepSpec::new(&prepare, "guest-prepare", &target)
+                    .params(params.clone())
+                    .after("verify"),
+            );
+            let mut adapt = StepSpec::new(step_id("guest-adapt", &name), "guest-adapt", &target)
+                .params(params)
+                .after(&prepare);
+            for f in &finals {
+                adapt = adapt.after(f);
             }
-            let source = self
-                .input
-                .source_instances
-                .iter()
-                .find(|s| s.name == p.record.name);
-            let macs = source
-                .map(|s| {
-                    s.nics
-                        .iter()
-                        .zip(&p.record.nics)
-                        .filter_map(|(a, b)| Some((a.mac.clone()?, b.mac.clone()?)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let bus_change = match (
-                source.and_then(|s| s.disk_bus.as_deref()),
-                &p.record.disk_bus,
-            ) {
-                (Some(a), Some(b)) => a != b,
-                _ => false,
-            };
-            let params = guest_step::GuestParams {
-                sites_file: self.sites_file.clone(),
-                from: self.input.from.to_owned(),
-                site: p.target.clone(),
-                instance: p.record.name.clone(),
-                relocation: self.input.id.clone(),
-                disks: p.disks.clone(),
-                plan: crate::guest::GuestPlan {
-                    map: map.clone(),
-                    addresses: p.addresses.clone(),
-                    subnet: tcfg.subnet.clone(),
-                    macs,
-                    files: p.guest_files.clone(),
-                    bus_change,
-                    reset_cloud_init: adapt.cloud_init_reset,
-                },
-                problem: facts.problem.clone(),
-            };
-            let params = serde_json::to_value(&params).unwrap_or_default();
-            let prepare = step_id("guest-prepare", &p.record.name);
-            let mut spec =
-                StepSpec::new(&prepare, "guest-prepare", &p.target).params(params.clone());
-            spec = spec.after("verify");
-            self.wf.push(spec);
-            let mut adapt_step = StepSpec::new(
-                step_id("guest-adapt", &p.record.name),
-                "guest-adapt",
-                &p.target,
-            )
-            .params(params)
-            .after(&prepare);
-            for f in &p.finals {
-                adapt_step = adapt_step.after(f);
-            }
-            self.after_stop.push(adapt_step);
+            self.after_stop.push(adapt);
             prepared.push(prepare);
         }
         prepared
+    }
+
+    /// The parameters of instance `p`'s guest steps; `None` when its guest
+    /// was not looked into or its target turns adaptation off.
+    fn guest_params(&self, p: &InstancePlan, map: &serde_json::Value) -> Option<serde_json::Value> {
+        let facts = p.guest.as_ref()?;
+        let tcfg = self.input.sites.site(&p.target).ok()?;
+        let adapt = tcfg.adapt.clone().unwrap_or_default();
+        if adapt.guest == Some(false) || p.disks.is_empty() {
+            return None;
+        }
+        let source = self
+            .input
+            .source_instances
+            .iter()
+            .find(|s| s.name == p.record.name);
+        let macs = source
+            .map(|s| {
+                s.nics
+                    .iter()
+                    .zip(&p.record.nics)
+                    .filter_map(|(a, b)| Some((a.mac.clone()?, b.mac.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let new_bus = match (
+            source.and_then(|s| s.disk_bus.as_deref()),
+            &p.record.disk_bus,
+        ) {
+            (Some(a), Some(b)) if a != b => Some(b.clone()),
+            _ => None,
+        };
+        let params = guest_step::GuestParams {
+            sites_file: self.sites_file.clone(),
+            from: self.input.from.to_owned(),
+            site: p.target.clone(),
+            instance: p.record.name.clone(),
+            relocation: self.input.id.clone(),
+            disks: p.disks.clone(),
+            plan: crate::guest::GuestPlan {
+                map: map.clone(),
+                addresses: p.addresses.clone(),
+                subnet: tcfg.subnet.clone(),
+                macs,
+                files: p.guest_files.clone(),
+                new_bus,
+                reset_cloud_init: adapt.cloud_init_reset,
+            },
+            problem: facts.problem.clone(),
+        };
+        serde_json::to_value(&params).ok()
     }
 
     /// `stop-source`, after `verify` (and the guests' `guest-prepare`):
