@@ -651,3 +651,63 @@ fn a_guest_moving_from_sata_to_virtio_gets_fstab_by_uuid_a_fresh_cloud_init_and_
     }
     assert_eq!(sha256_file(&source), before, "the source was touched");
 }
+
+#[test]
+fn a_relocation_killed_between_prepare_and_adapt_resumes_stops_the_stale_appliance_and_adapts() {
+    use std::io::BufRead as _;
+    let w = World::new("resume", r#"{ mac = "generate" }"#);
+    let disk = w.guest(&web(), "solo", None, true);
+    console_up(&format!("{}web", w.a.prefix()));
+    std::thread::sleep(Duration::from_secs(6));
+    let before = sha256_file(&disk);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .current_dir(&w.dir)
+        .env_remove("FLUIDCLOUD_CONFIG")
+        .args(["--config", &w.config, "relocate", "--from", "lv-a"])
+        .args(["--service", "solo", "--to", "lv-b", "--yes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("succeeded guest-prepare:web") {
+            break;
+        }
+    }
+    assert!(seen.contains("succeeded guest-prepare:web"), "{seen}");
+    // SIGKILL: nothing of the process runs any more; its appliance does.
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let id = relocation_id(&String::from_utf8_lossy(&out.stdout));
+    let pids = std::env::temp_dir().join("fluidcloud-guests");
+    let pid_file = std::fs::read_dir(&pids)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(&id))
+        .unwrap_or_else(|| panic!("no appliance PID file for {id} in {}", pids.display()));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(pid), "the appliance died with the process");
+
+    // The resume stops it and adapts with an appliance of its own.
+    let out = ok(&w.fc(&["resume", &id]));
+    assert!(out.contains("succeeded"), "{out}");
+    assert!(!alive(pid), "the stale appliance {pid} still runs");
+    assert!(!pid_file.exists());
+    let console = console_up(&format!("{}web", w.b.prefix()));
+    assert!(
+        console.contains("FLUIDCLOUD-IP app0 10.30.0.21/24"),
+        "{console}"
+    );
+    assert_eq!(sha256_file(&disk), before, "the source was touched");
+}

@@ -76,6 +76,9 @@ pub struct Appliance {
     /// The disks, in order (`/dev/sda`, `/dev/sdb`, ...).
     disks: Vec<ApplianceDisk>,
     closed: bool,
+    /// A file naming the server's PID while it waits between two steps
+    /// (`crate::guest::keep`), removed when it stops.
+    pid_file: Option<PathBuf>,
     /// How long the launch took.
     pub launch_time: Duration,
 }
@@ -178,6 +181,7 @@ impl Appliance {
             seen: Mutex::new(0),
             disks: disks.to_vec(),
             closed: false,
+            pid_file: None,
             launch_time: Duration::ZERO,
         };
         if let Err(e) = a.call(&["run"]).await {
@@ -200,6 +204,27 @@ impl Appliance {
         } else {
             t
         }
+    }
+
+    /// The guestfish server's PID.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Names the server in `file` until it stops, so that a later process
+    /// can stop it if this one dies first ([`stop_server`]).
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn record_pid(&mut self, file: PathBuf) -> Result<()> {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Precondition(format!("creating {}: {e}", dir.display())))?;
+        }
+        std::fs::write(&file, self.pid.to_string())
+            .map_err(|e| Error::Precondition(format!("writing {}: {e}", file.display())))?;
+        self.pid_file = Some(file);
+        Ok(())
     }
 
     /// The disks, in the appliance's order.
@@ -310,20 +335,19 @@ impl Appliance {
             .output()
             .await;
         self.closed = true;
+        if let Some(f) = self.pid_file.take() {
+            let _ = std::fs::remove_file(f);
+        }
         r.map(|_| ())
     }
 
     fn kill(&mut self) {
         if !self.closed {
-            let _ = std::process::Command::new("guestfish")
-                .arg(format!("--remote={}", self.pid))
-                .arg("--")
-                .arg("exit")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
+            stop_server(self.pid);
             self.closed = true;
+        }
+        if let Some(f) = self.pid_file.take() {
+            let _ = std::fs::remove_file(f);
         }
     }
 }
@@ -346,6 +370,34 @@ fn qemu_format(f: ImageFormat) -> Result<&'static str> {
             site: None,
         }),
     }
+}
+
+/// Stops the guestfish server `pid` (and so its appliance), waiting up to
+/// 15 s for it to exit. Harmless for a PID that is no guestfish server:
+/// the remote call finds no socket of that PID.
+pub fn stop_server(pid: u32) {
+    let _ = std::process::Command::new("guestfish")
+        .arg(format!("--remote={pid}"))
+        .arg("--")
+        .arg("exit")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until && is_guestfish(&proc_dir) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `/proc/PID` is a running guestfish.
+fn is_guestfish(proc_dir: &Path) -> bool {
+    std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| {
+        c.split(|b| *b == 0)
+            .next()
+            .is_some_and(|a| a.ends_with(b"guestfish"))
+    })
 }
 
 fn host_arg(p: &Path) -> Result<String> {

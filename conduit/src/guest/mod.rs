@@ -142,15 +142,52 @@ fn strip_precondition(s: &str) -> String {
 static WAITING: LazyLock<Mutex<BTreeMap<String, Arc<Appliance>>>> =
     LazyLock::new(|| Mutex::new(BTreeMap::new()));
 
+/// Where the PID of the appliance waiting for `key` is written: a later
+/// process (a resume after `kill -9`) stops it before it boots its own,
+/// which could not open the same disks.
+fn pid_file(key: &str) -> std::path::PathBuf {
+    let safe: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '+'
+            }
+        })
+        .collect();
+    std::env::temp_dir()
+        .join("fluidcloud-guests")
+        .join(format!("{safe}.pid"))
+}
+
 /// Keeps `app` for the `guest-adapt` of `key`; an appliance kept earlier
 /// under the same key is stopped.
-pub fn keep(key: &str, app: Appliance) {
+///
+/// # Errors
+/// Its PID file cannot be written.
+pub fn keep(key: &str, mut app: Appliance) -> Result<()> {
+    app.record_pid(pid_file(key))?;
     let old = WAITING
         .lock()
         .map(|mut w| w.insert(key.to_owned(), Arc::new(app)))
         .ok()
         .flatten();
     drop(old);
+    Ok(())
+}
+
+/// Stops an appliance a dead process left waiting for `key`, if any.
+pub fn stop_stale(key: &str) {
+    let file = pid_file(key);
+    if let Some(pid) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+    {
+        tracing::info!("stopping the guest appliance (pid {pid}) an earlier run left for {key}");
+        appliance::stop_server(pid);
+    }
+    let _ = std::fs::remove_file(file);
 }
 
 /// The appliance kept for `key`, taken.

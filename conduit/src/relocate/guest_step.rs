@@ -143,6 +143,8 @@ impl Migrator for GuestPrepare {
         }
         ctx.progress
             .message(&format!("{}: booting the guest appliance", p.instance));
+        // An earlier run of this step, or one that died, left its appliance.
+        stop_waiting(&p).await;
         let app = Appliance::launch(&disks, false, accel(&p)?).await?;
         // Refuse now, while the source still runs, a guest whose root is
         // encrypted or unrecognised: reading the filesystem list only
@@ -154,7 +156,7 @@ impl Migrator for GuestPrepare {
         );
         out.facts
             .insert("guest_prelaunched".into(), serde_json::json!(true));
-        guest::keep(&p.key(), app);
+        guest::keep(&p.key(), app)?;
         Ok(out)
     }
 
@@ -165,9 +167,21 @@ impl Migrator for GuestPrepare {
         _ctx: &ExecContext,
     ) -> SdkResult<()> {
         let p: GuestParams = params(request)?;
-        drop(guest::take(&p.key()));
+        stop_waiting(&p).await;
         Ok(())
     }
+}
+
+/// Stops the appliance waiting for `p`'s instance, in this process or
+/// left by one that died (off the runtime: it waits for the server to
+/// exit).
+async fn stop_waiting(p: &GuestParams) {
+    let key = p.key();
+    let _ = tokio::task::spawn_blocking(move || {
+        drop(guest::take(&key));
+        guest::stop_stale(&key);
+    })
+    .await;
 }
 
 /// An error when no filesystem of the boot disk can be a readable root.
@@ -224,6 +238,9 @@ impl Migrator for GuestAdapt {
         let (app, prelaunched) = match guest::take(&p.key()).and_then(|a| Arc::try_unwrap(a).ok()) {
             Some(app) => (app, true),
             None => {
+                // The process that ran `guest-prepare` died (this is a
+                // resume): its appliance holds the disks.
+                stop_waiting(&p).await;
                 let (_, target) = open_site(&p.sites_file, &p.site)?;
                 let disks = appliance_disks(target.as_ref(), &p).await?;
                 ctx.progress
