@@ -51,6 +51,11 @@ fn web() -> Guest {
                 "etc/hosts",
                 "127.0.0.1 localhost\n10.10.0.22 db.shop.internal db\n".into(),
             ),
+            // Outside /etc: found because the manifest's [guest] dirs say so.
+            (
+                "opt/app/etc/worker.ini",
+                "[queue]\nurl = amqp://db.shop.internal:5672/\n".into(),
+            ),
         ],
         static_interfaces: true,
     }
@@ -326,12 +331,22 @@ fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_m
     std::thread::sleep(Duration::from_secs(6));
     let before = [sha256_file(&web_disk), sha256_file(&db_disk)];
 
-    // Introspection reads their /etc and links their config files.
+    // Introspection reads their /etc, and the directory the manifest
+    // declares, and links their config files.
+    let manifest = w.dir.join("shop.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"shop\"\n\n[guest]\ndirs = [\"/opt/app/etc\"]\n",
+    )
+    .unwrap();
+    let manifest = manifest.to_str().unwrap();
     let t: Value = serde_json::from_str(&ok(&w.fc(&[
         "introspect",
         "lv-a",
         "--service",
         "shop",
+        "--manifest",
+        manifest,
         "--json",
     ])))
     .unwrap();
@@ -341,7 +356,11 @@ fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_m
         .iter()
         .map(|r| r["id"].as_str().unwrap())
         .collect();
-    for id in ["config:web:/etc/app/app.yaml", "config:db:/etc/app/db.yaml"] {
+    for id in [
+        "config:web:/etc/app/app.yaml",
+        "config:db:/etc/app/db.yaml",
+        "config:web:/opt/app/etc/worker.ini",
+    ] {
         assert!(ids.contains(&id), "{id} not in {ids:?}");
     }
     assert!(
@@ -354,6 +373,10 @@ fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_m
     );
     assert!(
         config_reaches(&t, "config:web:/etc/hosts", "instance:db"),
+        "{t}"
+    );
+    assert!(
+        config_reaches(&t, "config:web:/opt/app/etc/worker.ini", "instance:db"),
         "{t}"
     );
     let web_res = t["resources"]
@@ -372,6 +395,8 @@ fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_m
         "lv-a",
         "--service",
         "shop",
+        "--manifest",
+        manifest,
         "--to",
         "lv-b",
         "--yes",
@@ -437,6 +462,17 @@ fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_m
     assert!(
         diff.contains("+  host: db.edge.internal # primary"),
         "{diff}"
+    );
+    let worker = configs
+        .iter()
+        .find(|c| c["target"] == "lv-b:web:/opt/app/etc/worker.ini")
+        .unwrap_or_else(|| panic!("no worker.ini diff in {configs:?}"));
+    assert!(
+        worker["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+url = amqp://db.edge.internal:5672/"),
+        "{worker}"
     );
     for path in [
         "lv-b:web:/etc/network/interfaces",
