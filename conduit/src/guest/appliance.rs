@@ -73,8 +73,6 @@ pub struct Appliance {
     dir: tempfile::TempDir,
     /// Serializes calls; holds how much of the log was read.
     seen: Mutex<u64>,
-    /// The disks, in order (`/dev/sda`, `/dev/sdb`, ...).
-    disks: Vec<ApplianceDisk>,
     closed: bool,
     /// A file naming the server's PID while it waits between two steps
     /// (`crate::guest::keep`), removed when it stops.
@@ -179,7 +177,6 @@ impl Appliance {
             log,
             dir,
             seen: Mutex::new(0),
-            disks: disks.to_vec(),
             closed: false,
             pid_file: None,
             launch_time: Duration::ZERO,
@@ -206,11 +203,6 @@ impl Appliance {
         }
     }
 
-    /// The guestfish server's PID.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Names the server in `file` until it stops, so that a later process
     /// can stop it if this one dies first ([`stop_server`]).
     ///
@@ -225,11 +217,6 @@ impl Appliance {
             .map_err(|e| Error::Precondition(format!("writing {}: {e}", file.display())))?;
         self.pid_file = Some(file);
         Ok(())
-    }
-
-    /// The disks, in the appliance's order.
-    pub fn disks(&self) -> &[ApplianceDisk] {
-        &self.disks
     }
 
     /// Runs one guestfish command; its standard output.
