@@ -181,7 +181,22 @@ impl Appliance {
             pid_file: None,
             launch_time: Duration::ZERO,
         };
-        if let Err(e) = a.call(&["run"]).await {
+        // A launch is good when the appliance sees every disk: a server
+        // whose appliance died answers with nothing, not an error.
+        let started_ok = match a.call(&["run"]).await {
+            Ok(_) => match a.lines(&["list-devices"]).await {
+                Ok(d) if d.len() == disks.len() => Ok(()),
+                Ok(d) => Err(format!(
+                    "it sees {} of {} disks ({})",
+                    d.len(),
+                    disks.len(),
+                    a.log_tail()
+                )),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = started_ok {
             a.kill();
             return Err(Error::Precondition(format!(
                 "the libguestfs appliance did not start{}: {e}",
@@ -315,12 +330,8 @@ impl Appliance {
             self.call(&["shutdown"]).await
         }
         .await;
-        let _ = Command::new("guestfish")
-            .arg(format!("--remote={}", self.pid))
-            .arg("--")
-            .arg("exit")
-            .output()
-            .await;
+        let pid = self.pid;
+        let _ = tokio::task::spawn_blocking(move || stop_server(pid)).await;
         self.closed = true;
         if let Some(f) = self.pid_file.take() {
             let _ = std::fs::remove_file(f);
@@ -359,9 +370,10 @@ fn qemu_format(f: ImageFormat) -> Result<&'static str> {
     }
 }
 
-/// Stops the guestfish server `pid` (and so its appliance), waiting up to
-/// 15 s for it to exit. Harmless for a PID that is no guestfish server:
-/// the remote call finds no socket of that PID.
+/// Stops the guestfish server `pid` (and so its appliance): asks it to
+/// exit, waits up to 10 s, then kills it. Harmless for a PID that is no
+/// guestfish server: the remote call finds no socket of that PID, and
+/// only a guestfish is killed.
 pub fn stop_server(pid: u32) {
     let _ = std::process::Command::new("guestfish")
         .arg(format!("--remote={pid}"))
@@ -372,9 +384,15 @@ pub fn stop_server(pid: u32) {
         .stderr(std::process::Stdio::null())
         .status();
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let until = Instant::now() + Duration::from_secs(15);
+    let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until && is_guestfish(&proc_dir) {
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if is_guestfish(&proc_dir) {
+        tracing::warn!("guestfish server {pid} did not exit when asked; killing it");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     }
 }
 
