@@ -85,6 +85,16 @@ pub struct Edits {
     pub notes: Vec<Diagnostic>,
 }
 
+impl Edits {
+    /// What file `path`, which held `old`, holds once the edits are made.
+    fn after<'a>(&'a self, path: &str, old: &'a str) -> &'a str {
+        self.files
+            .iter()
+            .find(|e| e.path == path)
+            .map_or(old, |e| e.new.as_str())
+    }
+}
+
 /// Whether `path` is a network configuration file whose format the
 /// rewriter knows.
 pub fn is_network_file(path: &str) -> bool {
@@ -242,7 +252,8 @@ fn unknown_format(
     instance: &str,
 ) -> Vec<Diagnostic> {
     let own: Vec<&str> = plan.addresses.iter().map(|(a, _)| a.as_str()).collect();
-    let holds_own = |t: &str| ipv4_regex().find_iter(t).any(|m| own.contains(&m.as_str()));
+    let re = ipv4_regex();
+    let holds_own = |t: &str| re.find_iter(t).any(|m| own.contains(&m.as_str()));
     let known = text.iter().any(|(p, t)| {
         is_network_file(p) && p != "/etc/hosts" && p != "/etc/resolv.conf" && holds_own(t)
     });
@@ -256,12 +267,8 @@ fn unknown_format(
         .iter()
         .filter(|(p, t)| !is_network_file(p) && holds_own(t))
     {
-        let now = edits
-            .files
-            .iter()
-            .find(|e| &e.path == path)
-            .map_or(t.as_str(), |e| e.new.as_str());
-        let stale: BTreeSet<&str> = ipv4_regex()
+        let now = edits.after(path, t);
+        let stale: BTreeSet<&str> = re
             .find_iter(now)
             .map(|m| m.as_str())
             .filter(|a| old_net(a).is_some_and(|n| nets.contains(&n)))
@@ -319,11 +326,7 @@ fn leftovers(
     }
     let mut notes = Vec::new();
     for (path, content) in text {
-        let now = edits
-            .files
-            .iter()
-            .find(|e| &e.path == path)
-            .map_or(content.as_str(), |e| e.new.as_str());
+        let now = edits.after(path, content);
         let Ok(found) = config::leftovers(path, now, Format::Text, &own) else {
             continue;
         };

@@ -89,11 +89,11 @@ async fn appliance_disks(
     Ok(out)
 }
 
-fn accel(p: &GuestParams) -> SdkResult<Accel> {
-    let file = crate::config::SitesFile::load(&p.sites_file, &crate::drivers::kinds())
-        .map_err(super::steps::to_sdk)?;
+/// The target's driver and how its appliances run (its `accel` key).
+fn target(p: &GuestParams) -> SdkResult<(Box<dyn SiteDriver>, Accel)> {
+    let (file, driver) = open_site(&p.sites_file, &p.site)?;
     let cfg = file.site(&p.site).map_err(super::steps::to_sdk)?;
-    Ok(Accel::from_config(cfg.accel.as_deref()))
+    Ok((driver, Accel::from_config(cfg.accel.as_deref())))
 }
 
 /// `guest-prepare`: see the module docs.
@@ -129,7 +129,7 @@ impl Migrator for GuestPrepare {
                 p.instance, p.site
             )));
         }
-        let (_, target) = open_site(&p.sites_file, &p.site)?;
+        let (target, accel) = target(&p)?;
         let disks = appliance_disks(target.as_ref(), &p).await?;
         let mut out = StepOutput::default();
         if disks.iter().any(|d| d.format != ImageFormat::Raw) {
@@ -145,7 +145,7 @@ impl Migrator for GuestPrepare {
             .message(&format!("{}: booting the guest appliance", p.instance));
         // An earlier run of this step, or one that died, left its appliance.
         stop_waiting(&p).await;
-        let app = Appliance::launch(&disks, false, accel(&p)?).await?;
+        let app = Appliance::launch(&disks, false, accel).await?;
         // Refuse now, while the source still runs, a guest whose root is
         // encrypted or unrecognised: reading the filesystem list only
         // probes the disk, it mounts nothing.
@@ -241,11 +241,11 @@ impl Migrator for GuestAdapt {
                 // The process that ran `guest-prepare` died (this is a
                 // resume): its appliance holds the disks.
                 stop_waiting(&p).await;
-                let (_, target) = open_site(&p.sites_file, &p.site)?;
+                let (target, accel) = target(&p)?;
                 let disks = appliance_disks(target.as_ref(), &p).await?;
                 ctx.progress
                     .message(&format!("{}: booting the guest appliance", p.instance));
-                (Appliance::launch(&disks, false, accel(&p)?).await?, false)
+                (Appliance::launch(&disks, false, accel).await?, false)
             }
         };
         ctx.progress
