@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::libvirt::{Pool, console_log, libvirt_up, repo, sha256_file, state, virsh};
+use common::libvirt::{AgentPair, Pool, console_log, libvirt_up, repo, sha256_file, state, virsh};
 use common::{fails, ok, relocation_id};
 use serde_json::Value;
 
@@ -138,6 +138,9 @@ fn script(args: &[&str]) {
 struct World {
     dir: PathBuf,
     config: String,
+    /// When set, every command runs in the orchestrator's namespace and
+    /// reaches both pools through their agents (dropped before the pools).
+    agents: Option<AgentPair>,
     a: Pool,
     b: Pool,
 }
@@ -194,9 +197,24 @@ location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
         Self {
             dir,
             config: config_path.to_str().unwrap().to_owned(),
+            agents: None,
             a,
             b,
         }
+    }
+
+    /// [`Self::new`], both sites reached through agents in network
+    /// namespaces (`AgentPair`): the orchestrator sees neither pool.
+    fn through_agents(tag: &str, adapt: &str) -> Self {
+        let mut w = Self::new(tag, adapt);
+        w.agents = Some(AgentPair::start(
+            &format!("fc-g-{tag}"),
+            Path::new(&w.config),
+            &w.dir,
+            &w.a,
+            &w.b,
+        ));
+        w
     }
 
     /// Defines guest `g` of `service` in pool A (its disk `NAME.raw`
@@ -271,6 +289,9 @@ location = {{ region = "lab", latitude = 48.1, longitude = -1.7 }}
     }
 
     fn fc(&self, args: &[&str]) -> std::process::Output {
+        if let Some(agents) = &self.agents {
+            return agents.fc(args);
+        }
         let mut all = vec!["--config", &self.config];
         all.extend_from_slice(args);
         common::run_in(&self.dir, &all)
@@ -314,7 +335,18 @@ fn config_reaches(t: &Value, config: &str, instance: &str) -> bool {
 
 #[test]
 fn two_guests_are_introspected_inside_and_relocated_to_another_subnet_with_new_macs() {
-    let w = World::new("pair", r#"{ mac = "generate" }"#);
+    introspect_and_relocate_the_pair(&World::new("pair", r#"{ mac = "generate" }"#));
+}
+
+/// The same through site agents: the guests are looked into and adapted
+/// at the agents, next to their disks (the orchestrator cannot see the
+/// pools, so it could not have opened them).
+#[test]
+fn two_guests_at_sites_reached_through_agents_are_looked_into_and_adapted_there() {
+    introspect_and_relocate_the_pair(&World::through_agents("apair", r#"{ mac = "generate" }"#));
+}
+
+fn introspect_and_relocate_the_pair(w: &World) {
     let web_disk = w.guest(&web(), "shop", None, true);
     let db_disk = w.guest(&db(), "shop", None, true);
     let (src_web, src_db) = (

@@ -723,99 +723,31 @@ fn a_writing_guest_moves_to_a_qcow2_pool_whose_boot_disk_is_patched_in_place_fro
     assert!(!xml.contains("fluidcloud-tracking"), "{xml}");
 }
 
-/// The `[sites.NAME]` block of the sites file `text`.
-fn site_block(text: &str, name: &str) -> String {
-    let start = text.find(&format!("[sites.{name}]")).unwrap();
-    let end = text[start + 1..]
-        .find("\n[sites.")
-        .map_or(text.len(), |i| start + 2 + i);
-    text[start..end].to_owned()
-}
-
 #[test]
 fn a_guest_moves_between_pools_served_by_agents_in_two_namespaces_and_boots_with_its_checksum() {
-    use common::netns::{Net, TOKEN, agent_keys, spawn_agent};
     let w = World::new("agents", SUM_RE);
     let source_sum = console_sum(&console_log(&w.source), Duration::from_secs(300));
     assert_eq!(source_sum, w.sum, "the source guest reads its disk");
-    // Each agent has its own sites file (its pool), and sees only its
-    // own pool's directory; libvirtd is the machine's, reached through
-    // its local socket.
-    let text = std::fs::read_to_string(&w.config).unwrap();
-    let net = Net::up("fc-lv-agents", "1gbit");
-    let mut agents = Vec::new();
-    let mut orch = String::new();
-    for (ns, site, mine, other) in [("a", "lv-a", &w.a, &w.b), ("b", "lv-b", &w.b, &w.a)] {
-        let block = site_block(&text, site);
-        let config = w.dir.join(format!("agent-{ns}.toml"));
-        std::fs::write(&config, &block).unwrap();
-        let _ = mine;
-        let (child, fp) = spawn_agent(&net, ns, &config, site, 7400, &[other.dir.as_path()]);
-        agents.push(child);
-        // The orchestrator's entry: the agent keys instead of the
-        // daemon's (those are the agent's business).
-        let local = [
-            "uri",
-            "pool",
-            "domain_prefix",
-            "shutdown_timeout_s",
-            "accel",
-        ];
-        let entry: String = block
-            .lines()
-            .filter(|l| !local.iter().any(|k| l.starts_with(&format!("{k} = "))))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        orch.push_str(&entry);
-        orch.push_str(&agent_keys(&net, ns, 7400, &fp, "LV_AGENT_TOKEN"));
-        orch.push('\n');
-    }
-    let orch_dir = w.dir.join("orch");
-    std::fs::create_dir_all(&orch_dir).unwrap();
-    let orch_config = orch_dir.join("fluidcloud.toml");
-    std::fs::write(&orch_config, orch).unwrap();
-    let out = net
-        .command(
-            "orch",
-            &[w.a.dir.as_path(), w.b.dir.as_path()],
-            &[
-                env!("CARGO_BIN_EXE_fluidcloud"),
-                "--config",
-                orch_config.to_str().unwrap(),
-                "relocate",
-                "--from",
-                "lv-a",
-                "--service",
-                "tiny",
-                "--to",
-                "lv-b",
-                "--yes",
-            ],
-        )
-        .env("LV_AGENT_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let agents =
+        common::libvirt::AgentPair::start("fc-lv-agents", Path::new(&w.config), &w.dir, &w.a, &w.b);
+    let out = agents.fc(&[
+        "relocate",
+        "--from",
+        "lv-a",
+        "--service",
+        "tiny",
+        "--to",
+        "lv-b",
+        "--yes",
+    ]);
     let text = ok(&out);
-    for mut a in agents {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
     assert!(text.contains("disk-transfer"), "{text}");
     // The source agent tracked the guest's writes; the final delta between
     // the agents looked only at the chunks they touched.
     let id = common::relocation_id(&text);
     let report: serde_json::Value =
-        serde_json::from_str(&ok(&Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-            .args([
-                "--config",
-                orch_config.to_str().unwrap(),
-                "--json",
-                "report",
-                &id,
-            ])
-            .output()
-            .unwrap()))
-        .unwrap();
+        serde_json::from_str(&ok(&agents.fc(&["--json", "report", &id]))).unwrap();
+    drop(agents);
     assert_eq!(report["final_delta"]["disks_rehashed"], 0, "{report}");
     assert!(
         report["final_delta"]["disks_tracked"].as_u64().unwrap() >= 1,

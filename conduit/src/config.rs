@@ -637,14 +637,6 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             ),
             Some(_) => {}
         }
-        if let Some(a) = &site.accel
-            && !["auto", "kvm", "tcg"].contains(&a.as_str())
-        {
-            diags.push(
-                Diagnostic::error(format!("unknown accel `{a}` (auto, kvm or tcg)"))
-                    .at_key(key("accel")),
-            );
-        }
         if let Some(p) = &site.domain_prefix
             && !p
                 .bytes()
@@ -663,7 +655,8 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
             ("pool", site.pool.is_some()),
             ("domain_prefix", site.domain_prefix.is_some()),
             ("shutdown_timeout_s", site.shutdown_timeout_s.is_some()),
-            ("accel", site.accel.is_some()),
+            // A local site's guest appliance runs with it too.
+            ("accel", site.accel.is_some() && site.agent.is_some()),
         ] {
             let agent = site.agent.is_some();
             if set && agent && !matches!(k, "uri" | "pool") {
@@ -680,6 +673,15 @@ fn validate_site(name: &str, site: &SiteConfig, kinds: &[&str], diags: &mut Vec<
                 );
             }
         }
+    }
+    if let Some(a) = &site.accel
+        && site.agent.is_none()
+        && !["auto", "kvm", "tcg"].contains(&a.as_str())
+    {
+        diags.push(
+            Diagnostic::error(format!("unknown accel `{a}` (auto, kvm or tcg)"))
+                .at_key(key("accel")),
+        );
     }
     if let Some(a) = &site.adapt {
         if let Some(bus) = &a.disk_bus

@@ -402,6 +402,35 @@ impl DiskStore {
     }
 }
 
+/// Looking inside the guests of a site's disks (`crate::guest`): what
+/// introspection reads there and what a relocation rewrites. A site whose
+/// disks are files of this process offers it (`crate::guest::site`); a
+/// site agent serves it to orchestrators elsewhere, so the appliance always
+/// runs on the machine that holds the disks.
+#[async_trait]
+pub trait Guests: Send + Sync {
+    /// Looks, read-only, inside the guests booting from `boots`; those
+    /// whose boot disk holds no partition table or filesystem are left out.
+    /// `dirs` are scanned besides `/etc`.
+    async fn inspect(
+        &self,
+        boots: &[crate::guest::BootDisk],
+        dirs: &[String],
+    ) -> Result<BTreeMap<String, crate::guest::GuestView>>;
+    /// Checks the guest on `job`'s disks has a readable root and boots a
+    /// read-write appliance over them, which waits for [`Self::adapt`].
+    async fn prepare(&self, job: &crate::guest::GuestJob) -> Result<crate::guest::Prepared>;
+    /// Rewrites the guest on `job`'s disks, with the appliance `prepare`
+    /// left waiting, or one booted now.
+    async fn adapt(
+        &self,
+        job: &crate::guest::GuestJob,
+        plan: &crate::guest::GuestPlan,
+    ) -> Result<crate::guest::Adapted>;
+    /// Stops the appliance waiting under `key`, if any.
+    async fn release(&self, key: &str) -> Result<()>;
+}
+
 /// Whole disks as streams of extents: what a transfer between two sites
 /// reads at one and writes at the other. A disk is read as its guest sees
 /// it (virtual bytes, with the ranges that hold no data marked), whatever
@@ -515,6 +544,10 @@ pub trait SiteDriver: Send + Sync {
     fn disks(&self) -> Option<&dyn Disks> {
         None
     }
+    /// Looking inside its guests' disks, where the appliance can open them.
+    fn guests(&self) -> Option<&dyn Guests> {
+        None
+    }
     /// The site's agent, when the site is reached through one (disks then
     /// move agent to agent, `crate::transfer`).
     fn agent(&self) -> Option<&crate::agent::client::AgentClient> {
@@ -590,6 +623,17 @@ pub fn require_object_storage(site: &dyn SiteDriver) -> Result<&dyn ObjectStorag
 pub fn require_compute(site: &dyn SiteDriver) -> Result<&dyn Compute> {
     site.compute()
         .ok_or_else(|| not_supported(site, Capability::Compute))
+}
+
+/// Looking inside the site's guests, or `NotSupported`.
+///
+/// # Errors
+/// `NotSupported { operation: "looking inside guests", site }`.
+pub fn require_guests(site: &dyn SiteDriver) -> Result<&dyn Guests> {
+    site.guests().ok_or_else(|| Error::NotSupported {
+        operation: "looking inside guests".to_owned(),
+        site: Some(site.name().to_owned()),
+    })
 }
 
 /// The site's whole-disk streams, or `NotSupported`.

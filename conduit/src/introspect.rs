@@ -256,7 +256,7 @@ pub async fn introspect_with(
             .as_ref()
             .map(|(m, ..)| m.guest.clone())
             .unwrap_or_default();
-        let (views, notes) = guests::look_inside(driver, site, &mine, &declared).await;
+        let (views, notes) = guests::look_inside(driver, &mine, &declared).await;
         b.guests = views;
         b.notes.extend(notes);
     }

@@ -189,6 +189,10 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/volumes/{name}/flush", post(flush_volume))
         .route("/v1/disks/remove", post(remove_disk))
         .route("/v1/disks/holder", post(disk_holder))
+        .route("/v1/guests/inspect", post(inspect_guests))
+        .route("/v1/guests/prepare", post(prepare_guest))
+        .route("/v1/guests/adapt", post(adapt_guest))
+        .route("/v1/guests/release", post(release_guest))
         .route("/v1/tickets", post(grant_ticket))
         .route("/v1/pulls", post(start_pull))
         .route("/v1/bucket-pulls", post(start_bucket_pull))
@@ -327,6 +331,9 @@ pub struct SiteDoc {
     pub change_tracking: bool,
     /// Whether disks can be transferred from and to it.
     pub disks: bool,
+    /// Whether it looks inside its guests' disks (`/v1/guests/…`).
+    #[serde(default)]
+    pub guests: bool,
 }
 
 async fn site(State(s): Shared) -> Answer<SiteDoc> {
@@ -342,6 +349,7 @@ async fn site(State(s): Shared) -> Answer<SiteDoc> {
             .collect(),
         change_tracking: s.driver.change_tracking().is_some(),
         disks: s.driver.disks().is_some(),
+        guests: s.driver.guests().is_some(),
     })
 }
 
@@ -597,6 +605,79 @@ async fn disk_holder(
         blocking(move || driver::require_disks(state.driver.as_ref())?.holder(d.store, &d.name))
             .await?,
     )
+}
+
+/// `POST /v1/guests/inspect`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectGuests {
+    /// The boot disks to look inside.
+    pub boots: Vec<crate::guest::BootDisk>,
+    /// Directories scanned besides `/etc`.
+    pub dirs: Vec<String>,
+}
+
+/// `POST /v1/guests/adapt`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptGuest {
+    /// The guest's disks and key.
+    pub job: crate::guest::GuestJob,
+    /// What to change.
+    pub plan: crate::guest::GuestPlan,
+}
+
+/// `POST /v1/guests/release`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseGuest {
+    /// The key the appliance waits under.
+    pub key: String,
+}
+
+/// How long an appliance booted by `/v1/guests/prepare` waits for its
+/// adaptation before the agent stops it (an orchestrator that died or went
+/// away between the two steps; a resume boots a new one).
+const GUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+async fn inspect_guests(
+    State(s): Shared,
+    axum::Json(r): axum::Json<InspectGuests>,
+) -> Answer<std::collections::BTreeMap<String, crate::guest::GuestView>> {
+    ok(driver::require_guests(s.driver.as_ref())?
+        .inspect(&r.boots, &r.dirs)
+        .await?)
+}
+
+async fn prepare_guest(
+    State(s): Shared,
+    axum::Json(job): axum::Json<crate::guest::GuestJob>,
+) -> Answer<crate::guest::Prepared> {
+    let prepared = driver::require_guests(s.driver.as_ref())?
+        .prepare(&job)
+        .await?;
+    if prepared.launch_seconds.is_some() {
+        tokio::spawn(async {
+            tokio::time::sleep(GUEST_WAIT).await;
+            let _ = tokio::task::spawn_blocking(|| crate::guest::expire(GUEST_WAIT)).await;
+        });
+    }
+    ok(prepared)
+}
+
+async fn adapt_guest(
+    State(s): Shared,
+    axum::Json(r): axum::Json<AdaptGuest>,
+) -> Answer<crate::guest::Adapted> {
+    ok(driver::require_guests(s.driver.as_ref())?
+        .adapt(&r.job, &r.plan)
+        .await?)
+}
+
+async fn release_guest(State(s): Shared, axum::Json(r): axum::Json<ReleaseGuest>) -> Answer<()> {
+    ok(driver::require_guests(s.driver.as_ref())?
+        .release(&r.key)
+        .await?)
 }
 
 async fn grant_ticket(

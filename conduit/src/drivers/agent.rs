@@ -18,12 +18,13 @@ use fluidcloud_plugins::{Capability, Error, Result};
 use tokio::io::AsyncRead;
 
 use crate::agent::client::{AgentClient, segment};
-use crate::agent::server::{NewVolume, SiteDoc};
+use crate::agent::server::{AdaptGuest, InspectGuests, NewVolume, ReleaseGuest, SiteDoc};
 use crate::config::SiteConfig;
 use crate::driver::{
-    BlockStore, ChangeTracking, Compute, ConfigFileRecord, Extent, ImageRecord, ImageStore,
+    BlockStore, ChangeTracking, Compute, ConfigFileRecord, Extent, Guests, ImageRecord, ImageStore,
     InstanceRecord, InstanceState, Inventory, ObjectStorage, SiteDriver,
 };
+use crate::guest::{Adapted, BootDisk, GuestJob, GuestPlan, GuestView, Prepared};
 
 /// A site driven through its agent.
 #[derive(Debug)]
@@ -171,6 +172,10 @@ impl SiteDriver for AgentSite {
         self.doc()
             .is_some_and(|d| d.change_tracking)
             .then_some(self as _)
+    }
+
+    fn guests(&self) -> Option<&dyn Guests> {
+        self.doc().is_some_and(|d| d.guests).then_some(self as _)
     }
 
     fn agent(&self) -> Option<&AgentClient> {
@@ -465,5 +470,40 @@ impl ChangeTracking for AgentSite {
 
     async fn end_tracking(&self, name: &str) -> Result<()> {
         self.action(name, "end-tracking").await.map(drop)
+    }
+}
+
+/// The guests' appliance runs at the agent, next to the disks.
+#[async_trait]
+impl Guests for AgentSite {
+    async fn inspect(
+        &self,
+        boots: &[BootDisk],
+        dirs: &[String],
+    ) -> Result<std::collections::BTreeMap<String, GuestView>> {
+        let body = InspectGuests {
+            boots: boots.to_vec(),
+            dirs: dirs.to_vec(),
+        };
+        self.client.post("/v1/guests/inspect", &body).await
+    }
+
+    async fn prepare(&self, job: &GuestJob) -> Result<Prepared> {
+        self.client.post("/v1/guests/prepare", job).await
+    }
+
+    async fn adapt(&self, job: &GuestJob, plan: &GuestPlan) -> Result<Adapted> {
+        let body = AdaptGuest {
+            job: job.clone(),
+            plan: plan.clone(),
+        };
+        self.client.post("/v1/guests/adapt", &body).await
+    }
+
+    async fn release(&self, key: &str) -> Result<()> {
+        let body = ReleaseGuest {
+            key: key.to_owned(),
+        };
+        self.client.post("/v1/guests/release", &body).await
     }
 }

@@ -90,25 +90,14 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
     if let Some(t) = config.shutdown_timeout_s {
         site.shutdown_timeout = Duration::from_secs(t);
     }
-    site.accel = match config.accel.as_deref() {
-        Some("kvm") => Accel::Kvm,
-        Some("tcg") => Accel::Tcg,
-        _ => Accel::Auto,
-    };
+    site.accel = Accel::from_config(config.accel.as_deref());
     site.change_tracking = config.change_tracking.unwrap_or(true);
     Ok(Box::new(site))
 }
 
-/// How guests run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// KVM when the host offers it, else TCG.
-    Auto,
-    /// Hardware virtualisation.
-    Kvm,
-    /// QEMU's software emulation.
-    Tcg,
-}
+/// How guests run: `accel` (`auto`, `kvm`, `tcg`), as for the guest
+/// appliance.
+pub use crate::guest::Accel;
 
 /// A site that is a libvirt daemon and a storage pool.
 #[derive(Debug, Clone)]
@@ -898,6 +887,17 @@ impl SiteDriver for LibvirtSite {
 
     fn disks(&self) -> Option<&dyn crate::driver::Disks> {
         self.is_local().then_some(self as &dyn crate::driver::Disks)
+    }
+
+    fn guests(&self) -> Option<&dyn crate::driver::Guests> {
+        self.is_local()
+            .then_some(self as &dyn crate::driver::Guests)
+    }
+}
+
+impl crate::guest::FileGuests for LibvirtSite {
+    fn accel(&self) -> Accel {
+        self.accel
     }
 }
 

@@ -57,6 +57,10 @@ pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
             "buckets_url",
             "s3://?endpoint=URL&region=R: keep the site's buckets on that S3 endpoint instead of in the directory",
         ),
+        (
+            "accel",
+            "auto (default), kvm or tcg: how the appliance that looks inside guests runs",
+        ),
     ],
     open,
 };
@@ -68,6 +72,7 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
         ],
     })?;
     let mut site = LocalSite::new(name, root).with_backing_dirs(config.allow_backing_dirs.clone());
+    site.accel = crate::guest::Accel::from_config(config.accel.as_deref());
     if let Some(url) = &config.buckets_url {
         // Parse now so a malformed URL is a config error, not a late failure.
         BucketLocation::parse(&s3_url(config, "probe"))
@@ -124,6 +129,8 @@ pub struct LocalSite {
     root: PathBuf,
     s3: Option<S3Buckets>,
     disks: super::filedisk::FileDisks,
+    /// How guest appliances run (`accel`).
+    accel: crate::guest::Accel,
 }
 
 const DIRS: [&str; 6] = [
@@ -149,6 +156,7 @@ impl LocalSite {
             name,
             root,
             s3: None,
+            accel: crate::guest::Accel::Auto,
         }
     }
 
@@ -446,6 +454,16 @@ impl SiteDriver for LocalSite {
 
     fn disks(&self) -> Option<&dyn crate::driver::Disks> {
         Some(&self.disks)
+    }
+
+    fn guests(&self) -> Option<&dyn crate::driver::Guests> {
+        Some(self)
+    }
+}
+
+impl crate::guest::FileGuests for LocalSite {
+    fn accel(&self) -> crate::guest::Accel {
+        self.accel
     }
 }
 

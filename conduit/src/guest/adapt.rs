@@ -64,7 +64,7 @@ pub struct GuestPlan {
 }
 
 /// One file's new content.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEdit {
     /// Its path in the guest.
     pub path: String,
@@ -353,7 +353,7 @@ fn leftovers(
 }
 
 /// What [`apply`] did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Applied {
     /// Files rewritten.
     pub files: Vec<FileEdit>,

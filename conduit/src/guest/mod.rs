@@ -17,14 +17,18 @@
 pub mod adapt;
 pub mod appliance;
 pub mod inspect;
+pub mod site;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use fluidcloud_plugins::{GuestFacts, Result};
+use serde::{Deserialize, Serialize};
 
 pub use adapt::{Applied, FileEdit, GuestPlan};
 pub use appliance::{Accel, Appliance, ApplianceDisk};
+pub use site::{Adapted, BootDisk, FileGuests, GuestJob, Prepared};
 
 /// How many first bytes of a disk [`has_signature`] looks at.
 pub const HEAD: usize = 68 * 1024;
@@ -45,12 +49,45 @@ pub fn has_signature(head: &[u8]) -> bool {
 }
 
 /// What [`inspect_disks`] found in one guest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GuestView {
     /// Facts for the topology.
     pub facts: GuestFacts,
-    /// Its files: all of `/etc` and the directories asked for, by path.
+    /// Its files: all of `/etc` and the directories asked for, by path
+    /// (base64 in JSON: an agent sends them).
+    #[serde(with = "base64_files")]
     pub files: BTreeMap<String, Vec<u8>>,
+}
+
+/// File contents as base64 strings.
+mod base64_files {
+    use std::collections::BTreeMap;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        files: &BTreeMap<String, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(files.iter().map(|(k, v)| (k, STANDARD.encode(v))))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+        BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                STANDARD
+                    .decode(v)
+                    .map(|b| (k.clone(), b))
+                    .map_err(|e| serde::de::Error::custom(format!("file {k}: {e}")))
+            })
+            .collect()
+    }
 }
 
 /// Looks inside several guests with one read-only appliance: guest `i`
@@ -139,8 +176,11 @@ fn strip_precondition(s: &str) -> String {
 
 /// Appliances started by `guest-prepare`, waiting for their `guest-adapt`
 /// in this process, by key (`RELOCATION/INSTANCE`).
-static WAITING: LazyLock<Mutex<BTreeMap<String, Arc<Appliance>>>> =
+static WAITING: LazyLock<Mutex<BTreeMap<String, Waiting>>> =
     LazyLock::new(|| Mutex::new(BTreeMap::new()));
+
+/// A waiting appliance and when it began to wait.
+type Waiting = (Arc<Appliance>, Instant);
 
 /// Where the PID of the appliance waiting for `key` is written: a later
 /// process (a resume after `kill -9`) stops it before it boots its own,
@@ -170,7 +210,7 @@ pub fn keep(key: &str, mut app: Appliance) -> Result<()> {
     app.record_pid(pid_file(key))?;
     let old = WAITING
         .lock()
-        .map(|mut w| w.insert(key.to_owned(), Arc::new(app)))
+        .map(|mut w| w.insert(key.to_owned(), (Arc::new(app), Instant::now())))
         .ok()
         .flatten();
     drop(old);
@@ -192,7 +232,11 @@ pub fn stop_stale(key: &str) {
 
 /// The appliance kept for `key`, taken.
 pub fn take(key: &str) -> Option<Arc<Appliance>> {
-    WAITING.lock().ok().and_then(|mut w| w.remove(key))
+    WAITING
+        .lock()
+        .ok()
+        .and_then(|mut w| w.remove(key))
+        .map(|(a, _)| a)
 }
 
 /// Stops every appliance still waiting for relocation `id`'s
@@ -200,16 +244,57 @@ pub fn take(key: &str) -> Option<Arc<Appliance>> {
 /// called when a run ends, so none outlives the process.
 pub fn release(id: &str) {
     let prefix = format!("{id}/");
-    let gone: Vec<Arc<Appliance>> = WAITING
+    remove_waiting(|k, _| k.starts_with(&prefix));
+}
+
+/// Stops every appliance that has waited longer than `limit`: a site
+/// agent's, whose orchestrator died or went away between the two steps.
+pub fn expire(limit: Duration) {
+    remove_waiting(|_, since| since.elapsed() > limit);
+}
+
+fn remove_waiting(gone: impl Fn(&str, Instant) -> bool) {
+    let removed: Vec<Arc<Appliance>> = WAITING
         .lock()
         .map(|mut w| {
             let keys: Vec<String> = w
-                .keys()
-                .filter(|k| k.starts_with(&prefix))
-                .cloned()
+                .iter()
+                .filter(|(k, (_, since))| gone(k, *since))
+                .map(|(k, _)| k.clone())
                 .collect();
-            keys.iter().filter_map(|k| w.remove(k)).collect()
+            keys.iter()
+                .filter_map(|k| w.remove(k).map(|(a, _)| a))
+                .collect()
         })
         .unwrap_or_default();
-    drop(gone);
+    drop(removed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_view_crosses_json_with_its_bytes_and_bad_base64_names_the_file() {
+        let view = GuestView {
+            facts: GuestFacts {
+                os: "linux".into(),
+                root: Some("partition 1 (ext4)".into()),
+                problem: None,
+            },
+            files: BTreeMap::from([
+                ("/etc/hosts".to_owned(), b"127.0.0.1 localhost\n".to_vec()),
+                ("/etc/bin.dat".to_owned(), vec![0, 0xff, 0x80, b'\n']),
+            ]),
+        };
+        let text = serde_json::to_string(&view).unwrap();
+        assert!(text.contains("\"/etc/bin.dat\":\"AP+ACg==\""), "{text}");
+        let back: GuestView = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.files, view.files);
+        assert_eq!(back.facts, view.facts);
+
+        let bad = text.replace("AP+ACg==", "not base64!");
+        let e = serde_json::from_str::<GuestView>(&bad).unwrap_err();
+        assert!(e.to_string().contains("file /etc/bin.dat"), "{e}");
+    }
 }

@@ -5,7 +5,8 @@
 //!   pre-copies and the verify step: it refuses a guest whose root cannot
 //!   be read (encrypted, unrecognised), before anything is stopped, and
 //!   boots the libguestfs appliance over the target disks (about 11 s
-//!   under TCG), which then waits in this process.
+//!   under TCG), which then waits where the disks are: in this process,
+//!   or in the target site's agent (`crate::driver::Guests`).
 //! - `guest-adapt` runs after the final deltas, before cut-over: the
 //!   waiting appliance drops what it cached of the disks, mounts the
 //!   guest read-write and rewrites its config and network files. Only
@@ -17,19 +18,18 @@
 //! underneath. Raw targets are coherent through the host's page cache.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use fluidcloud_migrators::config;
 use fluidcloud_plugins::{
-    Diagnostic, Error as SdkError, Estimate, ExecContext, ImageFormat, Migrator,
-    MigratorDescriptor, Result as SdkResult, StepOutput, StepRequest,
+    Diagnostic, Error as SdkError, Estimate, ExecContext, Migrator, MigratorDescriptor,
+    Result as SdkResult, StepOutput, StepRequest,
 };
 use serde::{Deserialize, Serialize};
 
 use super::steps::{descriptor, nothing, open_site, params, validate_params};
-use crate::driver::{DiskStore, SiteDriver, require_block_store, require_image_store};
-use crate::guest::{self, Accel, Appliance, ApplianceDisk, GuestPlan};
+use crate::driver::{SiteDriver, require_guests};
+use crate::guest::{Adapted, GuestJob, GuestPlan};
 use crate::transfer::DiskRef;
 
 /// The parameters of both steps.
@@ -59,41 +59,21 @@ impl GuestParams {
     fn key(&self) -> String {
         format!("{}/{}", self.relocation, self.instance)
     }
+
+    /// The guest's disks at the target, under its key.
+    fn job(&self) -> GuestJob {
+        GuestJob {
+            key: self.key(),
+            instance: self.instance.clone(),
+            disks: self.disks.clone(),
+        }
+    }
 }
 
-/// The target disks as files of this machine.
-async fn appliance_disks(
-    target: &dyn SiteDriver,
-    p: &GuestParams,
-) -> SdkResult<Vec<ApplianceDisk>> {
-    if target.agent().is_some() {
-        return Err(SdkError::NotSupported {
-            operation: format!(
-                "adapting instance {} inside its disks at a site reached through an agent",
-                p.instance
-            ),
-            site: Some(p.site.clone()),
-        });
-    }
-    let mut out = Vec::new();
-    for d in &p.disks {
-        let info = match d.store {
-            DiskStore::Image => require_image_store(target)?.image_info(&d.name).await?,
-            DiskStore::Volume => require_block_store(target)?.volume_info(&d.name).await?,
-        };
-        out.push(ApplianceDisk {
-            path: PathBuf::from(info.locator),
-            format: d.format,
-        });
-    }
-    Ok(out)
-}
-
-/// The target's driver and how its appliances run (its `accel` key).
-fn target(p: &GuestParams) -> SdkResult<(Box<dyn SiteDriver>, Accel)> {
-    let (file, driver) = open_site(&p.sites_file, &p.site)?;
-    let cfg = file.site(&p.site).map_err(super::steps::to_sdk)?;
-    Ok((driver, Accel::from_config(cfg.accel.as_deref())))
+/// The target's driver; its guests are looked into where its disks are
+/// (this process, or the site's agent).
+fn target(p: &GuestParams) -> SdkResult<Box<dyn SiteDriver>> {
+    Ok(open_site(&p.sites_file, &p.site)?.1)
 }
 
 /// `guest-prepare`: see the module docs.
@@ -129,34 +109,26 @@ impl Migrator for GuestPrepare {
                 p.instance, p.site
             )));
         }
-        let (target, accel) = target(&p)?;
-        let disks = appliance_disks(target.as_ref(), &p).await?;
+        let target = target(&p)?;
+        let guests = require_guests(target.as_ref())?;
+        ctx.progress
+            .message(&format!("{}: preparing the guest appliance", p.instance));
+        let prepared = guests.prepare(&p.job()).await?;
         let mut out = StepOutput::default();
-        if disks.iter().any(|d| d.format != ImageFormat::Raw) {
-            ctx.progress.message(&format!(
+        match prepared.launch_seconds {
+            Some(s) => {
+                out.facts
+                    .insert("guest_launch_seconds".into(), serde_json::json!(s));
+            }
+            None => ctx.progress.message(&format!(
                 "{}: the appliance boots after the final delta (a qcow2 target disk)",
                 p.instance
-            ));
-            out.facts
-                .insert("guest_prelaunched".into(), serde_json::json!(false));
-            return Ok(out);
+            )),
         }
-        ctx.progress
-            .message(&format!("{}: booting the guest appliance", p.instance));
-        // An earlier run of this step, or one that died, left its appliance.
-        stop_waiting(&p).await;
-        let app = Appliance::launch(&disks, false, accel).await?;
-        // Refuse now, while the source still runs, a guest whose root is
-        // encrypted or unrecognised: reading the filesystem list only
-        // probes the disk, it mounts nothing.
-        check_root_readable(&app, &p).await?;
         out.facts.insert(
-            "guest_launch_seconds".into(),
-            serde_json::json!(app.launch_time.as_secs_f64()),
+            "guest_prelaunched".into(),
+            serde_json::json!(prepared.launch_seconds.is_some()),
         );
-        out.facts
-            .insert("guest_prelaunched".into(), serde_json::json!(true));
-        guest::keep(&p.key(), app)?;
         Ok(out)
     }
 
@@ -167,44 +139,19 @@ impl Migrator for GuestPrepare {
         _ctx: &ExecContext,
     ) -> SdkResult<()> {
         let p: GuestParams = params(request)?;
-        stop_waiting(&p).await;
+        // An appliance that cannot be reached now stops on its own: with
+        // its process, or after an agent's wait limit.
+        if let Err(e) = stop_waiting(&p).await {
+            tracing::warn!("{}: the guest appliance was not stopped: {e}", p.instance);
+        }
         Ok(())
     }
 }
 
-/// Stops the appliance waiting for `p`'s instance, in this process or
-/// left by one that died (off the runtime: it waits for the server to
-/// exit).
-async fn stop_waiting(p: &GuestParams) {
-    let key = p.key();
-    let _ = tokio::task::spawn_blocking(move || {
-        drop(guest::take(&key));
-        guest::stop_stale(&key);
-    })
-    .await;
-}
-
-/// An error when no filesystem of the boot disk can be a readable root.
-async fn check_root_readable(app: &Appliance, p: &GuestParams) -> SdkResult<()> {
-    let device = guest::inspect::device_of(app, 0).await?;
-    let mine = guest::inspect::filesystems_of(app, &device).await?;
-    let readable = mine
-        .iter()
-        .any(|(_, t)| guest::inspect::ROOT_TYPES.contains(&t.as_str()));
-    if readable {
-        return Ok(());
-    }
-    let encrypted = mine.iter().any(|(_, t)| t == "crypto_LUKS");
-    Err(SdkError::Precondition(format!(
-        "instance {}: {} at {}; the relocation stops before the source is stopped",
-        p.instance,
-        if encrypted {
-            "its root filesystem is encrypted (LUKS), which fluidcloud cannot adapt without its key"
-        } else {
-            "no filesystem of its boot disk is one fluidcloud can read"
-        },
-        p.site
-    )))
+/// Stops the appliance waiting for `p`'s instance, wherever it waits.
+async fn stop_waiting(p: &GuestParams) -> SdkResult<()> {
+    let target = target(p)?;
+    require_guests(target.as_ref())?.release(&p.key()).await
 }
 
 /// `guest-adapt`: see the module docs.
@@ -235,23 +182,15 @@ impl Migrator for GuestAdapt {
     async fn execute(&self, request: &StepRequest, ctx: &ExecContext) -> SdkResult<StepOutput> {
         let p: GuestParams = params(request)?;
         let started = std::time::Instant::now();
-        let (app, prelaunched) = match guest::take(&p.key()).and_then(|a| Arc::try_unwrap(a).ok()) {
-            Some(app) => (app, true),
-            None => {
-                // The process that ran `guest-prepare` died (this is a
-                // resume): its appliance holds the disks.
-                stop_waiting(&p).await;
-                let (target, accel) = target(&p)?;
-                let disks = appliance_disks(target.as_ref(), &p).await?;
-                ctx.progress
-                    .message(&format!("{}: booting the guest appliance", p.instance));
-                (Appliance::launch(&disks, false, accel).await?, false)
-            }
-        };
+        let target = target(&p)?;
         ctx.progress
             .message(&format!("{}: adapting inside the guest", p.instance));
-        let applied = guest::adapt::apply(&app, 0, &p.plan, &p.instance).await?;
-        app.shutdown().await?;
+        let Adapted {
+            applied,
+            prelaunched,
+        } = require_guests(target.as_ref())?
+            .adapt(&p.job(), &p.plan)
+            .await?;
         let mut out = StepOutput::default();
         let diffs: Vec<serde_json::Value> = applied
             .files
