@@ -17,8 +17,10 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 mod garage;
+mod postgres;
 
 pub use garage::Garage;
+pub use postgres::Postgres;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -30,6 +30,17 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// The journal's database server could not be reached, or refused.
+    #[error("journal {}: {what}", path.display())]
+    Database {
+        /// The database URL without its password, `#` the journal's name.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The journal exists but its content is damaged; nothing was executed.
     #[error("corrupt journal {}: row {row}: {what}", path.display())]
     CorruptJournal {
@@ -125,6 +136,9 @@ impl Retryable for Error {
                 _ => Retry::Never,
             },
             Self::Io { source, .. } => fluidcloud_plugins::error::io_retry(source.kind()),
+            // A server restarting, a network cut: a new connection may
+            // succeed (the journal says what was written).
+            Self::Database { .. } => Retry::Transient,
             Self::InvalidWorkflow(_)
             | Self::CorruptJournal { .. }
             | Self::ForeignJournal { .. }

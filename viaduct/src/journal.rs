@@ -2,10 +2,10 @@
 //! which the state of a run is rebuilt.
 //!
 //! See the crate docs for the format and the guarantees. [`Journal`] is the
-//! interface (a PostgreSQL journal for several workers would implement it
-//! with one table and `SELECT ... FOR UPDATE` on a run row);
-//! [`SqliteJournal`] is the embedded default; [`RunState::replay`] rebuilds
-//! the state.
+//! interface; [`SqliteJournal`] is the embedded default, and
+//! [`crate::PgJournal`] keeps journals in a PostgreSQL database for several
+//! workers ([`JournalLocation`] opens either); [`RunState::replay`]
+//! rebuilds the state.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -115,7 +115,7 @@ impl Record {
         }
     }
 
-    fn step(&self) -> Option<&str> {
+    pub(crate) fn step(&self) -> Option<&str> {
         match self {
             Self::Transition { step, .. } | Self::Output { step, .. } => Some(step),
             _ => None,
@@ -218,7 +218,7 @@ CREATE TABLE viaduct_events (
 ";
 
 /// FNV-1a 64 of the body, as 16 hex digits: detects damaged rows.
-fn checksum(body: &str) -> String {
+pub(crate) fn checksum(body: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in body.bytes() {
         h ^= u64::from(b);
@@ -227,7 +227,7 @@ fn checksum(body: &str) -> String {
     format!("{h:016x}")
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -528,20 +528,79 @@ impl Journal for SqliteJournal {
         let mut out = Vec::new();
         for row in rows {
             let (seq, at_ms, kind, body, sum) = row.map_err(|e| self.db_error("read events", e))?;
-            if checksum(&body) != sum {
-                return Err(self.corrupt(seq, "checksum mismatch"));
-            }
-            let record: Record = serde_json::from_str(&body)
-                .map_err(|e| self.corrupt(seq, format!("unreadable record: {e}")))?;
-            if record.kind() != kind {
-                return Err(self.corrupt(
-                    seq,
-                    format!("kind column {kind:?} but record is {}", record.kind()),
-                ));
-            }
-            out.push(Entry { seq, at_ms, record });
+            out.push(parse_entry(&self.path, seq, at_ms, &kind, &body, &sum)?);
         }
         Ok(out)
+    }
+}
+
+/// A stored event as an entry, checked: its checksum, its record, its
+/// kind column.
+pub(crate) fn parse_entry(
+    path: &Path,
+    seq: i64,
+    at_ms: i64,
+    kind: &str,
+    body: &str,
+    sum: &str,
+) -> Result<Entry> {
+    let corrupt = |what: String| Error::CorruptJournal {
+        path: path.to_owned(),
+        row: seq,
+        what,
+    };
+    if checksum(body) != sum {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let record: Record =
+        serde_json::from_str(body).map_err(|e| corrupt(format!("unreadable record: {e}")))?;
+    if record.kind() != kind {
+        return Err(corrupt(format!(
+            "kind column {kind:?} but record is {}",
+            record.kind()
+        )));
+    }
+    Ok(Entry { seq, at_ms, record })
+}
+
+/// Where a journal is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// Journal `name` in the PostgreSQL database at `url`.
+    Postgres {
+        /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
+        url: String,
+        /// The journal's name in it.
+        name: String,
+    },
+}
+
+impl JournalLocation {
+    /// `postgres://…#NAME` (or `postgresql://…#NAME`): journal NAME in that
+    /// database; anything else is a SQLite file's path.
+    pub fn parse(s: &str) -> Self {
+        if (s.starts_with("postgres://") || s.starts_with("postgresql://"))
+            && let Some((url, name)) = s.rsplit_once('#')
+        {
+            return Self::Postgres {
+                url: url.to_owned(),
+                name: name.to_owned(),
+            };
+        }
+        Self::Sqlite(PathBuf::from(s))
+    }
+
+    /// Opens the journal.
+    ///
+    /// # Errors
+    /// As [`SqliteJournal::open`] or [`crate::PgJournal::open`].
+    pub fn open(&self) -> Result<Box<dyn Journal>> {
+        Ok(match self {
+            Self::Sqlite(path) => Box::new(SqliteJournal::open(path)?),
+            Self::Postgres { url, name } => Box::new(crate::PgJournal::open(url, name)?),
+        })
     }
 }
 

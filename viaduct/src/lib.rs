@@ -173,6 +173,7 @@ pub mod executor;
 pub mod journal;
 pub mod lifecycle;
 pub mod plan;
+pub mod postgres;
 pub mod progress;
 pub mod retry;
 pub mod testkit;
@@ -183,11 +184,12 @@ pub use executor::{
     Canceller, EXIT_CANCELLED, Executor, ExecutorConfig, FailurePolicy, RunReport, StepReport,
 };
 pub use journal::{
-    Durability, Entry, JOURNAL_FORMAT, JOURNAL_VERSION, Journal, JournalHeader, Outcome, Record,
-    RunMode, RunState, SqliteJournal,
+    Durability, Entry, JOURNAL_FORMAT, JOURNAL_VERSION, Journal, JournalHeader, JournalLocation,
+    Outcome, Record, RunMode, RunState, SqliteJournal,
 };
 pub use lifecycle::{StepState, TRANSITIONS, Transition};
 pub use plan::{Plan, PlanStep};
+pub use postgres::PgJournal;
 pub use progress::ProgressEvent;
 pub use retry::RetryPolicy;
 pub use workflow::{InputBinding, Registry, StepSpec, Workflow, WorkflowBuilder, WorkflowDef};

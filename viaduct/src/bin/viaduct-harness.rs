@@ -8,6 +8,10 @@
 //! - `viaduct-harness crash-worker DIR`: runs (or resumes) the fixed
 //!   file-copying workflow of the crash test on `DIR/src`, journal
 //!   `DIR/journal.db`; exits with the run's exit code.
+//! - `viaduct-harness journal-writer LOCATION BATCH`: takes the journal at
+//!   LOCATION (a SQLite path, or `postgres://…#NAME`), which must exist,
+//!   and appends batches of BATCH transitions until it is killed (the
+//!   journal conformance suite's torn batch).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,8 +21,8 @@ use std::time::Instant;
 use fluidcloud_plugins::{Artifact, ArtifactKind};
 use fluidcloud_viaduct::testkit::{ChunkCopy, Noop};
 use fluidcloud_viaduct::{
-    Durability, Executor, ExecutorConfig, InputBinding, Registry, RetryPolicy, SqliteJournal,
-    StepSpec, WorkflowBuilder,
+    Durability, Executor, ExecutorConfig, InputBinding, JournalLocation, Record, Registry,
+    RetryPolicy, SqliteJournal, StepSpec, StepState, WorkflowBuilder,
 };
 
 fn main() -> ExitCode {
@@ -40,9 +44,12 @@ fn main() -> ExitCode {
             rt.block_on(bench(steps, Path::new(&args[3]), limit))
         }
         Some("crash-worker") if args.len() == 3 => rt.block_on(crash_worker(Path::new(&args[2]))),
+        Some("journal-writer") if args.len() == 4 => {
+            journal_writer(&args[2], args[3].parse().unwrap_or(100))
+        }
         _ => {
             eprintln!(
-                "usage: viaduct-harness bench STEPS JOURNAL [LIMIT_SECONDS] | crash-worker DIR"
+                "usage: viaduct-harness bench STEPS JOURNAL [LIMIT_SECONDS] | crash-worker DIR | journal-writer LOCATION BATCH"
             );
             return ExitCode::from(2);
         }
@@ -189,4 +196,25 @@ async fn crash_worker(dir: &Path) -> Result<u8, fluidcloud_viaduct::Error> {
     let _ctrl_c = ex.canceller().on_ctrl_c();
     let report = ex.run().await?;
     u8::try_from(report.exit_code()).map_err(|_| fluidcloud_viaduct::Error::Cancelled)
+}
+
+/// Appends batches of `batch` transitions to the journal at `location`
+/// until killed.
+fn journal_writer(location: &str, batch: usize) -> Result<u8, fluidcloud_viaduct::Error> {
+    let mut journal = JournalLocation::parse(location).open()?;
+    journal.lock()?;
+    for n in 0u32.. {
+        let records: Vec<Record> = (0..batch)
+            .map(|i| Record::Transition {
+                step: format!("s{i}"),
+                from: StepState::Pending,
+                to: StepState::Running,
+                attempt: n,
+                error: None,
+                delay_ms: None,
+            })
+            .collect();
+        journal.append(&records)?;
+    }
+    Ok(0)
 }
