@@ -66,6 +66,13 @@
 //! ) STRICT;
 //! ```
 //!
+//! [`PgJournal`] keeps the same records, one row per record with the same
+//! checksum, in one PostgreSQL database for every journal (schema in
+//! [`postgres::MIGRATIONS`], applied when a journal is opened); a batch is
+//! one transaction, and the journal's lock is a session advisory lock the
+//! server releases when its holder's connection ends. Both backends pass
+//! one conformance suite (`tests/journal_conformance.rs`).
+//!
 //! Record kinds ([`Record`], JSON with a `kind` tag):
 //!
 //! | kind | fields | meaning |

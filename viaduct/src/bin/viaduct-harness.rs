@@ -1,8 +1,8 @@
 //! Helper binary for the viaduct's benchmark and crash test.
 //!
 //! - `viaduct-harness bench STEPS JOURNAL [LIMIT_SECONDS]`: runs a seeded
-//!   random DAG of STEPS no-op steps with the SQLite journal at JOURNAL
-//!   (which must not exist), prints the per-step overhead and, last,
+//!   random DAG of STEPS no-op steps with the journal at JOURNAL (a SQLite
+//!   path, or `postgres://…#NAME`; new), prints the per-step overhead and, last,
 //!   `viaduct: N steps in X.XX s (Y µs/step)`; exits 1 above the limit
 //!   (default 2 s).
 //! - `viaduct-harness crash-worker DIR`: runs (or resumes) the fixed
@@ -21,8 +21,8 @@ use std::time::Instant;
 use fluidcloud_plugins::{Artifact, ArtifactKind};
 use fluidcloud_viaduct::testkit::{ChunkCopy, Noop};
 use fluidcloud_viaduct::{
-    Durability, Executor, ExecutorConfig, InputBinding, JournalLocation, Record, Registry,
-    RetryPolicy, SqliteJournal, StepSpec, StepState, WorkflowBuilder,
+    Executor, ExecutorConfig, InputBinding, JournalLocation, Record, Registry, RetryPolicy,
+    SqliteJournal, StepSpec, StepState, WorkflowBuilder,
 };
 
 fn main() -> ExitCode {
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         Some("bench") if args.len() >= 4 => {
             let steps = args[2].parse().unwrap_or(10_000);
             let limit = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2.0);
-            rt.block_on(bench(steps, Path::new(&args[3]), limit))
+            rt.block_on(bench(steps, &args[3], limit))
         }
         Some("crash-worker") if args.len() == 3 => rt.block_on(crash_worker(Path::new(&args[2]))),
         Some("journal-writer") if args.len() == 4 => {
@@ -80,7 +80,7 @@ impl Rng {
     }
 }
 
-async fn bench(steps: usize, journal: &Path, limit: f64) -> Result<u8, fluidcloud_viaduct::Error> {
+async fn bench(steps: usize, journal: &str, limit: f64) -> Result<u8, fluidcloud_viaduct::Error> {
     let t0 = Instant::now();
     let registry = Registry::new().with(Arc::new(Noop::new()));
     let mut rng = Rng(42);
@@ -106,22 +106,28 @@ async fn bench(steps: usize, journal: &Path, limit: f64) -> Result<u8, fluidclou
         retry: RetryPolicy::never(),
         ..ExecutorConfig::default()
     };
-    let j = SqliteJournal::open_with(journal, Durability::Full)?;
-    let mut ex = Executor::new(wf, registry, Box::new(j), config);
+    let location = JournalLocation::parse(journal);
+    let mut ex = Executor::new(wf, registry, location.open()?, config);
     let t1 = Instant::now();
     let report = ex.run().await?;
     let ran = t1.elapsed();
     let total = t0.elapsed();
-    let entries = {
-        use fluidcloud_viaduct::Journal;
-        SqliteJournal::open(journal)?.replay()?.len()
-    };
+    let entries = location.open()?.replay()?;
+    let transitions = entries
+        .iter()
+        .filter(|e| matches!(e.record, Record::Transition { .. }))
+        .count();
+    let entries = entries.len();
     let per_step = total.as_secs_f64() * 1e6 / steps as f64;
     println!("build+validate: {:.3} s", built.as_secs_f64());
     println!(
         "run (journalled): {:.3} s, {} journal records",
         ran.as_secs_f64(),
         entries
+    );
+    println!(
+        "journal: {transitions} step transitions, {:.0} per second",
+        transitions as f64 / ran.as_secs_f64()
     );
     println!(
         "outcome: {:?}, {} steps started",
