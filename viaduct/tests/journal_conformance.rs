@@ -3,6 +3,7 @@
 //! concurrent writers): the embedded SQLite journal, and the PostgreSQL
 //! journal on a real server (`scripts/postgres`; these tests fail, never
 //! skip, when PostgreSQL cannot start).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -242,7 +243,10 @@ fn torn_batch(b: &dyn Backend, name: &str) {
     child.kill().unwrap();
     child.wait().unwrap();
     let len = reader.replay().unwrap().len();
-    assert!(len >= 3 * BATCH && len % BATCH == 0, "{len} records");
+    assert!(
+        len >= 3 * BATCH && len.is_multiple_of(BATCH),
+        "{len} records"
+    );
     // The dead writer's lock is free; the journal takes more.
     let mut next = b.open(name);
     let deadline = Instant::now() + Duration::from_secs(10);
