@@ -471,6 +471,10 @@ fn sites_list_and_show_report_detected_capabilities() {
         serde_json::json!(["db-data.raw"])
     );
     assert_eq!(show["contents"]["config_files"], 8);
+    // A local site's disks are files here: they move as extents, and its
+    // guests are looked into.
+    assert_eq!(show["features"]["disk_transfers"], true, "{show}");
+    assert_eq!(show["features"]["guests"], true, "{show}");
     let fra: Value = serde_json::from_str(&ok(&run(&[
         "--config",
         &cfg,
@@ -494,6 +498,7 @@ fn sites_list_and_show_report_detected_capabilities() {
         "{text}"
     );
     assert!(text.contains("compute         yes"), "{text}");
+    assert!(text.contains("guest-files     yes"), "{text}");
 }
 
 #[test]

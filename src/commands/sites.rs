@@ -203,7 +203,22 @@ struct ShowDoc {
     object_endpoint: Option<String>,
     internal_domains: Vec<String>,
     credentials: Vec<Credential>,
+    /// What the site's driver offers beyond the capabilities.
+    features: Features,
     contents: Option<Contents>,
+}
+
+/// Facilities of a site's driver that are not placement capabilities.
+#[derive(Serialize)]
+struct Features {
+    /// Whole disks move to and from it as streams of extents.
+    disk_transfers: bool,
+    /// It tracks the writes of running instances' disks (a short final
+    /// delta).
+    change_tracking: bool,
+    /// It looks inside its guests' disks (in-guest config files, and their
+    /// adaptation when they move).
+    guests: bool,
 }
 
 async fn contents(d: &dyn SiteDriver) -> Result<Contents> {
@@ -259,6 +274,11 @@ async fn show(g: &Globals, file: &fluidcloud_conduit::SitesFile, name: &str) -> 
         object_endpoint: cfg.object_endpoint.clone(),
         internal_domains: cfg.internal_domains.clone(),
         credentials,
+        features: Features {
+            disk_transfers: driver.disks().is_some() || driver.agent().is_some(),
+            change_tracking: driver.change_tracking().is_some(),
+            guests: driver.guests().is_some(),
+        },
         contents,
     };
     if g.json {
@@ -325,6 +345,14 @@ async fn show(g: &Globals, file: &fluidcloud_conduit::SitesFile, name: &str) -> 
             capability.as_str(),
             if yes { "yes" } else { "no" }
         )?;
+    }
+    let f = &doc.features;
+    for (what, yes) in [
+        ("disk-transfers", f.disk_transfers),
+        ("change-tracking", f.change_tracking),
+        ("guest-files", f.guests),
+    ] {
+        outln!("    {what:<15} {}", if yes { "yes" } else { "no" })?;
     }
     if let Some(c) = &doc.contents {
         outln!("  contents:")?;
