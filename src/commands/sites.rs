@@ -347,6 +347,7 @@ async fn show(g: &Globals, file: &fluidcloud_conduit::SitesFile, name: &str) -> 
         )?;
     }
     let f = &doc.features;
+    outln!("  features:")?;
     for (what, yes) in [
         ("disk-transfers", f.disk_transfers),
         ("change-tracking", f.change_tracking),
