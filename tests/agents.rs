@@ -1254,3 +1254,85 @@ fn an_agent_without_a_token_answers_only_requests_naming_loopback() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// The processes whose command line names `needle`.
+fn processes_naming(needle: &str) -> Vec<String> {
+    let o = Command::new("pgrep")
+        .args(["-af", needle])
+        .output()
+        .unwrap();
+    stdout(&o)
+        .lines()
+        .filter(|l| !l.contains("pgrep"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_guest_appliance_waits_in_the_agent_and_stops_with_it() {
+    let mut w = World::new("fc-agent-guest", "1gbit");
+    // A guest disk: MBR, one ext4 partition with a small root.
+    let tree = w.root.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "solo\n").unwrap();
+    let disk = w.data("a").join("images/solo-guest.raw");
+    let out = Command::new(common::libvirt::repo().join("scripts/libvirt"))
+        .arg("rootfs-disk")
+        .arg(&tree)
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    w.start_agent("a");
+    let a = format!("https://{}:{PORT}", w.net.addr("a"));
+    // `guest-prepare` at the agent: the appliance boots there and waits.
+    let body = r#"{"key":"r1/solo","instance":"solo","disks":[{"store":"image","name":"solo-guest.raw","format":"raw"}]}"#;
+    let cmd = [
+        "curl",
+        "-sk",
+        "--max-time",
+        "300",
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        &format!("{a}/v1/guests/prepare"),
+    ];
+    let o = w.net.command("orch", &[], &cmd).output().unwrap();
+    let prepared: serde_json::Value =
+        serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    assert!(
+        prepared["launch_seconds"].as_f64().unwrap() > 0.0,
+        "{prepared}"
+    );
+    let running = processes_naming("solo-guest.raw");
+    assert!(
+        running.iter().any(|p| p.contains("qemu")),
+        "no appliance holds the disk: {running:?}"
+    );
+    // SIGTERM: the agent exits, and its waiting appliance with it.
+    let pid = w.agent_pid("a");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (_, mut agent) = w.agents.remove(0);
+    assert!(agent.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = processes_naming("solo-guest.raw");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the appliance outlived its agent: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

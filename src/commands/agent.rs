@@ -7,7 +7,8 @@
 //! orchestrator's `agent_fingerprint`. The bearer token comes from
 //! `$FLUIDCLOUD_AGENT_TOKEN`; `--no-auth` is allowed on loopback only.
 //! SIGINT or SIGTERM stop it gracefully: transfers stop at a chunk
-//! boundary (what was written stays, and the next pull resumes from it).
+//! boundary (what was written stays, and the next pull resumes from it),
+//! and guest appliances waiting for an adaptation are stopped.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -161,6 +162,9 @@ pub(crate) async fn run(g: &Globals, a: AgentArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Guest appliances waiting for their adaptation hold target disks:
+    // none outlives the agent (a resumed relocation boots another).
+    let _ = tokio::task::spawn_blocking(fluidcloud_conduit::guest::release_all).await;
     Ok(())
 }
 

@@ -247,6 +247,11 @@ pub fn release(id: &str) {
     remove_waiting(|k, _| k.starts_with(&prefix));
 }
 
+/// Stops every waiting appliance: a site agent that exits.
+pub fn release_all() {
+    remove_waiting(|_, _| true);
+}
+
 /// Stops every appliance that has waited longer than `limit`: a site
 /// agent's, whose orchestrator died or went away between the two steps.
 pub fn expire(limit: Duration) {
