@@ -157,6 +157,24 @@ impl World {
         self.agents.iter().find(|(n, _)| n == s).unwrap().1.id()
     }
 
+    /// Sends SIGTERM to site `s`'s agent and waits for it to exit: its
+    /// exit status, and how long it took.
+    fn terminate_agent(&mut self, s: &str) -> (std::process::ExitStatus, Duration) {
+        let pid = self.agent_pid(s);
+        let asked = Instant::now();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let at = self.agents.iter().position(|(n, _)| n == s).unwrap();
+        let (_, mut agent) = self.agents.remove(at);
+        let status = agent.wait().unwrap();
+        (status, asked.elapsed())
+    }
+
     fn kill_agent(&mut self, s: &str) {
         for (n, c) in &mut self.agents {
             if n == s {
@@ -1030,20 +1048,7 @@ fn an_agent_stopped_with_sigterm_exits_at_a_chunk_and_the_transfer_resumes() {
     wait_for_bytes(&part, 48 << 20);
     // SIGTERM to the pulling agent: it stops its pulls at their next
     // frame and exits on its own, promptly and successfully.
-    let pid = w.agent_pid("b");
-    let asked = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (_, mut agent) = w
-        .agents
-        .remove(w.agents.iter().position(|(n, _)| n == "b").unwrap());
-    let status = agent.wait().unwrap();
-    let took = asked.elapsed();
+    let (status, took) = w.terminate_agent("b");
     assert!(status.success(), "the agent exited with {status}");
     assert!(took < Duration::from_secs(10), "it took {took:?} to stop");
     let o = child.wait_with_output().unwrap();
@@ -1313,16 +1318,8 @@ fn a_guest_appliance_waits_in_the_agent_and_stops_with_it() {
         "no appliance holds the disk: {running:?}"
     );
     // SIGTERM: the agent exits, and its waiting appliance with it.
-    let pid = w.agent_pid("a");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (_, mut agent) = w.agents.remove(0);
-    assert!(agent.wait().unwrap().success());
+    let (status, _) = w.terminate_agent("a");
+    assert!(status.success(), "the agent exited with {status}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = processes_naming("solo-guest.raw");

@@ -17,21 +17,9 @@ pub struct Garage {
     owned: bool,
 }
 
-/// Runs `scripts/garage ARGS`, panicking with its output on failure (a
-/// missing garage binary says to run scripts/setup).
+/// Runs `scripts/garage ARGS` ([`crate::script`]).
 pub(crate) fn script(args: &[&str]) -> Output {
-    let out = Command::new(workspace().join("scripts/garage"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/garage {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    crate::script("garage", args)
 }
 
 impl Garage {

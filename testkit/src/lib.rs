@@ -35,6 +35,23 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs `scripts/NAME ARGS`, panicking with its output on failure (a
+/// missing server says to run scripts/setup).
+pub(crate) fn script(name: &str, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(workspace().join("scripts").join(name))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/{name} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `target/tmp` of the workspace: scratch space that outlives a test.
 pub fn tmp_root() -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")

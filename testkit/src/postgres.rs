@@ -15,21 +15,9 @@ pub struct Postgres {
     owned: bool,
 }
 
-/// Runs `scripts/postgres ARGS`, panicking with its output on failure (a
-/// missing PostgreSQL says to run scripts/setup).
-fn script(args: &[&str]) -> Output {
-    let out = Command::new(workspace().join("scripts/postgres"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/postgres {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+/// Runs `scripts/postgres ARGS` ([`crate::script`]).
+pub(crate) fn script(args: &[&str]) -> Output {
+    crate::script("postgres", args)
 }
 
 impl Postgres {
