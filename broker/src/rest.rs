@@ -13,6 +13,7 @@
 //! | GET | `/relocations` | every relocation |
 //! | GET | `/relocations/{id}` | state, steps, and the report once no run is going on |
 //! | GET | `/relocations/{id}/events` | server-sent events: the state now, then progress, then `end` |
+//! | GET | `/metrics` | Prometheus text: queue depth, running relocations, lease takeovers, step latencies (workers of a database) |
 //! | POST | `/relocations/{id}/cancel` | stop the run going on |
 //! | POST | `/relocations/{id}/resume` | continue an interrupted, cancelled or failed one |
 //! | POST | `/relocations/{id}/rollback` | undo it: clean the target, restart the source |
@@ -831,6 +832,26 @@ async fn cancel_relocation(
     ))
 }
 
+/// `GET /metrics`: queue depth, running relocations, lease takeovers and
+/// step latencies, in Prometheus text format (workers of a database).
+async fn metrics(State(s): State<AppState>) -> Result<Response, Problem> {
+    match runner(&s)?.metrics().await.map_err(runner_problem)? {
+        Some(text) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()),
+        None => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "this service keeps no metrics (they come with `fluidcloud serve --database`)",
+        )),
+    }
+}
+
 /// `?force=true` of a rollback.
 #[derive(Debug, Default, Deserialize)]
 struct RollbackQuery {
@@ -1136,6 +1157,7 @@ fn build(
         .route("/relocations/{id}/cancel", post(cancel_relocation))
         .route("/relocations/{id}/resume", post(resume_relocation))
         .route("/relocations/{id}/rollback", post(rollback_relocation))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))

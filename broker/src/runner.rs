@@ -109,9 +109,10 @@ pub struct RelocationView {
 }
 
 impl RelocationView {
-    /// Whether a run (relocation or rollback) is going on.
+    /// Whether a run (relocation or rollback) is going on, or waits for a
+    /// worker (`queued`).
     pub fn is_active(&self) -> bool {
-        matches!(self.status.as_str(), "running" | "rolling-back")
+        matches!(self.status.as_str(), "queued" | "running" | "rolling-back")
     }
 }
 
@@ -170,6 +171,11 @@ pub trait Relocations: Send + Sync + 'static {
     /// Continues an interrupted, cancelled or failed relocation in the
     /// background.
     async fn resume(&self, id: &str) -> Result<RelocationView, RunnerError>;
+    /// The service's figures in Prometheus text format, for `GET /metrics`;
+    /// `None` when it keeps none.
+    async fn metrics(&self) -> Result<Option<String>, RunnerError> {
+        Ok(None)
+    }
     /// The topology of `service` on `site`, for `POST /match` by name.
     async fn introspect(&self, site: &str, service: &str) -> Result<TopologyDoc, RunnerError>;
 }

@@ -252,6 +252,89 @@ struct RawFile {
     sites: BTreeMap<String, SiteConfig>,
     #[serde(default)]
     plugins: BTreeMap<String, PluginConfig>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+/// `[limits]`: how many relocations run at once, across every worker of
+/// `fluidcloud serve --database` (a worker alone applies them too). A
+/// relocation counts at its source, at each target and in each
+/// source→target pair; without a key, that scope is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Relocations running at once in all.
+    #[serde(default)]
+    pub running: Option<u32>,
+    /// Relocations at once involving any one site.
+    #[serde(default)]
+    pub per_site: Option<u32>,
+    /// Relocations at once between one source and one target site.
+    #[serde(default)]
+    pub per_pair: Option<u32>,
+    /// Per-site limits replacing `per_site`, e.g. `edge-1 = 1` for a site
+    /// with a thin uplink.
+    #[serde(default)]
+    pub sites: BTreeMap<String, u32>,
+}
+
+impl Limits {
+    /// Every limited scope and its limit: `global`, `site:NAME` for each of
+    /// `sites`, `pair:FROM>TO` for each ordered pair of them.
+    pub fn scopes<'a>(
+        &self,
+        sites: impl IntoIterator<Item = &'a String> + Clone,
+    ) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        if let Some(n) = self.running {
+            out.push(("global".to_owned(), n));
+        }
+        for s in sites.clone() {
+            if let Some(n) = self.sites.get(s).copied().or(self.per_site) {
+                out.push((format!("site:{s}"), n));
+            }
+            if let Some(n) = self.per_pair {
+                for t in sites.clone() {
+                    if t != s {
+                        out.push((format!("pair:{s}>{t}"), n));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn validate(&self, sites: &BTreeMap<String, SiteConfig>, diags: &mut Vec<Diagnostic>) {
+        let named = [
+            ("limits.running", self.running),
+            ("limits.per_site", self.per_site),
+            ("limits.per_pair", self.per_pair),
+        ];
+        for (key, n) in named {
+            if n == Some(0) {
+                diags.push(
+                    Diagnostic::error(
+                        "a limit of 0 would run nothing; remove the key for no limit",
+                    )
+                    .at_key(key),
+                );
+            }
+        }
+        for (site, n) in &self.sites {
+            let key = format!("limits.sites.{site}");
+            if !sites.contains_key(site) {
+                diags
+                    .push(Diagnostic::error(format!("no site `{site}` in this file")).at_key(&key));
+            } else if *n == 0 {
+                diags.push(
+                    Diagnostic::error(
+                        "a limit of 0 would run nothing; remove the key for no limit",
+                    )
+                    .at_key(&key),
+                );
+            }
+        }
+    }
 }
 
 /// A plugin's entry, `[plugins.NAME]` (NAME: its executable's name, with or
@@ -275,6 +358,8 @@ pub struct SitesFile {
     pub sites: BTreeMap<String, SiteConfig>,
     /// Plugin entries by executable name.
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// How many relocations run at once.
+    pub limits: Limits,
 }
 
 impl SitesFile {
@@ -356,6 +441,7 @@ impl SitesFile {
             }
             sites.insert(name, site);
         }
+        raw.limits.validate(&sites, &mut diags);
         if sites.is_empty() {
             diags.push(
                 Diagnostic::error("no sites defined (add a [sites.NAME] table)").at_key("sites"),
@@ -375,6 +461,7 @@ impl SitesFile {
                 path: path.to_path_buf(),
                 sites,
                 plugins: raw.plugins,
+                limits: raw.limits,
             })
         } else {
             for d in &mut diags {

@@ -11,6 +11,7 @@ pub(crate) mod runner;
 pub(crate) mod serve;
 pub(crate) mod sites;
 pub(crate) mod transfer;
+pub(crate) mod worker;
 
 use anyhow::Result;
 use fluidcloud_conduit::{SitesFile, drivers};

@@ -14,14 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use fluidcloud_conduit::relocate::lock::{self, ServiceLock};
+use fluidcloud_conduit::relocate::queue::Database;
 use fluidcloud_conduit::relocate::report::{self, Report};
 use fluidcloud_conduit::relocate::store::{self, Store};
 use fluidcloud_conduit::relocate::{self as reloc, BucketMode, PlanInput, Relocation};
 use fluidcloud_conduit::{ServiceManifest, SitesFile, drivers, introspect};
 use fluidcloud_plugins::ResourceKind;
 use fluidcloud_viaduct::{
-    Executor, ExecutorConfig, Plan, ProgressEvent, Registry, RunReport, SqliteJournal, StepState,
-    Workflow,
+    Executor, ExecutorConfig, Plan, ProgressEvent, Registry, RunReport, StepState, Workflow,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -152,9 +152,43 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub(crate) fn store_of(file: &SitesFile) -> Store {
+/// The store of `file`'s relocations: its state directory, or the
+/// database `$FLUIDCLOUD_DATABASE` names.
+pub(crate) fn store_of(file: &SitesFile) -> Result<Store> {
+    let database = std::env::var(store::DATABASE_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty());
+    store_with(file, database.as_deref())
+}
+
+/// The store of `file`'s relocations, in the database at `database` if
+/// given.
+pub(crate) fn store_with(file: &SitesFile, database: Option<&str>) -> Result<Store> {
     let path = std::fs::canonicalize(&file.path).unwrap_or_else(|_| file.path.clone());
-    Store::for_sites_file(&path)
+    let store = Store::for_sites_file(&path);
+    Ok(match database {
+        Some(url) => {
+            store.with_database(Database::open(url).context("opening the database of relocations")?)
+        }
+        None => store,
+    })
+}
+
+/// Refuses to run a relocation in this process when relocations are kept
+/// in a database: the workers sharing it run them, and one that ran here
+/// would hold no lease they respect.
+fn local_run(store: &Store, what: &str) -> Result<()> {
+    match store.database() {
+        Some(db) => bail!(ExitWith(
+            2,
+            format!(
+                "relocations are kept in the database {} (${}), whose `fluidcloud serve` workers run them: {what} through one of them with --server URL",
+                db.location(),
+                store::DATABASE_ENV
+            )
+        )),
+        None => Ok(()),
+    }
 }
 
 pub(crate) fn executor_config() -> ExecutorConfig {
@@ -167,6 +201,7 @@ pub(crate) fn executor_config() -> ExecutorConfig {
 /// Plans a relocation from the command line's arguments.
 pub(crate) async fn make_plan(
     file: &SitesFile,
+    store: &Store,
     a: &RelocateArgs,
 ) -> Result<(Relocation, Workflow, Registry)> {
     let source_cfg = file.site(&a.from)?;
@@ -218,8 +253,7 @@ pub(crate) async fn make_plan(
                 .into()
         ));
     }
-    let store = store_of(file);
-    let id = store::new_id(&store, topology.service(), now_secs());
+    let id = store::new_id(store, topology.service(), now_secs())?;
     let manifest_path = match (&a.manifest, &manifest) {
         (Some(p), _) => Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
         (None, _) => {
@@ -359,7 +393,11 @@ pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
         return relocate_remote(g, &remote, a).await;
     }
     let file = sites_file(g)?;
-    let (relocation, workflow, registry) = make_plan(&file, &a).await?;
+    let store = store_of(&file)?;
+    if !a.dry_run {
+        local_run(&store, "relocate")?;
+    }
+    let (relocation, workflow, registry) = make_plan(&file, &store, &a).await?;
     let plan = Plan::new(&workflow, &registry).await;
     if a.dry_run {
         if g.json {
@@ -390,14 +428,15 @@ pub(crate) async fn relocate(g: &Globals, a: RelocateArgs) -> Result<()> {
             bail!(ExitWith(1, "not confirmed; nothing was changed".into()));
         }
     }
-    let store = store_of(&file);
     let _lock = ServiceLock::acquire(&store, &relocation)?;
     lock::check_earlier(&store, &relocation.from, &relocation.service, a.force)?;
     lock::check_outputs(&relocation).await?;
     store.create(&relocation)?;
-    let journal = SqliteJournal::open(store.journal(&relocation.id))
+    let journal = store
+        .journal(&relocation.id)
+        .open()
         .with_context(|| format!("opening the journal of {}", relocation.id))?;
-    let executor = Executor::new(workflow, registry, Box::new(journal), executor_config());
+    let executor = Executor::new(workflow, registry, journal, executor_config());
     let run = drive(g, executor, &relocation, false).await?;
     finish(g, &store, &relocation, &run)
 }
@@ -410,11 +449,13 @@ pub(crate) async fn plan(g: &Globals, mut a: RelocateArgs) -> Result<()> {
 /// An executor over `relocation`'s journal, with the migrators (plugins
 /// included) its workflow needs: what `resume` and `rollback` start from.
 pub(crate) fn reopen(file: &SitesFile, store: &Store, relocation: &Relocation) -> Result<Executor> {
-    let journal = SqliteJournal::open(store.journal(&relocation.id))
+    let journal = store
+        .journal(&relocation.id)
+        .open()
         .with_context(|| format!("opening the journal of {}", relocation.id))?;
     Ok(Executor::from_journal(
         reloc::registry_for(&relocation.workflow, &file.plugin_env())?,
-        Box::new(journal),
+        journal,
         executor_config(),
     )?)
 }
@@ -424,7 +465,8 @@ pub(crate) async fn resume(g: &Globals, a: IdArgs) -> Result<()> {
         return resume_remote(g, &remote, a).await;
     }
     let file = sites_file(g)?;
-    let store = store_of(&file);
+    let store = store_of(&file)?;
+    local_run(&store, "resume")?;
     let relocation = store.load(&a.id)?;
     let _lock = ServiceLock::acquire(&store, &relocation)?;
     let executor = reopen(&file, &store, &relocation)?;
@@ -440,7 +482,8 @@ pub(crate) async fn rollback(g: &Globals, a: RollbackArgs) -> Result<()> {
         return rollback_remote(g, &remote, a).await;
     }
     let file = sites_file(g)?;
-    let store = store_of(&file);
+    let store = store_of(&file)?;
+    local_run(&store, "roll back")?;
     let relocation = store.load(&a.id)?;
     let _lock = ServiceLock::acquire(&store, &relocation)?;
     rollback_allowed(&store, &relocation, a.force)?;
@@ -488,7 +531,7 @@ pub(crate) async fn rollback(g: &Globals, a: RollbackArgs) -> Result<()> {
 /// # Errors
 /// `ExitWith(7)` explaining what would be lost and the alternative.
 pub(crate) fn rollback_allowed(store: &Store, r: &Relocation, force: bool) -> Result<()> {
-    let status = report::status(&report::entries(&store.journal(&r.id))?);
+    let status = report::status(&store.entries(&r.id)?);
     if status == "succeeded" && !force {
         bail!(ExitWith(
             7,
@@ -509,7 +552,7 @@ pub(crate) async fn status(g: &Globals, a: StatusArgs) -> Result<()> {
         return status_remote(g, &remote, a).await;
     }
     let file = sites_file(g)?;
-    let store = store_of(&file);
+    let store = store_of(&file)?;
     match a.id {
         Some(id) => {
             let r = store.load(&id)?;
@@ -604,7 +647,7 @@ pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
         return report_remote(g, &remote, a).await;
     }
     let file = sites_file(g)?;
-    let store = store_of(&file);
+    let store = store_of(&file)?;
     let r = store.load(&a.id)?;
     let rep = build_report(&store, &r)?;
     if g.json {
@@ -615,7 +658,7 @@ pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
 }
 
 pub(crate) fn build_report(store: &Store, r: &Relocation) -> Result<Report> {
-    let entries = report::entries(&store.journal(&r.id))?;
+    let entries = store.entries(&r.id)?;
     Ok(report::build(r, &entries, &unified_diff))
 }
 
@@ -748,7 +791,7 @@ fn finish(g: &Globals, store: &Store, r: &Relocation, run: &RunReport) -> Result
     } else {
         outln!()?;
         print_report(&rep)?;
-        outln!("\nreport saved to {}", path.display())?;
+        outln!("\nreport saved to {path}")?;
     }
     match run.exit_code() {
         0 => Ok(()),

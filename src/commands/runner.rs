@@ -21,14 +21,16 @@ use fluidcloud_conduit::relocate::report::{self, Report};
 use fluidcloud_conduit::relocate::store::Store;
 use fluidcloud_conduit::{SitesFile, drivers, introspect};
 use fluidcloud_plugins::TopologyDoc;
-use fluidcloud_viaduct::{Canceller, Executor, ProgressEvent, SqliteJournal};
+use fluidcloud_viaduct::{Canceller, Executor, ProgressEvent};
 use tokio::sync::broadcast;
 
 use super::relocate::{
-    RelocateArgs, build_report, executor_config, make_plan, reopen, rollback_allowed, store_of,
+    RelocateArgs, build_report, executor_config, make_plan, reopen, rollback_allowed,
 };
+use super::worker::{self, Worker, WorkerConfig};
 use crate::ExitWith;
 use fluidcloud_conduit::relocate::lock::{self, ServiceLock};
+use fluidcloud_conduit::relocate::queue::Mode;
 
 /// A run going on in this process.
 struct Active {
@@ -41,6 +43,8 @@ struct Inner {
     file: SitesFile,
     store: Store,
     active: Mutex<HashMap<String, Active>>,
+    /// With a database: this process's worker of the shared queue.
+    worker: Option<Arc<Worker>>,
 }
 
 /// Relocations of one sites file, run in the background.
@@ -131,14 +135,35 @@ fn view(r: &Relocation, rep: &Report, active: Option<bool>, full: bool) -> Reloc
 }
 
 impl Runner {
-    /// The relocations of `file`, kept where `fluidcloud relocate` keeps them.
-    pub(crate) fn new(file: SitesFile) -> Self {
-        let store = store_of(&file);
-        Self(Arc::new(Inner {
+    /// The relocations of `file`, kept where `fluidcloud relocate` keeps
+    /// them: in `store`, run by this process; or, when `store` is a
+    /// database, by whichever worker of it claims them (this process is
+    /// one, as `worker` says).
+    pub(crate) fn new(
+        file: SitesFile,
+        store: Store,
+        worker: Option<WorkerConfig>,
+    ) -> anyhow::Result<Self> {
+        let worker = match (store.database(), worker) {
+            (Some(db), Some(config)) => Some(Worker::start(
+                file.clone(),
+                store.clone(),
+                Arc::clone(db),
+                config,
+            )?),
+            _ => None,
+        };
+        Ok(Self(Arc::new(Inner {
             file,
             store,
             active: Mutex::new(HashMap::new()),
-        }))
+            worker,
+        })))
+    }
+
+    /// This process's worker, when relocations are kept in a database.
+    pub(crate) fn worker(&self) -> Option<&Arc<Worker>> {
+        self.0.worker.as_ref()
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
@@ -162,6 +187,16 @@ impl Runner {
     }
 
     fn view_of(&self, r: &Relocation, full: bool) -> Result<RelocationView, RunnerError> {
+        if let Some(db) = self.0.store.database() {
+            let state = db.state(&r.id).map_err(failed)?;
+            let rep = build_report(&self.0.store, r).map_err(|e| failed(format!("{e:#}")))?;
+            let mut v = view(r, &rep, None, full);
+            v.status = worker::status_of(&state, &rep.status);
+            if v.is_active() {
+                v.report = None;
+            }
+            return Ok(v);
+        }
         let active = self.active().get(&r.id).map(|a| a.rollback);
         let rep = match build_report(&self.0.store, r) {
             Ok(rep) => rep,
@@ -251,6 +286,18 @@ impl Runner {
         }
         let current = self.view_of(&r, false)?;
         let what = if rollback { "roll back" } else { "resume" };
+        if let Some(db) = self.0.store.database() {
+            if !rollback && matches!(current.status.as_str(), "succeeded" | "rolled-back") {
+                return Err(RunnerError::Conflict(format!(
+                    "relocation {id} {}: nothing to {what}",
+                    current.status
+                )));
+            }
+            let mode = if rollback { Mode::Rollback } else { Mode::Run };
+            db.requeue(id, mode)
+                .map_err(|e| RunnerError::Conflict(e.to_string()))?;
+            return self.view_of(&r, false);
+        }
         if current.is_active() {
             return Err(RunnerError::Conflict(format!(
                 "relocation {id} is {}: cancel it first, or wait",
@@ -284,21 +331,40 @@ impl Runner {
 impl Relocations for Runner {
     async fn start(&self, request: RelocationRequest) -> Result<RelocationView, RunnerError> {
         let args = RelocateArgs::from_api(&request);
-        let (relocation, workflow, registry) = make_plan(&self.0.file, &args)
+        let store = &self.0.store;
+        let (relocation, workflow, registry) = make_plan(&self.0.file, store, &args)
             .await
             .map_err(|e| plan_error(&e, &request))?;
-        let store = &self.0.store;
-        let lock = ServiceLock::acquire(store, &relocation)
-            .map_err(|e| RunnerError::Conflict(e.to_string()))?;
+        // With a database, the queue's unique index is the service's lock
+        // across workers; the lock file is one machine's.
+        let lock = match store.database() {
+            Some(_) => None,
+            None => Some(
+                ServiceLock::acquire(store, &relocation)
+                    .map_err(|e| RunnerError::Conflict(e.to_string()))?,
+            ),
+        };
         lock::check_earlier(store, &relocation.from, &relocation.service, request.force)
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;
         lock::check_outputs(&relocation)
             .await
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;
-        store.create(&relocation).map_err(failed)?;
-        let journal = SqliteJournal::open(store.journal(&relocation.id))
+        store.create(&relocation).map_err(|e| match &e {
+            fluidcloud_conduit::Error::Site {
+                source: fluidcloud_plugins::Error::Precondition(_),
+                ..
+            } => RunnerError::Conflict(e.to_string()),
+            _ => failed(e),
+        })?;
+        let Some(lock) = lock else {
+            tracing::info!(relocation = %relocation.id, "queued");
+            return self.view_of(&relocation, false);
+        };
+        let journal = store
+            .journal(&relocation.id)
+            .open()
             .map_err(|e| failed(format!("opening the journal of {}: {e}", relocation.id)))?;
-        let executor = Executor::new(workflow, registry, Box::new(journal), executor_config());
+        let executor = Executor::new(workflow, registry, journal, executor_config());
         {
             let mut active = self.active();
             self.launch(&mut active, relocation.clone(), executor, false, lock);
@@ -324,6 +390,24 @@ impl Relocations for Runner {
 
     async fn watch(&self, id: &str) -> Result<Watch, RunnerError> {
         let r = self.load(id)?;
+        if let Some(w) = self.worker() {
+            // Subscribe before reading the state, so nothing falls between.
+            let events = w.hub.subscribe(id);
+            let current = self.view_of(&r, false)?;
+            if matches!(
+                current.status.as_str(),
+                "queued" | "running" | "rolling-back"
+            ) {
+                return Ok(Watch {
+                    current,
+                    events: Some(events),
+                });
+            }
+            return Ok(Watch {
+                current,
+                events: None,
+            });
+        }
         // Subscribe before reading the state, so nothing falls between.
         let events = self.active().get(id).map(|a| a.events.subscribe());
         let current = self.view_of(&r, false)?;
@@ -332,6 +416,21 @@ impl Relocations for Runner {
 
     async fn cancel(&self, id: &str) -> Result<RelocationView, RunnerError> {
         let r = self.load(id)?;
+        if let Some(db) = self.0.store.database() {
+            let current = self.view_of(&r, false)?;
+            if current.status == "rolling-back" {
+                return Err(RunnerError::Conflict(format!(
+                    "relocation {id} is rolling back; a rollback is not cancelled"
+                )));
+            }
+            let dequeued = db
+                .cancel(id)
+                .map_err(|e| RunnerError::Conflict(e.to_string()))?;
+            if dequeued && let Some(w) = self.worker() {
+                w.hub.end(id);
+            }
+            return self.view_of(&r, false);
+        }
         match self.active().get(id) {
             Some(a) if !a.rollback => a.canceller.cancel("cancelled through the REST API"),
             Some(_) => {
@@ -354,6 +453,12 @@ impl Relocations for Runner {
 
     async fn resume(&self, id: &str) -> Result<RelocationView, RunnerError> {
         self.continue_run(id, false, false)
+    }
+
+    async fn metrics(&self) -> Result<Option<String>, RunnerError> {
+        self.worker()
+            .map(|w| worker::metrics(w).map_err(|e| failed(format!("{e:#}"))))
+            .transpose()
     }
 
     async fn introspect(&self, site: &str, service: &str) -> Result<TopologyDoc, RunnerError> {

@@ -12,6 +12,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
@@ -20,6 +21,7 @@ use fluidcloud_broker::tls::{self, IdentityOrigin, ServerIdentity};
 use fluidcloud_conduit::drivers;
 
 use super::sites_file;
+use super::worker::WorkerConfig;
 use crate::{ExitWith, Globals};
 
 #[derive(Debug, Args)]
@@ -62,6 +64,36 @@ pub(crate) struct ServeArgs {
     /// Event streams open at once in all.
     #[arg(long, default_value_t = ServiceConfig::default().max_streams, value_name = "N")]
     max_streams: usize,
+    /// Keep relocations (plans, journals, reports) in this PostgreSQL
+    /// database, `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, and run
+    /// them as one of its workers: every `serve` pointed at it shares the
+    /// queue. Default: the state directory, run by this process alone.
+    #[arg(
+        long,
+        env = "FLUIDCLOUD_DATABASE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database: Option<String>,
+    /// How long a worker's claim on a relocation lasts without renewal
+    /// (renewed every third of it): after a worker dies, another takes its
+    /// relocations over within this time.
+    #[arg(long, default_value = "15", value_name = "SECS", value_parser = parse_lease)]
+    lease: Duration,
+    /// Relocations this worker runs at once (with --database).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    max_running: usize,
+    /// This worker's name in leases (with --database); default: the host
+    /// name and process id.
+    #[arg(long, value_name = "NAME")]
+    worker_name: Option<String>,
+}
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.5..=3600.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("`{s}`: a lease is 0.5 to 3600 seconds")),
+    }
 }
 
 pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
@@ -177,10 +209,31 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
             );
         }
     }
-    let runner = super::runner::Runner::new(file.clone());
+    let store = super::relocate::store_with(&file, a.database.as_deref())?;
+    let worker = store.database().map(|_| WorkerConfig {
+        name: a.worker_name.clone().unwrap_or_else(default_worker_name),
+        lease: a.lease,
+        max_running: a.max_running.max(1),
+    });
+    if let (Some(db), Some(w)) = (store.database(), &worker) {
+        eprintln!(
+            "worker {} of {} (lease {:.1} s, up to {} relocations at once)",
+            w.name,
+            db.location(),
+            w.lease.as_secs_f64(),
+            w.max_running
+        );
+    }
+    let runner = super::runner::Runner::new(file.clone(), store, worker)?;
+    let stopping = runner.clone();
     let app = router_with(Arc::new(catalog), Arc::new(runner), &config);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Runs of this worker stop here, recorded as cancelled; another
+        // worker (or this one, restarted) resumes them.
+        if let Some(w) = stopping.worker() {
+            w.stop_all();
+        }
     };
     match tls {
         Some(identity) => {
@@ -190,4 +243,28 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
         None => serve(listener, app, shutdown).await?,
     }
     Ok(())
+}
+
+/// `HOST:PID`: unique among workers of one database.
+fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

@@ -196,7 +196,7 @@ pub use journal::{
 };
 pub use lifecycle::{StepState, TRANSITIONS, Transition};
 pub use plan::{Plan, PlanStep};
-pub use postgres::PgJournal;
+pub use postgres::{PgConn, PgJournal};
 pub use progress::ProgressEvent;
 pub use retry::RetryPolicy;
 pub use workflow::{InputBinding, Registry, StepSpec, Workflow, WorkflowBuilder, WorkflowDef};

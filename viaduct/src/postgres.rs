@@ -25,6 +25,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use postgres;
 use postgres::{Client, NoTls};
 
 use crate::error::{Error, Result};
@@ -59,24 +60,57 @@ CREATE TABLE viaduct_events (
 /// Seeds the 64-bit hash of a journal's name that keys its advisory lock.
 const LOCK_SEED: i64 = 0x7664_7563; // "vduc"
 /// The advisory lock migrations run under.
-const MIGRATION_LOCK: i64 = 0x7664_7563_6d69_6772; // "vducmigr"
+pub const MIGRATION_LOCK: i64 = 0x7664_7563_6d69_6772; // "vducmigr"
 
-/// A job for the connection's thread.
-type Job = Box<dyn FnOnce(&mut Client) + Send>;
-
-/// One journal in a PostgreSQL database.
-pub struct PgJournal {
-    /// The database URL without its password, `#` the journal's name.
-    location: PathBuf,
-    name: String,
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
-    locked: bool,
+/// The connection as its thread holds it.
+struct Conn {
+    config: postgres::Config,
+    client: Option<Client>,
+    reconnect: bool,
 }
 
-impl std::fmt::Debug for PgJournal {
+impl Conn {
+    /// Runs `f`; with `reconnect`, connects again first when the
+    /// connection is gone, and once more when `f` failed because it went
+    /// (a server restart is seen only at the first query after it).
+    /// Each caller's work is safe to repeat: a lost reply to a committed
+    /// transaction makes the repeat fail or do nothing.
+    fn run<T>(
+        &mut self,
+        f: &mut impl FnMut(&mut Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Option<std::result::Result<T, postgres::Error>> {
+        if self.reconnect && self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = self.config.connect(NoTls).ok();
+        }
+        let client = self.client.as_mut()?;
+        let first = f(client);
+        if first.is_ok() || !self.reconnect || !client.is_closed() {
+            return Some(first);
+        }
+        self.client = self.config.connect(NoTls).ok();
+        match self.client.as_mut() {
+            Some(c) => Some(f(c)),
+            None => Some(first),
+        }
+    }
+}
+
+/// A job for the connection's thread.
+type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+
+/// One connection to a PostgreSQL server, kept on a thread of its own and
+/// used through [`PgConn::call`]: what the journal and the relocation
+/// store of `fluidcloud serve` talk to the database through.
+pub struct PgConn {
+    /// The database URL without its password (and a `#` suffix, if any).
+    location: PathBuf,
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PgConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgJournal")
+        f.debug_struct("PgConn")
             .field("location", &self.location)
             .finish_non_exhaustive()
     }
@@ -85,6 +119,237 @@ impl std::fmt::Debug for PgJournal {
 /// `url` without its password.
 fn redacted(url: &str) -> String {
     fluidcloud_plugins::redact::string(url)
+}
+
+impl PgConn {
+    /// Connects to the database at `url`
+    /// (`postgres://USER:PASSWORD@HOST:PORT/DATABASE`); `suffix` is added to
+    /// the location messages name (a journal's `#NAME`).
+    ///
+    /// With `reconnect`, a call made after the connection broke (a server
+    /// restart, a network cut) connects again. A journal never does: its
+    /// lock belongs to its first session.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the URL is malformed or the server cannot
+    /// be reached or refuses.
+    pub fn connect(url: &str, suffix: &str, app: &str, reconnect: bool) -> Result<Self> {
+        let location = PathBuf::from(format!("{}{suffix}", redacted(url)));
+        let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
+            path: location.clone(),
+            what: "parse the database URL".into(),
+            source: Box::new(e),
+        })?;
+        config
+            .connect_timeout(Duration::from_secs(10))
+            .application_name(app);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("pg-conn".into())
+            .spawn(move || {
+                let client = match config.connect(NoTls) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut conn = Conn {
+                    config,
+                    client: Some(client),
+                    reconnect,
+                };
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| Error::Io {
+                context: format!("starting the connection thread of {}", location.display()),
+                source: e,
+            })?;
+        let connected = ready_rx.recv();
+        let conn = Self {
+            location,
+            jobs: Some(jobs),
+            thread: Some(thread),
+        };
+        match connected {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(e)) => Err(conn.db_error("connect", e)),
+            Err(_) => Err(Error::Database {
+                path: conn.location.clone(),
+                what: "connect".into(),
+                source: "the connection's thread ended".into(),
+            }),
+        }
+    }
+
+    /// The database URL without its password, for messages.
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn db_error(&self, what: &str, source: postgres::Error) -> Error {
+        Error::Database {
+            path: self.location.clone(),
+            what: what.to_owned(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Runs `f` with the connection, on its thread; `what` names it in
+    /// errors. On a reconnecting connection `f` may run twice (see
+    /// [`PgConn::connect`]): it must be safe to repeat.
+    ///
+    /// # Errors
+    /// [`Error::Database`] from `f`, or when the connection is gone.
+    pub fn call<T: Send + 'static>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&mut Client) -> std::result::Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move |c| {
+            let _ = tx.send(c.run(&mut f));
+        });
+        let gone = || Error::Database {
+            path: self.location.clone(),
+            what: format!("{what}: the connection is closed"),
+            source: "connection closed".into(),
+        };
+        self.jobs
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(job)
+            .map_err(|_| gone())?;
+        rx.recv()
+            .map_err(|_| gone())?
+            .ok_or_else(gone)?
+            .map_err(|e| self.db_error(what, e))
+    }
+
+    /// Runs `f` with the connection on its thread without waiting for it
+    /// (nothing happens when the connection is gone): for notifications
+    /// whose loss costs no more than a late update.
+    pub fn post(&self, mut f: impl FnMut(&mut Client) + Send + 'static) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Box::new(move |c| {
+                let _ = c.run(&mut |client| {
+                    f(client);
+                    Ok::<(), postgres::Error>(())
+                });
+            }));
+        }
+    }
+
+    /// Applies the `migrations` this database lacks, recording each in
+    /// `table` (created if missing), under the advisory lock `lock` so
+    /// that processes starting together do not race. The position of each
+    /// migration (from 1) is its version.
+    ///
+    /// # Errors
+    /// [`Error::ForeignJournal`] when the database's schema is newer than
+    /// `migrations`; [`Error::Database`].
+    pub fn migrate(
+        &self,
+        table: &'static str,
+        lock: i64,
+        migrations: &'static [&'static str],
+    ) -> Result<()> {
+        let latest = migrations.len() as i64;
+        let found = self.call("apply the schema migrations", move |c| {
+            let mut tx = c.transaction()?;
+            // `IF NOT EXISTS` would otherwise log a notice at every start.
+            tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])?;
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {table} (
+                    version    INTEGER PRIMARY KEY,
+                    applied_ms BIGINT NOT NULL
+                )"
+            ))?;
+            let current: i64 = tx
+                .query_one(
+                    &format!("SELECT coalesce(max(version), 0)::BIGINT FROM {table}"),
+                    &[],
+                )?
+                .get(0);
+            if current > latest {
+                return Ok(current);
+            }
+            for (i, sql) in migrations.iter().enumerate() {
+                let version = i as i32 + 1;
+                if i64::from(version) > current {
+                    tx.batch_execute(sql)?;
+                    tx.execute(
+                        &format!("INSERT INTO {table} (version, applied_ms) VALUES ($1, $2)"),
+                        &[&version, &now_ms()],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(current)
+        })?;
+        if found > latest {
+            return Err(Error::ForeignJournal {
+                path: self.location.clone(),
+                what: format!(
+                    "the database's schema ({table}) is version {found}; this build knows up to {latest}"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        // Ends the thread, which closes the connection (and so releases
+        // its session's advisory locks).
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Every entry of journal `name`, in order, read through `conn`: what
+/// [`Journal::replay`] returns, for readers that keep one connection for
+/// many journals.
+///
+/// # Errors
+/// [`Error::Database`]; [`Error::CorruptJournal`] for an entry that fails
+/// its checksum or does not parse.
+pub fn entries(conn: &PgConn, name: &str) -> Result<Vec<Entry>> {
+    let owned = name.to_owned();
+    let rows = conn.call("read events", move |c| {
+        c.query(
+            "SELECT seq, at_ms, kind, body, sum FROM viaduct_events WHERE journal = $1 ORDER BY seq",
+            &[&owned],
+        )
+    })?;
+    let location = PathBuf::from(format!("{}#{name}", conn.location.display()));
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (seq, at_ms, kind, body, sum): (i64, i64, &str, &str, &str) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        out.push(crate::journal::parse_entry(
+            &location, seq, at_ms, kind, body, sum,
+        )?);
+    }
+    Ok(out)
+}
+
+/// One journal in a PostgreSQL database.
+#[derive(Debug)]
+pub struct PgJournal {
+    conn: PgConn,
+    name: String,
+    locked: bool,
 }
 
 impl PgJournal {
@@ -97,154 +362,27 @@ impl PgJournal {
     /// [`Error::ForeignJournal`] when the database's schema is newer than
     /// this build's.
     pub fn open(url: &str, name: &str) -> Result<Self> {
-        let location = PathBuf::from(format!("{}#{name}", redacted(url)));
-        let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
-            path: location.clone(),
-            what: "parse the database URL".into(),
-            source: Box::new(e),
-        })?;
-        config
-            .connect_timeout(Duration::from_secs(10))
-            .application_name("fluidcloud-journal");
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("pg-journal".into())
-            .spawn(move || {
-                let mut client = match config.connect(NoTls) {
-                    Ok(c) => {
-                        let _ = ready_tx.send(Ok(()));
-                        c
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                while let Ok(job) = rx.recv() {
-                    job(&mut client);
-                }
-            })
-            .map_err(|e| Error::Io {
-                context: format!("starting the connection thread of {}", location.display()),
-                source: e,
-            })?;
-        let connected = ready_rx.recv();
-        let mut j = Self {
-            location,
+        let conn = PgConn::connect(url, &format!("#{name}"), "fluidcloud-journal", false)?;
+        conn.migrate("viaduct_schema", MIGRATION_LOCK, MIGRATIONS)?;
+        Ok(Self {
+            conn,
             name: name.to_owned(),
-            jobs: Some(jobs),
-            thread: Some(thread),
             locked: false,
-        };
-        match connected {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(j.db_error("connect", e)),
-            Err(_) => {
-                return Err(Error::Database {
-                    path: j.location.clone(),
-                    what: "connect".into(),
-                    source: "the connection's thread ended".into(),
-                });
-            }
-        }
-        j.migrate()?;
-        Ok(j)
+        })
     }
 
-    fn db_error(&self, what: &str, source: postgres::Error) -> Error {
-        Error::Database {
-            path: self.location.clone(),
-            what: what.to_owned(),
-            source: Box::new(source),
-        }
-    }
-
-    /// Runs `f` with the connection, on its thread.
     fn call<T: Send + 'static>(
         &self,
         what: &str,
-        f: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error> + Send + 'static,
+        f: impl FnMut(&mut Client) -> std::result::Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T> {
-        let (tx, rx) = mpsc::channel();
-        let job: Job = Box::new(move |c| {
-            let _ = tx.send(f(c));
-        });
-        let gone = || Error::Database {
-            path: self.location.clone(),
-            what: format!("{what}: the connection's thread ended"),
-            source: "connection closed".into(),
-        };
-        self.jobs
-            .as_ref()
-            .ok_or_else(gone)?
-            .send(job)
-            .map_err(|_| gone())?;
-        rx.recv()
-            .map_err(|_| gone())?
-            .map_err(|e| self.db_error(what, e))
-    }
-
-    /// Applies the migrations this database lacks.
-    fn migrate(&mut self) -> Result<()> {
-        let latest = MIGRATIONS.len() as i64;
-        let found = self.call("apply the schema migrations", move |c| {
-            let mut tx = c.transaction()?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS viaduct_schema (
-                    version    INTEGER PRIMARY KEY,
-                    applied_ms BIGINT NOT NULL
-                )",
-            )?;
-            let current: i64 = tx
-                .query_one(
-                    "SELECT coalesce(max(version), 0)::BIGINT FROM viaduct_schema",
-                    &[],
-                )?
-                .get(0);
-            if current > latest {
-                return Ok(current);
-            }
-            for (i, sql) in MIGRATIONS.iter().enumerate() {
-                let version = i as i32 + 1;
-                if i64::from(version) > current {
-                    tx.batch_execute(sql)?;
-                    tx.execute(
-                        "INSERT INTO viaduct_schema (version, applied_ms) VALUES ($1, $2)",
-                        &[&version, &now_ms()],
-                    )?;
-                }
-            }
-            tx.commit()?;
-            Ok(current)
-        })?;
-        if found > latest {
-            return Err(Error::ForeignJournal {
-                path: self.location.clone(),
-                what: format!(
-                    "the database's journal schema is version {found}; this build knows up to {latest}"
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PgJournal {
-    fn drop(&mut self) {
-        // Ends the thread, which closes the connection (and so releases
-        // the journal's lock).
-        drop(self.jobs.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.conn.call(what, f)
     }
 }
 
 impl Journal for PgJournal {
     fn location(&self) -> &Path {
-        &self.location
+        self.conn.location()
     }
 
     fn header(&self) -> Result<Option<JournalHeader>> {
@@ -261,13 +399,13 @@ impl Journal for PgJournal {
         let (format, version): (String, i32) = (row.get(0), row.get(1));
         if format != JOURNAL_FORMAT {
             return Err(Error::ForeignJournal {
-                path: self.location.clone(),
+                path: self.conn.location().to_owned(),
                 what: format!("format is {format:?}, expected {JOURNAL_FORMAT:?}"),
             });
         }
         if u32::try_from(version).ok() != Some(JOURNAL_VERSION) {
             return Err(Error::ForeignJournal {
-                path: self.location.clone(),
+                path: self.conn.location().to_owned(),
                 what: format!(
                     "journal version {version}; this build reads version {JOURNAL_VERSION}"
                 ),
@@ -275,7 +413,7 @@ impl Journal for PgJournal {
         }
         let workflow: WorkflowDef =
             serde_json::from_str(row.get::<_, &str>(3)).map_err(|e| Error::CorruptJournal {
-                path: self.location.clone(),
+                path: self.conn.location().to_owned(),
                 row: 0,
                 what: format!("workflow definition: {e}"),
             })?;
@@ -287,7 +425,7 @@ impl Journal for PgJournal {
 
     fn create(&mut self, header: &JournalHeader) -> Result<()> {
         let def = serde_json::to_string(&header.workflow).map_err(|e| Error::CorruptJournal {
-            path: self.location.clone(),
+            path: self.conn.location().to_owned(),
             row: 0,
             what: e.to_string(),
         })?;
@@ -302,7 +440,7 @@ impl Journal for PgJournal {
         })?;
         if inserted == 0 {
             return Err(Error::ForeignJournal {
-                path: self.location.clone(),
+                path: self.conn.location().to_owned(),
                 what: "the journal exists already (it is not empty)".into(),
             });
         }
@@ -351,27 +489,7 @@ impl Journal for PgJournal {
     }
 
     fn replay(&self) -> Result<Vec<Entry>> {
-        let name = self.name.clone();
-        let rows = self.call("read events", move |c| {
-            c.query(
-                "SELECT seq, at_ms, kind, body, sum FROM viaduct_events WHERE journal = $1 ORDER BY seq",
-                &[&name],
-            )
-        })?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let (seq, at_ms, kind, body, sum): (i64, i64, &str, &str, &str) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            out.push(crate::journal::parse_entry(
-                &self.location,
-                seq,
-                at_ms,
-                kind,
-                body,
-                sum,
-            )?);
-        }
-        Ok(out)
+        entries(&self.conn, &self.name)
     }
 
     fn lock(&mut self) -> Result<()> {
@@ -388,7 +506,7 @@ impl Journal for PgJournal {
         })?;
         if !got {
             return Err(Error::JournalInUse {
-                path: self.location.clone(),
+                path: self.conn.location().to_owned(),
             });
         }
         self.locked = true;

@@ -127,12 +127,9 @@ fn io(path: &std::path::Path, e: std::io::Error) -> Error {
 /// # Errors
 /// `Precondition` naming the earlier relocation, its status and what to do.
 pub fn check_earlier(store: &Store, from: &str, service: &str, force: bool) -> Result<()> {
-    for id in store.list()? {
-        let r = store.load(&id)?;
-        if r.from != from || r.service != service {
-            continue;
-        }
-        let status = super::report::status(&super::report::entries(&store.journal(&id))?);
+    for r in store.of_service(from, service)? {
+        let id = &r.id;
+        let status = super::report::status(&store.entries(id)?);
         let why = match status.as_str() {
             "rolled-back" | "planned" => continue,
             "succeeded" => format!(

@@ -44,6 +44,7 @@ pub mod config_step;
 pub mod extra;
 pub mod guest_step;
 pub mod lock;
+pub mod queue;
 pub mod report;
 pub mod steps;
 pub mod store;

@@ -8,22 +8,38 @@
 //!
 //! `STATE` is `$FLUIDCLOUD_STATE_DIR`, or `.fluidcloud/` next to the sites
 //! file, so a demo directory carries its own history.
+//!
+//! With a database (`fluidcloud serve --database`, `FLUIDCLOUD_DATABASE`),
+//! the plan, the journal and the report are rows of PostgreSQL instead
+//! ([`super::queue`]), shared by every worker; the directory keeps only
+//! what steps write next to the process (their rollback records).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fluidcloud_viaduct::JournalLocation;
+use fluidcloud_viaduct::journal::Entry;
 
 use fluidcloud_plugins::{Diagnostic, Error as SdkError};
 
 use super::Relocation;
+use super::queue::Database;
 use crate::error::{Error, Result};
 
 /// Environment variable overriding the state directory.
 pub const STATE_ENV: &str = "FLUIDCLOUD_STATE_DIR";
 
-/// The relocations directory of a sites file.
+/// Environment variable naming the database (`postgres://…`) relocations
+/// are kept in, instead of the state directory.
+pub const DATABASE_ENV: &str = "FLUIDCLOUD_DATABASE";
+
+/// Where the relocations of a sites file are kept: its state directory,
+/// or a database.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    db: Option<Arc<Database>>,
 }
 
 fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
@@ -52,7 +68,20 @@ impl Store {
     pub fn for_sites_file(sites_file: &Path) -> Self {
         Self {
             root: state_dir(sites_file).join("relocations"),
+            db: None,
         }
+    }
+
+    /// The same store, keeping relocations in `db`.
+    #[must_use]
+    pub fn with_database(mut self, db: Arc<Database>) -> Self {
+        self.db = Some(db);
+        self
+    }
+
+    /// The database relocations are kept in, if any.
+    pub fn database(&self) -> Option<&Arc<Database>> {
+        self.db.as_ref()
     }
 
     /// The state directory (`STATE`): relocations, service locks.
@@ -66,8 +95,37 @@ impl Store {
     }
 
     /// The journal of relocation `id`.
-    pub fn journal(&self, id: &str) -> PathBuf {
-        self.dir(id).join("journal.sqlite")
+    pub fn journal(&self, id: &str) -> JournalLocation {
+        match &self.db {
+            Some(db) => JournalLocation::Postgres {
+                url: db.url().to_owned(),
+                name: id.to_owned(),
+            },
+            None => JournalLocation::Sqlite(self.dir(id).join("journal.sqlite")),
+        }
+    }
+
+    /// The journal entries of relocation `id`, in order (none before its
+    /// first run).
+    ///
+    /// # Errors
+    /// A journal that cannot be read, or is corrupt.
+    pub fn entries(&self, id: &str) -> Result<Vec<Entry>> {
+        match &self.db {
+            Some(db) => db.entries(id),
+            None => super::report::entries(&self.dir(id).join("journal.sqlite")),
+        }
+    }
+
+    /// Whether relocation `id` exists.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn exists(&self, id: &str) -> Result<bool> {
+        match &self.db {
+            Some(db) => db.exists(id),
+            None => Ok(self.dir(id).exists()),
+        }
     }
 
     /// Saves a new relocation; fails if the id exists.
@@ -75,6 +133,9 @@ impl Store {
     /// # Errors
     /// I/O errors; `Precondition` when the id is taken.
     pub fn create(&self, r: &Relocation) -> Result<()> {
+        if let Some(db) = &self.db {
+            return db.insert(r, &r.service);
+        }
         let dir = self.dir(&r.id);
         private_dirs(&self.root)?;
         private_dir(&dir).map_err(|e| {
@@ -106,6 +167,9 @@ impl Store {
     pub fn load(&self, id: &str) -> Result<Relocation> {
         // Ids come from command lines and URLs: never a path.
         super::lock::check_name("relocation id", id)?;
+        if let Some(db) = &self.db {
+            return db.load(id);
+        }
         let path = self.dir(id).join("relocation.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -142,6 +206,9 @@ impl Store {
     /// # Errors
     /// I/O errors other than a missing directory.
     pub fn list(&self) -> Result<Vec<String>> {
+        if let Some(db) = &self.db {
+            return db.list();
+        }
         let mut ids = Vec::new();
         match std::fs::read_dir(&self.root) {
             Ok(rd) => {
@@ -159,14 +226,36 @@ impl Store {
         Ok(ids)
     }
 
-    /// Writes the report of relocation `id`.
+    /// The relocations of `service` from site `from`, oldest first.
     ///
     /// # Errors
-    /// I/O errors.
-    pub fn save_report(&self, id: &str, json: &[u8]) -> Result<PathBuf> {
+    /// As [`Store::list`] and [`Store::load`].
+    pub fn of_service(&self, from: &str, service: &str) -> Result<Vec<Relocation>> {
+        if let Some(db) = &self.db {
+            return db.of_service(from, service);
+        }
+        let mut out = Vec::new();
+        for id in self.list()? {
+            let r = self.load(&id)?;
+            if r.from == from && r.service == service {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the report of relocation `id`; where it went.
+    ///
+    /// # Errors
+    /// I/O or database errors.
+    pub fn save_report(&self, id: &str, json: &[u8]) -> Result<String> {
+        if let Some(db) = &self.db {
+            db.save_report(id, json)?;
+            return Ok(format!("{}#{id}", db.location()));
+        }
         let path = self.dir(id).join("report.json");
         write_atomic(&path, json)?;
-        Ok(path)
+        Ok(path.display().to_string())
     }
 }
 
@@ -231,15 +320,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// A new relocation id: `SERVICE-YYYYMMDD-HHMMSS` (UTC), with `-2`, `-3`…
 /// appended when taken.
-pub fn new_id(store: &Store, service: &str, unix_secs: u64) -> String {
+///
+/// # Errors
+/// Database errors.
+pub fn new_id(store: &Store, service: &str, unix_secs: u64) -> Result<String> {
     let base = format!("{service}-{}", utc_stamp(unix_secs));
     let mut id = base.clone();
     let mut n = 2;
-    while store.dir(&id).exists() {
+    while store.exists(&id)? {
         id = format!("{base}-{n}");
         n += 1;
     }
-    id
+    Ok(id)
 }
 
 /// `YYYYMMDD-HHMMSS` of a Unix time, UTC.

@@ -1,0 +1,606 @@
+//! Several `fluidcloud serve` workers sharing one PostgreSQL database: the
+//! real binary, real sockets, Debian's PostgreSQL started by
+//! `scripts/postgres`. What ran is asserted from the journal in the
+//! database, read here with a client of our own.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{chunks_written, fresh_demo, random_file, same_bytes};
+use fluidcloud_testkit::Postgres;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 4 * MIB;
+
+/// A `serve` worker of a database.
+struct Worker {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Worker {
+    fn start(config: &str, database: &str, name: &str, lease: &str, log: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+            .args(["--config", config, "serve", "--plain-http", "--no-auth"])
+            .args(["--listen", "127.0.0.1:0", "--database", database])
+            .args(["--lease", lease, "--worker-name", name])
+            .env_remove("FLUIDCLOUD_STATE_DIR")
+            .env_remove("FLUIDCLOUD_DATABASE")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?} (log: {})", log.display()))
+            .to_owned();
+        Worker { child, url }
+    }
+
+    /// SIGKILL, as a crash or a lost machine stops it.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn call(url: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = reqwest::Client::new().request(method.parse().unwrap(), format!("{url}{path}"));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Every event of `/relocations/{id}/events` to the stream's end: names.
+async fn event_names(url: &str, id: &str) -> Vec<(String, Value)> {
+    let mut resp = reqwest::Client::new()
+        .get(format!("{url}/relocations/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut buf, mut out) = (String::new(), Vec::new());
+    while let Some(chunk) = tokio::time::timeout_at(deadline.into(), resp.chunk())
+        .await
+        .expect("the event stream did not end in 5 minutes")
+        .unwrap()
+    {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let name = block
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or("")
+                .to_owned();
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if !data.is_empty() {
+                out.push((name, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Adds `n` one-instance services `svc1`… to site dc-paris, each with a
+/// small raw boot image.
+fn small_services(dir: &Path, n: usize) {
+    let site = dir.join("sites/dc-paris");
+    for k in 1..=n {
+        let name = format!("svc{k}");
+        random_file(&site.join(format!("images/{name}.raw")), MIB);
+        std::fs::write(
+            site.join(format!("instances/{name}.toml")),
+            format!(
+                "name = \"{name}\"\nservice = \"{name}\"\nstate = \"running\"\nvcpus = 1\nmemory_mib = 256\n\
+                 hostname = \"{name}.paris.internal\"\naddresses = [\"10.10.0.{}\"]\nboot_image = \"{name}.raw\"\n\n\
+                 [format]\n\"{name}.raw\" = \"raw\"\n",
+                100 + k
+            ),
+        )
+        .unwrap();
+    }
+}
+
+fn db(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).unwrap()
+}
+
+/// (journal, step) → how many times it entered `to`.
+fn transitions(c: &mut postgres::Client, to: &str) -> BTreeMap<(String, String), i64> {
+    c.query(
+        "SELECT journal, step, count(*) FROM viaduct_events
+         WHERE kind = 'transition' AND body::json->>'to' = $1 GROUP BY journal, step",
+        &[&to],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+    .collect()
+}
+
+/// Relocation id → its journal's final record's outcome, if it has one.
+fn outcomes(c: &mut postgres::Client) -> BTreeMap<String, Option<String>> {
+    c.query(
+        "SELECT r.id, (SELECT e.body::json->>'outcome' FROM viaduct_events e
+                       WHERE e.journal = r.id ORDER BY e.seq DESC LIMIT 1)
+         FROM fluidcloud_relocations r",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Polls worker `url` until every relocation is `succeeded`; panics on a
+/// failed one or after `limit`.
+async fn all_succeed(url: &str, ids: &[String], limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let (status, list) = call(url, "GET", "/relocations", None).await;
+        if status != 200 {
+            // The database may be restarting (a test does that).
+            assert!(start.elapsed() < limit, "GET /relocations: {status} {list}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let states: BTreeMap<String, String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["id"].as_str().unwrap().to_owned(),
+                    v["status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let left: Vec<_> = ids
+            .iter()
+            .filter(|id| states.get(*id).map(String::as_str) != Some("succeeded"))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for id in &left {
+            let s = states.get(*id).map_or("missing", String::as_str);
+            assert!(
+                matches!(s, "queued" | "running" | "planned" | "interrupted"),
+                "relocation {id} is {s}"
+            );
+        }
+        assert!(
+            start.elapsed() < limit,
+            "not done after {limit:?}: {left:?} of {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Where a test's workers log: kept after the run, for reading.
+fn logs(dir: &Path) -> PathBuf {
+    let name = dir.file_name().unwrap().to_string_lossy();
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("scale-logs")
+        .join(&*name);
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+#[test]
+fn three_workers_run_fifty_relocations_submitted_to_any_of_them_each_exactly_once() {
+    let (dir, config) = fresh_demo("scale-fifty");
+    small_services(&dir, 50);
+    let database = Postgres::shared().database("scale_fifty");
+    let log = logs(&dir);
+    let workers: Vec<Worker> = (1..=3)
+        .map(|k| {
+            Worker::start(
+                &config,
+                &database,
+                &format!("w{k}"),
+                "5",
+                &log.join(format!("w{k}.log")),
+            )
+        })
+        .collect();
+    let ids = rt().block_on(async {
+        let mut ids = Vec::new();
+        for k in 1..=50 {
+            let w = &workers[k % 3];
+            let body =
+                json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}")});
+            let (status, v) = call(&w.url, "POST", "/relocations", Some(body)).await;
+            assert_eq!(status, 202, "{v:#}");
+            assert!(
+                matches!(v["status"].as_str(), Some("queued" | "running")),
+                "{v:#}"
+            );
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        // Every worker streams the last one's progress, whichever runs it.
+        let last = ids.last().unwrap().clone();
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|w| {
+                let (url, id) = (w.url.clone(), last.clone());
+                tokio::spawn(async move { event_names(&url, &id).await })
+            })
+            .collect();
+        let mut streams = Vec::new();
+        for h in handles {
+            streams.push(h.await.unwrap());
+        }
+        for (w, events) in workers.iter().zip(&streams) {
+            let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names.last(), Some(&"end"), "{}: {names:?}", w.url);
+            assert_eq!(
+                events.last().unwrap().1["status"],
+                "succeeded",
+                "{}: {names:?}",
+                w.url
+            );
+        }
+        all_succeed(&workers[0].url, &ids, Duration::from_secs(600)).await;
+        ids
+    });
+    // Each ran exactly once: one claim, one run, every step entered
+    // `running` once and `succeeded` once.
+    let mut c = db(&database);
+    let claims: Vec<(String, i32, i32)> = c
+        .query(
+            "SELECT id, claims, takeovers FROM fluidcloud_relocations WHERE state = 'done'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(claims.len(), 50, "{claims:?}");
+    assert!(
+        claims.iter().all(|(_, n, t)| *n == 1 && *t == 0),
+        "{claims:?}"
+    );
+    let runs: Vec<i64> = c
+        .query(
+            "SELECT count(*) FROM viaduct_events WHERE kind = 'run-started' GROUP BY journal",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(runs, vec![1; 50]);
+    let started = transitions(&mut c, "running");
+    let succeeded = transitions(&mut c, "succeeded");
+    assert!(started.len() >= 50 * 5, "{} steps", started.len());
+    assert_eq!(
+        started.keys().collect::<Vec<_>>(),
+        succeeded.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        started.values().chain(succeeded.values()).all(|n| *n == 1),
+        "{started:?}"
+    );
+    for (id, outcome) in outcomes(&mut c) {
+        assert_eq!(outcome.as_deref(), Some("succeeded"), "{id}");
+    }
+    // The workers' own counts of their claims add up, and the work spread.
+    let per_worker: Vec<u64> = rt().block_on(async {
+        let mut out = Vec::new();
+        for w in &workers {
+            let (status, text) = call(&w.url, "GET", "/metrics", None).await;
+            assert_eq!(status, 200);
+            let text = text.as_str().unwrap().to_owned();
+            assert_eq!(metric(&text, "fluidcloud_queue_depth"), 0);
+            assert_eq!(metric(&text, "fluidcloud_lease_takeovers_total"), 0);
+            assert!(
+                metric(&text, "fluidcloud_step_seconds_count")
+                    >= metric(&text, "fluidcloud_worker_claims_total")
+            );
+            out.push(metric(&text, "fluidcloud_worker_claims_total"));
+        }
+        out
+    });
+    assert_eq!(per_worker.iter().sum::<u64>(), 50, "{per_worker:?}");
+    assert!(
+        per_worker.iter().filter(|n| **n > 0).count() >= 2,
+        "{per_worker:?}"
+    );
+    // And the data moved: every instance runs at the target, from its image.
+    for k in 1..=50 {
+        let name = format!("svc{k}");
+        same_bytes(
+            &dir.join(format!("sites/dc-paris/images/{name}.raw")),
+            &dir.join(format!("sites/edge-nantes/images/{name}.raw")),
+        );
+        assert_eq!(
+            common::instance_state(&dir, "edge-nantes", &name),
+            "running"
+        );
+        assert_eq!(common::instance_state(&dir, "dc-paris", &name), "stopped");
+    }
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 50);
+}
+
+fn unix_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_worker_killed_mid_copy_is_taken_over_and_no_succeeded_step_runs_again() {
+    const VOLUME: u64 = 1536 * MIB;
+    const LEASE: f64 = 2.0;
+    let (dir, config) = fresh_demo("scale-takeover");
+    let src = dir.join("sites/dc-paris/volumes/db-data.raw");
+    random_file(&src, VOLUME);
+    let part = dir.join("sites/edge-nantes/volumes/.db-data.raw.fcpart");
+    let database = Postgres::shared().database("scale_takeover");
+    let log = logs(&dir);
+    let mut a = Worker::start(&config, &database, "a", "2", &log.join("a.log"));
+    let rt = rt();
+    let id = rt.block_on(async {
+        let body = json!({"from": "dc-paris", "to": "edge-nantes", "service": "shop"});
+        let (status, v) = call(&a.url, "POST", "/relocations", Some(body)).await;
+        assert_eq!(status, 202, "{v:#}");
+        v["id"].as_str().unwrap().to_owned()
+    });
+    // A copies; B joins and waits (A's lease is live); A dies mid-copy.
+    let start = Instant::now();
+    while chunks_written(&part) < VOLUME / CHUNK / 5 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let b = Worker::start(&config, &database, "b", "2", &log.join("b.log"));
+    a.kill();
+    let killed_ms = unix_ms();
+    let before = chunks_written(&part);
+    assert!(before < VOLUME / CHUNK, "the copy had finished");
+    rt.block_on(all_succeed(
+        &b.url,
+        std::slice::from_ref(&id),
+        Duration::from_secs(300),
+    ));
+    same_bytes(&src, &dir.join("sites/edge-nantes/volumes/db-data.raw"));
+
+    let mut c = db(&database);
+    let runs: Vec<(i64, i64)> = c
+        .query(
+            "SELECT seq, at_ms FROM viaduct_events WHERE journal = $1 AND kind = 'run-started' ORDER BY seq",
+            &[&id],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let (second_seq, second_at) = runs[1];
+    // B took over within two leases of the kill (the lease, then its wake).
+    let took = (second_at - killed_ms) as f64 / 1000.0;
+    assert!(took < 2.0 * LEASE + 1.0, "takeover took {took:.1} s");
+    // No step that had succeeded before the kill ran again.
+    let done_before: Vec<String> = c
+        .query(
+            "SELECT step FROM viaduct_events WHERE journal = $1 AND seq < $2
+             AND kind = 'transition' AND body::json->>'to' = 'succeeded'",
+            &[&id, &second_seq],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !done_before.is_empty(),
+        "nothing had finished before the kill"
+    );
+    for step in &done_before {
+        let again: i64 = c
+            .query_one(
+                "SELECT count(*) FROM viaduct_events WHERE journal = $1 AND seq > $2 AND step = $3",
+                &[&id, &second_seq, step],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(again, 0, "step {step} ran again after the takeover");
+    }
+    let (takeovers,): (i32,) = c
+        .query_one(
+            "SELECT takeovers FROM fluidcloud_relocations WHERE id = $1",
+            &[&id],
+        )
+        .map(|r| (r.get(0),))
+        .unwrap();
+    assert_eq!(takeovers, 1);
+    // The copy resumed: it re-sent at most the chunks in flight (one per
+    // copying stream) when A died.
+    let rep: Value = rt
+        .block_on(call(&b.url, "GET", &format!("/relocations/{id}"), None))
+        .1;
+    let pre = rep["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "precopy:db-data.raw")
+        .unwrap();
+    assert_eq!(pre["attempts"], 2, "{pre:#}");
+    let written = pre["bytes_written"].as_u64().unwrap();
+    let left = VOLUME - before * CHUNK;
+    assert!(
+        written <= left + 8 * CHUNK,
+        "the new worker wrote {written} bytes; only {left} were left"
+    );
+    let metrics = rt.block_on(call(&b.url, "GET", "/metrics", None)).1;
+    assert_eq!(
+        metric(
+            metrics.as_str().unwrap(),
+            "fluidcloud_worker_takeovers_total"
+        ),
+        1
+    );
+}
+
+#[test]
+fn postgres_restarted_mid_run_loses_and_duplicates_no_relocation() {
+    let (dir, config) = fresh_demo("scale-pg-restart");
+    small_services(&dir, 12);
+    let pg = Postgres::private("restart");
+    let database = pg.database("scale_restart");
+    let log = logs(&dir);
+    let workers: Vec<Worker> = (1..=2)
+        .map(|k| {
+            Worker::start(
+                &config,
+                &database,
+                &format!("w{k}"),
+                "3",
+                &log.join(format!("w{k}.log")),
+            )
+        })
+        .collect();
+    let rt = rt();
+    let ids = rt.block_on(async {
+        let mut ids = Vec::new();
+        for k in 1..=12 {
+            let body =
+                json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}")});
+            let (status, v) = call(&workers[k % 2].url, "POST", "/relocations", Some(body)).await;
+            assert_eq!(status, 202, "{v:#}");
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    });
+    // Restart while relocations run (claimed, journals open).
+    let running = |c: &mut postgres::Client, state: &str| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM fluidcloud_relocations WHERE state = $1",
+            &[&state],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let mut c = db(&database);
+    let start = Instant::now();
+    while running(&mut c, "running") == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "nothing started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let open = running(&mut c, "running") + running(&mut c, "queued");
+    assert!(
+        open > 1,
+        "only {open} relocations were left to run at the restart"
+    );
+    drop(c);
+    pg.restart();
+    rt.block_on(all_succeed(&workers[1].url, &ids, Duration::from_secs(300)));
+    let mut c = db(&database);
+    let outcomes = outcomes(&mut c);
+    assert_eq!(outcomes.len(), 12, "{outcomes:?}");
+    assert!(
+        outcomes.values().all(|o| o.as_deref() == Some("succeeded")),
+        "{outcomes:?}"
+    );
+    let succeeded = transitions(&mut c, "succeeded");
+    assert!(succeeded.values().all(|n| *n == 1), "{succeeded:?}");
+    let per_journal: BTreeMap<&String, usize> =
+        succeeded.keys().fold(BTreeMap::new(), |mut m, (j, _)| {
+            *m.entry(j).or_default() += 1;
+            m
+        });
+    assert_eq!(per_journal.len(), 12);
+    for k in 1..=12 {
+        assert_eq!(
+            common::instance_state(&dir, "edge-nantes", &format!("svc{k}")),
+            "running"
+        );
+    }
+}
+
+#[test]
+fn two_workers_accepting_the_same_service_at_once_run_it_once() {
+    let (dir, config) = fresh_demo("scale-same-service");
+    let database = Postgres::shared().database("scale_same");
+    let log = logs(&dir);
+    let a = Worker::start(&config, &database, "a", "5", &log.join("a.log"));
+    let b = Worker::start(&config, &database, "b", "5", &log.join("b.log"));
+    let body = json!({"from": "dc-paris", "to": "edge-nantes", "service": "intranet"});
+    let answers = rt().block_on(async {
+        let (x, y) = tokio::join!(
+            call(&a.url, "POST", "/relocations", Some(body.clone())),
+            call(&b.url, "POST", "/relocations", Some(body.clone())),
+        );
+        [x, y]
+    });
+    let mut codes: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    codes.sort_unstable();
+    assert_eq!(codes, [202, 409], "{answers:#?}");
+    let refused = &answers.iter().find(|(s, _)| *s == 409).unwrap().1;
+    assert!(refused.to_string().contains("intranet"), "{refused}");
+    let mut c = db(&database);
+    let rows: i64 = c
+        .query_one(
+            "SELECT count(*) FROM fluidcloud_relocations WHERE service = 'intranet'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+    let id = answers.iter().find(|(s, _)| *s == 202).unwrap().1["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    rt().block_on(all_succeed(&a.url, &[id], Duration::from_secs(120)));
+}
