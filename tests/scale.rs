@@ -41,6 +41,11 @@ impl Worker {
             .env_remove("FLUIDCLOUD_STATE_DIR")
             .env_remove("FLUIDCLOUD_DATABASE")
             .env("RUST_LOG", "info")
+            // The `wait` migrator: a step that stands for a long transfer.
+            .env(
+                "FLUIDCLOUD_PLUGIN_PATH",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/plugins"),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -57,11 +62,59 @@ impl Worker {
         Worker { child, url }
     }
 
+    /// SIGTERM, as a service manager stops it; waits for it to exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        self.child.wait().unwrap()
+    }
+
     /// SIGKILL, as a crash or a lost machine stops it.
     fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+}
+
+/// Workers `w1`… of `database`, logging into `log`.
+fn workers(config: &str, database: &str, n: usize, lease: &str, log: &Path) -> Vec<Worker> {
+    (1..=n)
+        .map(|k| {
+            Worker::start(
+                config,
+                database,
+                &format!("w{k}"),
+                lease,
+                &log.join(format!("w{k}.log")),
+            )
+        })
+        .collect()
+}
+
+/// Relocates `svc1`…`svcN` to edge-nantes, each submitted to the next
+/// worker in turn; their ids.
+async fn submit_round_robin(workers: &[Worker], n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for k in 1..=n {
+        let body = json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}")});
+        let (status, v) = call(
+            &workers[k % workers.len()].url,
+            "POST",
+            "/relocations",
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 202, "{v:#}");
+        assert!(
+            matches!(v["status"].as_str(), Some("queued" | "running")),
+            "{v:#}"
+        );
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    ids
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -241,31 +294,9 @@ fn three_workers_run_fifty_relocations_submitted_to_any_of_them_each_exactly_onc
     small_services(&dir, 50);
     let database = Postgres::shared().database("scale_fifty");
     let log = logs(&dir);
-    let workers: Vec<Worker> = (1..=3)
-        .map(|k| {
-            Worker::start(
-                &config,
-                &database,
-                &format!("w{k}"),
-                "5",
-                &log.join(format!("w{k}.log")),
-            )
-        })
-        .collect();
+    let workers = workers(&config, &database, 3, "5", &log);
     let ids = rt().block_on(async {
-        let mut ids = Vec::new();
-        for k in 1..=50 {
-            let w = &workers[k % 3];
-            let body =
-                json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}")});
-            let (status, v) = call(&w.url, "POST", "/relocations", Some(body)).await;
-            assert_eq!(status, 202, "{v:#}");
-            assert!(
-                matches!(v["status"].as_str(), Some("queued" | "running")),
-                "{v:#}"
-            );
-            ids.push(v["id"].as_str().unwrap().to_owned());
-        }
+        let ids = submit_round_robin(&workers, 50).await;
         // Every worker streams the last one's progress, whichever runs it.
         let last = ids.last().unwrap().clone();
         let handles: Vec<_> = workers
@@ -500,29 +531,9 @@ fn postgres_restarted_mid_run_loses_and_duplicates_no_relocation() {
     let pg = Postgres::private("restart");
     let database = pg.database("scale_restart");
     let log = logs(&dir);
-    let workers: Vec<Worker> = (1..=2)
-        .map(|k| {
-            Worker::start(
-                &config,
-                &database,
-                &format!("w{k}"),
-                "3",
-                &log.join(format!("w{k}.log")),
-            )
-        })
-        .collect();
+    let workers = workers(&config, &database, 2, "3", &log);
     let rt = rt();
-    let ids = rt.block_on(async {
-        let mut ids = Vec::new();
-        for k in 1..=12 {
-            let body =
-                json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}")});
-            let (status, v) = call(&workers[k % 2].url, "POST", "/relocations", Some(body)).await;
-            assert_eq!(status, 202, "{v:#}");
-            ids.push(v["id"].as_str().unwrap().to_owned());
-        }
-        ids
-    });
+    let ids = rt.block_on(submit_round_robin(&workers, 12));
     // Restart while relocations run (claimed, journals open).
     let running = |c: &mut postgres::Client, state: &str| -> i64 {
         c.query_one(
@@ -602,5 +613,233 @@ fn two_workers_accepting_the_same_service_at_once_run_it_once() {
         .as_str()
         .unwrap()
         .to_owned();
-    rt().block_on(all_succeed(&a.url, &[id], Duration::from_secs(120)));
+    rt().block_on(all_succeed(
+        &a.url,
+        std::slice::from_ref(&id),
+        Duration::from_secs(120),
+    ));
+
+    // The CLI reads the same database; it runs nothing behind the workers.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
+            .args(["--config", &config, "--json"])
+            .args(args)
+            .env("FLUIDCLOUD_DATABASE", &database)
+            .env_remove("FLUIDCLOUD_SERVER")
+            .env_remove("FLUIDCLOUD_STATE_DIR")
+            .output()
+            .unwrap()
+    };
+    let list: Value = serde_json::from_str(&common::ok(&cli(&["status"]))).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list:#}");
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["status"], "succeeded");
+    let rep: Value = serde_json::from_str(&common::ok(&cli(&["report", &id]))).unwrap();
+    assert_eq!(rep["status"], "succeeded");
+    let refused = common::fails(
+        &cli(&[
+            "relocate",
+            "--from",
+            "edge-nantes",
+            "--service",
+            "intranet",
+            "--to",
+            "dc-paris",
+            "--yes",
+        ]),
+        2,
+    );
+    assert!(
+        refused.contains("--server") && refused.contains("database"),
+        "{refused}"
+    );
+}
+
+/// Each relocation's run as the journal times it: (first `run-started`,
+/// last `run-finished`), in ms.
+fn run_intervals(c: &mut postgres::Client) -> BTreeMap<String, (i64, i64)> {
+    c.query(
+        "SELECT journal, min(at_ms) FILTER (WHERE kind = 'run-started'),
+                max(at_ms) FILTER (WHERE kind = 'run-finished')
+         FROM viaduct_events GROUP BY journal",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2))))
+    .collect()
+}
+
+/// The most intervals open at one moment.
+fn most_at_once(intervals: impl Iterator<Item = (i64, i64)>) -> usize {
+    let mut edges: Vec<(i64, i32)> = intervals.flat_map(|(a, b)| [(a, 1), (b, -1)]).collect();
+    // At equal times an end comes before a start: back to back is not overlap.
+    edges.sort_unstable();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap()
+}
+
+fn with_limits(config: &str, limits: &str) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text.push_str(&format!("\n[limits]\n{limits}\n"));
+    std::fs::write(config, text).unwrap();
+}
+
+#[test]
+fn a_site_limit_holds_across_three_workers() {
+    let (dir, config) = fresh_demo("scale-limits");
+    small_services(&dir, 12);
+    with_limits(&config, "sites = { edge-nantes = 2 }");
+    let database = Postgres::shared().database("scale_limits");
+    let log = logs(&dir);
+    let workers = workers(&config, &database, 3, "5", &log);
+    let rt = rt();
+    let ids = rt.block_on(submit_round_robin(&workers, 12));
+    rt.block_on(all_succeed(&workers[0].url, &ids, Duration::from_secs(300)));
+    let mut c = db(&database);
+    let intervals = run_intervals(&mut c);
+    assert_eq!(intervals.len(), 12);
+    // Never more than two at once, and the two slots were used.
+    assert_eq!(
+        most_at_once(intervals.values().copied()),
+        2,
+        "{intervals:?}"
+    );
+    let held: i64 = c
+        .query_one(
+            "SELECT count(*) FROM fluidcloud_slots WHERE holder IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "slots left held after every relocation ended");
+}
+
+#[test]
+fn tenants_take_turns_when_relocations_wait() {
+    let (dir, config) = fresh_demo("scale-fair");
+    small_services(&dir, 6);
+    with_limits(&config, "running = 1");
+    let database = Postgres::shared().database("scale_fair");
+    let log = logs(&dir);
+    let w = Worker::start(&config, &database, "w", "5", &log.join("w.log"));
+    // Hold the one global slot while everything is submitted, so that the
+    // order is the queue's, not the order of arrival.
+    let mut c = db(&database);
+    let held = c
+        .execute(
+            "UPDATE fluidcloud_slots SET holder = 'test' WHERE scope = 'global'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(held, 1, "the limit made no slot");
+    let rt = rt();
+    let ids = rt.block_on(async {
+        let mut ids = Vec::new();
+        for (k, tenant) in [(1, "a"), (2, "a"), (3, "a"), (4, "a"), (5, "b"), (6, "b")] {
+            let body = json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}"), "tenant": tenant});
+            let (status, v) = call(&w.url, "POST", "/relocations", Some(body)).await;
+            assert_eq!(status, 202, "{v:#}");
+            assert_eq!(v["status"], "queued", "{v:#}");
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    });
+    c.batch_execute(
+        "UPDATE fluidcloud_slots SET holder = NULL WHERE holder = 'test'; NOTIFY fluidcloud_queue",
+    )
+    .unwrap();
+    rt.block_on(all_succeed(&w.url, &ids, Duration::from_secs(300)));
+    let intervals = run_intervals(&mut c);
+    assert_eq!(
+        most_at_once(intervals.values().copied()),
+        1,
+        "{intervals:?}"
+    );
+    let mut order: Vec<(i64, String)> = intervals
+        .iter()
+        .map(|(id, (start, _))| (*start, id.split('-').next().unwrap().to_owned()))
+        .collect();
+    order.sort();
+    let order: Vec<&str> = order.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(order, ["svc1", "svc5", "svc2", "svc6", "svc3", "svc4"]);
+}
+
+#[test]
+fn a_worker_stopped_with_sigterm_hands_its_relocation_to_another_at_once() {
+    let (dir, config) = fresh_demo("scale-sigterm");
+    small_services(&dir, 1);
+    // svc1 carries a step that waits 4 s: the run is mid-step when asked
+    // to stop.
+    std::fs::write(
+        dir.join("sites/dc-paris/services/svc1.toml"),
+        "name = \"svc1\"\n\n[[steps]]\nname = \"transfer\"\nmigrator = \"wait\"\n[steps.params]\nms = 4000\n",
+    )
+    .unwrap();
+    let database = Postgres::shared().database("scale_sigterm");
+    let log = logs(&dir);
+    // A lease far longer than the test: only a hand-back explains a quick
+    // continuation elsewhere.
+    let mut a = Worker::start(&config, &database, "a", "120", &log.join("a.log"));
+    let rt = rt();
+    let id = rt
+        .block_on(submit_round_robin(std::slice::from_ref(&a), 1))
+        .remove(0);
+    let mut c = db(&database);
+    let started = Instant::now();
+    while c
+        .query_opt(
+            "SELECT 1 FROM viaduct_events WHERE journal = $1 AND step = 'step:transfer'
+             AND body::json->>'to' = 'running'",
+            &[&id],
+        )
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the wait never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let b = Worker::start(&config, &database, "b", "120", &log.join("b.log"));
+    let status = a.terminate();
+    assert!(status.success(), "worker a exited with {status}");
+    let stopped = Instant::now();
+    rt.block_on(all_succeed(
+        &b.url,
+        std::slice::from_ref(&id),
+        Duration::from_secs(60),
+    ));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(30),
+        "b continued only after {:?}",
+        stopped.elapsed()
+    );
+    let runs: Vec<String> = c
+        .query(
+            "SELECT coalesce(body::json->>'outcome', kind) FROM viaduct_events
+             WHERE journal = $1 AND kind IN ('run-started', 'run-finished') ORDER BY seq",
+            &[&id],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        runs,
+        ["run-started", "cancelled", "run-started", "succeeded"]
+    );
+    let (owner, claims): (Option<String>, i32) = c
+        .query_one(
+            "SELECT owner, claims FROM fluidcloud_relocations WHERE id = $1",
+            &[&id],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((owner, claims), (None, 2));
 }

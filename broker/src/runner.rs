@@ -59,6 +59,10 @@ pub struct RelocationRequest {
     /// site is unfinished, or succeeded and stopped its source.
     #[serde(default)]
     pub force: bool,
+    /// Who asks, for fair order when relocations wait for a worker
+    /// (`serve --database`): tenants take turns. Default: the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// One step of a relocation.

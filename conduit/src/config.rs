@@ -858,6 +858,39 @@ credentials = { access_key_id_env = "PARIS_KEY" }
     }
 
     #[test]
+    fn limits_name_their_scopes_and_bad_ones_name_their_key() {
+        let text = format!(
+            "{}\n[limits]\nrunning = 8\nper_site = 3\nper_pair = 2\nsites = {{ dc-paris = 1 }}\n",
+            good()
+        );
+        let f = SitesFile::parse(Path::new("f.toml"), &text, KINDS).unwrap();
+        let sites = ["dc-paris".to_owned(), "edge".to_owned()];
+        assert_eq!(
+            f.limits.scopes(&sites),
+            [
+                ("global".to_owned(), 8),
+                ("site:dc-paris".to_owned(), 1),
+                ("pair:dc-paris>edge".to_owned(), 2),
+                ("site:edge".to_owned(), 3),
+                ("pair:edge>dc-paris".to_owned(), 2),
+            ]
+        );
+        for (bad, key) in [
+            ("per_pair = 0", "limits.per_pair"),
+            ("sites = { nowhere = 2 }", "limits.sites.nowhere"),
+        ] {
+            let text = format!("{}\n[limits]\n{bad}\n", good());
+            let Err(Error::Config { diagnostics }) =
+                SitesFile::parse(Path::new("f.toml"), &text, KINDS)
+            else {
+                panic!("accepted {bad}")
+            };
+            assert_eq!(diagnostics[0].key.as_deref(), Some(key), "{bad}");
+            assert!(diagnostics[0].line.is_some(), "{bad}: {:?}", diagnostics[0]);
+        }
+    }
+
+    #[test]
     fn inline_secret_is_rejected_with_its_key() {
         let text = good().replace(
             "credentials = { access_key_id_env = \"PARIS_KEY\" }",

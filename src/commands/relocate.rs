@@ -1086,6 +1086,7 @@ pub(crate) async fn relocate_remote(g: &Globals, remote: &Remote, a: RelocateArg
         },
         retry_budget_secs: a.retry_budget,
         force: a.force,
+        tenant: None,
     };
     let v: RelocationView = remote
         .post("/relocations", &req, "starting the relocation")

@@ -349,7 +349,17 @@ impl Relocations for Runner {
         lock::check_outputs(&relocation)
             .await
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;
-        store.create(&relocation).map_err(|e| match &e {
+        let created = match (store.database(), &request.tenant) {
+            (Some(db), Some(tenant)) => {
+                lock::check_name("tenant", tenant).map_err(|e| RunnerError::Invalid {
+                    pointer: "/tenant".into(),
+                    detail: e.to_string(),
+                })?;
+                db.insert(&relocation, tenant)
+            }
+            _ => store.create(&relocation),
+        };
+        created.map_err(|e| match &e {
             fluidcloud_conduit::Error::Site {
                 source: fluidcloud_plugins::Error::Precondition(_),
                 ..

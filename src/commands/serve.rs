@@ -80,7 +80,8 @@ pub(crate) struct ServeArgs {
     /// relocations over within this time.
     #[arg(long, default_value = "15", value_name = "SECS", value_parser = parse_lease)]
     lease: Duration,
-    /// Relocations this worker runs at once (with --database).
+    /// Relocations this worker runs at once (with --database); 0 makes a
+    /// node that only answers the API and streams events.
     #[arg(long, default_value_t = 8, value_name = "N")]
     max_running: usize,
     /// This worker's name in leases (with --database); default: the host
@@ -175,6 +176,25 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
         sites,
         migrators: super::matching::migrators(),
     };
+    // The database answers (and its schema is current) before this says
+    // it listens.
+    let store = super::relocate::store_with(&file, a.database.as_deref())?;
+    let worker = store.database().map(|_| WorkerConfig {
+        name: a.worker_name.clone().unwrap_or_else(default_worker_name),
+        lease: a.lease,
+        max_running: a.max_running,
+    });
+    if let (Some(db), Some(w)) = (store.database(), &worker) {
+        eprintln!(
+            "worker {} of {} (lease {:.1} s, up to {} relocations at once)",
+            w.name,
+            db.location(),
+            w.lease.as_secs_f64(),
+            w.max_running
+        );
+    }
+    let runner = super::runner::Runner::new(file.clone(), store, worker)?;
+    let stopping = runner.clone();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -209,28 +229,13 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
             );
         }
     }
-    let store = super::relocate::store_with(&file, a.database.as_deref())?;
-    let worker = store.database().map(|_| WorkerConfig {
-        name: a.worker_name.clone().unwrap_or_else(default_worker_name),
-        lease: a.lease,
-        max_running: a.max_running.max(1),
-    });
-    if let (Some(db), Some(w)) = (store.database(), &worker) {
-        eprintln!(
-            "worker {} of {} (lease {:.1} s, up to {} relocations at once)",
-            w.name,
-            db.location(),
-            w.lease.as_secs_f64(),
-            w.max_running
-        );
-    }
-    let runner = super::runner::Runner::new(file.clone(), store, worker)?;
-    let stopping = runner.clone();
     let app = router_with(Arc::new(catalog), Arc::new(runner), &config);
+    let worker = stopping.worker().cloned();
     let shutdown = async move {
         shutdown_signal().await;
-        // Runs of this worker stop here, recorded as cancelled; another
-        // worker (or this one, restarted) resumes them.
+        // This worker's runs stop at a safe point and go back to the
+        // queue, where another worker (or this one, restarted) continues
+        // them at once, without waiting for a lease to run out.
         if let Some(w) = stopping.worker() {
             w.stop_all();
         }
@@ -241,6 +246,11 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
             tls::serve_tls(listener, app, server, shutdown).await?;
         }
         None => serve(listener, app, shutdown).await?,
+    }
+    if let Some(w) = worker
+        && !w.drained(Duration::from_secs(60)).await
+    {
+        tracing::warn!("runs still stopping after 60 s; their leases will expire");
     }
     Ok(())
 }

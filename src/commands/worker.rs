@@ -47,44 +47,84 @@ pub(crate) struct WorkerConfig {
     pub(crate) name: String,
     /// How long a claim holds without renewal.
     pub(crate) lease: Duration,
-    /// Relocations this worker runs at once.
+    /// Relocations this worker runs at once; 0: none, it only answers the
+    /// API (and streams events).
     pub(crate) max_running: usize,
 }
 
 /// Figures of this worker, for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counters {
     pub(crate) claims: AtomicU64,
     pub(crate) takeovers: AtomicU64,
     pub(crate) lost_leases: AtomicU64,
     pub(crate) handed_back: AtomicU64,
-    /// Step durations: count and sum (ms) per bucket bound, for a
-    /// Prometheus histogram.
-    pub(crate) steps: Mutex<StepHistogram>,
+    /// Step durations.
+    pub(crate) steps: Mutex<Histogram>,
+    /// Claim transactions' durations (found work or not).
+    pub(crate) claim_times: Mutex<Histogram>,
 }
 
-/// Step latencies, in seconds, as a Prometheus histogram.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct StepHistogram {
-    /// Cumulative counts per bound of [`STEP_BUCKETS`].
-    pub(crate) buckets: [u64; STEP_BUCKETS.len()],
-    pub(crate) count: u64,
-    pub(crate) sum_secs: f64,
+/// Durations in seconds, as a Prometheus histogram.
+#[derive(Debug, Clone)]
+pub(crate) struct Histogram {
+    bounds: &'static [f64],
+    /// Cumulative counts per bound.
+    buckets: Vec<u64>,
+    count: u64,
+    sum_secs: f64,
 }
 
 /// Bucket bounds of step latencies, in seconds.
-pub(crate) const STEP_BUCKETS: [f64; 10] =
-    [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0];
+const STEP_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0];
+/// Bucket bounds of claim latencies, in seconds.
+const CLAIM_BUCKETS: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 
-impl StepHistogram {
-    fn observe(&mut self, secs: f64) {
-        for (i, bound) in STEP_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.buckets[i] += 1;
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Mutex<Self> {
+        Mutex::new(Self {
+            bounds,
+            buckets: vec![0; bounds.len()],
+            count: 0,
+            sum_secs: 0.0,
+        })
+    }
+
+    fn observe(this: &Mutex<Self>, secs: f64) {
+        let mut h = this.lock().unwrap_or_else(PoisonError::into_inner);
+        for i in 0..h.bounds.len() {
+            if secs <= h.bounds[i] {
+                h.buckets[i] += 1;
             }
         }
-        self.count += 1;
-        self.sum_secs += secs;
+        h.count += 1;
+        h.sum_secs += secs;
+    }
+
+    /// Appends histogram `name` in Prometheus text format to `out`.
+    fn write(this: &Mutex<Self>, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let h = this.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, n) in h.bounds.iter().zip(&h.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum {}", h.sum_secs);
+        let _ = writeln!(out, "{name}_count {}", h.count);
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            claims: AtomicU64::default(),
+            takeovers: AtomicU64::default(),
+            lost_leases: AtomicU64::default(),
+            handed_back: AtomicU64::default(),
+            steps: Histogram::new(STEP_BUCKETS),
+            claim_times: Histogram::new(CLAIM_BUCKETS),
+        }
     }
 }
 
@@ -149,6 +189,11 @@ pub(crate) struct Worker {
     pub(crate) counters: Counters,
     /// Runs of this worker: their cancellers.
     running: Mutex<HashMap<String, Canceller>>,
+    /// Claims of this worker not yet released (counted from the claim, so
+    /// that the claim loop never takes more than its room).
+    claimed: std::sync::atomic::AtomicUsize,
+    /// The process is stopping: claim nothing, hand runs back.
+    stopping: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
 
@@ -179,12 +224,17 @@ impl Worker {
             hub: Hub::default(),
             counters: Counters::default(),
             running: Mutex::new(HashMap::new()),
+            claimed: std::sync::atomic::AtomicUsize::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             wake: Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         listen(worker.db.url().to_owned(), tx)?;
         tokio::spawn(Arc::clone(&worker).dispatch(rx));
-        tokio::spawn(Arc::clone(&worker).claim_loop());
+        // With no room at all this process only answers the API.
+        if worker.config.max_running > 0 {
+            tokio::spawn(Arc::clone(&worker).claim_loop());
+        }
         Ok(worker)
     }
 
@@ -192,9 +242,9 @@ impl Worker {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Relocations this worker runs now.
+    /// Relocations this worker holds now.
     pub(crate) fn running_here(&self) -> usize {
-        self.running().len()
+        self.claimed.load(Ordering::SeqCst)
     }
 
     /// Routes notifications: queue → claim, cancel → the run here, events →
@@ -217,9 +267,12 @@ impl Worker {
     /// Claims while this worker has room, then sleeps until woken or the
     /// earliest lease expires.
     async fn claim_loop(self: Arc<Self>) {
-        loop {
+        while !self.stopping.load(Ordering::SeqCst) {
             while self.running_here() < self.config.max_running {
-                match self.db.claim(&self.config.name, self.config.lease) {
+                let asked = Instant::now();
+                let claimed = self.db.claim(&self.config.name, self.config.lease);
+                Histogram::observe(&self.counters.claim_times, asked.elapsed().as_secs_f64());
+                match claimed {
                     Ok(Some(claim)) => self.launch(claim),
                     Ok(None) => break,
                     Err(e) => {
@@ -243,6 +296,7 @@ impl Worker {
 
     fn launch(self: &Arc<Self>, claim: Claim) {
         let id = claim.relocation.id.clone();
+        self.claimed.fetch_add(1, Ordering::SeqCst);
         self.counters.claims.fetch_add(1, Ordering::Relaxed);
         if claim.takeover {
             self.counters.takeovers.fetch_add(1, Ordering::Relaxed);
@@ -250,9 +304,11 @@ impl Worker {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let finished = this.run_claim(&claim).await;
+            // A run this worker cancelled because it stops is not finished:
+            // it goes back to the queue.
+            let finished = this.run_claim(&claim).await && !this.stopping.load(Ordering::SeqCst);
             this.running().remove(&id);
-            let retry = if finished {
+            let retry = if finished || this.stopping.load(Ordering::SeqCst) {
                 Duration::ZERO
             } else {
                 this.counters.handed_back.fetch_add(1, Ordering::Relaxed);
@@ -267,6 +323,7 @@ impl Worker {
                     serde_json::json!({"id": id, "end": true}).to_string(),
                 );
             }
+            this.claimed.fetch_sub(1, Ordering::SeqCst);
             this.wake.notify_one();
         });
     }
@@ -292,7 +349,11 @@ impl Worker {
         let canceller = executor.canceller();
         self.running().insert(r.id.clone(), canceller.clone());
         let relay = tokio::spawn(self.clone().relay(r.id.clone(), executor.subscribe()));
-        let renew = tokio::spawn(self.clone().renew(r.id.clone(), canceller));
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renew = tokio::spawn(
+            self.clone()
+                .renew(r.id.clone(), canceller, Arc::clone(&lost)),
+        );
         let result = match claim.mode {
             Mode::Run => executor.run().await,
             Mode::Rollback => executor.rollback().await,
@@ -302,6 +363,9 @@ impl Worker {
         fluidcloud_conduit::guest::release(&r.id);
         let _ = relay.await;
         match result {
+            // Stopped because this worker lost its claim: whoever holds it
+            // now, or claims it next, continues.
+            Ok(_) if lost.load(Ordering::SeqCst) => false,
             Ok(_) => {
                 self.save_report(r);
                 true
@@ -341,7 +405,12 @@ impl Worker {
 
     /// Renews the lease of `id` every third of a lease; cancels the run
     /// when a cancel was asked for, or the lease is lost.
-    async fn renew(self: Arc<Self>, id: String, canceller: Canceller) {
+    async fn renew(
+        self: Arc<Self>,
+        id: String,
+        canceller: Canceller,
+        lost: Arc<std::sync::atomic::AtomicBool>,
+    ) {
         let period = self.config.lease / 3;
         let mut last_ok = Instant::now();
         loop {
@@ -353,8 +422,12 @@ impl Worker {
                         canceller.cancel("cancelled through the REST API");
                     }
                 }
-                Ok(None) => return self.lose(&id, &canceller, "another worker holds its claim"),
+                Ok(None) => {
+                    lost.store(true, Ordering::SeqCst);
+                    return self.lose(&id, &canceller, "another worker holds its claim");
+                }
                 Err(e) if last_ok.elapsed() >= self.config.lease => {
+                    lost.store(true, Ordering::SeqCst);
                     return self.lose(&id, &canceller, &format!("its lease ran out ({e})"));
                 }
                 Err(e) => tracing::warn!(relocation = %id, error = %e, "cannot renew the lease"),
@@ -390,11 +463,7 @@ impl Worker {
                     last_progress.insert(step.clone(), now);
                 }
                 ProgressEvent::StepFinished { elapsed_ms, .. } => {
-                    self.counters
-                        .steps
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .observe(*elapsed_ms as f64 / 1000.0);
+                    Histogram::observe(&self.counters.steps, *elapsed_ms as f64 / 1000.0);
                 }
                 _ => {}
             }
@@ -419,11 +488,27 @@ impl Worker {
     }
 
     /// Stops every run of this worker (the process is stopping): each is
-    /// cancelled, recorded as such, and can be resumed.
+    /// cancelled at a safe point and handed back to the queue; nothing new
+    /// is claimed.
     pub(crate) fn stop_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         for c in self.running().values() {
             c.cancel("the worker is stopping");
         }
+        self.wake.notify_one();
+    }
+
+    /// Waits until every claim of this worker is released, up to `limit`;
+    /// whether they were.
+    pub(crate) async fn drained(&self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while self.running_here() > 0 {
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 }
 
@@ -548,25 +633,18 @@ pub(crate) fn metrics(worker: &Worker) -> anyhow::Result<String> {
         "counter",
         c.handed_back.load(Ordering::Relaxed).to_string(),
     );
-    let h = c
-        .steps
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let _ = writeln!(
-        out,
-        "# HELP fluidcloud_step_seconds Time of steps' last attempts, run by this worker.\n# TYPE fluidcloud_step_seconds histogram"
+    Histogram::write(
+        &c.steps,
+        "fluidcloud_step_seconds",
+        "Time of steps' last attempts, run by this worker.",
+        &mut out,
     );
-    for (bound, n) in STEP_BUCKETS.iter().zip(h.buckets) {
-        let _ = writeln!(out, "fluidcloud_step_seconds_bucket{{le=\"{bound}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "fluidcloud_step_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count
+    Histogram::write(
+        &c.claim_times,
+        "fluidcloud_claim_seconds",
+        "Time of this worker's claim transactions.",
+        &mut out,
     );
-    let _ = writeln!(out, "fluidcloud_step_seconds_sum {}", h.sum_secs);
-    let _ = writeln!(out, "fluidcloud_step_seconds_count {}", h.count);
     Ok(out)
 }
 

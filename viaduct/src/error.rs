@@ -30,8 +30,9 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
-    /// The journal's database server could not be reached, or refused.
-    #[error("journal {}: {what}", path.display())]
+    /// The database server (of a journal, or of `serve --database`) could
+    /// not be reached, or refused.
+    #[error("database {}: {what}", path.display())]
     Database {
         /// The database URL without its password, `#` the journal's name.
         path: PathBuf,

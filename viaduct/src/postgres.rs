@@ -140,8 +140,17 @@ impl PgConn {
             what: "parse the database URL".into(),
             source: Box::new(e),
         })?;
+        // The server must notice a client machine that vanished (no FIN,
+        // no RST): its session's advisory locks, a journal's among them,
+        // are released only then. Probes after 10 s idle, every 5 s, 3 of
+        // them: about 25 s, instead of the kernel's two hours.
         config
             .connect_timeout(Duration::from_secs(10))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .options(
+                "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+            )
             .application_name(app);
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -392,3 +392,27 @@ fn a_journal_survives_a_postgres_restart_and_a_new_connection_carries_on() {
         .collect();
     assert_eq!(attempts, [1, 3]);
 }
+
+#[test]
+fn connections_ask_the_server_to_probe_for_a_vanished_client() {
+    // A worker machine that vanishes sends no FIN: the server must find out
+    // by keepalive probes to release the journal locks its session held.
+    let url = Postgres::shared().database("journal_keepalives");
+    let conn = fluidcloud_viaduct::PgConn::connect(&url, "", "keepalive-test", false).unwrap();
+    let settings = conn
+        .call("read the settings", |c| {
+            [
+                "tcp_keepalives_idle",
+                "tcp_keepalives_interval",
+                "tcp_keepalives_count",
+            ]
+            .iter()
+            .map(|s| {
+                c.query_one(&format!("SHOW {s}"), &[])
+                    .map(|r| r.get::<_, String>(0))
+            })
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+    assert_eq!(settings, ["10", "5", "3"]);
+}

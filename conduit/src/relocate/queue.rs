@@ -72,6 +72,10 @@ CREATE TABLE fluidcloud_slots (
     PRIMARY KEY (scope, slot)
 );
 CREATE INDEX fluidcloud_slots_holder ON fluidcloud_slots (holder);
+CREATE TABLE fluidcloud_tenants (
+    tenant     TEXT PRIMARY KEY,
+    last_claim TIMESTAMPTZ NOT NULL
+);
 "];
 
 /// The advisory lock the relocation tables' migrations run under.
@@ -163,10 +167,17 @@ pub struct Limit {
 }
 
 /// The relocation tables of one database.
+///
+/// Three connections, so that one kind of work never waits behind
+/// another: `conn` for records and reports (the API), `leases` for claims
+/// and renewals (a renewal stuck behind a burst of reads would let a lease
+/// expire), `events` for the progress relayed to other workers.
 #[derive(Debug)]
 pub struct Database {
     url: String,
     conn: PgConn,
+    leases: PgConn,
+    events: PgConn,
 }
 
 /// A database failure as the conduit reports it.
@@ -224,6 +235,8 @@ impl Database {
         Ok(Arc::new(Self {
             url: url.to_owned(),
             conn,
+            leases: PgConn::connect(url, "", "fluidcloud-leases", true).map_err(db_err)?,
+            events: PgConn::connect(url, "", "fluidcloud-events", true).map_err(db_err)?,
         }))
     }
 
@@ -422,8 +435,8 @@ impl Database {
     /// Claims the fairest claimable relocation for `worker`, for `lease`:
     /// a queued one whose every limited scope has a free slot, or one whose
     /// worker's lease expired (it keeps its slots). Fair order: takeovers
-    /// first, then the tenant with the fewest running relocations, then
-    /// the oldest request.
+    /// first, then tenants in turn (the one served longest ago, or never),
+    /// then the oldest request of that tenant.
     ///
     /// # Errors
     /// Database errors; a damaged record.
@@ -431,17 +444,16 @@ impl Database {
         let worker = worker.to_owned();
         let secs = lease.as_secs_f64();
         let got = self
-            .conn
+            .leases
             .call("claim a relocation", move |c| {
                 let mut tx = c.transaction()?;
                 let candidates = tx.query(
-                    "SELECT r.id, r.from_site, r.targets, r.state, r.mode, r.record
+                    "SELECT r.id, r.from_site, r.targets, r.state, r.mode, r.record, r.tenant
                      FROM fluidcloud_relocations r
+                     LEFT JOIN fluidcloud_tenants t ON t.tenant = r.tenant
                      WHERE r.state = 'queued'
                         OR (r.state = 'running' AND r.lease_until < now())
-                     ORDER BY (r.state = 'running') DESC,
-                              (SELECT count(*) FROM fluidcloud_relocations o
-                               WHERE o.state = 'running' AND o.tenant = r.tenant),
+                     ORDER BY (r.state = 'running') DESC, t.last_claim NULLS FIRST,
                               r.queued_at, r.id
                      LIMIT 32
                      FOR UPDATE OF r SKIP LOCKED",
@@ -464,6 +476,14 @@ impl Database {
                          WHERE id = $1",
                         &[&id, &worker, &secs, &i32::from(takeover)],
                     )?;
+                    if !takeover {
+                        tx.execute(
+                            "INSERT INTO fluidcloud_tenants (tenant, last_claim)
+                             VALUES ($1, clock_timestamp())
+                             ON CONFLICT (tenant) DO UPDATE SET last_claim = excluded.last_claim",
+                            &[&row.get::<_, &str>(6)],
+                        )?;
+                    }
                     // Others may find more work (this claim may have
                     // skipped rows they can take).
                     tx.execute("SELECT pg_notify($1, '')", &[&QUEUE_CHANNEL])?;
@@ -491,7 +511,7 @@ impl Database {
     /// Database errors.
     pub fn renew(&self, id: &str, worker: &str, lease: Duration) -> Result<Option<bool>> {
         let (id, worker, secs) = (id.to_owned(), worker.to_owned(), lease.as_secs_f64());
-        self.conn
+        self.leases
             .call("renew a lease", move |c| {
                 Ok(c.query_opt(
                     "UPDATE fluidcloud_relocations
@@ -520,7 +540,7 @@ impl Database {
         retry_after: Duration,
     ) -> Result<()> {
         let (id, worker, secs) = (id.to_owned(), worker.to_owned(), retry_after.as_secs_f64());
-        self.conn
+        self.leases
             .call("release a relocation", move |c| {
                 let mut tx = c.transaction()?;
                 let n = if finished {
@@ -635,7 +655,7 @@ impl Database {
     /// Sends `payload` on `channel` without waiting (a lost one costs a
     /// watcher an update, no more).
     pub fn notify_later(&self, channel: &'static str, payload: String) {
-        self.conn.post(move |c| {
+        self.events.post(move |c| {
             let _ = c.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]);
         });
     }
@@ -682,7 +702,7 @@ impl Database {
     /// Database errors.
     pub fn next_expiry(&self) -> Result<Option<Duration>> {
         let secs = self
-            .conn
+            .leases
             .call("read the leases", |c| {
                 c.query_one(
                     "SELECT extract(epoch FROM min(lease_until) - now())::FLOAT8
