@@ -373,6 +373,7 @@ fn three_workers_run_fifty_relocations_submitted_to_any_of_them_each_exactly_onc
             let text = text.as_str().unwrap().to_owned();
             assert_eq!(metric(&text, "fluidcloud_queue_depth"), 0);
             assert_eq!(metric(&text, "fluidcloud_lease_takeovers_total"), 0);
+            assert_eq!(metric(&text, "fluidcloud_worker_steps_running"), 0);
             assert!(
                 metric(&text, "fluidcloud_step_seconds_count")
                     >= metric(&text, "fluidcloud_worker_claims_total")
@@ -717,6 +718,18 @@ fn a_site_limit_holds_across_three_workers() {
         .unwrap()
         .get(0);
     assert_eq!(held, 0, "slots left held after every relocation ended");
+    let text = rt
+        .block_on(call(&workers[2].url, "GET", "/metrics", None))
+        .1;
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("fluidcloud_limit{scope=\"site:edge-nantes\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fluidcloud_limit_used{scope=\"site:edge-nantes\"} 0\n"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -739,6 +752,10 @@ fn tenants_take_turns_when_relocations_wait() {
     assert_eq!(held, 1, "the limit made no slot");
     let rt = rt();
     let ids = rt.block_on(async {
+        let body = json!({"from": "dc-paris", "to": "edge-nantes", "service": "svc1", "tenant": "../a"});
+        let (status, v) = call(&w.url, "POST", "/relocations", Some(body)).await;
+        assert_eq!(status, 422, "{v:#}");
+        assert_eq!(v["errors"][0]["pointer"], "/tenant", "{v:#}");
         let mut ids = Vec::new();
         for (k, tenant) in [(1, "a"), (2, "a"), (3, "a"), (4, "a"), (5, "b"), (6, "b")] {
             let body = json!({"from": "dc-paris", "to": "edge-nantes", "service": format!("svc{k}"), "tenant": tenant});

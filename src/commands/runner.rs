@@ -331,6 +331,12 @@ impl Runner {
 impl Relocations for Runner {
     async fn start(&self, request: RelocationRequest) -> Result<RelocationView, RunnerError> {
         let args = RelocateArgs::from_api(&request);
+        if let Some(tenant) = &request.tenant {
+            lock::check_name("tenant", tenant).map_err(|e| RunnerError::Invalid {
+                pointer: "/tenant".into(),
+                detail: e.to_string(),
+            })?;
+        }
         let store = &self.0.store;
         let (relocation, workflow, registry) = make_plan(&self.0.file, store, &args)
             .await
@@ -350,13 +356,7 @@ impl Relocations for Runner {
             .await
             .map_err(|e| RunnerError::Conflict(e.to_string()))?;
         let created = match (store.database(), &request.tenant) {
-            (Some(db), Some(tenant)) => {
-                lock::check_name("tenant", tenant).map_err(|e| RunnerError::Invalid {
-                    pointer: "/tenant".into(),
-                    detail: e.to_string(),
-                })?;
-                db.insert(&relocation, tenant)
-            }
+            (Some(db), Some(tenant)) => db.insert(&relocation, tenant),
             _ => store.create(&relocation),
         };
         created.map_err(|e| match &e {
@@ -404,19 +404,14 @@ impl Relocations for Runner {
             // Subscribe before reading the state, so nothing falls between.
             let events = w.hub.subscribe(id);
             let current = self.view_of(&r, false)?;
-            if matches!(
-                current.status.as_str(),
-                "queued" | "running" | "rolling-back"
-            ) {
-                return Ok(Watch {
-                    current,
-                    events: Some(events),
-                });
-            }
-            return Ok(Watch {
-                current,
-                events: None,
-            });
+            let events = if current.is_active() {
+                Some(events)
+            } else {
+                // Nothing more will come: no stream kept open for it.
+                w.hub.end(id);
+                None
+            };
+            return Ok(Watch { current, events });
         }
         // Subscribe before reading the state, so nothing falls between.
         let events = self.active().get(id).map(|a| a.events.subscribe());

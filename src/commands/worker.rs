@@ -59,6 +59,8 @@ pub(crate) struct Counters {
     pub(crate) takeovers: AtomicU64,
     pub(crate) lost_leases: AtomicU64,
     pub(crate) handed_back: AtomicU64,
+    /// Steps running now in this worker's runs.
+    pub(crate) steps_running: std::sync::atomic::AtomicI64,
     /// Step durations.
     pub(crate) steps: Mutex<Histogram>,
     /// Claim transactions' durations (found work or not).
@@ -122,6 +124,7 @@ impl Default for Counters {
             takeovers: AtomicU64::default(),
             lost_leases: AtomicU64::default(),
             handed_back: AtomicU64::default(),
+            steps_running: std::sync::atomic::AtomicI64::default(),
             steps: Histogram::new(STEP_BUCKETS),
             claim_times: Histogram::new(CLAIM_BUCKETS),
         }
@@ -462,7 +465,11 @@ impl Worker {
                     }
                     last_progress.insert(step.clone(), now);
                 }
+                ProgressEvent::StepStarted { .. } => {
+                    self.counters.steps_running.fetch_add(1, Ordering::Relaxed);
+                }
                 ProgressEvent::StepFinished { elapsed_ms, .. } => {
+                    self.counters.steps_running.fetch_sub(1, Ordering::Relaxed);
                     Histogram::observe(&self.counters.steps, *elapsed_ms as f64 / 1000.0);
                 }
                 _ => {}
@@ -633,6 +640,26 @@ pub(crate) fn metrics(worker: &Worker) -> anyhow::Result<String> {
         "counter",
         c.handed_back.load(Ordering::Relaxed).to_string(),
     );
+    gauge(
+        "fluidcloud_worker_steps_running",
+        "Steps running now in this worker's runs.",
+        "gauge",
+        c.steps_running.load(Ordering::Relaxed).max(0).to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fluidcloud_limit Relocations a scope admits at once ([limits]).\n# TYPE fluidcloud_limit gauge"
+    );
+    for (scope, max, _) in &q.limits {
+        let _ = writeln!(out, "fluidcloud_limit{{scope=\"{scope}\"}} {max}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP fluidcloud_limit_used Relocations holding a slot of a scope, all workers.\n# TYPE fluidcloud_limit_used gauge"
+    );
+    for (scope, _, used) in &q.limits {
+        let _ = writeln!(out, "fluidcloud_limit_used{{scope=\"{scope}\"}} {used}");
+    }
     Histogram::write(
         &c.steps,
         "fluidcloud_step_seconds",

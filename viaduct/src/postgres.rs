@@ -361,6 +361,23 @@ pub struct PgJournal {
     locked: bool,
 }
 
+impl Drop for PgJournal {
+    fn drop(&mut self) {
+        // Release the lock before the connection closes: the server frees
+        // a closed session's locks only once its backend notices, and the
+        // next owner should not find it still held.
+        if self.locked {
+            let name = self.name.clone();
+            let _ = self.call("unlock the journal", move |c| {
+                c.execute(
+                    "SELECT pg_advisory_unlock(hashtextextended($2, $1))",
+                    &[&LOCK_SEED, &name],
+                )
+            });
+        }
+    }
+}
+
 impl PgJournal {
     /// Opens journal `name` in the database at `url`
     /// (`postgres://USER:PASSWORD@HOST:PORT/DATABASE`), applying the

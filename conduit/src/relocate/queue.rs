@@ -155,6 +155,8 @@ pub struct QueueFigures {
     pub expired: u64,
     /// Claims that took a relocation over from a worker whose lease ran out.
     pub takeovers: u64,
+    /// Each limited scope: (scope, limit, slots held).
+    pub limits: Vec<(String, u64, u64)>,
 }
 
 /// A concurrency limit: at most `max` running relocations in `scope`.
@@ -731,11 +733,22 @@ impl Database {
                     &[],
                 )?;
                 let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+                let count = |v: i64| u64::try_from(v).unwrap_or(0);
+                let limits = c
+                    .query(
+                        "SELECT scope, count(*), count(holder) FROM fluidcloud_slots
+                         GROUP BY scope ORDER BY scope",
+                        &[],
+                    )?
+                    .iter()
+                    .map(|r| (r.get(0), count(r.get(1)), count(r.get(2))))
+                    .collect();
                 Ok(QueueFigures {
                     queued: n(0),
                     running: n(1),
                     expired: n(2),
                     takeovers: n(3),
+                    limits,
                 })
             })
             .map_err(db_err)
