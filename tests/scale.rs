@@ -789,14 +789,8 @@ fn tenants_take_turns_when_relocations_wait() {
 #[test]
 fn a_worker_stopped_with_sigterm_hands_its_relocation_to_another_at_once() {
     let (dir, config) = fresh_demo("scale-sigterm");
-    small_services(&dir, 1);
-    // svc1 carries a step that waits 4 s: the run is mid-step when asked
-    // to stop.
-    std::fs::write(
-        dir.join("sites/dc-paris/services/svc1.toml"),
-        "name = \"svc1\"\n\n[[steps]]\nname = \"transfer\"\nmigrator = \"wait\"\n[steps.params]\nms = 4000\n",
-    )
-    .unwrap();
+    // svc1's step waits 4 s: the run is mid-step when asked to stop.
+    slow_service(&dir, 4000);
     let database = Postgres::shared().database("scale_sigterm");
     let log = logs(&dir);
     // A lease far longer than the test: only a hand-back explains a quick
@@ -807,22 +801,7 @@ fn a_worker_stopped_with_sigterm_hands_its_relocation_to_another_at_once() {
         .block_on(submit_round_robin(std::slice::from_ref(&a), 1))
         .remove(0);
     let mut c = db(&database);
-    let started = Instant::now();
-    while c
-        .query_opt(
-            "SELECT 1 FROM viaduct_events WHERE journal = $1 AND step = 'step:transfer'
-             AND body::json->>'to' = 'running'",
-            &[&id],
-        )
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the wait never started"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_the_wait(&mut c, &id);
     let b = Worker::start(&config, &database, "b", "120", &log.join("b.log"));
     let status = a.terminate();
     assert!(status.success(), "worker a exited with {status}");
@@ -859,4 +838,82 @@ fn a_worker_stopped_with_sigterm_hands_its_relocation_to_another_at_once() {
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!((owner, claims), (None, 2));
+}
+
+/// One service, `svc1`, whose relocation carries a step `step:transfer`
+/// that waits `ms` (the `wait` plugin).
+fn slow_service(dir: &Path, ms: u32) {
+    small_services(dir, 1);
+    std::fs::write(
+        dir.join("sites/dc-paris/services/svc1.toml"),
+        format!("name = \"svc1\"\n\n[[steps]]\nname = \"transfer\"\nmigrator = \"wait\"\n[steps.params]\nms = {ms}\n"),
+    )
+    .unwrap();
+}
+
+/// Waits until relocation `id`'s `step:transfer` runs, as its journal says.
+fn wait_for_the_wait(c: &mut postgres::Client, id: &str) {
+    let started = Instant::now();
+    while c
+        .query_opt(
+            "SELECT 1 FROM viaduct_events WHERE journal = $1 AND step = 'step:transfer'
+             AND body::json->>'to' = 'running'",
+            &[&id],
+        )
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the wait never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_cancel_asked_while_the_worker_is_dead_is_kept_for_the_one_taking_over() {
+    let (dir, config) = fresh_demo("scale-cancel-dead");
+    slow_service(&dir, 30_000);
+    let database = Postgres::shared().database("scale_cancel_dead");
+    let log = logs(&dir);
+    let mut a = Worker::start(&config, &database, "a", "3", &log.join("a.log"));
+    let rt = rt();
+    let id = rt
+        .block_on(submit_round_robin(std::slice::from_ref(&a), 1))
+        .remove(0);
+    let mut c = db(&database);
+    wait_for_the_wait(&mut c, &id);
+    let b = Worker::start(&config, &database, "b", "3", &log.join("b.log"));
+    a.kill();
+    // Asked through b while a's lease still runs: nobody runs it to tell.
+    let (status, v) = rt.block_on(call(
+        &b.url,
+        "POST",
+        &format!("/relocations/{id}/cancel"),
+        None,
+    ));
+    assert_eq!(status, 200, "{v:#}");
+    let start = Instant::now();
+    loop {
+        let (_, v) = rt.block_on(call(&b.url, "GET", &format!("/relocations/{id}"), None));
+        if v["status"] == "cancelled" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(25), "still {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let outcomes: Vec<String> = c
+        .query(
+            "SELECT body::json->>'outcome' FROM viaduct_events
+             WHERE journal = $1 AND kind = 'run-finished' ORDER BY seq",
+            &[&id],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(outcomes, ["cancelled"]);
+    // The source was never stopped: the wait ran before the downtime.
+    assert_eq!(common::instance_state(&dir, "dc-paris", "svc1"), "running");
 }

@@ -476,9 +476,12 @@ struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        lock(&self.out).take();
+        // Dead first, then stdin closed: the plugin exits when its stdin
+        // closes, and the output reader, seeing it go, must already know
+        // the host asked for it (else it warns that the plugin exited).
         lock(&self.shared.dead)
             .get_or_insert(("was shut down by the host".into(), Retry::Transient));
+        lock(&self.out).take();
         self.shared.poison(String::new(), Retry::Transient);
         if let Some(mut c) = lock(&self.shared.child).take() {
             let _ = c.kill();

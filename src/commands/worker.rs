@@ -350,6 +350,9 @@ impl Worker {
             }
         };
         let canceller = executor.canceller();
+        if claim.cancel {
+            canceller.cancel("cancelled through the REST API");
+        }
         self.running().insert(r.id.clone(), canceller.clone());
         let relay = tokio::spawn(self.clone().relay(r.id.clone(), executor.subscribe()));
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));

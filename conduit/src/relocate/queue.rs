@@ -142,6 +142,9 @@ pub struct Claim {
     pub mode: Mode,
     /// Another worker held it and its lease expired.
     pub takeover: bool,
+    /// A cancel was asked for while its worker was gone: the run stops at
+    /// once, recorded as cancelled.
+    pub cancel: bool,
 }
 
 /// Figures of the queue across all workers, for `/metrics`.
@@ -450,7 +453,8 @@ impl Database {
             .call("claim a relocation", move |c| {
                 let mut tx = c.transaction()?;
                 let candidates = tx.query(
-                    "SELECT r.id, r.from_site, r.targets, r.state, r.mode, r.record, r.tenant
+                    "SELECT r.id, r.from_site, r.targets, r.state, r.mode, r.record, r.tenant,
+                            r.cancel
                      FROM fluidcloud_relocations r
                      LEFT JOIN fluidcloud_tenants t ON t.tenant = r.tenant
                      WHERE r.state = 'queued'
@@ -472,7 +476,7 @@ impl Database {
                     }
                     tx.execute(
                         "UPDATE fluidcloud_relocations
-                         SET state = 'running', owner = $2, cancel = false,
+                         SET state = 'running', owner = $2,
                              lease_until = now() + make_interval(secs => $3),
                              claims = claims + 1, takeovers = takeovers + $4
                          WHERE id = $1",
@@ -491,16 +495,18 @@ impl Database {
                     tx.execute("SELECT pg_notify($1, '')", &[&QUEUE_CHANNEL])?;
                     tx.commit()?;
                     let mode = Mode::parse(row.get(4));
-                    return Ok(Some((id, row.get::<_, String>(5), mode, takeover)));
+                    let cancel: bool = row.get(7);
+                    return Ok(Some((id, row.get::<_, String>(5), mode, takeover, cancel)));
                 }
                 Ok(None)
             })
             .map_err(db_err)?;
-        got.map(|(id, text, mode, takeover)| {
+        got.map(|(id, text, mode, takeover, cancel)| {
             Ok(Claim {
                 relocation: decode(&id, &text)?,
                 mode,
                 takeover,
+                cancel,
             })
         })
         .transpose()
