@@ -465,12 +465,13 @@ impl Database {
                      FOR UPDATE OF r SKIP LOCKED",
                     &[],
                 )?;
+                let mut full = std::collections::HashSet::new();
                 for row in candidates {
                     let id: String = row.get(0);
                     let takeover = row.get::<_, &str>(3) == "running";
                     if !takeover {
                         let scopes = scopes(row.get(1), &row.get::<_, Vec<String>>(2));
-                        if !take_slots(&mut tx, &id, &scopes)? {
+                        if !take_slots(&mut tx, &id, &scopes, &mut full)? {
                             continue;
                         }
                     }
@@ -774,12 +775,19 @@ fn scopes(from: &str, targets: &[String]) -> Vec<String> {
 }
 
 /// Takes a free slot of every limited scope for `id`; `false` (and
-/// nothing taken) when one is full.
+/// nothing taken) when one is full. A scope found full is remembered in
+/// `full` for the rest of the claim: a slot freed (or unlocked by another
+/// claim) a moment later must go to the candidate that was first in fair
+/// order, on the next claim, not to a later one of this pass.
 fn take_slots(
     tx: &mut pg::postgres::Transaction<'_>,
     id: &str,
     scopes: &[String],
+    full: &mut std::collections::HashSet<String>,
 ) -> std::result::Result<bool, pg::postgres::Error> {
+    if scopes.iter().any(|s| full.contains(s)) {
+        return Ok(false);
+    }
     let mut sp = tx.savepoint("slots")?;
     for scope in scopes {
         let limited = sp
@@ -798,6 +806,7 @@ fn take_slots(
         )?;
         let Some(free) = free else {
             sp.rollback()?;
+            full.insert(scope.clone());
             return Ok(false);
         };
         let slot: i32 = free.get(0);
