@@ -795,14 +795,8 @@ fn a_worker_stopped_with_sigterm_hands_its_relocation_to_another_at_once() {
     let log = logs(&dir);
     // A lease far longer than the test: only a hand-back explains a quick
     // continuation elsewhere.
-    let mut a = Worker::start(&config, &database, "a", "120", &log.join("a.log"));
+    let (mut a, b, id, mut c) = mid_step(&config, &database, "120", &log);
     let rt = rt();
-    let id = rt
-        .block_on(submit_round_robin(std::slice::from_ref(&a), 1))
-        .remove(0);
-    let mut c = db(&database);
-    wait_for_the_wait(&mut c, &id);
-    let b = Worker::start(&config, &database, "b", "120", &log.join("b.log"));
     let status = a.terminate();
     assert!(status.success(), "worker a exited with {status}");
     let stopped = Instant::now();
@@ -871,20 +865,32 @@ fn wait_for_the_wait(c: &mut postgres::Client, id: &str) {
     }
 }
 
+/// Worker `a` runs svc1's relocation, in its waiting step; worker `b`
+/// has joined: (a, b, the relocation's id, a database client).
+fn mid_step(
+    config: &str,
+    database: &str,
+    lease: &str,
+    log: &Path,
+) -> (Worker, Worker, String, postgres::Client) {
+    let a = Worker::start(config, database, "a", lease, &log.join("a.log"));
+    let id = rt()
+        .block_on(submit_round_robin(std::slice::from_ref(&a), 1))
+        .remove(0);
+    let mut c = db(database);
+    wait_for_the_wait(&mut c, &id);
+    let b = Worker::start(config, database, "b", lease, &log.join("b.log"));
+    (a, b, id, c)
+}
+
 #[test]
 fn a_cancel_asked_while_the_worker_is_dead_is_kept_for_the_one_taking_over() {
     let (dir, config) = fresh_demo("scale-cancel-dead");
     slow_service(&dir, 30_000);
     let database = Postgres::shared().database("scale_cancel_dead");
     let log = logs(&dir);
-    let mut a = Worker::start(&config, &database, "a", "3", &log.join("a.log"));
+    let (mut a, b, id, mut c) = mid_step(&config, &database, "3", &log);
     let rt = rt();
-    let id = rt
-        .block_on(submit_round_robin(std::slice::from_ref(&a), 1))
-        .remove(0);
-    let mut c = db(&database);
-    wait_for_the_wait(&mut c, &id);
-    let b = Worker::start(&config, &database, "b", "3", &log.join("b.log"));
     a.kill();
     // Asked through b while a's lease still runs: nobody runs it to tell.
     let (status, v) = rt.block_on(call(

@@ -168,7 +168,8 @@ pub(crate) async fn run(g: &Globals, a: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Ctrl-C or SIGTERM: how `agent` and `serve` are asked to stop.
+pub(crate) async fn wait_for_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -232,7 +232,7 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
     let app = router_with(Arc::new(catalog), Arc::new(runner), &config);
     let worker = stopping.worker().cloned();
     let shutdown = async move {
-        shutdown_signal().await;
+        super::agent::wait_for_signal().await;
         // This worker's runs stop at a safe point and go back to the
         // queue, where another worker (or this one, restarted) continues
         // them at once, without waiting for a lease to run out.
@@ -261,20 +261,4 @@ fn default_worker_name() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "worker".to_owned());
     format!("{host}:{}", std::process::id())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
