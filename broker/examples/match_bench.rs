@@ -192,5 +192,6 @@ fn site(
         },
         image_formats: formats.iter().copied().collect(),
         capabilities: Capability::ALL.into_iter().collect(),
+        rtt_ms: None,
     }
 }

@@ -1554,6 +1554,7 @@ mod tests {
             },
             image_formats: formats.iter().copied().collect(),
             capabilities: Capability::ALL.into_iter().collect(),
+            rtt_ms: None,
         }
     }
 

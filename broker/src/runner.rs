@@ -83,6 +83,9 @@ pub struct StepView {
     pub bytes_written: u64,
     /// The last error, if it failed or retried.
     pub error: Option<String>,
+    /// Ids of the steps it waits for (the workflow's edges).
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 /// A relocation as the service shows it.
@@ -179,6 +182,15 @@ pub trait Relocations: Send + Sync + 'static {
     /// `None` when it keeps none.
     async fn metrics(&self) -> Result<Option<String>, RunnerError> {
         Ok(None)
+    }
+    /// What [`Self::start`] would run for `request`, planned and estimated
+    /// but neither run nor recorded: `{"relocation": …, "plan": …}` as
+    /// `fluidcloud plan --json` prints it.
+    async fn plan(&self, request: RelocationRequest) -> Result<serde_json::Value, RunnerError> {
+        let _ = request;
+        Err(RunnerError::NotFound(
+            "this service does not plan relocations".into(),
+        ))
     }
     /// The topology of `service` on `site`, for `POST /match` by name.
     async fn introspect(&self, site: &str, service: &str) -> Result<TopologyDoc, RunnerError>;

@@ -506,6 +506,7 @@ impl SiteConfig {
             capacity: self.capacity.clone(),
             image_formats: self.image_formats.iter().copied().collect(),
             capabilities,
+            rtt_ms: None,
         }
     }
 }

@@ -145,6 +145,11 @@ pub struct SiteInfo {
     pub image_formats: BTreeSet<ImageFormat>,
     /// Capabilities the driver detected.
     pub capabilities: BTreeSet<Capability>,
+    /// Round trip of the site's health check from the broker, in
+    /// milliseconds, measured when the service started (a site reached
+    /// through an agent: the network's round trip and the agent's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
 }
 
 impl SiteInfo {
@@ -191,6 +196,7 @@ mod tests {
             capacity: Capacity::default(),
             image_formats: BTreeSet::new(),
             capabilities: BTreeSet::new(),
+            rtt_ms: None,
         };
         assert!(site.in_jurisdiction("EU"));
         assert!(site.in_jurisdiction("EU/FR"));

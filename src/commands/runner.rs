@@ -21,7 +21,7 @@ use fluidcloud_conduit::relocate::report::{self, Report};
 use fluidcloud_conduit::relocate::store::Store;
 use fluidcloud_conduit::{SitesFile, drivers, introspect};
 use fluidcloud_plugins::TopologyDoc;
-use fluidcloud_viaduct::{Canceller, Executor, ProgressEvent};
+use fluidcloud_viaduct::{Canceller, Executor, Plan, ProgressEvent};
 use tokio::sync::broadcast;
 
 use super::relocate::{
@@ -107,6 +107,15 @@ fn view(r: &Relocation, rep: &Report, active: Option<bool>, full: bool) -> Reloc
         Some(false) => "running".to_owned(),
         None => rep.status.clone(),
     };
+    let deps: HashMap<&str, Vec<String>> = r
+        .workflow
+        .steps
+        .iter()
+        .map(|s| {
+            let d = s.dependencies().into_iter().map(str::to_owned).collect();
+            (s.id.as_str(), d)
+        })
+        .collect();
     RelocationView {
         id: r.id.clone(),
         service: r.service.clone(),
@@ -126,6 +135,7 @@ fn view(r: &Relocation, rep: &Report, active: Option<bool>, full: bool) -> Reloc
                 attempts: s.attempts,
                 bytes_written: s.bytes_written,
                 error: s.error.clone(),
+                depends_on: deps.get(s.id.as_str()).cloned().unwrap_or_default(),
             })
             .collect(),
         report: (full && active.is_none())
@@ -381,6 +391,15 @@ impl Relocations for Runner {
         }
         tracing::info!(relocation = %relocation.id, "started");
         self.view_of(&relocation, false)
+    }
+
+    async fn plan(&self, request: RelocationRequest) -> Result<serde_json::Value, RunnerError> {
+        let args = RelocateArgs::from_api(&request);
+        let (relocation, workflow, registry) = make_plan(&self.0.file, &self.0.store, &args)
+            .await
+            .map_err(|e| plan_error(&e, &request))?;
+        let plan = Plan::new(&workflow, &registry).await;
+        Ok(serde_json::json!({ "relocation": relocation, "plan": plan }))
     }
 
     async fn list(&self) -> Result<Vec<RelocationView>, RunnerError> {

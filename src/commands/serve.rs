@@ -163,14 +163,20 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
     let mut sites = Vec::new();
     for (name, cfg) in &file.sites {
         let d = drivers::open(name, cfg)?;
-        let caps = match d.check().await {
-            Ok(()) => d.capabilities(),
+        let asked = std::time::Instant::now();
+        let (caps, rtt) = match d.check().await {
+            Ok(()) => (
+                d.capabilities(),
+                Some(asked.elapsed().as_secs_f64() * 1000.0),
+            ),
             Err(e) => {
                 tracing::warn!(site = %name, error = %e, "site does not answer; listed without capabilities");
-                Default::default()
+                (Default::default(), None)
             }
         };
-        sites.push(cfg.info(name, caps));
+        let mut info = cfg.info(name, caps);
+        info.rtt_ms = rtt;
+        sites.push(info);
     }
     let catalog = StaticCatalog {
         sites,
@@ -206,6 +212,7 @@ pub(crate) async fn run(g: &Globals, a: ServeArgs) -> Result<()> {
         max_requests_per_client: a.max_requests_per_client,
         max_streams_per_client: a.max_streams_per_client,
         max_streams: a.max_streams,
+        secure_cookies: tls.is_some(),
         ..ServiceConfig::default()
     };
     let scheme = if tls.is_some() { "https" } else { "http" };

@@ -58,6 +58,11 @@ pub struct StepLine {
     pub outputs: Vec<ArtifactReport>,
     /// The last error, if it failed or retried.
     pub error: Option<String>,
+    /// When its last attempt started, in seconds after the relocation's
+    /// first start ([`Report::started_unix_ms`]): with `seconds`, its bar
+    /// on a time line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<f64>,
 }
 
 /// A config file as rewritten.
@@ -111,6 +116,13 @@ pub struct Report {
     pub status: String,
     /// Wall time of all runs, first start to last end, in seconds.
     pub seconds: f64,
+    /// When the first run started (milliseconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix_ms: Option<i64>,
+    /// When the downtime began, in seconds after the first start: with
+    /// `downtime_seconds`, the window on a time line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_start: Option<f64>,
     /// Downtime as the service sees it, in seconds, once cut over: from
     /// the last source instance seen stopped by its driver to the last
     /// target instance seen running and passing its boot check (journal
@@ -355,6 +367,10 @@ pub fn build(
                 })
                 .unwrap_or_default(),
             error: a.error,
+            start: a
+                .started
+                .zip(first)
+                .map(|(s, f)| (s - f).max(0) as f64 / 1000.0),
         });
     }
     let at = |id: &str, state: StepState| -> Option<i64> {
@@ -421,6 +437,14 @@ pub fn build(
                 _ => (None, Vec::new()),
             },
         };
+    let downtime_start = downtime_seconds
+        .and(
+            fact("stop-source", "stopped")
+                .map(|m| m.unix_ms)
+                .or_else(|| at("stop-source", StepState::Running)),
+        )
+        .zip(first)
+        .map(|(d, f)| (d - f).max(0) as f64 / 1000.0);
     let config = r
         .config_files
         .iter()
@@ -447,6 +471,8 @@ pub fn build(
             (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
             _ => 0.0,
         },
+        started_unix_ms: first,
+        downtime_start,
         downtime_seconds,
         downtime_stages,
         final_delta,
