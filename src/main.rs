@@ -80,7 +80,7 @@ enum Command {
     /// Undo a relocation: clean the target, restart the source.
     Rollback(commands::relocate::RollbackArgs),
     /// The report of a relocation: times, bytes, checksums, diffs, downtime.
-    Report(commands::relocate::IdArgs),
+    Report(commands::relocate::ReportArgs),
     /// The demo: local sites, no cloud account. Without a subcommand,
     /// creates a fresh demo environment and relocates the shop service.
     Demo(commands::demo::DemoArgs),

@@ -29,6 +29,7 @@ pub mod placement;
 pub mod rest;
 pub mod runner;
 pub mod tls;
+pub mod ui;
 
 pub use constraint::Constraint;
 pub use error::{Error, Result};

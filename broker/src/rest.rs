@@ -13,6 +13,9 @@
 //! | GET | `/relocations` | every relocation |
 //! | GET | `/relocations/{id}` | state, steps, and the report once no run is going on |
 //! | GET | `/relocations/{id}/events` | server-sent events: the state now, then progress, then `end` |
+//! | POST | `/plan` | what `POST /relocations` would run, planned and estimated; nothing runs |
+//! | GET | `/ui/` | the web dashboard ([`crate::ui`]); its files are open, its data needs a token or a session |
+//! | POST | `/ui/login`, `/ui/logout` | the token for a session cookie, and back |
 //! | GET | `/metrics` | Prometheus text: queue depth, running relocations, lease takeovers, step latencies (workers of a database) |
 //! | POST | `/relocations/{id}/cancel` | stop the run going on |
 //! | POST | `/relocations/{id}/resume` | continue an interrupted, cancelled or failed one |
@@ -60,7 +63,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -121,6 +124,9 @@ pub struct ServiceConfig {
     pub max_streams_per_client: usize,
     /// Event streams open at once in all.
     pub max_streams: usize,
+    /// Whether the service speaks HTTPS: the dashboard's session cookie is
+    /// then `Secure` (never sent in clear).
+    pub secure_cookies: bool,
 }
 
 impl Default for ServiceConfig {
@@ -133,6 +139,7 @@ impl Default for ServiceConfig {
             max_requests_per_client: 32,
             max_streams_per_client: 8,
             max_streams: 64,
+            secure_cookies: false,
         }
     }
 }
@@ -269,6 +276,8 @@ struct AppState {
     catalog: Arc<dyn Catalog>,
     relocations: Option<Arc<dyn Relocations>>,
     token_digest: Option<[u8; 32]>,
+    /// The dashboard's session cookies (`None` without a token).
+    sessions: Option<crate::ui::Sessions>,
     /// `Some` when authentication is off: the `Host` values answered.
     hosts: Option<Arc<Vec<String>>>,
     requests: Arc<Gauge>,
@@ -522,13 +531,99 @@ async fn auth(
             "the bearer token is not valid",
         )
         .into_response(),
-        None => Problem::new(
+        None => match session(&state, &headers, req.method()) {
+            Ok(()) => next.run(req).await,
+            Err(p) => p.into_response(),
+        },
+    }
+}
+
+/// Whether a request without a bearer token comes with a valid session
+/// cookie of the dashboard (and, when it changes something, with the
+/// dashboard's header: see [`crate::ui`]).
+fn session(state: &AppState, headers: &HeaderMap, method: &Method) -> Result<(), Problem> {
+    let cookie = crate::ui::cookie(headers);
+    let valid = cookie.is_some_and(|c| state.sessions.as_ref().is_some_and(|s| s.valid(c)));
+    if !valid {
+        return Err(Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "send `Authorization: Bearer TOKEN`",
-        )
-        .into_response(),
+            if cookie.is_some() {
+                "the session has expired or is not valid: log in again"
+            } else {
+                "send `Authorization: Bearer TOKEN`"
+            },
+        ));
     }
+    let safe = matches!(*method, Method::GET | Method::HEAD);
+    if !safe && !headers.contains_key(crate::ui::UI_HEADER) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "a request authenticated by the session cookie that changes something must carry `{}`",
+                crate::ui::UI_HEADER
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Body of `POST /ui/login`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    token: String,
+}
+
+/// `POST /ui/login`: the token for a session cookie. Without
+/// authentication there is nothing to log in to: 204 without a cookie.
+async fn login(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Login>,
+) -> Result<Response, Problem> {
+    let (Some(expected), Some(sessions)) = (state.token_digest, &state.sessions) else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    if !bool::from(digest(body.token.trim()).ct_eq(&expected)) {
+        return Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the token is not valid",
+        ));
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&sessions.set_cookie()) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /ui/session`: whether this service wants a login, and whether the
+/// browser's session cookie is valid (the page cannot read the cookie).
+async fn ui_session(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> axum::Json<serde_json::Value> {
+    let logged_in = crate::ui::cookie(&headers)
+        .is_some_and(|c| state.sessions.as_ref().is_some_and(|s| s.valid(c)));
+    axum::Json(serde_json::json!({
+        "auth": state.token_digest.is_some(),
+        "logged_in": logged_in,
+    }))
+}
+
+/// `POST /ui/logout`: ends the browser's session (the cookie is cleared).
+async fn logout(State(state): State<AppState>) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Some(v) = state
+        .sessions
+        .as_ref()
+        .and_then(|s| HeaderValue::from_str(&s.clear_cookie()).ok())
+    {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 /// Body of `POST /match`.
@@ -773,11 +868,8 @@ fn accepted(view: RelocationView) -> Response {
     resp
 }
 
-async fn start_relocation(
-    State(s): State<AppState>,
-    JsonBody(body): JsonBody<RelocationRequest>,
-) -> Result<Response, Problem> {
-    let r = runner(&s)?;
+/// The checks of a relocation request the runner does not make.
+fn check_request(body: &RelocationRequest) -> Result<(), Problem> {
     for (i, c) in body.constraints.iter().enumerate() {
         if let Err(d) = c.parse::<crate::Constraint>() {
             return Err(invalid(
@@ -803,7 +895,27 @@ async fn start_relocation(
             "/retry_budget_secs",
         ));
     }
+    Ok(())
+}
+
+async fn start_relocation(
+    State(s): State<AppState>,
+    JsonBody(body): JsonBody<RelocationRequest>,
+) -> Result<Response, Problem> {
+    let r = runner(&s)?;
+    check_request(&body)?;
     Ok(accepted(r.start(body).await.map_err(runner_problem)?))
+}
+
+/// `POST /plan`: the relocation `POST /relocations` would start, planned
+/// and estimated, without running or recording anything.
+async fn plan_relocation(
+    State(s): State<AppState>,
+    JsonBody(body): JsonBody<RelocationRequest>,
+) -> Result<axum::Json<serde_json::Value>, Problem> {
+    let r = runner(&s)?;
+    check_request(&body)?;
+    Ok(axum::Json(r.plan(body).await.map_err(runner_problem)?))
 }
 
 async fn list_relocations(
@@ -1077,6 +1189,20 @@ pub fn openapi() -> serde_json::Value {
                     ])
                 }
             },
+            "/plan": { "post": {
+                "operationId": "planRelocation",
+                "description": "What POST /relocations would run, planned and estimated, without running or recording anything: `{relocation, plan}`.",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": reloc_req } } },
+                "responses": with(json_ok(&json!({ "type": "object", "required": ["relocation", "plan"] })), &[
+                    auth[0],
+                    ("400", "malformed JSON"),
+                    ("409", "no placement satisfies the constraints"),
+                    ("413", "body too large"),
+                    ("415", "not JSON"),
+                    ("422", "invalid field: unknown site or service, bad constraint"),
+                    ("500", "a site failed while planning"),
+                ])
+            } },
             "/relocations/{id}": { "get": {
                 "operationId": "getRelocation",
                 "parameters": id_param,
@@ -1138,6 +1264,10 @@ fn build(
         catalog,
         relocations,
         token_digest: config.token.as_deref().map(digest),
+        sessions: config
+            .token
+            .as_deref()
+            .map(|t| crate::ui::Sessions::new(t, config.secure_cookies)),
         hosts: config
             .token
             .is_none()
@@ -1158,10 +1288,18 @@ fn build(
         .route("/relocations/{id}/resume", post(resume_relocation))
         .route("/relocations/{id}/rollback", post(rollback_relocation))
         .route("/metrics", get(metrics))
+        .route("/plan", post(plan_relocation))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
         .route("/openapi.json", get(openapi_json))
+        .route("/ui", get(crate::ui::to_index))
+        .route("/ui/", get(crate::ui::index))
+        .route("/ui/app.js", get(crate::ui::script))
+        .route("/ui/app.css", get(crate::ui::style))
+        .route("/ui/login", post(login))
+        .route("/ui/logout", post(logout))
+        .route("/ui/session", get(ui_session))
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.body_limit))

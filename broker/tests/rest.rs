@@ -30,6 +30,7 @@ fn site(name: &str, lat: f64, lon: f64, jur: &str, price: f64) -> SiteInfo {
         capacity: Capacity::default(),
         image_formats: [ImageFormat::Raw, ImageFormat::Qcow2].into_iter().collect(),
         capabilities: Capability::ALL.into_iter().collect(),
+        rtt_ms: None,
     }
 }
 
@@ -327,6 +328,7 @@ async fn the_openapi_document_describes_what_the_service_really_sends() {
         "/relocations/{id}/cancel",
         "/relocations/{id}/resume",
         "/relocations/{id}/rollback",
+        "/plan",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} is not documented");
     }
@@ -451,4 +453,211 @@ async fn match_by_service_name_needs_a_runner_and_a_body_needs_one_or_the_other(
         .await
         .unwrap();
     problem(r, 404).await;
+}
+
+/// `start`, without a token: the Host check guards the service instead.
+async fn start_open() -> (String, u16) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = ServiceConfig {
+        token: None,
+        hosts: ServiceConfig::local_hosts(port, &[]),
+        ..ServiceConfig::default()
+    };
+    let app = router(Arc::new(StaticCatalog::default()), &config);
+    tokio::spawn(serve(listener, app, std::future::pending()));
+    (format!("http://127.0.0.1:{port}"), port)
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_with_a_strict_policy_and_shows_nothing_without_a_session() {
+    let base = start().await;
+    let page = client().get(format!("{base}/ui/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("app.js") && !html.contains("paris"), "{html}");
+    for (path, kind) in [
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
+        let r = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(kind)
+        );
+    }
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirects.get(format!("{base}/ui")).send().await.unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(r.headers()["location"], "/ui/");
+    let s: Value = client()
+        .get(format!("{base}/ui/session"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s, json!({ "auth": true, "logged_in": false }));
+}
+
+#[tokio::test]
+async fn a_login_trades_the_token_for_a_strict_cookie_that_needs_the_ui_header_to_change_anything()
+{
+    let base = start().await;
+    let login = |token: &str| {
+        client()
+            .post(format!("{base}/ui/login"))
+            .json(&json!({ "token": token }))
+            .send()
+    };
+    let wrong = login("not-it").await.unwrap();
+    assert!(wrong.headers().get("set-cookie").is_none());
+    let p = problem(wrong, 401).await;
+    assert!(p.detail.contains("not valid"), "{p:?}");
+
+    let right = login(TOKEN).await.unwrap();
+    assert_eq!(right.status(), 204);
+    let set = right.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in [
+        "fluidcloud_session=",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
+        assert!(set.contains(part), "{set}");
+    }
+    assert!(
+        !set.contains(TOKEN) && !set.contains("Secure"),
+        "plain HTTP here: {set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_owned();
+
+    // Reads work with the cookie alone.
+    let sites = client()
+        .get(format!("{base}/sites"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sites.status(), 200);
+    let s: Value = client()
+        .get(format!("{base}/ui/session"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["logged_in"], true);
+
+    // A change needs the dashboard's header besides the cookie, which a
+    // form of another site cannot add.
+    let body = json!({ "topology": topology(), "request": { "source": "paris" } });
+    let forged = client()
+        .post(format!("{base}/match"))
+        .header("cookie", &cookie)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let p = problem(forged, 403).await;
+    assert!(p.detail.contains("x-fluidcloud-ui"), "{p:?}");
+    let from_ui = client()
+        .post(format!("{base}/match"))
+        .header("cookie", &cookie)
+        .header("x-fluidcloud-ui", "1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_ui.status(), 200);
+
+    // A cookie someone altered, or made up, is refused.
+    let (name, value) = cookie.split_once('=').unwrap();
+    let forged_expiry = format!("{name}=9{value}");
+    for bad in [forged_expiry.as_str(), "fluidcloud_session=1.2.3"] {
+        let r = client()
+            .get(format!("{base}/sites"))
+            .header("cookie", bad)
+            .send()
+            .await
+            .unwrap();
+        let p = problem(r, 401).await;
+        assert!(p.detail.contains("log in again"), "{p:?}");
+    }
+
+    // Logging out clears the cookie.
+    let out = client()
+        .post(format!("{base}/ui/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 204);
+    assert!(
+        out.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_the_dashboard_needs_no_login_but_keeps_the_host_check() {
+    let (base, port) = start_open().await;
+    let r = client()
+        .post(format!("{base}/ui/login"))
+        .json(&json!({ "token": "anything" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(r.headers().get("set-cookie").is_none());
+    let s: Value = client()
+        .get(format!("{base}/ui/session"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["auth"], false);
+    // A page of a rebinding DNS name gets nothing, dashboard included.
+    let r = client()
+        .get(format!("{base}/ui/"))
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+}
+
+#[tokio::test]
+async fn plan_answers_404_where_no_runner_plans() {
+    let base = start().await;
+    let r = client()
+        .post(format!("{base}/plan"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "from": "paris" }))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, 404).await;
+    assert!(p.detail.contains("does not"), "{p:?}");
 }

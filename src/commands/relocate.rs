@@ -130,6 +130,18 @@ pub(crate) struct IdArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct ReportArgs {
+    /// The relocation id (see `fluidcloud status`).
+    id: String,
+    /// Write the report as one self-contained HTML page to FILE (a Gantt
+    /// chart of the steps with the downtime marked, the endpoint map,
+    /// config diffs and checksums; it loads nothing from anywhere), to
+    /// attach to a change ticket.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct RollbackArgs {
     /// The relocation id (see `fluidcloud status`).
     id: String,
@@ -642,18 +654,52 @@ fn print_relocations(g: &Globals, all: &[Line<'_>]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn report_cmd(g: &Globals, a: IdArgs) -> Result<()> {
-    if let Some(remote) = g.remote()? {
-        return report_remote(g, &remote, a).await;
+pub(crate) async fn report_cmd(g: &Globals, a: ReportArgs) -> Result<()> {
+    let rep = match g.remote()? {
+        Some(remote) => report_remote(&remote, &a.id).await?,
+        None => {
+            let file = sites_file(g)?;
+            let store = store_of(&file)?;
+            let r = store.load(&a.id)?;
+            build_report(&store, &r)?
+        }
+    };
+    if let Some(path) = &a.html {
+        return write_html_report(g, &rep, path);
     }
-    let file = sites_file(g)?;
-    let store = store_of(&file)?;
-    let r = store.load(&a.id)?;
-    let rep = build_report(&store, &r)?;
     if g.json {
         return print_json(&rep);
     }
     print_report(&rep)?;
+    Ok(())
+}
+
+/// Writes `rep` as one self-contained HTML page (the dashboard's report
+/// view, nothing loaded from anywhere), atomically.
+fn write_html_report(g: &Globals, rep: &Report, path: &std::path::Path) -> Result<()> {
+    let page = fluidcloud_broker::ui::report_page(
+        &format!("fluidcloud report {} ({})", rep.id, rep.status),
+        &serde_json::to_value(rep)?,
+    );
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, page.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    if g.json {
+        return print_json(&serde_json::json!({ "id": rep.id, "html": path, "bytes": page.len() }));
+    }
+    outln!(
+        "wrote the report of {} to {} ({})",
+        rep.id,
+        path.display(),
+        bytes(page.len() as u64)
+    )?;
     Ok(())
 }
 
@@ -1232,11 +1278,11 @@ fn print_status(
     Ok(())
 }
 
-pub(crate) async fn report_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Result<()> {
+async fn report_remote(remote: &Remote, id: &str) -> Result<Report> {
     let v: RelocationView = remote
         .get(
-            &format!("/relocations/{}", a.id),
-            &format!("reading relocation {}", a.id),
+            &format!("/relocations/{id}"),
+            &format!("reading relocation {id}"),
         )
         .await?;
     let Some(rep) = report_of(&v)? else {
@@ -1248,9 +1294,5 @@ pub(crate) async fn report_remote(g: &Globals, remote: &Remote, a: IdArgs) -> Re
             )
         ));
     };
-    if g.json {
-        return print_json(&rep);
-    }
-    print_report(&rep)?;
-    Ok(())
+    Ok(rep)
 }
