@@ -509,6 +509,7 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
             ("POST", "/relocations/x/cancel"),
             ("POST", "/relocations/x/rollback"),
             ("POST", "/relocations/x/resume"),
+            ("POST", "/plan"),
         ] {
             let (status, h, _) = call(url, method, path, None, None).await;
             assert_eq!(status, 401, "{method} {path}");
@@ -542,10 +543,13 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
                 "/retry_budget_secs",
             ),
         ];
-        for (body, pointer) in cases {
-            let (status, _, p) =
-                call(url, "POST", "/relocations", Some(TOKEN), Some(body.clone())).await;
-            assert_eq!(status, 422, "{body} -> {p:#}");
+        // `/plan` checks a request as `/relocations` does.
+        for (path, (body, pointer)) in cases
+            .iter()
+            .flat_map(|c| [("/relocations", c.clone()), ("/plan", c.clone())])
+        {
+            let (status, _, p) = call(url, "POST", path, Some(TOKEN), Some(body.clone())).await;
+            assert_eq!(status, 422, "{path} {body} -> {p:#}");
             let got = p["errors"][0]["pointer"].as_str().unwrap();
             // A missing field is a fault of the whole body: the empty pointer.
             assert_eq!(got, pointer, "{body} -> {p:#}");
@@ -574,6 +578,20 @@ fn relocation_routes_need_the_token_and_name_the_offending_field() {
             let (status, _, p) = call(url, method, path, Some(TOKEN), None).await;
             assert_eq!(status, 404, "{method} {path}: {p:#}");
         }
+        // A plan: the steps and estimates, nothing recorded.
+        let body = json!({ "from": "dc-paris", "service": "shop", "to": "edge-nantes" });
+        let (status, _, plan) = call(url, "POST", "/plan", Some(TOKEN), Some(body)).await;
+        assert_eq!(status, 200, "{plan:#}");
+        let steps = plan["plan"]["steps"].as_array().unwrap();
+        assert!(steps.iter().any(|s| s["id"] == "cutover"), "{plan:#}");
+        assert!(plan["relocation"]["bytes_to_move"].as_u64().unwrap() > 0);
+        assert_eq!(
+            plan["plan"]["steps"].as_array().unwrap().len(),
+            plan["relocation"]["workflow"]["steps"]
+                .as_array()
+                .unwrap()
+                .len()
+        );
         // Nothing was started by any of these.
         let (_, _, list) = call(url, "GET", "/relocations", Some(TOKEN), None).await;
         assert_eq!(list, json!([]));

@@ -18,7 +18,7 @@
 
 # Install groups. A group is installed in one apt transaction; setup
 # installs all groups in one.
-APT_GROUPS=(peers qemu libvirt guest guestfs fuzz client postgres)
+APT_GROUPS=(peers qemu libvirt guest guestfs fuzz client postgres ui)
 APT_peers=(rsync rclone)                   # benchmark peers
 APT_qemu=(qemu-utils qemu-system-x86)      # QEMU family, from backports
 APT_libvirt=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
@@ -31,6 +31,7 @@ APT_guestfs=(libguestfs-tools linux-image-amd64 fdisk cryptsetup-bin)
 APT_fuzz=(g++)                             # libFuzzer is built from C++ (scripts/fuzz)
 APT_client=(curl)                          # raw HTTPS requests to site agents (tests/agents.rs)
 APT_postgres=(postgresql)                  # the journal on PostgreSQL (scripts/postgres)
+APT_ui=(chromium fonts-dejavu-core)        # the dashboard's browser tests (tests/ui.rs)
 # The test guest's kernel: downloaded and unpacked, never installed.
 APT_KERNEL=linux-image-amd64
 
