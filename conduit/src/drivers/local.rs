@@ -31,9 +31,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fluidcloud_migrators::objects::{self as objects, BucketLocation, S3Location};
 use fluidcloud_plugins::{Diagnostic, Error, ImageFormat, Result};
-use futures::TryStreamExt as _;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use tokio::io::AsyncRead;
@@ -73,53 +71,10 @@ fn open(name: &str, config: &SiteConfig) -> crate::Result<Box<dyn SiteDriver>> {
     })?;
     let mut site = LocalSite::new(name, root).with_backing_dirs(config.allow_backing_dirs.clone());
     site.accel = crate::guest::Accel::from_config(config.accel.as_deref());
-    if let Some(url) = &config.buckets_url {
-        // Parse now so a malformed URL is a config error, not a late failure.
-        BucketLocation::parse(&s3_url(config, "probe"))
-            .ok()
-            .filter(|l| matches!(l, BucketLocation::S3(_)))
-            .ok_or_else(|| crate::Error::Config {
-                diagnostics: vec![
-                    Diagnostic::error(format!(
-                        "`{url}` is not an S3 location (expected s3://?endpoint=URL&region=R)"
-                    ))
-                    .at_key(format!("sites.{name}.buckets_url")),
-                ],
-            })?;
-        site.s3 = Some(S3Buckets {
-            config: Box::new(config.clone()),
-        });
+    if config.buckets_url.is_some() {
+        site.s3 = Some(super::s3buckets::S3Buckets::from_config(name, config)?);
     }
     Ok(Box::new(site))
-}
-
-/// Bucket `bucket` on the S3 endpoint of `config.buckets_url`, as an
-/// `object-copy` location: its query with the credentials' variable names
-/// added.
-fn s3_url(config: &SiteConfig, bucket: &str) -> String {
-    let base = config.buckets_url.as_deref().unwrap_or_default();
-    let rest = base.trim_start_matches("s3://");
-    let (_, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let mut q: Vec<String> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if let Some(c) = &config.credentials {
-        for (field, var) in c.references() {
-            if field != "token_env" && !q.iter().any(|p| p.starts_with(field)) {
-                q.push(format!("{field}={var}"));
-            }
-        }
-    }
-    format!("s3://{bucket}?{}", q.join("&"))
-}
-
-/// Buckets kept on an S3 endpoint (`buckets_url`).
-#[derive(Debug, Clone)]
-struct S3Buckets {
-    /// The site's config: `buckets_url` and `credentials`.
-    config: Box<SiteConfig>,
 }
 
 /// A site that is a directory.
@@ -127,7 +82,7 @@ struct S3Buckets {
 pub struct LocalSite {
     name: String,
     root: PathBuf,
-    s3: Option<S3Buckets>,
+    s3: Option<super::s3buckets::S3Buckets>,
     disks: super::filedisk::FileDisks,
     /// How guest appliances run (`accel`).
     accel: crate::guest::Accel,
@@ -788,57 +743,11 @@ pub(crate) fn allocation_map(file: &std::fs::File) -> std::io::Result<Vec<Extent
     Ok(out)
 }
 
-impl LocalSite {
-    /// The S3 location of `bucket` when the buckets live on S3, with every
-    /// credential variable checked.
-    fn s3_location(&self, bucket: &str) -> Result<Option<S3Location>> {
-        let Some(s3) = &self.s3 else {
-            return Ok(None);
-        };
-        if let Some(c) = &s3.config.credentials {
-            c.resolve(&self.name).map_err(|e| match e {
-                crate::Error::MissingCredential { variable, key, .. } => {
-                    Error::Invalid(vec![
-                        Diagnostic::error(format!(
-                            "environment variable {variable} is not set (it holds a credential of the buckets of site {})",
-                            self.name
-                        ))
-                        .at_key(key),
-                    ])
-                }
-                other => Error::Precondition(other.to_string()),
-            })?;
-        }
-        let url = s3_url(&s3.config, bucket);
-        match BucketLocation::parse(&url).map_err(|e| self.s3_error(e))? {
-            BucketLocation::S3(l) => Ok(Some(l)),
-            BucketLocation::Dir { .. } => Err(Error::Precondition(format!(
-                "site {}: buckets_url is not an s3:// location",
-                self.name
-            ))),
-        }
-    }
-
-    fn s3_error(&self, e: fluidcloud_migrators::Error) -> Error {
-        match Error::from(e) {
-            Error::NotFound { what, site: None } => Error::NotFound {
-                what,
-                site: Some(self.name.clone()),
-            },
-            Error::PermissionDenied { what, site: None } => Error::PermissionDenied {
-                what,
-                site: Some(self.name.clone()),
-            },
-            other => other,
-        }
-    }
-}
-
 #[async_trait]
 impl ObjectStorage for LocalSite {
     fn location(&self, name: &str) -> Option<Result<String>> {
         if let Some(s3) = &self.s3 {
-            return Some(Ok(s3_url(&s3.config, name)));
+            return s3.location(name);
         }
         Some(
             std::fs::canonicalize(&self.root)
@@ -848,11 +757,8 @@ impl ObjectStorage for LocalSite {
     }
 
     async fn list_buckets(&self) -> Result<Vec<String>> {
-        // Any valid name: only the endpoint and key are used.
-        if let Some(loc) = self.s3_location("list")? {
-            return objects::list_buckets(&loc)
-                .await
-                .map_err(|e| self.s3_error(e));
+        if let Some(s3) = &self.s3 {
+            return s3.list_buckets().await;
         }
         let mut out = Vec::new();
         for name in self.list_dir("buckets")? {
@@ -865,15 +771,8 @@ impl ObjectStorage for LocalSite {
 
     async fn create_bucket(&self, name: &str) -> Result<()> {
         let path = self.bucket_path(name)?;
-        if let Some(loc) = self.s3_location(name)? {
-            return match objects::create_bucket(&loc).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(Error::Precondition(format!(
-                    "bucket {name} already exists on site {}",
-                    self.name
-                ))),
-                Err(e) => Err(self.s3_error(e)),
-            };
+        if let Some(s3) = &self.s3 {
+            return s3.create_bucket(name).await;
         }
         std::fs::create_dir_all(self.root.join("buckets"))
             .map_err(|e| self.io(&path, "create", e))?;
@@ -888,17 +787,8 @@ impl ObjectStorage for LocalSite {
 
     async fn bucket(&self, name: &str) -> Result<Arc<dyn ObjectStore>> {
         let path = self.bucket_path(name)?;
-        if let Some(loc) = self.s3_location(name)? {
-            if !objects::bucket_exists(&loc)
-                .await
-                .map_err(|e| self.s3_error(e))?
-            {
-                return Err(Error::NotFound {
-                    what: format!("bucket {name}"),
-                    site: Some(self.name.clone()),
-                });
-            }
-            return objects::open_store(&BucketLocation::S3(loc)).map_err(|e| self.s3_error(e));
+        if let Some(s3) = &self.s3 {
+            return s3.bucket(name).await;
         }
         if !path.is_dir() {
             return Err(Error::NotFound {
@@ -914,34 +804,8 @@ impl ObjectStorage for LocalSite {
 
     async fn delete_bucket(&self, name: &str) -> Result<()> {
         let path = self.bucket_path(name)?;
-        if let Some(loc) = self.s3_location(name)? {
-            if !objects::bucket_exists(&loc)
-                .await
-                .map_err(|e| self.s3_error(e))?
-            {
-                return Err(Error::NotFound {
-                    what: format!("bucket {name}"),
-                    site: Some(self.name.clone()),
-                });
-            }
-            // Like the directory: the objects go with the bucket.
-            let location = BucketLocation::S3(loc);
-            let store = objects::open_store(&location).map_err(|e| self.s3_error(e))?;
-            let keys: Vec<String> = store
-                .list(None)
-                .map_ok(|m| m.location.to_string())
-                .try_collect()
-                .await
-                .map_err(|e| Error::Transient(format!("listing bucket {name}: {e}")))?;
-            objects::delete_objects(&location, &keys, false)
-                .await
-                .map_err(|e| self.s3_error(e))?;
-            let BucketLocation::S3(loc) = location else {
-                unreachable!("built as S3 above")
-            };
-            return objects::delete_bucket(&loc)
-                .await
-                .map_err(|e| self.s3_error(e));
+        if let Some(s3) = &self.s3 {
+            return s3.delete_bucket(name).await;
         }
         std::fs::remove_dir_all(&path).map_err(|e| self.io(&path, "delete", e))
     }
