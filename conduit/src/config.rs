@@ -96,6 +96,13 @@ pub struct SiteConfig {
     /// API endpoint of a remote site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// `aws` sites: the region (`eu-west-3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `aws` sites: one endpoint for EC2, EBS and S3 instead of AWS's (an
+    /// emulator, a VPC endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
     /// Where the site is.
     pub location: Location,
     /// Legal jurisdiction, `/`-separated from broad to narrow (`EU/FR`).

@@ -6,10 +6,12 @@
 //! suite (`conduit/tests/conformance.rs`).
 
 pub mod agent;
+pub mod aws;
 pub(crate) mod filedisk;
 pub mod libvirt;
 pub mod local;
 pub(crate) mod patchdisk;
+pub(crate) mod s3buckets;
 
 use crate::config::SiteConfig;
 use crate::driver::SiteDriver;
@@ -32,7 +34,7 @@ pub struct DriverDescriptor {
 }
 
 /// Every built-in driver.
-pub const DRIVERS: &[DriverDescriptor] = &[local::DESCRIPTOR, libvirt::DESCRIPTOR];
+pub const DRIVERS: &[DriverDescriptor] = &[local::DESCRIPTOR, libvirt::DESCRIPTOR, aws::DESCRIPTOR];
 
 /// Whether instances of sites of `kind` name their disks' bus
 /// ([`DriverDescriptor::disk_bus`]).
