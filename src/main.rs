@@ -86,7 +86,8 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Serve one site of this machine to orchestrators and other agents.
     Agent(commands::agent::AgentArgs),
-    /// Move one disk from a site's agent to another's, agent to agent.
+    /// Move one disk from one site to another: agent to agent, or read and
+    /// written by this process (local and AWS sites).
     Transfer(commands::transfer::TransferArgs),
 }
 

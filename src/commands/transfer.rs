@@ -1,17 +1,20 @@
-//! `fluidcloud transfer`: move one disk from a site's agent to another
-//! site's agent. The data goes agent to agent; this process only starts
-//! the pull and shows its progress. Running it again after the source
-//! changed moves only the chunks that differ.
+//! `fluidcloud transfer`: move one disk from one site to another. Between
+//! two sites served by agents the data goes agent to agent, and this
+//! process only starts the pull and shows its progress; between two sites
+//! this process reaches itself (local directories, an AWS region), it
+//! reads at one and writes at the other. Running it again after the
+//! source changed moves only the chunks that differ.
 
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use fluidcloud_conduit::driver::DiskStore;
-use fluidcloud_conduit::drivers::agent::AgentSite;
+use fluidcloud_conduit::driver::{DiskStore, SiteDriver, require_disks};
+use fluidcloud_conduit::drivers::{self, agent::AgentSite};
+use fluidcloud_conduit::transfer::local::{self, LocalMove};
 use fluidcloud_conduit::transfer::orchestrate::{Move, transfer};
 use fluidcloud_conduit::transfer::{CHUNK, DiskRef, PullStatus, TicketGrant};
-use fluidcloud_plugins::ImageFormat;
+use fluidcloud_plugins::{CancelFlag, ImageFormat};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -109,57 +112,59 @@ pub(crate) async fn run(g: &Globals, a: TransferArgs) -> Result<()> {
     let file = sites_file(g)?;
     let (from_site, from_store, from_name) = parse_disk("from", &a.from)?;
     let (to_site, to_store, to_name) = parse_disk("to", &a.to)?;
-    let open = |name: &str| -> Result<AgentSite> {
-        let cfg = file.site(name)?;
-        if cfg.agent.is_none() {
-            bail!(ExitWith(
-                6,
-                format!(
-                    "site {name} has no `agent`: `transfer` moves disks between sites served by `fluidcloud agent`"
-                )
-            ));
-        }
-        Ok(AgentSite::new(name, cfg)?)
+    let agents = [&from_site, &to_site].map(|s| file.site(s).map(|c| c.agent.is_some()));
+    let from = DiskRef {
+        store: from_store,
+        name: from_name,
+        format: a.source_format,
     };
-    let source = open(&from_site)?;
-    let target = open(&to_site)?;
-    let m = Move {
-        from: DiskRef {
-            store: from_store,
-            name: from_name,
-            format: a.source_format,
-        },
-        into: DiskRef {
-            store: to_store,
-            name: to_name.clone(),
-            format: a.format.unwrap_or(a.source_format),
-        },
-        owner: format!("fluidcloud-transfer/{to_name}"),
-        streams: a.streams,
-        bwlimit: a.bwlimit,
-        limit_key: Some(format!("{from_site}->{to_site}")),
-        only: None,
+    let into = DiskRef {
+        store: to_store,
+        name: to_name.clone(),
+        format: a.format.unwrap_or(a.source_format),
     };
-    let bar = progress_bar(g.json);
+    let owner = format!("fluidcloud-transfer/{to_name}");
     let started = Instant::now();
-    let show = |s: &PullStatus, grant: &TicketGrant| {
-        bar.set_length(grant.virtual_size.max(1));
-        bar.set_position((s.done * CHUNK).min(grant.virtual_size));
-        bar.set_message(format!(
-            "{} on the wire, {} data",
-            bytes(s.wire_bytes),
-            bytes(s.data_bytes)
-        ));
+    let (status, virtual_size, source_data) = match agents {
+        [Ok(true), Ok(true)] => {
+            let m = Move {
+                from,
+                into,
+                owner,
+                streams: a.streams,
+                bwlimit: a.bwlimit,
+                limit_key: Some(format!("{from_site}->{to_site}")),
+                only: None,
+            };
+            let source = AgentSite::new(&from_site, file.site(&from_site)?)?;
+            let target = AgentSite::new(&to_site, file.site(&to_site)?)?;
+            between_agents(g, &source, &target, &m).await?
+        }
+        [Ok(false), Ok(false)] => {
+            if a.streams.is_some() || a.bwlimit.is_some() {
+                bail!(ExitWith(
+                    2,
+                    "--streams and --bwlimit apply to transfers between agents; these sites are reached from this process".into()
+                ));
+            }
+            let source = drivers::open(&from_site, file.site(&from_site)?)?;
+            let target = drivers::open(&to_site, file.site(&to_site)?)?;
+            in_process(g, source, target, from, into, owner).await?
+        }
+        [Err(e), _] | [_, Err(e)] => return Err(e.into()),
+        _ => bail!(ExitWith(
+            6,
+            format!(
+                "{from_site} and {to_site}: `transfer` moves disks between two sites served by `fluidcloud agent`, or two sites this process reaches itself, not one of each"
+            )
+        )),
     };
-    let result = transfer(source.client(), target.client(), &m, &show).await;
-    bar.finish_and_clear();
-    let (status, grant) = result?;
     let seconds = started.elapsed().as_secs_f64();
     let report = Report {
         from: &a.from,
         to: &a.to,
-        virtual_size: grant.virtual_size,
-        source_data_bytes: grant.data_bytes,
+        virtual_size,
+        source_data_bytes: source_data,
         seconds,
         status: &status,
     };
@@ -183,6 +188,65 @@ pub(crate) async fn run(g: &Globals, a: TransferArgs) -> Result<()> {
         status.root.as_deref().unwrap_or("-")
     )?;
     Ok(())
+}
+
+/// Agent to agent: (status, virtual size, source data bytes).
+async fn between_agents(
+    g: &Globals,
+    source: &AgentSite,
+    target: &AgentSite,
+    m: &Move,
+) -> Result<(PullStatus, u64, u64)> {
+    let bar = progress_bar(g.json);
+    let show = |s: &PullStatus, grant: &TicketGrant| {
+        bar.set_length(grant.virtual_size.max(1));
+        bar.set_position((s.done * CHUNK).min(grant.virtual_size));
+        bar.set_message(format!(
+            "{} on the wire, {} data",
+            bytes(s.wire_bytes),
+            bytes(s.data_bytes)
+        ));
+    };
+    let result = transfer(source.client(), target.client(), m, &show).await;
+    bar.finish_and_clear();
+    let (status, grant) = result?;
+    Ok((status, grant.virtual_size, grant.data_bytes))
+}
+
+/// Read at one site, written at the other, by this process (threads of
+/// its own, as a relocation's transfer step does).
+async fn in_process(
+    g: &Globals,
+    source: Box<dyn SiteDriver>,
+    target: Box<dyn SiteDriver>,
+    from: DiskRef,
+    into: DiskRef,
+    owner: String,
+) -> Result<(PullStatus, u64, u64)> {
+    let bar = progress_bar(g.json);
+    let shown = bar.clone();
+    let cancel = CancelFlag::new();
+    let moved = tokio::task::spawn_blocking(move || {
+        let m = LocalMove {
+            source: require_disks(source.as_ref())?,
+            from: &from,
+            target: require_disks(target.as_ref())?,
+            into: &into,
+            owner: &owner,
+            workers: 4,
+            since: None,
+            cancel: &cancel,
+            progress: &|done, of| {
+                shown.set_length((of * CHUNK).max(1));
+                shown.set_position(done * CHUNK);
+            },
+        };
+        local::run(&m)
+    })
+    .await??;
+    bar.finish_and_clear();
+    let size = moved.status.record.as_ref().map_or(0, |r| r.virtual_size);
+    Ok((moved.status, size, moved.read))
 }
 
 fn progress_bar(json: bool) -> ProgressBar {
