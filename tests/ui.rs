@@ -174,6 +174,21 @@ fn the_dashboard_logs_in_relocates_live_cancels_resumes_and_reports_in_chromium(
     assert_eq!(seen["downtime_figure"], shown.as_str(), "{seen}");
     assert_eq!(seen["downtime_text"], format!("downtime {shown}"), "{seen}");
     assert!(first["downtime_start"].as_f64().unwrap() > 0.0);
+    // The page had a secret to hide: the .env's diff names the password's
+    // key (redacted) and never its value.
+    let diffs = first["config"].as_array().unwrap();
+    let env_diff = diffs
+        .iter()
+        .find(|d| {
+            d["target"].as_str().unwrap().ends_with(".env")
+                && !d["diff"].as_str().unwrap().is_empty()
+        })
+        .unwrap_or_else(|| panic!("no diff of the .env: {diffs:#?}"));
+    let text = env_diff["diff"].as_str().unwrap();
+    assert!(
+        text.contains("DB_PASSWORD") && !text.contains(PASSWORD),
+        "{text}"
+    );
     eprintln!(
         "a 10,000-step plan showed in {} ms",
         seen["plan_10k_ms"].as_u64().unwrap()

@@ -95,9 +95,17 @@ async function dashboard() {
   assert.equal((await context.cookies()).length, 0, "a wrong token got a cookie");
   await shot(page, "login-refused");
 
-  // The right token: a session cookie the page cannot read.
-  await page.fill("#token", TOKEN);
-  await page.click("button[type=submit]");
+  // The right token, from the keyboard alone: Tab reaches the field,
+  // Enter submits. A session cookie the page cannot read.
+  await page.fill("#token", "");
+  await page.evaluate(() => document.activeElement && document.activeElement.blur());
+  let tabs = 0;
+  while (await page.evaluate(() => document.activeElement && document.activeElement.id) !== "token") {
+    assert.ok(++tabs <= 12, "Tab never reaches the token field");
+    await page.keyboard.press("Tab");
+  }
+  await page.keyboard.type(TOKEN);
+  await page.keyboard.press("Enter");
   await page.locator("h1", { hasText: "Relocations" }).waitFor();
   const [cookie] = await context.cookies();
   assert.ok(cookie, "no session cookie");
