@@ -347,10 +347,7 @@ type Fault = Arc<dyn Fn(&str, &str, u32) -> Option<(u16, String)> + Send + Sync>
 /// A proxy in front of moto that answers some requests itself: `fault`
 /// gets each request's method and path (and how many came before) and
 /// returns `Some((status, body))` to answer instead of moto.
-async fn proxy(
-    upstream: String,
-    fault: Fault,
-) -> (String, Arc<AtomicU32>) {
+async fn proxy(upstream: String, fault: Fault) -> (String, Arc<AtomicU32>) {
     use axum::body::Body;
     use axum::http::{Request, Response};
     let seen = Arc::new(AtomicU32::new(0));
