@@ -36,7 +36,7 @@
       if (n == null || !isFinite(n)) return "–";
       let v = n, u = 0;
       while (v >= 1024 && u < UNITS.length - 1) { v /= 1024; u++; }
-      return u === 0 ? `${n} B` : `${v.toFixed(1)} ${UNITS[u]}`;
+      return u === 0 ? `${Math.round(n)} B` : `${v.toFixed(1)} ${UNITS[u]}`;
     },
     secs(s) {
       if (s == null || !isFinite(s)) return "–";
