@@ -13,7 +13,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    chunks_written, fails, instance_state, ok, random_file, run, same_bytes, stderr, stdout,
+    chunks_written, fails, instance_state, ok, random_file, run, same_bytes, spawn_serve, stderr,
+    stdout,
 };
 use serde_json::{Value, json};
 
@@ -92,31 +93,13 @@ fn serve_logged(config: &str, extra: &[&str], env: &[(&str, &str)], log: Option<
         Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
         None => Stdio::null(),
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args([
-            "--config",
-            config,
-            "--json",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .env("FLUIDCLOUD_TOKEN", TOKEN)
-        .env_remove("FLUIDCLOUD_SERVER")
-        .env_remove("FLUIDCLOUD_STATE_DIR")
-        .env_remove("RUST_LOG")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let doc: Value =
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected first line: {line:?}"));
+    let (child, doc) = spawn_serve(config, |cmd| {
+        cmd.args(extra)
+            .env("FLUIDCLOUD_TOKEN", TOKEN)
+            .env_remove("FLUIDCLOUD_SERVER")
+            .envs(env.iter().copied())
+            .stderr(stderr);
+    });
     let url = doc["listening"].as_str().unwrap().to_owned();
     assert!(url.starts_with("https://"), "{doc}");
     let fingerprint = doc["fingerprint"].as_str().unwrap().to_owned();

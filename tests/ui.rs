@@ -10,9 +10,8 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::*;
 use serde_json::Value;
@@ -100,28 +99,9 @@ fn environment() -> (PathBuf, String) {
 }
 
 fn serve(config: &str) -> (Server, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidcloud"))
-        .args([
-            "--config",
-            config,
-            "--json",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("FLUIDCLOUD_TOKEN", TOKEN)
-        .env_remove("FLUIDCLOUD_STATE_DIR")
-        .env_remove("FLUIDCLOUD_DATABASE")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let doc: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line:?}"));
+    let (child, doc) = spawn_serve(config, |cmd| {
+        cmd.env("FLUIDCLOUD_TOKEN", TOKEN);
+    });
     let url = doc["listening"].as_str().unwrap().to_owned();
     assert!(url.starts_with("https://"), "{doc}");
     (Server(child), url)

@@ -1,8 +1,9 @@
 //! Helpers for tests that run the real `fluidcloud` binary.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub mod libvirt;
@@ -279,4 +280,34 @@ pub fn report_step(report: &serde_json::Value, id: &str) -> serde_json::Value {
         .find(|s| s["id"] == id)
         .unwrap_or_else(|| panic!("no step {id} in {report}"))
         .clone()
+}
+
+/// Starts `fluidcloud --config CONFIG --json serve --listen 127.0.0.1:0`
+/// (no state directory, database or log level from the environment), with
+/// `setup` adding arguments, variables and stderr; the child and the first
+/// line it printed (`{"listening": URL, "fingerprint": …}`).
+pub fn spawn_serve(config: &str, setup: impl FnOnce(&mut Command)) -> (Child, serde_json::Value) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluidcloud"));
+    cmd.args([
+        "--config",
+        config,
+        "--json",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .env_remove("FLUIDCLOUD_STATE_DIR")
+    .env_remove("FLUIDCLOUD_DATABASE")
+    .env_remove("RUST_LOG")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    setup(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let doc =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected first line: {line:?}"));
+    (child, doc)
 }

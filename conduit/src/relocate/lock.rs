@@ -39,19 +39,24 @@ fn precondition(msg: String) -> Error {
     }
 }
 
+/// Whether `name` is 1 to 128 ASCII letters, digits, `.`, `_` or `-`, not
+/// starting with `.`: safe in a file name, a tag, a URL path.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Checks that `name` (a service, site or relocation id) can be part of a
 /// file name: ASCII letters, digits, `.`, `_`, `-`, not starting with `.`.
 ///
 /// # Errors
 /// `Precondition` naming what `name` is and why it is refused.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if is_plain_name(name) {
         Ok(())
     } else {
         Err(precondition(format!(

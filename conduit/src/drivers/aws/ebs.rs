@@ -37,6 +37,7 @@ use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::{ChecksumAlgorithm, Tag};
 use base64::Engine as _;
 use fluidcloud_migrators::image::{Extent, ExtentKind, ImageReader};
+use fluidcloud_migrators::owner::same_relocation;
 use fluidcloud_plugins::{Diagnostic, Error, ImageFormat, Result};
 use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
@@ -63,13 +64,7 @@ const TAG_STATE: &str = "fluidcloud:state";
 
 /// Disk names are 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with a dot.
 fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if crate::relocate::lock::is_plain_name(name) {
         Ok(())
     } else {
         Err(Error::Invalid(vec![Diagnostic::error(format!(
@@ -120,12 +115,6 @@ where
             DisplayErrorContext(other)
         )),
     }
-}
-
-/// Whether two creator tags (`RELOCATION/STEP`) name the same relocation.
-fn same_relocation(a: &str, b: &str) -> bool {
-    let rel = |t: &str| t.split_once('/').map_or(t, |(r, _)| r).to_owned();
-    rel(a) == rel(b)
 }
 
 impl Snapshot {
@@ -940,10 +929,7 @@ impl Api {
                     "{} {name} exists on site {} ({}), and this relocation did not write it",
                     store.as_str(),
                     self.name,
-                    held.map_or_else(
-                        || "not made by fluidcloud".to_owned(),
-                        |h| format!("written by {h}")
-                    )
+                    fluidcloud_migrators::owner::describe(held)
                 )));
             }
             let had: Option<u64> = l.tag(TAG_SIZE).and_then(|s| s.parse().ok());
@@ -1275,8 +1261,6 @@ mod tests {
         for bad in ["", ".x", "../escape", "a/b", &"x".repeat(129)] {
             assert!(matches!(check_name(bad), Err(Error::Invalid(_))), "{bad}");
         }
-        assert!(same_relocation("r1/precopy:x", "r1/final:x"));
-        assert!(!same_relocation("r1/a", "r2/a"));
         let has = |i: u64| i == 2 || i == 3;
         let next = |i: u64| (i <= 2).then_some(2).or((i == 3).then_some(3));
         let size = 5 * BLOCK + 100;
