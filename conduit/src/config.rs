@@ -103,6 +103,9 @@ pub struct SiteConfig {
     /// emulator, a VPC endpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// `aws` sites: where instances run and where config files live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsConfig>,
     /// Where the site is.
     pub location: Location,
     /// Legal jurisdiction, `/`-separated from broad to narrow (`EU/FR`).
@@ -201,6 +204,36 @@ pub enum MacPolicy {
     /// A new locally administered `52:54:00:..` address per interface,
     /// derived from the relocation id (stable across resume).
     Generate,
+}
+
+/// The EC2 side of an `aws` site: what relocated instances are launched
+/// into and where the service's config files are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// The subnet (`subnet-…`) instances get their network interface in,
+    /// with the private address the relocation planned for them (the
+    /// site's `subnet` should be this subnet's CIDR). Without it, EC2's
+    /// default subnet and an address EC2 chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// Security groups (`sg-…`) of that interface.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// Instance types to choose from, as name prefixes (`["t3.", "m7i."]`);
+    /// the smallest current x86_64 type with enough vCPUs and memory wins.
+    /// Without it, every type the region offers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instance_types: Vec<String>,
+    /// The AMI (`ami-…`) an instance that has no boot disk of its own
+    /// starts from; without it such an instance is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_image_id: Option<String>,
+    /// The S3 bucket the site's config files (`config/PATH`) and service
+    /// manifests (`services/NAME.toml`) live in; instances read them there.
+    /// Without it the site keeps no config files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_bucket: Option<String>,
 }
 
 /// How instances arriving at a site are adapted to it.

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use fluidcloud_conduit::config::SiteConfig;
+use fluidcloud_conduit::config::{AwsConfig, SiteConfig};
 use fluidcloud_conduit::conformance;
 use fluidcloud_conduit::driver::{DiskStore, SiteDriver};
 use fluidcloud_conduit::drivers::aws::Aws;
@@ -213,20 +213,41 @@ fn source_image(site: &LocalSite, name: &str) -> PathBuf {
 #[tokio::test]
 async fn the_aws_driver_passes_the_conformance_suite_on_moto() {
     let moto = Moto::start("conformance");
-    let site = aws(&moto.url);
+    // An AMI of moto's own for the instance that has no boot disk, and
+    // the bucket config files live in.
+    let ami = moto.boto3("ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']");
+    moto.boto3(
+        "boto3.client('s3', **kw).create_bucket(Bucket='fc-config')['ResponseMetadata']['HTTPStatusCode']",
+    );
+    let mut config = aws_config(&moto.url);
+    config.aws = Some(AwsConfig {
+        default_image_id: Some(ami.as_str().unwrap().to_owned()),
+        config_bucket: Some("fc-config".into()),
+        ..AwsConfig::default()
+    });
+    let site = Aws::open("aws-test", &config).unwrap();
     conformance::run_all(&site).await.unwrap();
-    // What it lacks it says it lacks.
     let caps: Vec<_> = site
         .capabilities()
         .into_iter()
         .map(|c| c.as_str())
         .collect();
-    assert_eq!(caps, ["image-store", "object-storage"]);
-    // Nothing is left at the endpoint: no snapshot, no AMI, no bucket.
-    let left = moto.boto3(
-        "[len(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{'Name': 'tag-key', 'Values': ['fluidcloud:name']}])['Snapshots']), len(ec2.describe_images(Owners=['self'])['Images'])]",
+    assert_eq!(
+        caps,
+        [
+            "inventory",
+            "image-store",
+            "block-store",
+            "object-storage",
+            "compute"
+        ]
     );
-    assert_eq!(left, serde_json::json!([0, 0]));
+    // Nothing is left at the endpoint: no snapshot, AMI, launch template
+    // or live instance of fluidcloud's.
+    let left = moto.boto3(
+        "[len(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{'Name': 'tag-key', 'Values': ['fluidcloud:name']}])['Snapshots']), len(ec2.describe_images(Owners=['self'])['Images']), len(ec2.describe_launch_templates()['LaunchTemplates']), [i['State']['Name'] for r in ec2.describe_instances()['Reservations'] for i in r['Instances']]]",
+    );
+    assert_eq!(left, serde_json::json!([0, 0, 0, ["terminated"]]));
 }
 
 #[test]

@@ -97,6 +97,21 @@ const DIRS: [&str; 6] = [
     "services",
 ];
 
+/// Checks config path `rel` is relative and stays inside the config root.
+///
+/// # Errors
+/// `Invalid` naming the path.
+pub fn check_config_path(rel: &str) -> Result<()> {
+    let p = Path::new(rel);
+    if !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_))) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(vec![Diagnostic::error(format!(
+            "config path `{rel}` must be relative and stay inside the site's config directory"
+        ))]))
+    }
+}
+
 impl LocalSite {
     /// The site `name` rooted at `root` (nothing is checked until used).
     pub fn new(name: impl Into<String>, root: impl Into<PathBuf>) -> Self {
@@ -163,14 +178,8 @@ impl LocalSite {
 
     /// Path of a config file.
     pub fn config_path(&self, rel: &str) -> Result<PathBuf> {
-        let p = Path::new(rel);
-        let ok = !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
-        if !ok {
-            return Err(Error::Invalid(vec![Diagnostic::error(format!(
-                "config path `{rel}` must be relative and stay inside the site's config directory"
-            ))]));
-        }
-        Ok(self.root.join("config").join(p))
+        check_config_path(rel)?;
+        Ok(self.root.join("config").join(rel))
     }
 
     fn instance_path(&self, name: &str) -> Result<PathBuf> {

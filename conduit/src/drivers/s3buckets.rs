@@ -21,6 +21,9 @@ pub(crate) struct S3Buckets {
     site: String,
     /// The site's config: `buckets_url` and `credentials`.
     config: Box<SiteConfig>,
+    /// A bucket of the site's own (an aws site's config bucket): not
+    /// listed among the service's buckets, never created or deleted here.
+    own: Option<String>,
 }
 
 /// Bucket `bucket` on the S3 endpoint of `config.buckets_url`, as an
@@ -46,6 +49,22 @@ fn s3_url(config: &SiteConfig, bucket: &str) -> String {
 }
 
 impl S3Buckets {
+    /// Keeps bucket `name` out of the service's buckets (see `own`).
+    pub(crate) fn keeping_own(mut self, name: Option<String>) -> Self {
+        self.own = name;
+        self
+    }
+
+    fn not_own(&self, name: &str) -> Result<()> {
+        if self.own.as_deref() == Some(name) {
+            return Err(Error::Precondition(format!(
+                "bucket {name} is site {}'s config bucket, not a bucket of a service",
+                self.site
+            )));
+        }
+        Ok(())
+    }
+
     /// The buckets of site `name`, whose `config.buckets_url` is checked
     /// now, so a malformed URL is a config error, not a late failure.
     ///
@@ -67,6 +86,7 @@ impl S3Buckets {
         Ok(Self {
             site: name.to_owned(),
             config: Box::new(config.clone()),
+            own: None,
         })
     }
 
@@ -133,12 +153,15 @@ impl ObjectStorage for S3Buckets {
     async fn list_buckets(&self) -> Result<Vec<String>> {
         // Any valid name: only the endpoint and key are used.
         let loc = self.s3_location("list")?;
-        objects::list_buckets(&loc)
+        let mut all = objects::list_buckets(&loc)
             .await
-            .map_err(|e| self.s3_error(e))
+            .map_err(|e| self.s3_error(e))?;
+        all.retain(|b| Some(b) != self.own.as_ref());
+        Ok(all)
     }
 
     async fn create_bucket(&self, name: &str) -> Result<()> {
+        self.not_own(name)?;
         let loc = self.s3_location(name)?;
         // S3 in us-east-1 answers 200 to creating a bucket its owner has.
         let exists = objects::bucket_exists(&loc)
@@ -164,6 +187,7 @@ impl ObjectStorage for S3Buckets {
     }
 
     async fn delete_bucket(&self, name: &str) -> Result<()> {
+        self.not_own(name)?;
         let loc = self.existing(name).await?;
         // Like a directory: the objects go with the bucket.
         let location = BucketLocation::S3(loc.clone());

@@ -58,12 +58,14 @@ const TAG_NAME: &str = "fluidcloud:name";
 const TAG_OWNER: &str = "fluidcloud:owner";
 const TAG_SIZE: &str = "fluidcloud:size";
 const TAG_PARENT: &str = "fluidcloud:parent";
+/// The snapshot's place in its disk's chain: 0, 1, …
+const TAG_SEQ: &str = "fluidcloud:seq";
 /// `writing` from the start, `complete` once completed: some endpoints
 /// (moto) call a snapshot completed before it is.
 const TAG_STATE: &str = "fluidcloud:state";
 
 /// Disk names are 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with a dot.
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     if crate::relocate::lock::is_plain_name(name) {
         Ok(())
     } else {
@@ -117,6 +119,24 @@ where
     }
 }
 
+/// The place of `snap` in its disk's chain (`fluidcloud:seq`, counted
+/// from 0).
+fn seq_of(snap: &Snapshot) -> u64 {
+    snap.tag(TAG_SEQ).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// The sequence number of the next snapshot of `chain`.
+fn next_seq(chain: &[Snapshot]) -> u64 {
+    chain.iter().map(seq_of).max().map_or(0, |m| m + 1)
+}
+
+/// The guest size of the disk snapshot `snap` holds.
+fn size_of(snap: &Snapshot) -> u64 {
+    snap.tag(TAG_SIZE)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(snap.volume_gib * GIB)
+}
+
 impl Snapshot {
     fn complete(&self) -> bool {
         self.state == "completed" && self.tag(TAG_STATE) == Some("complete")
@@ -126,12 +146,16 @@ impl Snapshot {
 impl Api {
     /// Every snapshot of disk `name` of `store`, oldest first.
     async fn chain_of(&self, store: DiskStore, name: &str) -> Result<Vec<Snapshot>> {
-        Ok(self
+        let mut chain: Vec<Snapshot> = self
             .snapshots(TAG_NAME, Some(name))
             .await?
             .into_iter()
             .filter(|s| s.tag(TAG_STORE) == Some(store.as_str()))
-            .collect())
+            .collect();
+        // Start times count seconds: two snapshots of one second are
+        // ordered by their sequence number.
+        chain.sort_by_key(seq_of);
+        Ok(chain)
     }
 
     /// The latest complete snapshot of disk `name` of `store`.
@@ -155,8 +179,90 @@ impl Api {
             })
     }
 
+    /// The latest complete snapshot of disk `name` of `store` and the
+    /// disk's guest size, or `NotFound`.
+    pub(crate) async fn latest_with_size(
+        &self,
+        store: DiskStore,
+        name: &str,
+    ) -> Result<(String, u64)> {
+        let snap = self.existing(store, name).await?;
+        let size = size_of(&snap);
+        Ok((snap.id, size))
+    }
+
+    /// Keeps what volume `volume` holds as the latest snapshot of disk
+    /// `name` of `store` (an instance's guest wrote there, not into the
+    /// snapshots it started from).
+    pub(crate) async fn keep_volume(
+        &self,
+        store: DiskStore,
+        name: &str,
+        volume: &str,
+        owner: Option<&str>,
+    ) -> Result<()> {
+        let (_, size) = self.latest_with_size(store, name).await?;
+        let chain = self.chain_of(store, name).await?;
+        let mut tags = vec![
+            (TAG_STORE.to_owned(), store.as_str().to_owned()),
+            (TAG_NAME.to_owned(), name.to_owned()),
+            (TAG_SIZE.to_owned(), size.to_string()),
+            (TAG_STATE.to_owned(), "writing".to_owned()),
+            (TAG_SEQ.to_owned(), next_seq(&chain).to_string()),
+        ];
+        if let Some(o) = owner {
+            tags.push((TAG_OWNER.to_owned(), o.to_owned()));
+        }
+        let id = self.snapshot_volume(volume, &tags).await?;
+        if let Err(e) = self.wait_snapshot(&id).await {
+            let _ = self.delete_snapshot(&id).await;
+            return Err(e);
+        }
+        self.mark_complete(store, name, &id, owner).await
+    }
+
+    /// Disk `snap` as the guest of a launched instance left it in
+    /// `volume`: a snapshot of the volume, deleted when the reader goes.
+    async fn open_volume(&self, snap: &Snapshot, volume: &str) -> Result<SnapshotReader> {
+        let tags = [
+            ("fluidcloud:read-of".to_owned(), snap.id.clone()),
+            (TAG_SIZE.to_owned(), size_of(snap).to_string()),
+        ];
+        let id = self.snapshot_volume(volume, &tags).await?;
+        let opened = async {
+            self.wait_snapshot(&id).await?;
+            let taken = self.snapshot(&id).await?.ok_or_else(|| Error::NotFound {
+                what: format!("snapshot {id} of volume {volume}"),
+                site: Some(self.name.clone()),
+            })?;
+            self.open_snapshot(&taken).await
+        }
+        .await;
+        match opened {
+            Ok(mut r) => {
+                r.temporary = Some(id);
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.delete_snapshot(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens disk `name` of `store` as its guest sees it now: from the
+    /// volume of the instance it is attached to, if one was launched,
+    /// else from its latest snapshot.
+    async fn open_disk(&self, store: DiskStore, name: &str) -> Result<SnapshotReader> {
+        let snap = self.existing(store, name).await?;
+        match self.attached(store, name).await? {
+            Some((_, volume)) => self.open_volume(&snap, &volume).await,
+            None => self.open_snapshot(&snap).await,
+        }
+    }
+
     /// Every name of `store`, sorted.
-    async fn names(&self, store: DiskStore) -> Result<Vec<String>> {
+    pub(crate) async fn names(&self, store: DiskStore) -> Result<Vec<String>> {
         let mut names: Vec<String> = self
             .snapshots(TAG_STORE, Some(store.as_str()))
             .await?
@@ -171,10 +277,7 @@ impl Api {
 
     /// Opens snapshot `snap`, with the parents it names, for reading.
     async fn open_snapshot(&self, snap: &Snapshot) -> Result<SnapshotReader> {
-        let size = snap
-            .tag(TAG_SIZE)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(snap.volume_gib * GIB);
+        let size = size_of(snap);
         let siblings = match snap.tag(TAG_PARENT) {
             Some(_) => self.snapshots(TAG_NAME, snap.tag(TAG_NAME)).await?,
             None => Vec::new(),
@@ -201,12 +304,13 @@ impl Api {
             path: PathBuf::from(format!("aws://{}/{}", self.name, snap.id)),
             size,
             blocks,
+            temporary: None,
         })
     }
 
     /// Deletes every snapshot of `store`'s disk `name` and the AMIs
     /// registered from them; whether there was any.
-    async fn delete_disk(&self, store: DiskStore, name: &str) -> Result<bool> {
+    pub(crate) async fn delete_disk(&self, store: DiskStore, name: &str) -> Result<bool> {
         let chain = self.chain_of(store, name).await?;
         if store == DiskStore::Image {
             for ami in self.images(TAG_NAME, name).await? {
@@ -308,6 +412,7 @@ impl Api {
         size: u64,
         owner: Option<&str>,
         parent: Option<&str>,
+        seq: u64,
     ) -> Result<String> {
         let gib = i32::try_from(size.div_ceil(GIB).max(1)).unwrap_or(i32::MAX);
         let mut tags = vec![
@@ -315,6 +420,7 @@ impl Api {
             (TAG_NAME, name.to_owned()),
             (TAG_SIZE, size.to_string()),
             (TAG_STATE, "writing".to_owned()),
+            (TAG_SEQ, seq.to_string()),
         ];
         if let Some(o) = owner {
             tags.push((TAG_OWNER, o.to_owned()));
@@ -343,8 +449,7 @@ impl Api {
     }
 
     /// Completes snapshot `id` of disk `name` of `store` after `changed`
-    /// blocks, and marks it complete; an image is registered as an AMI of
-    /// its name (replacing the AMI of an earlier snapshot).
+    /// blocks, and marks it complete ([`Self::mark_complete`]).
     async fn complete(
         &self,
         store: DiskStore,
@@ -360,6 +465,19 @@ impl Api {
             .send()
             .await
             .map_err(|e| sdk_err(&self.name, "CompleteSnapshot", &e))?;
+        self.mark_complete(store, name, id, owner).await
+    }
+
+    /// Marks completed snapshot `id` as the latest of disk `name` of
+    /// `store`; an image is registered as an AMI of its name (replacing
+    /// the AMI of an earlier snapshot).
+    async fn mark_complete(
+        &self,
+        store: DiskStore,
+        name: &str,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<()> {
         self.tag(id, &[(TAG_STATE.to_owned(), "complete".to_owned())])
             .await?;
         if store == DiskStore::Image {
@@ -401,6 +519,21 @@ pub(crate) struct SnapshotReader {
     size: u64,
     /// Block index → (snapshot, token) of every listed block.
     blocks: BTreeMap<u64, (String, String)>,
+    /// A snapshot taken for this reader alone, deleted with it.
+    temporary: Option<String>,
+}
+
+impl Drop for SnapshotReader {
+    fn drop(&mut self) {
+        if let Some(id) = self.temporary.take() {
+            let api = self.api.clone();
+            self.api.rt.spawn(async move {
+                if let Err(e) = api.delete_snapshot(&id).await {
+                    tracing::warn!(site = %api.name, snapshot = %id, error = %e, "a snapshot taken for reading could not be deleted");
+                }
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for SnapshotReader {
@@ -923,7 +1056,13 @@ impl Api {
         let latest = chain.iter().rev().find(|s| s.complete()).cloned();
         if let Some(l) = &latest {
             let held = l.tag(TAG_OWNER);
-            let ours = matches!((held, owner), (Some(h), Some(o)) if same_relocation(h, o));
+            // No owner on either side: a block-store write of a volume no
+            // relocation wrote.
+            let ours = match (held, owner) {
+                (Some(h), Some(o)) => same_relocation(h, o),
+                (None, None) => true,
+                _ => false,
+            };
             if !ours {
                 return Err(Error::Precondition(format!(
                     "{} {name} exists on site {} ({}), and this relocation did not write it",
@@ -970,6 +1109,7 @@ impl Api {
                 size,
                 owner,
                 latest.as_ref().map(|l| l.id.as_str()),
+                next_seq(&chain),
             )
             .await?;
         Ok(SnapshotWriter {
@@ -991,6 +1131,46 @@ impl Api {
     }
 }
 
+impl Aws {
+    /// Opens disk `name` of `store` for a write of `size` guest bytes by
+    /// `owner` (none: a block-store write), blocking.
+    pub(crate) fn write_as(
+        &self,
+        store: DiskStore,
+        name: &str,
+        size: u64,
+        owner: Option<&str>,
+    ) -> Result<Box<dyn DiskWriter>> {
+        let api = self.api.clone();
+        let (name, owner) = (name.to_owned(), owner.map(str::to_owned));
+        let w = self
+            .api
+            .rt
+            .block_on(async move { api.open_write(store, &name, size, owner.as_deref()).await })?;
+        Ok(Box::new(w))
+    }
+
+    /// Facts about disk `name` of `store`.
+    pub(crate) async fn disk_info(&self, store: DiskStore, name: &str) -> Result<ImageRecord> {
+        let api = self.api.clone();
+        let name = name.to_owned();
+        self.api
+            .on_rt(async move {
+                let snap = api.existing(store, &name).await?;
+                let r = api.open_snapshot(&snap).await?;
+                Ok(ImageRecord {
+                    name,
+                    format: ImageFormat::Raw,
+                    virtual_size: r.size,
+                    allocated: r.allocated(),
+                    backing: None,
+                    locator: snap.id,
+                })
+            })
+            .await
+    }
+}
+
 impl Disks for Aws {
     fn read(
         &self,
@@ -1001,10 +1181,10 @@ impl Disks for Aws {
         raw_only(format, &self.api.name)?;
         let api = self.api.clone();
         let name = name.to_owned();
-        let reader = self.api.rt.block_on(async move {
-            let snap = api.existing(store, &name).await?;
-            api.open_snapshot(&snap).await
-        })?;
+        let reader = self
+            .api
+            .rt
+            .block_on(async move { api.open_disk(store, &name).await })?;
         Ok(Box::new(reader))
     }
 
@@ -1017,13 +1197,7 @@ impl Disks for Aws {
         owner: &str,
     ) -> Result<Box<dyn DiskWriter>> {
         raw_only(format, &self.api.name)?;
-        let api = self.api.clone();
-        let (name, owner) = (name.to_owned(), owner.to_owned());
-        let w = self.api.rt.block_on(async move {
-            api.open_write(store, &name, virtual_size, Some(&owner))
-                .await
-        })?;
-        Ok(Box::new(w))
+        self.write_as(store, name, virtual_size, Some(owner))
     }
 
     fn remove(&self, store: DiskStore, name: &str, owner: &str) -> Result<bool> {
@@ -1081,22 +1255,7 @@ impl ImageStore for Aws {
     }
 
     async fn image_info(&self, name: &str) -> Result<ImageRecord> {
-        let api = self.api.clone();
-        let name = name.to_owned();
-        self.api
-            .on_rt(async move {
-                let snap = api.existing(DiskStore::Image, &name).await?;
-                let r = api.open_snapshot(&snap).await?;
-                Ok(ImageRecord {
-                    name,
-                    format: ImageFormat::Raw,
-                    virtual_size: r.size,
-                    allocated: r.allocated(),
-                    backing: None,
-                    locator: snap.id,
-                })
-            })
-            .await
+        self.disk_info(DiskStore::Image, name).await
     }
 
     /// The stream is the disk's guest bytes (EBS keeps raw blocks). It is
@@ -1134,10 +1293,7 @@ impl ImageStore for Aws {
         let name = name.to_owned();
         let reader = self
             .api
-            .on_rt(async move {
-                let snap = api.existing(DiskStore::Image, &name).await?;
-                api.open_snapshot(&snap).await
-            })
+            .on_rt(async move { api.open_disk(DiskStore::Image, &name).await })
             .await?;
         let (mut tx, rx) = tokio::io::duplex(4 * BLOCK as usize);
         self.api.rt.spawn(async move {

@@ -17,6 +17,8 @@
 
 mod ebs;
 mod ec2;
+mod instances;
+mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use fluidcloud_plugins::{Diagnostic, Error, Result};
 
 use super::DriverDescriptor;
 use super::s3buckets::S3Buckets;
-use crate::config::SiteConfig;
+use crate::config::{AwsConfig, SiteConfig};
 use crate::driver::{BlockStore, Compute, Disks, ImageStore, Inventory, ObjectStorage, SiteDriver};
 
 /// Registration of the `aws` kind.
@@ -162,11 +164,18 @@ impl std::fmt::Debug for Api {
     }
 }
 
-/// An AWS region (or an endpoint that speaks for one).
-#[derive(Debug)]
+/// An AWS region (or an endpoint that speaks for one). Clones share
+/// everything.
+#[derive(Debug, Clone)]
 pub struct Aws {
     api: Api,
     buckets: S3Buckets,
+    /// The EC2 side: subnet, security groups, instance types, config bucket.
+    config: AwsConfig,
+    /// The region's instance types, listed once.
+    types: Arc<tokio::sync::OnceCell<Vec<ec2::InstanceType>>>,
+    /// Volumes with block-store writes not yet flushed.
+    writes: Arc<volumes::OpenWrites>,
 }
 
 fn config_error(site: &str, key: &str, message: impl Into<String>) -> crate::Error {
@@ -259,7 +268,11 @@ impl Aws {
                 ebs: aws_sdk_ebs::Client::from_conf(ebs_config),
                 rt: Arc::new(Rt(Some(rt))),
             },
-            buckets: S3Buckets::from_config(name, &bucket_config)?,
+            buckets: S3Buckets::from_config(name, &bucket_config)?
+                .keeping_own(config.aws.as_ref().and_then(|a| a.config_bucket.clone())),
+            config: config.aws.clone().unwrap_or_default(),
+            types: Arc::default(),
+            writes: Arc::default(),
         })
     }
 }
@@ -357,7 +370,7 @@ impl SiteDriver for Aws {
     }
 
     fn inventory(&self) -> Option<&dyn Inventory> {
-        None
+        Some(self)
     }
 
     fn image_store(&self) -> Option<&dyn ImageStore> {
@@ -365,7 +378,7 @@ impl SiteDriver for Aws {
     }
 
     fn block_store(&self) -> Option<&dyn BlockStore> {
-        None
+        Some(self)
     }
 
     fn object_storage(&self) -> Option<&dyn ObjectStorage> {
@@ -373,7 +386,7 @@ impl SiteDriver for Aws {
     }
 
     fn compute(&self) -> Option<&dyn Compute> {
-        None
+        Some(self)
     }
 
     fn disks(&self) -> Option<&dyn Disks> {
