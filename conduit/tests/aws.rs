@@ -37,6 +37,11 @@ struct Moto {
 
 impl Moto {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// With `env` set for the server (moto's own settings).
+    fn start_with(name: &str, env: &[(&str, &str)]) -> Self {
         // The keys the sites file names (moto takes any): set before this
         // test process starts any thread that reads the environment
         // (nextest runs each test in a process of its own).
@@ -48,6 +53,7 @@ impl Moto {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("moto-{name}"));
         let out = Command::new(script())
             .args(["start", dir.to_str().unwrap()])
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(
@@ -332,6 +338,39 @@ fn the_second_precopy_puts_only_the_blocks_that_changed() {
     // Read back through the chain, every byte is the source's.
     transfer(&cloud, &b, "db.raw", "r9/back:db.raw").unwrap();
     assert_eq!(sha256(&src), sha256(&b.root().join("images/db.raw")));
+}
+
+#[tokio::test]
+async fn keys_the_endpoint_refuses_are_a_clear_permission_error() {
+    // moto checks keys against its IAM users when told to from the first
+    // call; the test's keys belong to none.
+    let moto = Moto::start_with("bad-keys", &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let site = aws(&moto.url);
+    let e = site.check().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::PermissionDenied { what, site: Some(s) }
+            if s == "aws-test" && what.contains("AuthFailure") && what.contains("DescribeSnapshots")),
+        "{e:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let a = local(dir.path(), "a");
+    source_image(&a, "web.raw");
+    let site = Arc::new(site);
+    let moved = {
+        let site = site.clone();
+        tokio::task::spawn_blocking(move || transfer(&a, site.as_ref(), "web.raw", "r1/x"))
+            .await
+            .unwrap()
+    };
+    assert!(
+        matches!(moved, Err(Error::PermissionDenied { .. })),
+        "{moved:?}"
+    );
+    let e = fluidcloud_conduit::driver::ObjectStorage::list_buckets(site.object_storage().unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("InvalidAccessKeyId") || e.contains("403"), "{e}");
 }
 
 #[test]
