@@ -2,14 +2,13 @@
 //! through the EBS direct APIs (`aws-sdk-ebs`), images registered as AMIs,
 //! buckets on S3. `docs/aws.md` shows how to point it at an account.
 //!
-//! What it offers today, and what it reports as missing (never faked):
-//!
 //! | capability | how |
 //! |---|---|
 //! | image store | an image is the latest completed snapshot tagged `fluidcloud:store=image`, `fluidcloud:name=NAME`, registered as an AMI of that name |
-//! | whole-disk streams | images and volumes read with `ListSnapshotBlocks`/`GetSnapshotBlock` (holes skipped) and written with `StartSnapshot`/`PutSnapshotBlock`/`CompleteSnapshot`, allocated 512 KiB blocks only, in parallel, each with its SHA-256 |
+//! | block store | a volume is the same, tagged `fluidcloud:store=volume` (`volumes`) |
+//! | whole-disk streams | images and volumes read with `ListSnapshotBlocks`/`GetSnapshotBlock` (holes skipped) and written with `StartSnapshot`/`PutSnapshotBlock`/`CompleteSnapshot`, allocated 512 KiB blocks only, in parallel, each with its SHA-256; a launched instance's disk is read from a snapshot of its EBS volume |
 //! | object storage | S3 buckets of the region (or `endpoint_url`), through object_store |
-//! | inventory, compute, block store | missing: EC2 instances and volumes come with the next step of the AWS issue |
+//! | compute, inventory | EC2 instances defined as launch templates and launched at start (`instances`); config files in the bucket `aws.config_bucket` |
 //!
 //! Every snapshot and AMI it makes carries `fluidcloud:owner` (the
 //! relocation and step that made it), so only that relocation's rollback
@@ -36,7 +35,7 @@ use crate::driver::{BlockStore, Compute, Disks, ImageStore, Inventory, ObjectSto
 pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
     kind: "aws",
     disk_bus: false,
-    help: "an AWS region: images and volumes as EBS snapshots (EBS direct APIs) and AMIs, buckets on S3",
+    help: "an AWS region: images and volumes as EBS snapshots (EBS direct APIs) and AMIs, instances on EC2, buckets on S3",
     options: &[
         ("region", "the region, e.g. eu-west-3 (required)"),
         (
@@ -46,6 +45,10 @@ pub const DESCRIPTOR: DriverDescriptor = DriverDescriptor {
         (
             "credentials",
             "{ access_key_id_env, secret_access_key_env, token_env }: the variables holding the keys; without it, the SDK's default chain (profile, SSO, instance role)",
+        ),
+        (
+            "aws",
+            "{ subnet_id, security_group_ids, instance_types, default_image_id, config_bucket }: where instances go and where config files live",
         ),
     ],
     open,
