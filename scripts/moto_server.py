@@ -19,12 +19,14 @@ def create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
     snapshot = _create_snapshot(self, volume_id, description, owner_id, from_ami)
     source_id = getattr(snapshot.volume, "snapshot_id", None)
     ebs = ebs_backends[self.account_id][self.region_name]
+    if snapshot.id in ebs.snapshots or from_ami:
+        return snapshot
     source = ebs.snapshots.get(source_id) if source_id else None
-    if source is not None:
-        copy = EBSSnapshot(account_id=self.account_id, snapshot=snapshot)
-        copy.blocks = dict(source.blocks)
-        copy.status = "completed"
-        ebs.snapshots[snapshot.id] = copy
+    copy = EBSSnapshot(account_id=self.account_id, snapshot=snapshot)
+    # A volume no snapshot filled and no guest wrote reads as zeros.
+    copy.blocks = dict(source.blocks) if source is not None else {}
+    copy.status = "completed"
+    ebs.snapshots[snapshot.id] = copy
     return snapshot
 
 

@@ -120,10 +120,10 @@ fn tree(dir: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn the_demo_shop_goes_into_aws_runs_there_and_comes_back_byte_for_byte() {
-    let moto = Moto::start("relocate-aws");
-    let (dir, config) = common::fresh_demo("aws");
+/// A fresh demo environment with site `aws-virginia` at `moto`, its
+/// config files in bucket `fc-shop-config`.
+fn demo_with_aws(moto: &Moto, name: &str) -> (PathBuf, String) {
+    let (dir, config) = common::fresh_demo(name);
     moto.boto3("s3.create_bucket(Bucket='fc-shop-config')['ResponseMetadata']['HTTPStatusCode']");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!(
@@ -144,6 +144,13 @@ aws = {{ config_bucket = "fc-shop-config" }}
         url = moto.url
     ));
     std::fs::write(&config, text).unwrap();
+    (dir, config)
+}
+
+#[test]
+fn the_demo_shop_goes_into_aws_runs_there_and_comes_back_byte_for_byte() {
+    let moto = Moto::start("relocate-aws");
+    let (dir, config) = demo_with_aws(&moto, "aws");
     let paris = dir.join("sites/dc-paris");
 
     // Into AWS.
@@ -227,4 +234,141 @@ aws = {{ config_bucket = "fc-shop-config" }}
         states.as_array().unwrap().iter().all(|s| s != "running"),
         "the instances in AWS are stopped once the shop left: {states}"
     );
+}
+
+/// Python that puts blocks `blocks` of 512 KiB into a new 1 GiB snapshot
+/// through the EBS direct APIs, block `k` filled with byte `k % 251 + 1`;
+/// evaluates to its id.
+fn snapshot_with(blocks: &[u64]) -> String {
+    format!(
+        "(lambda s: ([ebs.put_snapshot_block(SnapshotId=s, BlockIndex=k, BlockData=bytes([k % 251 + 1]) * 524288, DataLength=524288, \
+         Checksum=__import__('base64').b64encode(__import__('hashlib').sha256(bytes([k % 251 + 1]) * 524288).digest()).decode(), ChecksumAlgorithm='SHA256') for k in {blocks:?}], \
+         ebs.complete_snapshot(SnapshotId=s, ChangedBlocksCount={n}), s)[-1])(ebs.start_snapshot(VolumeSize=1)['SnapshotId'])",
+        n = blocks.len()
+    )
+}
+
+/// A 1 GiB raw disk as [`snapshot_with`] fills it.
+fn disk_with(path: &Path, blocks: &[u64]) {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(1 << 30).unwrap();
+    for &k in blocks {
+        f.write_all_at(&vec![(k % 251 + 1) as u8; 512 << 10], k * (512 << 10))
+            .unwrap();
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[test]
+fn a_service_that_was_never_fluidclouds_leaves_aws_and_nothing_there_is_deleted() {
+    let moto = Moto::start("relocate-aws-legacy");
+    let (dir, config) = demo_with_aws(&moto, "aws-legacy");
+    // Made with boto3, as a user's service: an instance booting from one
+    // volume with another attached, tagged with its service.
+    let (root_blocks, data_blocks) = ([0u64, 1, 7, 900], [3u64, 4, 2000, 2047]);
+    let launched = moto.boto3(&format!(
+        "(lambda ami, root, data: ec2.run_instances(ImageId=ami['ImageId'], InstanceType='t3.medium', MinCount=1, MaxCount=1, \
+           BlockDeviceMappings=[{{'DeviceName': ami['RootDeviceName'], 'Ebs': {{'SnapshotId': root}}}}, {{'DeviceName': '/dev/sdf', 'Ebs': {{'SnapshotId': data}}}}], \
+           TagSpecifications=[{{'ResourceType': 'instance', 'Tags': [{{'Key': 'Name', 'Value': 'legacy-app'}}, {{'Key': 'fluidcloud:service', 'Value': 'legacy'}}]}}])['Instances'][0])\
+         (ec2.describe_images(Owners=['amazon'])['Images'][0], {}, {})",
+        snapshot_with(&root_blocks),
+        snapshot_with(&data_blocks)
+    ));
+    let id = launched["InstanceId"].as_str().unwrap().to_owned();
+    let volumes: Vec<(String, String)> = launched["BlockDeviceMappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["DeviceName"].as_str().unwrap().to_owned(),
+                m["Ebs"]["VolumeId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let data_vol = volumes
+        .iter()
+        .find(|(d, _)| d == "/dev/sdf")
+        .unwrap()
+        .1
+        .clone();
+    let root_vol = volumes
+        .iter()
+        .find(|(d, _)| d != "/dev/sdf")
+        .unwrap()
+        .1
+        .clone();
+
+    // Introspection sees it as EC2 describes it.
+    let shown = ok(&run(&[
+        "--config",
+        &config,
+        "introspect",
+        "aws-virginia",
+        "--service",
+        "legacy",
+        "--json",
+    ]));
+    assert!(
+        shown.contains("legacy-app") && shown.contains(&data_vol),
+        "{shown}"
+    );
+
+    ok(&run(&[
+        "--config",
+        &config,
+        "relocate",
+        "--from",
+        "aws-virginia",
+        "--service",
+        "legacy",
+        "--to",
+        "edge-rennes",
+        "--yes",
+    ]));
+    let rennes = dir.join("sites/edge-rennes");
+    let want = tempfile::tempdir().unwrap();
+    for (vol, blocks, store) in [
+        (&root_vol, &root_blocks, "images"),
+        (&data_vol, &data_blocks, "volumes"),
+    ] {
+        let expected = want.path().join(vol);
+        disk_with(&expected, blocks);
+        let got = std::fs::read_dir(rennes.join(store))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with(vol.as_str())
+            })
+            .unwrap_or_else(|| panic!("{vol} is not in {store} at edge-rennes"));
+        assert_eq!(sha256(&expected), guest_sha256(&got, want.path()), "{vol}");
+    }
+    assert_eq!(
+        common::instance_state(&dir, "edge-rennes", "legacy-app"),
+        "running"
+    );
+    let at_rennes = std::fs::read_to_string(rennes.join("instances/legacy-app.toml")).unwrap();
+    assert!(
+        at_rennes.contains("vcpus = 2") && at_rennes.contains("memory_mib = 4096"),
+        "t3.medium's size: {at_rennes}"
+    );
+    // In AWS: the instance stopped (one live copy), both volumes still
+    // there, no snapshot of fluidcloud's left, nothing deleted.
+    let after = moto.boto3(&format!(
+        "[ec2.describe_instances(InstanceIds=['{id}'])['Reservations'][0]['Instances'][0]['State']['Name'], \
+          sorted(v['VolumeId'] for v in ec2.describe_volumes(VolumeIds=['{root_vol}', '{data_vol}'])['Volumes']), \
+          len(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{{'Name': 'tag-key', 'Values': ['fluidcloud:read-of']}}])['Snapshots'])]"
+    ));
+    let mut vols = vec![root_vol.clone(), data_vol.clone()];
+    vols.sort();
+    assert_eq!(after, serde_json::json!(["stopped", vols, 0]));
 }

@@ -225,11 +225,21 @@ async fn the_aws_driver_passes_the_conformance_suite_on_moto() {
     moto.boto3(
         "boto3.client('s3', **kw).create_bucket(Bucket='fc-config')['ResponseMetadata']['HTTPStatusCode']",
     );
+    // A subnet holding the suite's address (10.99.0.1), and a group.
+    let net = moto.boto3(
+        "(lambda vpc: (lambda sub, sg: [sub, sg])(\
+           ec2.create_subnet(VpcId=vpc, CidrBlock='10.99.0.0/24')['Subnet']['SubnetId'], \
+           ec2.create_security_group(VpcId=vpc, GroupName='fc-web', Description='web')['GroupId']))\
+         (ec2.create_vpc(CidrBlock='10.99.0.0/16')['Vpc']['VpcId'])",
+    );
+    let (subnet, group) = (net[0].as_str().unwrap(), net[1].as_str().unwrap());
     let mut config = aws_config(&moto.url);
     config.aws = Some(AwsConfig {
         default_image_id: Some(ami.as_str().unwrap().to_owned()),
         config_bucket: Some("fc-config".into()),
-        ..AwsConfig::default()
+        subnet_id: Some(subnet.to_owned()),
+        security_group_ids: vec![group.to_owned()],
+        instance_types: vec!["t3.".into()],
     });
     let site = Aws::open("aws-test", &config).unwrap();
     conformance::run_all(&site).await.unwrap();
@@ -254,6 +264,16 @@ async fn the_aws_driver_passes_the_conformance_suite_on_moto() {
         "[len(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{'Name': 'tag-key', 'Values': ['fluidcloud:name']}])['Snapshots']), len(ec2.describe_images(Owners=['self'])['Images']), len(ec2.describe_launch_templates()['LaunchTemplates']), [i['State']['Name'] for r in ec2.describe_instances()['Reservations'] for i in r['Instances']]]",
     );
     assert_eq!(left, serde_json::json!([0, 0, 0, ["terminated"]]));
+    // The instance had the suite's address in the subnet, the group, and
+    // the smallest t3 type with 1 vCPU and 256 MiB.
+    let launched = moto.boto3(
+        "(lambda i: [i['InstanceType'], i.get('SubnetId'), i.get('PrivateIpAddress'), [g['GroupId'] for n in i['NetworkInterfaces'] for g in n['Groups']]])\
+         (ec2.describe_instances()['Reservations'][0]['Instances'][0])",
+    );
+    assert_eq!(
+        launched,
+        serde_json::json!(["t3.nano", subnet, "10.99.0.1", [group]])
+    );
 }
 
 #[test]

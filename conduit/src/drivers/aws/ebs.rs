@@ -221,12 +221,12 @@ impl Api {
         self.mark_complete(store, name, &id, owner).await
     }
 
-    /// Disk `snap` as the guest of a launched instance left it in
-    /// `volume`: a snapshot of the volume, deleted when the reader goes.
-    async fn open_volume(&self, snap: &Snapshot, volume: &str) -> Result<SnapshotReader> {
+    /// Volume `volume` as it holds `size` guest bytes now: a snapshot of
+    /// it (tagged as read for `of`), deleted when the reader goes.
+    async fn open_volume(&self, volume: &str, size: u64, of: &str) -> Result<SnapshotReader> {
         let tags = [
-            ("fluidcloud:read-of".to_owned(), snap.id.clone()),
-            (TAG_SIZE.to_owned(), size_of(snap).to_string()),
+            ("fluidcloud:read-of".to_owned(), of.to_owned()),
+            (TAG_SIZE.to_owned(), size.to_string()),
         ];
         let id = self.snapshot_volume(volume, &tags).await?;
         let opened = async {
@@ -250,13 +250,26 @@ impl Api {
         }
     }
 
+    /// The size of EBS volume `name` when disk `name` of `store` is not a
+    /// disk fluidcloud keeps but a volume (`vol-…`) of an instance it did
+    /// not define.
+    async fn foreign_volume(&self, store: DiskStore, name: &str) -> Result<Option<u64>> {
+        if !name.starts_with("vol-") || self.latest(store, name).await?.is_some() {
+            return Ok(None);
+        }
+        Ok(self.volume_gib(name).await?.map(|g| g * GIB))
+    }
+
     /// Opens disk `name` of `store` as its guest sees it now: from the
     /// volume of the instance it is attached to, if one was launched,
     /// else from its latest snapshot.
     async fn open_disk(&self, store: DiskStore, name: &str) -> Result<SnapshotReader> {
+        if let Some(size) = self.foreign_volume(store, name).await? {
+            return self.open_volume(name, size, name).await;
+        }
         let snap = self.existing(store, name).await?;
         match self.attached(store, name).await? {
-            Some((_, volume)) => self.open_volume(&snap, &volume).await,
+            Some((_, volume)) => self.open_volume(&volume, size_of(&snap), &snap.id).await,
             None => self.open_snapshot(&snap).await,
         }
     }
@@ -1156,6 +1169,17 @@ impl Aws {
         let name = name.to_owned();
         self.api
             .on_rt(async move {
+                if let Some(size) = api.foreign_volume(store, &name).await? {
+                    // Its allocation is known only once read.
+                    return Ok(ImageRecord {
+                        locator: name.clone(),
+                        name,
+                        format: ImageFormat::Raw,
+                        virtual_size: size,
+                        allocated: size,
+                        backing: None,
+                    });
+                }
                 let snap = api.existing(store, &name).await?;
                 let r = api.open_snapshot(&snap).await?;
                 Ok(ImageRecord {
@@ -1226,6 +1250,10 @@ impl Disks for Aws {
         let api = self.api.clone();
         let name = name.to_owned();
         self.api.rt.block_on(async move {
+            if api.foreign_volume(store, &name).await?.is_some() {
+                // A volume of an instance fluidcloud did not define.
+                return Ok(Some(None));
+            }
             Ok(api
                 .latest(store, &name)
                 .await?

@@ -46,6 +46,10 @@ pub(crate) struct Instance {
     /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`,
     /// `terminated`.
     pub state: String,
+    /// Its type (`t3.micro`).
+    pub instance_type: String,
+    /// The device it boots from (`/dev/xvda`).
+    pub root_device: Option<String>,
     /// Its private addresses, primary first.
     pub private_ips: Vec<String>,
     /// (device name, `vol-…`) of each EBS volume attached.
@@ -349,16 +353,23 @@ impl Api {
         }
     }
 
-    /// Launches one instance from template `template`. `token` makes a
+    /// Launches one instance from template `template`, with `extra`
+    /// parameters (its network interface). `token` makes a
     /// repeated call (a retry after a lost answer) return the instance the
     /// first one launched instead of a second.
-    pub(crate) async fn run_instance(&self, template: &str, token: &str) -> Result<Instance> {
-        let p = params([
+    pub(crate) async fn run_instance(
+        &self,
+        template: &str,
+        token: &str,
+        extra: Vec<(String, String)>,
+    ) -> Result<Instance> {
+        let mut p = params([
             ("LaunchTemplate.LaunchTemplateId", template),
             ("MinCount", "1"),
             ("MaxCount", "1"),
             ("ClientToken", token),
         ]);
+        p.extend(extra);
         let xml = self.ec2("RunInstances", &p).await?;
         parse_instances(&xml)
             .map_err(|e| bad("RunInstances", &e))?
@@ -416,6 +427,18 @@ impl Api {
         p.extend(tag_params("TagSpecification.1.Tag", tags));
         let xml = self.ec2("CreateSnapshot", &p).await?;
         first_text(&xml, "snapshotId").ok_or_else(|| bad("CreateSnapshot", "no snapshotId"))
+    }
+
+    /// The size in GiB of EBS volume `id`; `None` when there is none.
+    pub(crate) async fn volume_gib(&self, id: &str) -> Result<Option<u64>> {
+        match self
+            .ec2("DescribeVolumes", &params([("VolumeId.1", id)]))
+            .await
+        {
+            Ok(xml) => Ok(first_text(&xml, "size").and_then(|s| s.parse().ok())),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Snapshot `id`.
@@ -549,6 +572,8 @@ fn parse_instances(xml: &str) -> std::result::Result<Vec<Instance>, String> {
                 .next()
                 .and_then(|s| text_of(s, "name"))
                 .unwrap_or_default(),
+            instance_type: text_of(item, "instanceType").unwrap_or_default(),
+            root_device: text_of(item, "rootDeviceName"),
             private_ips,
             volumes,
             tags: tags_in(item, "tagSet"),

@@ -4,10 +4,10 @@
 //!   or costs money: the target of a relocation is defined while its
 //!   source still serves, and two live copies must never run. The
 //!   template names the AMI of the boot disk, the instance type chosen
-//!   from the vCPUs and memory, one network interface (in `aws.subnet_id`
-//!   with the planned private address, in `aws.security_group_ids`), and
-//!   a volume created from the latest snapshot of each of the instance's
-//!   volumes. It is tagged with the instance's name and the whole record
+//!   from the vCPUs and memory, and a volume created from the latest
+//!   snapshot of each of the instance's volumes. Its network interface
+//!   (in `aws.subnet_id` with the planned private address, in
+//!   `aws.security_group_ids`) is given at launch. It is tagged with the instance's name and the whole record
 //!   (JSON, base64, in tags of 255 characters), so inventory gives back
 //!   exactly what was defined.
 //! - **Starting** launches the instance from its template the first time
@@ -136,6 +136,39 @@ fn choose_type<'a>(
         .min_by(|a, b| (a.vcpus, a.memory_mib, &a.name).cmp(&(b.vcpus, b.memory_mib, &b.name)))
 }
 
+/// The name an instance fluidcloud did not define goes by: its `Name`
+/// tag when that is a plain name, else its id.
+fn foreign_name(i: &Instance) -> String {
+    tag_of(&i.tags, "Name")
+        .filter(|n| crate::relocate::lock::is_plain_name(n))
+        .map_or_else(|| i.id.clone(), str::to_owned)
+}
+
+/// The record of instance `i`, which fluidcloud did not define, from what
+/// EC2 says of it: its disks are its EBS volumes, by id (the root device
+/// boots it), read as they are (`crate::drivers::aws::ebs`).
+fn foreign_record(i: &Instance, types: &[InstanceType]) -> InstanceRecord {
+    let t = types.iter().find(|t| t.name == i.instance_type);
+    let mut r = InstanceRecord::new(
+        foreign_name(i),
+        t.map_or(0, |t| t.vcpus),
+        t.map_or(0, |t| t.memory_mib),
+    );
+    r.service = tag_of(&i.tags, TAG_SERVICE).map(str::to_owned);
+    r.state = instance_state(Some(i));
+    r.addresses.clone_from(&i.private_ips);
+    for (device, vol) in &i.volumes {
+        if Some(device) == i.root_device.as_ref() {
+            r.boot_image = Some(vol.clone());
+        } else {
+            r.volumes.push(vol.clone());
+        }
+        r.formats
+            .insert(vol.clone(), fluidcloud_plugins::ImageFormat::Raw);
+    }
+    r
+}
+
 fn instance_state(i: Option<&Instance>) -> InstanceState {
     match i.map(|i| i.state.as_str()) {
         Some("pending" | "running" | "stopping" | "shutting-down") => InstanceState::Running,
@@ -244,37 +277,67 @@ impl Api {
     }
 }
 
-impl Aws {
-    fn not_defined(&self, name: &str) -> Error {
-        Error::NotFound {
-            what: format!("instance {name}"),
-            site: Some(self.api.name.clone()),
-        }
-    }
+/// An instance of the site as compute finds it by name.
+struct Found {
+    /// Its definition, when fluidcloud defined it.
+    defined: Option<Defined>,
+    /// Its EC2 instance, when launched (and not terminated).
+    launched: Option<Instance>,
+}
 
-    async fn one(&self, name: &str) -> Result<Defined> {
+impl Aws {
+    /// Instance `name`: one fluidcloud defined, or one of a service
+    /// (tagged `fluidcloud:service`), or `NotFound`.
+    async fn find(&self, name: &str) -> Result<Found> {
         super::ebs::check_name(name)?;
         let api = self.api.clone();
         let owned = name.to_owned();
-        self.api
-            .on_rt(async move { api.defined(Some(&owned)).await })
-            .await?
-            .into_iter()
-            .find(|d| d.record.name == name)
-            .ok_or_else(|| self.not_defined(name))
+        let found = self
+            .api
+            .on_rt(async move {
+                let defined = api
+                    .defined(Some(&owned))
+                    .await?
+                    .into_iter()
+                    .find(|d| d.record.name == owned);
+                let launched = match &defined {
+                    Some(_) => api.launched(&owned).await?,
+                    None => api
+                        .instances(TAG_SERVICE, None)
+                        .await?
+                        .into_iter()
+                        .find(|i| {
+                            tag_of(&i.tags, TAG_INSTANCE).is_none() && foreign_name(i) == owned
+                        }),
+                };
+                Ok(Found { defined, launched })
+            })
+            .await?;
+        if found.defined.is_none() && found.launched.is_none() {
+            return Err(Error::NotFound {
+                what: format!("instance {name}"),
+                site: Some(self.api.name.clone()),
+            });
+        }
+        Ok(found)
     }
 
-    /// The instance type for `record`, from the region's types (listed once).
-    async fn instance_type(&self, record: &InstanceRecord) -> Result<String> {
-        let types = self
-            .types
+    /// The region's instance types, listed once.
+    async fn types(&self) -> Result<&[InstanceType]> {
+        self.types
             .get_or_try_init(|| async {
                 let api = self.api.clone();
                 self.api
                     .on_rt(async move { api.instance_types().await })
                     .await
             })
-            .await?;
+            .await
+            .map(Vec::as_slice)
+    }
+
+    /// The instance type for `record`, from the region's types (listed once).
+    async fn instance_type(&self, record: &InstanceRecord) -> Result<String> {
+        let types = self.types().await?;
         choose_type(
             types,
             record.vcpus,
@@ -382,7 +445,16 @@ impl Aws {
             ));
             p.push((k("Ebs.DeleteOnTermination"), "true".into()));
         }
-        let nic = |f: &str| format!("LaunchTemplateData.NetworkInterface.1.{f}");
+        Ok(p)
+    }
+
+    /// The `RunInstances` parameters of `record`'s network interface: in
+    /// `aws.subnet_id` with the record's first address, in
+    /// `aws.security_group_ids`. (Given at launch rather than in the
+    /// template: EC2 takes both, moto only this.)
+    fn interface_params(&self, record: &InstanceRecord) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let nic = |f: &str| format!("NetworkInterface.1.{f}");
         if let Some(subnet) = &self.config.subnet_id {
             p.push((nic("DeviceIndex"), "0".into()));
             p.push((nic("SubnetId"), subnet.clone()));
@@ -394,13 +466,10 @@ impl Aws {
             }
         } else {
             for (i, g) in self.config.security_group_ids.iter().enumerate() {
-                p.push((
-                    format!("LaunchTemplateData.SecurityGroupId.{}", i + 1),
-                    g.clone(),
-                ));
+                p.push((format!("SecurityGroupId.{}", i + 1), g.clone()));
             }
         }
-        Ok(p)
+        p
     }
 
     /// Snapshots each volume of launched instance `d` as the latest state
@@ -469,27 +538,33 @@ impl Compute for Aws {
     }
 
     async fn start(&self, name: &str) -> Result<()> {
-        let d = self.one(name).await?;
+        let found = self.find(name).await?;
+        let interface = found
+            .defined
+            .as_ref()
+            .map(|d| self.interface_params(&d.record))
+            .unwrap_or_default();
         let api = self.api.clone();
         let name = name.to_owned();
         self.api
             .on_rt(async move {
-                let id = match api.launched(&name).await? {
-                    Some(i) if matches!(i.state.as_str(), "pending" | "running") => i.id,
-                    Some(i) if i.state == "shutting-down" => {
+                let id = match (found.launched, found.defined) {
+                    (Some(i), _) if matches!(i.state.as_str(), "pending" | "running") => i.id,
+                    (Some(i), _) if i.state == "shutting-down" => {
                         return Err(Error::Precondition(format!(
                             "site {}: instance {name} ({}) is being terminated",
                             api.name, i.id
                         )));
                     }
-                    Some(i) => {
-                        let i = api.wait_instance(&i.id, &["stopped"]).await?;
-                        let id = i.map(|i| i.id).unwrap_or_default();
-                        api.instance_action("StartInstances", &id).await?;
-                        id
+                    (Some(i), _) => {
+                        api.wait_instance(&i.id, &["stopped"]).await?;
+                        api.instance_action("StartInstances", &i.id).await?;
+                        i.id
                     }
-                    None => {
-                        let i = api.run_instance(&d.template.id, &d.template.id).await?;
+                    (None, Some(d)) => {
+                        let i = api
+                            .run_instance(&d.template.id, &d.template.id, interface)
+                            .await?;
                         if i.state == "terminated" {
                             return Err(Error::Precondition(format!(
                                 "site {}: instance {name} ({}) was terminated outside fluidcloud; undefine it and define it again",
@@ -498,6 +573,7 @@ impl Compute for Aws {
                         }
                         i.id
                     }
+                    (None, None) => unreachable!("find returns one or the other"),
                 };
                 api.wait_instance(&id, &["running"]).await.map(drop)
             })
@@ -505,14 +581,12 @@ impl Compute for Aws {
     }
 
     async fn stop(&self, name: &str) -> Result<()> {
-        self.one(name).await?;
+        let Some(i) = self.find(name).await?.launched else {
+            return Ok(());
+        };
         let api = self.api.clone();
-        let name = name.to_owned();
         self.api
             .on_rt(async move {
-                let Some(i) = api.launched(&name).await? else {
-                    return Ok(());
-                };
                 if i.state != "stopped" {
                     api.wait_instance(&i.id, &["running", "stopping", "stopped"])
                         .await?;
@@ -525,25 +599,18 @@ impl Compute for Aws {
     }
 
     async fn state(&self, name: &str) -> Result<InstanceState> {
-        self.one(name).await?;
-        let api = self.api.clone();
-        let name = name.to_owned();
-        let launched = self
-            .api
-            .on_rt(async move { api.launched(&name).await })
-            .await?;
-        Ok(instance_state(launched.as_ref()))
+        Ok(instance_state(self.find(name).await?.launched.as_ref()))
     }
 
     async fn undefine(&self, name: &str) -> Result<()> {
-        let d = self.one(name).await?;
-        let api = self.api.clone();
-        let owned = name.to_owned();
-        let launched = self
-            .api
-            .on_rt(async move { api.launched(&owned).await })
-            .await?;
-        if let Some(i) = &launched {
+        let found = self.find(name).await?;
+        let Some(d) = found.defined else {
+            return Err(Error::Precondition(format!(
+                "site {}: instance {name} was not defined by fluidcloud; it is left as it is",
+                self.api.name
+            )));
+        };
+        if let Some(i) = &found.launched {
             if instance_state(Some(i)) == InstanceState::Running {
                 return Err(Error::Precondition(format!(
                     "site {}: instance {name} ({}) is {}; stop it first",
@@ -555,7 +622,7 @@ impl Compute for Aws {
         let api = self.api.clone();
         self.api
             .on_rt(async move {
-                if let Some(i) = launched {
+                if let Some(i) = found.launched {
                     api.instance_action("TerminateInstances", &i.id).await?;
                     api.wait_instance(&i.id, &["terminated"]).await?;
                 }
@@ -565,16 +632,12 @@ impl Compute for Aws {
     }
 
     async fn console(&self, name: &str) -> Result<String> {
-        self.one(name).await?;
+        let Some(i) = self.find(name).await?.launched else {
+            return Ok(String::new());
+        };
         let api = self.api.clone();
-        let name = name.to_owned();
         self.api
-            .on_rt(async move {
-                match api.launched(&name).await? {
-                    Some(i) => api.console_output(&i.id).await,
-                    None => Ok(String::new()),
-                }
-            })
+            .on_rt(async move { api.console_output(&i.id).await })
             .await
     }
 }
@@ -637,7 +700,8 @@ impl Aws {
 impl Inventory for Aws {
     async fn instances(&self) -> Result<Vec<InstanceRecord>> {
         let api = self.api.clone();
-        self.api
+        let mut records = self
+            .api
             .on_rt(async move {
                 let defined = api.defined(None).await?;
                 let launched = api.instances(TAG_INSTANCE, None).await?;
@@ -651,9 +715,34 @@ impl Inventory for Aws {
                         r.state = instance_state(i);
                         r
                     })
-                    .collect())
+                    .collect::<Vec<_>>())
             })
-            .await
+            .await?;
+        // Instances of a service that fluidcloud did not define.
+        let api = self.api.clone();
+        let foreign = self
+            .api
+            .on_rt(async move { api.instances(TAG_SERVICE, None).await })
+            .await?;
+        let foreign: Vec<Instance> = foreign
+            .into_iter()
+            .filter(|i| tag_of(&i.tags, TAG_INSTANCE).is_none())
+            .collect();
+        if !foreign.is_empty() {
+            let types = self.types().await?;
+            for i in &foreign {
+                let r = foreign_record(i, types);
+                if records.iter().any(|d| d.name == r.name) {
+                    return Err(Error::Precondition(format!(
+                        "site {}: two instances are named {} (EC2 {} and another)",
+                        self.api.name, r.name, i.id
+                    )));
+                }
+                records.push(r);
+            }
+        }
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(records)
     }
 
     async fn config_file(&self, path: &str) -> Result<ConfigFileRecord> {
