@@ -15,6 +15,9 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, path::Path};
 
+/// What a get hands each chunk of the stream to.
+type Check = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Objects in flight at once, for both clients.
 const PARALLEL: usize = 32;
 
@@ -67,11 +70,7 @@ fn body(i: usize, len: usize) -> Bytes {
 trait Client: Send + Sync {
     fn put(&self, key: String, data: Bytes) -> futures::future::BoxFuture<'_, ()>;
     /// Streams object `key` into `check` chunk by chunk; its length.
-    fn get(
-        &self,
-        key: String,
-        check: Box<dyn FnMut(&[u8]) + Send>,
-    ) -> futures::future::BoxFuture<'_, usize>;
+    fn get(&self, key: String, check: Check) -> futures::future::BoxFuture<'_, usize>;
 }
 
 struct Os(Arc<dyn ObjectStore>);
@@ -85,11 +84,7 @@ impl Client for Os {
                 .expect("object_store put");
         })
     }
-    fn get(
-        &self,
-        key: String,
-        mut check: Box<dyn FnMut(&[u8]) + Send>,
-    ) -> futures::future::BoxFuture<'_, usize> {
+    fn get(&self, key: String, mut check: Check) -> futures::future::BoxFuture<'_, usize> {
         Box::pin(async move {
             let mut s = self
                 .0
@@ -123,11 +118,7 @@ impl Client for Sdk {
                 .expect("aws-sdk-s3 put");
         })
     }
-    fn get(
-        &self,
-        key: String,
-        mut check: Box<dyn FnMut(&[u8]) + Send>,
-    ) -> futures::future::BoxFuture<'_, usize> {
+    fn get(&self, key: String, mut check: Check) -> futures::future::BoxFuture<'_, usize> {
         Box::pin(async move {
             let mut body = self
                 .0
