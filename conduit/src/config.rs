@@ -106,6 +106,9 @@ pub struct SiteConfig {
     /// `aws` sites: where instances run and where config files live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsConfig>,
+    /// `openstack` sites: Keystone and the credentials' variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openstack: Option<OpenstackConfig>,
     /// Where the site is.
     pub location: Location,
     /// Legal jurisdiction, `/`-separated from broad to narrow (`EU/FR`).
@@ -234,6 +237,47 @@ pub struct AwsConfig {
     /// Without it the site keeps no config files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_bucket: Option<String>,
+}
+
+/// How an `openstack` site reaches its cloud: Keystone, and the names of
+/// the variables holding its password or application credential (never
+/// the values).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenstackConfig {
+    /// Keystone's URL (`https://keystone.example.net:5000`, with or
+    /// without `/v3`).
+    pub auth_url: String,
+    /// The project (by name) a password authenticates for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// The project's domain (default `Default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_domain: Option<String>,
+    /// The user (by name) a password belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The user's domain (default `Default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_domain: Option<String>,
+    /// The variable holding the user's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// The variable holding an application credential's id (instead of a
+    /// user and password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_credential_id_env: Option<String>,
+    /// The variable holding that application credential's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_credential_secret_env: Option<String>,
+    /// The catalog interface to use: `public` (default), `internal`,
+    /// `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// A PEM file of the CA that signs the cloud's certificates, besides
+    /// the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cacert: Option<PathBuf>,
 }
 
 /// How instances arriving at a site are adapted to it.

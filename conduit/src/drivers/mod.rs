@@ -10,7 +10,9 @@ pub mod aws;
 pub(crate) mod filedisk;
 pub mod libvirt;
 pub mod local;
+pub mod openstack;
 pub(crate) mod patchdisk;
+pub(crate) mod runtime;
 pub(crate) mod s3buckets;
 
 use crate::config::SiteConfig;
@@ -34,7 +36,12 @@ pub struct DriverDescriptor {
 }
 
 /// Every built-in driver.
-pub const DRIVERS: &[DriverDescriptor] = &[local::DESCRIPTOR, libvirt::DESCRIPTOR, aws::DESCRIPTOR];
+pub const DRIVERS: &[DriverDescriptor] = &[
+    local::DESCRIPTOR,
+    libvirt::DESCRIPTOR,
+    aws::DESCRIPTOR,
+    openstack::DESCRIPTOR,
+];
 
 /// Whether instances of sites of `kind` name their disks' bus
 /// ([`DriverDescriptor::disk_bus`]).

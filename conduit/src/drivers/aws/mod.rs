@@ -27,6 +27,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use fluidcloud_plugins::{Diagnostic, Error, Result};
 
 use super::DriverDescriptor;
+use super::runtime::{Rt, off_runtime};
 use super::s3buckets::S3Buckets;
 use crate::config::{AwsConfig, SiteConfig};
 use crate::driver::{BlockStore, Compute, Disks, ImageStore, Inventory, ObjectStorage, SiteDriver};
@@ -137,26 +138,6 @@ pub(crate) struct Api {
     rt: Arc<Rt>,
 }
 
-/// The driver's runtime, shut down in the background when the last clone
-/// of its site's calls goes (which may be inside a task of any runtime,
-/// where a runtime may not be dropped the usual way).
-pub(crate) struct Rt(Option<tokio::runtime::Runtime>);
-
-impl std::ops::Deref for Rt {
-    type Target = tokio::runtime::Runtime;
-    fn deref(&self) -> &Self::Target {
-        self.0.as_ref().expect("the runtime is there until dropped")
-    }
-}
-
-impl Drop for Rt {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Api")
@@ -221,14 +202,9 @@ impl Aws {
             None => None,
         };
         let (credentials, credentials_from) = credentials(name, config)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(format!("aws-{name}"))
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                crate::Error::site(name, Error::io("starting the AWS client's runtime", e))
-            })?;
+        let rt = Rt::new("aws", name).map_err(|e| {
+            crate::Error::site(name, Error::io("starting the AWS client's runtime", e))
+        })?;
         let sdk = {
             let mut b = aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .region(aws_config::Region::new(region.clone()))
@@ -269,7 +245,7 @@ impl Aws {
                 credentials,
                 credentials_from,
                 ebs: aws_sdk_ebs::Client::from_conf(ebs_config),
-                rt: Arc::new(Rt(Some(rt))),
+                rt: Arc::new(rt),
             },
             buckets: S3Buckets::from_config(name, &bucket_config)?
                 .keeping_own(config.aws.as_ref().and_then(|a| a.config_bucket.clone())),
@@ -301,12 +277,6 @@ impl Api {
             .await
             .map_err(|e| Error::Transient(format!("an AWS call stopped: {e}")))?
     }
-}
-
-/// Runs `f` on a thread of its own: drivers open from async code too,
-/// where blocking on a runtime is not allowed.
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 /// The credentials of site `name`: the variables `credentials` names, read
