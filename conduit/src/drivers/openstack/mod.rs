@@ -104,8 +104,8 @@ pub struct OpenStack {
     http: reqwest::Client,
     identity: Arc<keystone::Identity>,
     rt: Arc<Rt>,
-    /// The service types of the catalog, once a token brought it; empty
-    /// when Keystone could not be reached (`check` says why).
+    /// The service types of the catalog, once a token brought it (unset
+    /// while Keystone could not be reached; `check` says why).
     services: Arc<OnceLock<Vec<String>>>,
 }
 
@@ -260,18 +260,29 @@ impl OpenStack {
         off_runtime(|| self.rt.block_on(f))
     }
 
-    /// Whether the catalog lists service `kind` (asking Keystone the
-    /// first time).
+    /// Whether the catalog lists service `kind`. Keystone is asked until
+    /// it answers once: a site that could not reach it claims nothing,
+    /// and a long-running service sees its capabilities once it can.
     fn has(&self, kind: &str) -> bool {
-        let services = self.services.get_or_init(|| {
-            let this = self.clone();
-            self.block_on(async move {
-                let t = this.identity.token(&this.http, None).await?;
-                Ok(t.catalog.iter().map(|s| s.kind.clone()).collect())
-            })
-            .unwrap_or_default()
+        if let Some(services) = self.services.get() {
+            return services.iter().any(|s| s == kind);
+        }
+        let this = self.clone();
+        let asked = self.block_on(async move {
+            let t = this.identity.token(&this.http, None).await?;
+            Ok(t.catalog.iter().map(|s| s.kind.clone()).collect::<Vec<_>>())
         });
-        services.iter().any(|s| s == kind)
+        match asked {
+            Ok(services) => self
+                .services
+                .get_or_init(|| services)
+                .iter()
+                .any(|s| s == kind),
+            Err(e) => {
+                tracing::debug!(site = %self.name, error = %e, "Keystone could not be asked for the catalog");
+                false
+            }
+        }
     }
 
     /// Sends the request `build` makes for service `kind` (given its
