@@ -11,66 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{ok, relocate_shop};
-use serde_json::Value;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/aws")
-}
-
-/// A moto server of the test's own, stopped when dropped.
-struct Moto {
-    dir: PathBuf,
-    url: String,
-}
-
-impl Moto {
-    fn start(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("moto-{name}"));
-        let out = Command::new(script())
-            .args(["start", dir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "`scripts/aws start` exited {:?}: {} (run scripts/setup)",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        Self { dir, url }
-    }
-
-    /// `code`, a Python expression over boto3 clients `ec2`, `ebs` and
-    /// `s3`, evaluated at the endpoint and printed as JSON.
-    fn boto3(&self, code: &str) -> Value {
-        let program = format!(
-            "import boto3, json\n\
-             kw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
-             ec2 = boto3.client('ec2', **kw)\nebs = boto3.client('ebs', **kw)\ns3 = boto3.client('s3', **kw)\n\
-             print(json.dumps({code}, default=str))\n",
-            self.url
-        );
-        let out = Command::new(script())
-            .args(["python", "-c", &program])
-            .env_remove("AWS_CA_BUNDLE")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "boto3: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["stop", self.dir.to_str().unwrap()])
-            .output();
-    }
-}
+use fluidcloud_testkit::Moto;
 
 /// The binary, with the keys the sites file names.
 fn run(args: &[&str]) -> Output {

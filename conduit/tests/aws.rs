@@ -20,95 +20,34 @@ use fluidcloud_conduit::drivers::local::LocalSite;
 use fluidcloud_conduit::transfer::DiskRef;
 use fluidcloud_conduit::transfer::local::{LocalMove, Moved, run};
 use fluidcloud_plugins::{CancelFlag, Error, ImageFormat};
-use serde_json::Value;
+use fluidcloud_testkit::Moto;
 
 const BLOCK: u64 = 512 << 10;
 const MIB: u64 = 1 << 20;
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/aws")
+/// A moto server of the test's own, with the keys the sites file names
+/// (moto takes any) set before this test process starts any thread that
+/// reads the environment (nextest runs each test in a process of its own).
+fn moto(name: &str, env: &[(&str, &str)]) -> Moto {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| unsafe {
+        std::env::set_var("FC_TEST_AWS_KEY", "testing");
+        std::env::set_var("FC_TEST_AWS_SECRET", "testing");
+    });
+    Moto::start_with(name, env)
 }
 
-/// A moto server of the test's own, stopped when dropped.
-struct Moto {
-    dir: PathBuf,
-    url: String,
-}
-
-impl Moto {
-    fn start(name: &str) -> Self {
-        Self::start_with(name, &[])
-    }
-
-    /// With `env` set for the server (moto's own settings).
-    fn start_with(name: &str, env: &[(&str, &str)]) -> Self {
-        // The keys the sites file names (moto takes any): set before this
-        // test process starts any thread that reads the environment
-        // (nextest runs each test in a process of its own).
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| unsafe {
-            std::env::set_var("FC_TEST_AWS_KEY", "testing");
-            std::env::set_var("FC_TEST_AWS_SECRET", "testing");
-        });
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("moto-{name}"));
-        let out = Command::new(script())
-            .args(["start", dir.to_str().unwrap()])
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "`scripts/aws start` exited {:?}: {} (run scripts/setup)",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        Self { dir, url }
-    }
-
-    /// What boto3 sees at the endpoint: `code` is a Python expression over
-    /// `ec2` and `ebs` clients, printed as JSON.
-    fn boto3(&self, code: &str) -> Value {
-        let program = format!(
-            "import boto3, json\n\
-             kw = dict(endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
-             ec2 = boto3.client('ec2', **kw)\nebs = boto3.client('ebs', **kw)\n\
-             print(json.dumps({code}, default=str))\n",
-            self.url
-        );
-        let out = Command::new(script())
-            .args(["python", "-c", &program])
-            .env_remove("AWS_CA_BUNDLE")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "boto3: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Snapshot ids and listed blocks of disk `name`, oldest first.
-    fn snapshots_of(&self, name: &str) -> Vec<(String, u64)> {
-        let v = self.boto3(&format!(
-            "[(s['SnapshotId'], len(ebs.list_snapshot_blocks(SnapshotId=s['SnapshotId'])['Blocks'])) \
-             for s in sorted(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{{'Name': 'tag:fluidcloud:name', 'Values': ['{name}']}}])['Snapshots'], key=lambda s: s['StartTime'])]"
-        ));
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_str().unwrap().to_owned(), p[1].as_u64().unwrap()))
-            .collect()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["stop", self.dir.to_str().unwrap()])
-            .output();
-    }
+/// Snapshot ids and listed blocks of disk `name` at `moto`, oldest first.
+fn snapshots_of(moto: &Moto, name: &str) -> Vec<(String, u64)> {
+    let v = moto.boto3(&format!(
+        "[(s['SnapshotId'], len(ebs.list_snapshot_blocks(SnapshotId=s['SnapshotId'])['Blocks'])) \
+         for s in sorted(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{{'Name': 'tag:fluidcloud:name', 'Values': ['{name}']}}])['Snapshots'], key=lambda s: s['StartTime'])]"
+    ));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_owned(), p[1].as_u64().unwrap()))
+        .collect()
 }
 
 fn config(toml_text: &str) -> SiteConfig {
@@ -218,7 +157,7 @@ fn source_image(site: &LocalSite, name: &str) -> PathBuf {
 
 #[tokio::test]
 async fn the_aws_driver_passes_the_conformance_suite_on_moto() {
-    let moto = Moto::start("conformance");
+    let moto = moto("conformance", &[]);
     // An AMI of moto's own for the instance that has no boot disk, and
     // the bucket config files live in.
     let ami = moto.boto3("ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']");
@@ -278,14 +217,14 @@ async fn the_aws_driver_passes_the_conformance_suite_on_moto() {
 
 #[test]
 fn a_disk_goes_into_ebs_as_its_data_blocks_only_and_comes_back_equal() {
-    let moto = Moto::start("roundtrip");
+    let moto = moto("roundtrip", &[]);
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (local(dir.path(), "a"), local(dir.path(), "b"));
     let src = source_image(&a, "web.raw");
     let cloud = aws(&moto.url);
 
     let moved = transfer(&a, &cloud, "web.raw", "r1/precopy:web.raw").unwrap();
-    let snaps = moto.snapshots_of("web.raw");
+    let snaps = snapshots_of(&moto, "web.raw");
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     // Exactly the blocks with data went (the zero block and holes did not).
     let want = data_blocks(&src);
@@ -324,7 +263,7 @@ fn a_disk_goes_into_ebs_as_its_data_blocks_only_and_comes_back_equal() {
             .remove(DiskStore::Image, "web.raw", "r1/precopy:web.raw")
             .unwrap()
     );
-    assert!(moto.snapshots_of("web.raw").is_empty());
+    assert!(snapshots_of(&moto, "web.raw").is_empty());
     assert_eq!(
         moto.boto3("len(ec2.describe_images(Owners=['self'])['Images'])"),
         serde_json::json!(0)
@@ -333,7 +272,7 @@ fn a_disk_goes_into_ebs_as_its_data_blocks_only_and_comes_back_equal() {
 
 #[test]
 fn the_second_precopy_puts_only_the_blocks_that_changed() {
-    let moto = Moto::start("incremental");
+    let moto = moto("incremental", &[]);
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (local(dir.path(), "a"), local(dir.path(), "b"));
     let src = source_image(&a, "db.raw");
@@ -348,7 +287,7 @@ fn the_second_precopy_puts_only_the_blocks_that_changed() {
         changed.extend(at / BLOCK..(at + 4 * MIB) / BLOCK);
     }
     let moved = transfer(&a, &cloud, "db.raw", "r1/final:db.raw").unwrap();
-    let snaps = moto.snapshots_of("db.raw");
+    let snaps = snapshots_of(&moto, "db.raw");
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     // moto keeps in the child only what was put into it: the changed
     // blocks, every one of them, and nothing else.
@@ -364,7 +303,7 @@ fn the_second_precopy_puts_only_the_blocks_that_changed() {
 async fn keys_the_endpoint_refuses_are_a_clear_permission_error() {
     // moto checks keys against its IAM users when told to from the first
     // call; the test's keys belong to none.
-    let moto = Moto::start_with("bad-keys", &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let moto = moto("bad-keys", &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
     let site = aws(&moto.url);
     let e = site.check().await.unwrap_err();
     assert!(
@@ -476,7 +415,7 @@ async fn proxy(upstream: String, fault: Fault) -> (String, Arc<AtomicU32>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_calls_are_retried_and_a_failed_write_leaves_no_snapshot() {
-    let moto = Moto::start("faults");
+    let moto = moto("faults", &[]);
     let dir = tempfile::tempdir().unwrap();
     let a = local(dir.path(), "a");
     source_image(&a, "t.raw");
@@ -508,7 +447,7 @@ async fn throttled_calls_are_retried_and_a_failed_write_leaves_no_snapshot() {
     .await
     .unwrap();
     assert!(throttled.load(Ordering::SeqCst) >= 10);
-    assert_eq!(moto.snapshots_of("t.raw").len(), 1);
+    assert_eq!(snapshots_of(&moto, "t.raw").len(), 1);
 
     // Puts that fail for good (a full quota) end the write, and its
     // snapshot is deleted.
@@ -535,7 +474,7 @@ async fn throttled_calls_are_retried_and_a_failed_write_leaves_no_snapshot() {
         "{err}"
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !moto.snapshots_of("u.raw").is_empty() {
+    while !snapshots_of(&moto, "u.raw").is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the unfinished snapshot stayed"

@@ -17,9 +17,11 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 mod garage;
+mod moto;
 mod postgres;
 
 pub use garage::Garage;
+pub use moto::Moto;
 pub use postgres::Postgres;
 
 use std::fs::File;

@@ -19,6 +19,21 @@ impl Rt {
     }
 }
 
+impl Rt {
+    /// Runs `f` on this runtime from async code of any runtime; a task
+    /// that stops (panics, or the runtime shuts down) is a transient
+    /// failure of a `what` call.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = fluidcloud_plugins::Result<T>> + Send + 'static,
+    ) -> fluidcloud_plugins::Result<T> {
+        self.spawn(f).await.map_err(|e| {
+            fluidcloud_plugins::Error::Transient(format!("an {what} call stopped: {e}"))
+        })?
+    }
+}
+
 impl std::ops::Deref for Rt {
     type Target = tokio::runtime::Runtime;
     fn deref(&self) -> &Self::Target {

@@ -272,10 +272,7 @@ impl Api {
         &self,
         f: impl std::future::Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        self.rt
-            .spawn(f)
-            .await
-            .map_err(|e| Error::Transient(format!("an AWS call stopped: {e}")))?
+        self.rt.run("AWS", f).await
     }
 }
 

@@ -246,10 +246,7 @@ impl OpenStack {
         &self,
         f: impl std::future::Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        self.rt
-            .spawn(f)
-            .await
-            .map_err(|e| Error::Transient(format!("an OpenStack call stopped: {e}")))?
+        self.rt.run("OpenStack", f).await
     }
 
     /// Runs `f` on the driver's runtime from blocking code.
